@@ -1,6 +1,7 @@
 """``workbench <stage>``: the same ``run(cfg)`` the notebooks call, from the shell.
 
     workbench prepare --set prepare.model.source=/models/my-model
+    workbench serve                   # vLLM chat + embeddings until Ctrl-C
     workbench ui                      # MLflow UI on the project's store
     workbench check                   # validate params.yaml and stop
 """
@@ -58,6 +59,13 @@ def ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def serve(args: argparse.Namespace) -> int:
+    from workbench.serve import serve_forever
+
+    serve_forever(load_params(args.params, args.set).serve)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="LLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         _common(sub.add_parser(stage, help=f"run the {stage} stage"))
     p = sub.add_parser("check", help="validate params.yaml and exit")
     _common(p)
+    _common(sub.add_parser("serve", help="keep vLLM chat + embedding endpoints up until Ctrl-C"))
     p = sub.add_parser("ui", help="open the MLflow UI on the project store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return ui(args)
+        if args.command == "serve":
+            return serve(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

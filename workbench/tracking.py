@@ -153,3 +153,29 @@ def stage_run(
     finally:
         if handle.active:
             handle._try("end run", handle._mlflow.end_run, status)
+
+
+def log_child_run(parent: StageRun, name: str, params: dict[str, Any],
+                  metrics: dict[str, float]) -> str | None:
+    """A finished run nested under ``parent`` (e.g. one load-test step under ``loadtest:<variant>``).
+
+    Returns its run id, or None when the parent is not tracking or MLflow fails (a warning)."""
+    if not parent.active:
+        return None
+
+    def create() -> str:
+        import time
+
+        now_ms = int(time.time() * 1000)
+        client = parent._mlflow.MlflowClient()
+        exp_id = client.get_run(parent.run_id).info.experiment_id
+        run = client.create_run(exp_id, run_name=name, tags={
+            "mlflow.parentRunId": parent.run_id, "workbench.role": "child"})
+        client.log_batch(
+            run.info.run_id,
+            metrics=[parent._mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()],
+            params=[parent._mlflow.entities.Param(k, v) for k, v in flatten(params).items()])
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    return parent._try(f"log child run {name}", create)

@@ -1,0 +1,238 @@
+"""Evaluation suites as lm-eval tasks: MMLU, C-Eval (valid) and document perplexity.
+
+Nothing here scores or prompts: every task is lm-eval's own. For a local data folder this module
+writes, into a temporary folder handed to ``TaskManager(include_path=...)``, one small YAML per
+subject that ``include:``s lm-eval's installed per-subject YAML (prompt template, description,
+metrics, splits) and changes only where the rows come from::
+
+    include: .../lm_eval/tasks/mmlu/default/mmlu_astronomy.yaml
+    task: wb_mmlu_astronomy
+    dataset_path: json                       # or parquet / csv, by file extension
+    dataset_kwargs: {data_files: {test: [...], dev: [...]}}
+
+plus group YAMLs that aggregate them as lm-eval's ``mmlu`` / ``ceval-valid`` groups do (size
+weighted). With no local folder, lm-eval's stock task runs unchanged and reads the hub.
+
+A data folder may carry ``dataset.json`` ({"name": ..., "note": ...}) naming what it holds; the
+report repeats it next to the files' sha256, so a smoke sample is never mistaken for MMLU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.reports import sha256_file
+
+log = logging.getLogger(__name__)
+PREFIX = "wb_"  # generated task and group names; stripped again when results are read
+FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+CARD = "dataset.json"
+
+
+class EvalDataError(ValueError):
+    """A data folder that cannot serve a suite; the message says what is missing where."""
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One lm-eval multiple-choice benchmark, described by where its per-subject YAMLs live."""
+
+    key: str  # "mmlu": params section and metric prefix
+    stock_group: str  # lm-eval group run when no local folder is configured
+    task_glob: str  # lm-eval's per-subject YAML files, relative to lm_eval/tasks
+    task_prefix: str  # per-subject task name = task_prefix + subject
+    metrics: tuple[str, ...]  # what the group aggregates (as lm-eval's own group YAML)
+
+    def stock_yamls(self) -> dict[str, Path]:
+        root = lm_eval_tasks_dir()
+        return {p.stem.removeprefix(self.task_prefix): p for p in sorted(root.glob(self.task_glob))}
+
+    def stock_config(self, subject: str) -> dict[str, Any]:
+        """The subject's task config as lm-eval resolves it (includes followed)."""
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        return load_yaml(self.stock_yamls()[subject], resolve_func=False)
+
+
+# The registry of suites: a new lm-eval multiple-choice benchmark is one entry here.
+SUITES: dict[str, Suite] = {
+    "mmlu": Suite("mmlu", "mmlu", "mmlu/default/mmlu_*.yaml", "mmlu_", ("acc",)),
+    "ceval": Suite("ceval", "ceval-valid", "ceval/ceval-valid_*.yaml", "ceval-valid_",
+                   ("acc", "acc_norm")),
+}
+
+
+@dataclass
+class PreparedSuite:
+    """What to ask lm-eval for, and what to say in the report about the data."""
+
+    key: str
+    task: str  # the group (or task) name handed to simple_evaluate
+    source: dict[str, Any]  # data_fingerprint entry: name, split, sha256, files, location
+    subjects: dict[str, str] = field(default_factory=dict)  # subject -> category ("" if none)
+
+
+def _dump(path: Path, cfg: dict) -> None:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+
+
+def files_fingerprint(root: Path, files: list[Path]) -> str:
+    """sha256 over (path relative to ``root``, file sha256) in sorted order, as tree_fingerprint."""
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def read_card(root: Path, default: str) -> str:
+    card = root / CARD
+    if not card.exists():
+        return default
+    data = json.loads(card.read_text())
+    return f"{data['name']} ({data['note']})" if data.get("note") else data["name"]
+
+
+def split_files(root: Path, subject: str, split: str) -> list[Path]:
+    """Files of one subject's split, in the hub layout or C-Eval's zip layout."""
+    patterns = (f"{subject}/{split}-*", f"{subject}/{split}.*", f"{split}/{subject}_{split}.*")
+    found = {p for pat in patterns for p in root.glob(pat) if p.suffix in FORMATS and p.is_file()}
+    return sorted(found)
+
+
+def _category(cfg: dict) -> str:
+    tag = cfg.get("tag") or ""  # mmlu: "mmlu_stem_tasks" -> "stem"; ceval has none
+    return tag.removeprefix("mmlu_").removesuffix("_tasks") if isinstance(tag, str) else ""
+
+
+def _group_yaml(name: str, tasks: list[str], metrics: tuple[str, ...], alias: str | None = None) -> dict:
+    cfg: dict[str, Any] = {"group": name}
+    if alias:
+        cfg["group_alias"] = alias
+    cfg["task"] = tasks
+    cfg["aggregate_metric_list"] = [
+        {"metric": m, "aggregation": "mean", "weight_by_size": True} for m in metrics]
+    cfg["metadata"] = {"version": 1}
+    return cfg
+
+
+def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None,
+                  include_dir: Path) -> PreparedSuite:
+    """Write the suite's task YAMLs into ``include_dir``; return what to run and the data's identity."""
+    stock = suite.stock_yamls()
+    if subjects:
+        unknown = sorted(set(subjects) - set(stock))
+        if unknown:
+            raise EvalDataError(f"{suite.key}: unknown subjects {unknown}; lm-eval's "
+                                f"{suite.stock_group} has: {', '.join(stock)}")
+    template = suite.stock_config(next(iter(stock)))
+    eval_split = template.get("test_split") or template["validation_split"]
+    fewshot_split = template["fewshot_split"]
+
+    if data_dir is None:  # lm-eval's stock task, hub data
+        source = {"name": template["dataset_path"], "location": "huggingface hub",
+                  "split": eval_split, "fewshot_split": fewshot_split, "sha256": None}
+        chosen = subjects or list(stock)
+        cats = {s: _category(suite.stock_config(s)) for s in chosen}
+        if not subjects:
+            return PreparedSuite(suite.key, suite.stock_group, source, cats)
+        tasks = {s: suite.task_prefix + s for s in chosen}
+    else:
+        root = Path(data_dir).resolve()
+        if not root.is_dir():
+            raise EvalDataError(f"{suite.key}: data folder {root} does not exist")
+        present = [s for s in stock if split_files(root, s, eval_split)]
+        chosen = subjects or present
+        missing = [s for s in chosen if s not in present]
+        if missing or not chosen:
+            raise EvalDataError(
+                f"{suite.key}: no '{eval_split}' files for {missing or 'any lm-eval subject'} under "
+                f"{root} (expected <subject>/{eval_split}-*.parquet|.jsonl|.csv or "
+                f"{eval_split}/<subject>_{eval_split}.csv)")
+        files, tasks, cats = [], {}, {}
+        for s in chosen:
+            data_files = {eval_split: split_files(root, s, eval_split),
+                          fewshot_split: split_files(root, s, fewshot_split)}
+            if not data_files[fewshot_split]:
+                data_files.pop(fewshot_split)  # zero-shot still works; few-shot will fail loudly
+            exts = {FORMATS[p.suffix] for fs in data_files.values() for p in fs}
+            if len(exts) != 1:
+                raise EvalDataError(f"{suite.key}/{s}: mixed file formats {sorted(exts)} in {root}")
+            files += [p for fs in data_files.values() for p in fs]
+            name = PREFIX + suite.task_prefix + s
+            _dump(include_dir / f"{name}.yaml", {
+                "include": str(stock[s]),
+                "task": name,
+                "tag": [],  # not a member of lm-eval's own mmlu_*_tasks tags
+                "dataset_path": exts.pop(),
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {k: [str(p) for p in v] for k, v in data_files.items()}},
+            })
+            tasks[s] = name
+            cats[s] = _category(suite.stock_config(s))
+        source = {"name": read_card(root, f"local copy of {template['dataset_path']}"),
+                  "location": str(root), "split": eval_split, "fewshot_split": fewshot_split,
+                  "sha256": files_fingerprint(root, files), "files": len(files)}
+
+    group = PREFIX + suite.stock_group
+    by_cat: dict[str, list[str]] = {}
+    for s, cat in cats.items():
+        by_cat.setdefault(cat, []).append(tasks[s])
+    if all(by_cat):  # every subject has a category (mmlu): nest category groups, as lm-eval
+        members = []
+        for cat, names in sorted(by_cat.items()):
+            sub = f"{group}_{cat}"
+            _dump(include_dir / f"_{sub}.yaml", _group_yaml(sub, names, suite.metrics, alias=cat))
+            members.append(sub)
+    else:
+        members = [tasks[s] for s in chosen]
+    _dump(include_dir / f"_{group}.yaml", _group_yaml(group, members, suite.metrics))
+    return PreparedSuite(suite.key, group, source, cats)
+
+
+def prepare_perplexity(data_dir: str | None, include_dir: Path) -> PreparedSuite:
+    """lm-eval's wikitext task (rolling log-likelihood; word/byte perplexity, bits per byte) on
+    local documents: one JSON object per line with the text in ``page``, as wikitext has it."""
+    if data_dir is None:
+        return PreparedSuite("perplexity", "wikitext", {
+            "name": "EleutherAI/wikitext_document_level wikitext-2-raw-v1",
+            "location": "huggingface hub", "split": "test", "sha256": None})
+    root = Path(data_dir).resolve()
+    files = sorted(root.glob("*.jsonl"))
+    if not files:
+        raise EvalDataError(f"perplexity: no *.jsonl documents in {root}")
+    name = PREFIX + "perplexity"
+    _dump(include_dir / f"{name}.yaml", {
+        "include": str(lm_eval_tasks_dir() / "wikitext" / "wikitext.yaml"),
+        "task": name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": [str(p) for p in files]}},
+        "training_split": None,
+        "validation_split": None,
+        "test_split": "test",
+        # wikitext's detokenizer undoes wikitext's own " @-@ " spacing; plain text needs none.
+        "doc_to_target": "{{page}}",
+        "should_decontaminate": False,
+    })
+    docs = sum(1 for p in files for line in p.read_text().splitlines() if line.strip())
+    source = {"name": read_card(root, f"local documents at {root.name}"), "location": str(root),
+              "split": "test", "sha256": files_fingerprint(root, files), "files": len(files),
+              "documents": docs, "bytes": sum(p.stat().st_size for p in files)}
+    return PreparedSuite("perplexity", name, source)
+
+
+def strip_name(task: str) -> str:
+    return task.removeprefix(PREFIX)

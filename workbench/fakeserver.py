@@ -1,0 +1,314 @@
+"""A fake OpenAI-compatible server with a chosen TTFT, inter-token delay and reply length.
+
+    python -m workbench.fakeserver --port 8099 --ttft-ms 50 --itl-ms 5 --output-tokens 32
+
+Serves /v1/models, /v1/chat/completions and /v1/completions (SSE with ``stream_options.
+include_usage`` like vLLM: a role-only first chat chunk, one chunk per token, a finish chunk, a
+usage chunk with ``choices: []``, then ``[DONE]``; or one JSON body), /v1/embeddings, /health and
+a tiny Prometheus /metrics with vLLM's TTFT histogram and KV-cache gauge names. Every reply has
+``min(max_tokens, output_tokens)`` tokens. ``--fail-every N`` answers every Nth request with 503.
+
+It is the target of the load generator's unit tests and of benchmarks/loadgen_peers.py at
+1,000 req/s, so the per-request work is small: chunk bytes are built once per reply length.
+In code: ``with FakeServer(ttft_ms=50) as fake: fake.base_url`` (a background thread), or
+``FakeServerProcess(...)`` (a subprocess, for load that should not share our GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from aiohttp import web
+
+try:
+    import orjson
+
+    _loads, _dumps = orjson.loads, orjson.dumps
+except ImportError:  # pragma: no cover
+    import json
+
+    _loads = json.loads
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+TOKEN = "tok "
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, float("inf"))
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    ttft_ms: float = 0.0  # request received -> role chunk + first token
+    itl_ms: float = 0.0  # between later tokens
+    output_tokens: int = 32  # reply length unless max_tokens is smaller
+    model: str = "fake-model"
+    fail_every: int = 0  # every Nth request gets 503 (0: never)
+    embedding_dim: int = 8
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _stream_parts(kind: str, model: str, n: int) -> tuple[bytes, bytes, bytes]:
+    """(first: role chunk + first token, each later token, finish chunk) for an n-token reply."""
+    base = {"id": "cmpl-fake", "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": 0, "model": model}
+    if kind == "chat":
+        role = _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+        tok = _sse({**base, "choices": [{"index": 0, "delta": {"content": TOKEN},
+                                         "logprobs": None, "finish_reason": None}]})
+        fin = _sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                         "finish_reason": "length"}]})
+        return role + tok, tok, fin
+    tok = _sse({**base, "choices": [{"index": 0, "text": TOKEN, "logprobs": None,
+                                     "finish_reason": None}]})
+    fin = _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                     "finish_reason": "length"}]})
+    return tok, tok, fin
+
+
+def _usage(prompt_tokens: int, n: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+
+class Fake:
+    def __init__(self, opts: FakeOptions):
+        self.opts = opts
+        self.requests = 0
+        self.running = 0
+        self.ttft_counts = [0] * len(TTFT_BUCKETS)
+        self.ttft_sum = 0.0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", functools.partial(self.generate, "chat"))
+        app.router.add_post("/v1/completions", functools.partial(self.generate, "completions"))
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.opts.model, "object": "model", "owned_by": "workbench-fake"}]})
+
+    def _observe_ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        for i, le in enumerate(TTFT_BUCKETS):
+            if seconds <= le:
+                self.ttft_counts[i] += 1
+                break
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        m = f'model_name="{self.opts.model}"'
+        lines = ["# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{m}}} {self.running}",
+                 "# TYPE vllm:kv_cache_usage_perc gauge",
+                 f"vllm:kv_cache_usage_perc{{{m}}} {min(1.0, self.running / 100):.4f}",
+                 "# TYPE vllm:request_success counter", f"vllm:request_success_total{{{m}}} {self.requests}",
+                 "# TYPE vllm:time_to_first_token_seconds histogram"]
+        cum = 0
+        for le, c in zip(TTFT_BUCKETS, self.ttft_counts):
+            cum += c
+            lines.append(f'vllm:time_to_first_token_seconds_bucket{{le="{"+Inf" if le == float("inf") else le}",{m}}} {cum}')
+        lines += [f"vllm:time_to_first_token_seconds_sum{{{m}}} {self.ttft_sum}",
+                  f"vllm:time_to_first_token_seconds_count{{{m}}} {cum}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    def _failing(self) -> bool:
+        self.requests += 1
+        return bool(self.opts.fail_every) and self.requests % self.opts.fail_every == 0
+
+    async def generate(self, kind: str, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        body = _loads(await request.read())
+        if self._failing():
+            return web.Response(status=503, text='{"error":"fake overload"}', content_type="application/json")
+        o = self.opts
+        n = max(1, min(int(body.get("max_tokens") or body.get("max_completion_tokens") or o.output_tokens),
+                       o.output_tokens))
+        prompt = body.get("prompt") if kind == "completions" else " ".join(
+            str(m.get("content", "")) for m in body.get("messages", ()))
+        usage = _usage(max(1, len(str(prompt).split())), n)
+        self.running += 1
+        try:
+            if not body.get("stream"):
+                if o.ttft_ms or o.itl_ms:
+                    await asyncio.sleep((o.ttft_ms + o.itl_ms * (n - 1)) / 1000)
+                text = TOKEN * n
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                           "finish_reason": "length"} if kind == "chat" else
+                          {"index": 0, "text": text, "finish_reason": "length"})
+                self._observe_ttft(time.perf_counter() - t0)
+                return web.Response(body=_dumps({"id": "cmpl-fake", "object": "chat.completion" if kind == "chat"
+                                                 else "text_completion", "created": 0, "model": o.model,
+                                                 "choices": [choice], "usage": usage}),
+                                    content_type="application/json")
+            first, tok, fin = _stream_parts(kind, o.model, n)
+            tail = fin
+            if (body.get("stream_options") or {}).get("include_usage"):
+                tail += _sse({"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                              "model": o.model, "choices": [], "usage": usage})
+            tail += b"data: [DONE]\n\n"
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            if not o.ttft_ms and not o.itl_ms:  # no delays: one write, the fastest a server can be
+                self._observe_ttft(time.perf_counter() - t0)
+                await resp.write(first + tok * (n - 1) + tail)
+            else:
+                if o.ttft_ms:
+                    await asyncio.sleep(o.ttft_ms / 1000)
+                self._observe_ttft(time.perf_counter() - t0)
+                await resp.write(first)
+                for _ in range(n - 1):
+                    if o.itl_ms:
+                        await asyncio.sleep(o.itl_ms / 1000)
+                    await resp.write(tok)
+                await resp.write(tail)
+            await resp.write_eof()
+            return resp
+        finally:
+            self.running -= 1
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = _loads(await request.read())
+        if self._failing():
+            return web.Response(status=503, text='{"error":"fake overload"}', content_type="application/json")
+        if self.opts.ttft_ms:
+            await asyncio.sleep(self.opts.ttft_ms / 1000)
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        n_tok = sum(len(str(i).split()) for i in inputs)
+        data = [{"object": "embedding", "index": i, "embedding": [0.0] * self.opts.embedding_dim}
+                for i in range(len(inputs))]
+        return web.Response(body=_dumps({"object": "list", "data": data, "model": self.opts.model,
+                                         "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}),
+                            content_type="application/json")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class FakeServer:
+    """The fake server on a free port in a background thread of this process (tests)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, **opts):
+        self.opts = FakeOptions(**opts)
+        self.host, self.port = host, port or _free_port(host)
+        self.fake = Fake(self.opts)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        runner = web.AppRunner(self.fake.app(), access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, self.host, self.port, backlog=4096).start())
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.close()
+
+    def __enter__(self) -> "FakeServer":
+        self._thread = threading.Thread(target=self._serve, name="fakeserver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake server did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+class FakeServerProcess:
+    """The fake server as a subprocess (``python -m workbench.fakeserver``), ready on enter."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, **opts):
+        self.opts = FakeOptions(**opts)
+        self.host, self.port = host, port or _free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    root_url = FakeServer.root_url
+    base_url = FakeServer.base_url
+
+    def __enter__(self) -> "FakeServerProcess":
+        import httpx
+
+        args = [sys.executable, "-m", "workbench.fakeserver", "--host", self.host, "--port", str(self.port)]
+        for key, value in asdict(self.opts).items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fake server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.root_url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError("fake server not ready after 20 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8099)
+    d = FakeOptions()
+    p.add_argument("--ttft-ms", type=float, default=d.ttft_ms)
+    p.add_argument("--itl-ms", type=float, default=d.itl_ms)
+    p.add_argument("--output-tokens", type=int, default=d.output_tokens)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--fail-every", type=int, default=d.fail_every)
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    a = p.parse_args(argv)
+    opts = FakeOptions(a.ttft_ms, a.itl_ms, a.output_tokens, a.model, a.fail_every, a.embedding_dim)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(Fake(opts).app(), host=a.host, port=a.port, access_log=None, print=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

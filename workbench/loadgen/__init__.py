@@ -1,0 +1,14 @@
+"""The load generator: an open-loop, pure-HTTP client for OpenAI-compatible servers.
+
+No vLLM, torch or lm-eval here (DESIGN.md): it starts in milliseconds and runs on any machine.
+
+    arrivals   when requests are sent (poisson / constant / bursty), a registry
+    workloads  what is sent (ShareGPT, JSONL, synthetic), a registry
+    client     the open-loop step runner and one request function per endpoint
+    metrics    pure functions from raw records to vLLM-defined metrics
+    probes     server /metrics scrapes and utilization sampling during a step
+
+One step from the shell (prints its metrics as JSON)::
+
+    python -m workbench.loadgen --base-url http://127.0.0.1:8000/v1 --model m --rate 10 --requests 100
+"""

@@ -1,0 +1,138 @@
+"""What the server and the machine did during a step, beside what the client measured.
+
+``StepProbe`` scrapes the server's Prometheus ``/metrics`` before and after a step (vLLM's own
+TTFT and queue-time histograms, preemptions) and, in a background thread, samples utilization
+(GPU through NVML when ``pynvml`` imports and sees a GPU, else this machine's CPU through psutil)
+and vLLM's KV-cache usage gauge. Every part is optional: a server without ``/metrics`` (the fake
+server serves a tiny one; a gateway may serve none) just yields fewer keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+
+from workbench import promscrape
+
+log = logging.getLogger(__name__)
+# httpx logs every request at INFO; a scrape every sample interval would bury the step lines.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+HISTOGRAMS = {"server_ttft": "vllm:time_to_first_token_seconds",
+              "server_queue": "vllm:request_queue_time_seconds",
+              "server_e2el": "vllm:e2e_request_latency_seconds"}
+KV_GAUGE = "vllm:kv_cache_usage_perc"  # a fraction 0..1 despite its name
+
+
+class _Utilization:
+    """CPU percent (psutil, whole machine) or GPU utilization (NVML, every GPU averaged)."""
+
+    def __init__(self):
+        self.source = "cpu"
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            n = pynvml.nvmlDeviceGetCount()
+            if n:
+                self._nvml = (pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)])
+                self.source = "gpu"
+        except Exception:  # no pynvml, no driver, no GPU: CPU it is
+            self._nvml = None
+        if self._nvml is None:
+            import psutil
+
+            self._psutil = psutil
+            psutil.cpu_percent(interval=None)  # the first call only sets the baseline
+
+    def sample(self) -> tuple[float, float | None]:
+        """(utilization %, GPU memory used GiB or None)."""
+        if self._nvml:
+            nv, handles = self._nvml
+            util = [nv.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+            mem = [nv.nvmlDeviceGetMemoryInfo(h).used / 2**30 for h in handles]
+            return sum(util) / len(util), sum(mem)
+        return self._psutil.cpu_percent(interval=None), None
+
+
+def _try_scrape(root_url: str, headers: dict | None) -> list[promscrape.Sample] | None:
+    try:
+        return promscrape.scrape(root_url, headers=headers, timeout=5)
+    except Exception as err:
+        log.debug("no /metrics at %s (%s)", root_url, err)
+        return None
+
+
+class StepProbe:
+    def __init__(self, root_url: str | None, interval_s: float = 0.5, headers: dict | None = None):
+        self.root_url = root_url  # None: no scraping
+        self.interval_s = interval_s
+        self.headers = headers
+        self._stop = threading.Event()
+        self._util: list[float] = []
+        self._mem: list[float] = []
+        self._kv: list[float] = []
+        self._before = None
+        self._thread: threading.Thread | None = None
+        self._meter = _Utilization()
+
+    def start(self) -> "StepProbe":
+        if self.root_url:
+            self._before = _try_scrape(self.root_url, self.headers)
+        self._thread = threading.Thread(target=self._loop, name="loadtest-probe", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                util, mem = self._meter.sample()
+                self._util.append(util)
+                if mem is not None:
+                    self._mem.append(mem)
+            except Exception as err:
+                log.debug("utilization sample failed: %s", err)
+            if self._before is not None:
+                samples = _try_scrape(self.root_url, self.headers)
+                if samples:
+                    kv = promscrape.total(samples, KV_GAUGE)
+                    if not math.isnan(kv):
+                        self._kv.append(kv)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        out: dict[str, float] = {}
+        src = self._meter.source
+        if self._util:
+            out[f"{src}_util_pct_mean"] = sum(self._util) / len(self._util)
+            out[f"{src}_util_pct_max"] = max(self._util)
+        if self._mem:
+            out["gpu_mem_gib_max"] = max(self._mem)
+        after = _try_scrape(self.root_url, self.headers) if self._before is not None else None
+        if after is not None:
+            out.update(server_metrics(self._before, after))
+            kv = promscrape.total(after, KV_GAUGE)
+            kvs = self._kv + ([] if math.isnan(kv) else [kv])
+            if kvs:
+                out["server_kv_cache_usage_frac_max"] = max(kvs)
+        return out
+
+
+def server_metrics(before: list[promscrape.Sample], after: list[promscrape.Sample]) -> dict[str, float]:
+    """Server-side numbers accumulated between two scrapes; absent series are left out."""
+    out: dict[str, float] = {}
+    for key, name in HISTOGRAMS.items():
+        buckets = promscrape.delta_buckets(before, after, name)
+        for q in (0.5, 0.99):
+            v = promscrape.histogram_quantile(q, buckets)
+            if not math.isnan(v):
+                out[f"{key}_ms_p{round(q * 100)}"] = v * 1000
+    for key, name in (("server_preemptions", "vllm:num_preemptions_total"),
+                      ("server_requests_finished", "vllm:request_success_total")):
+        v = promscrape.delta(before, after, name)
+        if not math.isnan(v):
+            out[key] = v
+    return out

@@ -1,0 +1,119 @@
+"""A sweep of open-loop steps, one per offered rate: the load generator's whole run.
+
+Shared by the ``loadtest`` stage and the one-step CLI (``python -m workbench.loadgen``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from workbench.config import LoadtestConfig
+from workbench.loadgen import arrivals, workloads
+from workbench.loadgen.client import Record, Target, make_session, run_step, step_label
+from workbench.loadgen.metrics import errors_by_kind, step_metrics
+from workbench.loadgen.probes import StepProbe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    rate: float
+    label: str
+    records: list[Record]
+    metrics: dict[str, float]  # client metrics + server / utilization probes, flat
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index: int,
+                  rate: float) -> tuple[list[workloads.RequestSpec], np.ndarray]:
+    """The step's requests and their send offsets, from a generator seeded by (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, index])
+    if cfg.duration_s is not None:
+        measured = arrivals.schedule(cfg.arrival, rate, rng, duration_s=cfg.duration_s,
+                                     burstiness=cfg.burstiness)
+        if cfg.warmup_requests:  # warm-up arrivals come first, at the same rate
+            warm = arrivals.schedule(cfg.arrival, rate, rng, n=cfg.warmup_requests + 1,
+                                     burstiness=cfg.burstiness)
+            offsets = np.concatenate([warm[:-1], warm[-1] + measured])
+        else:
+            offsets = measured
+    else:
+        offsets = arrivals.schedule(cfg.arrival, rate, rng, n=cfg.requests_per_step + cfg.warmup_requests,
+                                    burstiness=cfg.burstiness)
+    return workloads.sample(specs, len(offsets), rng), offsets
+
+
+async def sweep(cfg: LoadtestConfig, target: Target, root_url: str | None,
+                on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+    specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
+    results = []
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else None
+    async with make_session(cfg.timeout_s) as session:
+        for index, rate in enumerate(cfg.rates):
+            label = step_label(rate)
+            reqs, offsets = step_requests(cfg, specs, index, rate)
+            log.info("step %s: %d requests (%d warm-up), %s arrivals over %.1f s", label, len(reqs),
+                     min(cfg.warmup_requests, len(reqs)), cfg.arrival, float(offsets[-1]))
+            probe = StepProbe(root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers)
+            await asyncio.to_thread(probe.start)  # the before-scrape, outside the timed window
+            try:
+                records = await run_step(session, target, reqs, offsets.tolist(), label,
+                                         cfg.warmup_requests, cfg.max_concurrency)
+            finally:
+                probed = await asyncio.to_thread(probe.stop)
+            result = StepResult(rate, label, records, {**step_metrics(records, rate, cfg.slo), **probed},
+                                errors_by_kind([r for r in records if not r.warmup]))
+            m = result.metrics
+            log.info("step %s: achieved %.2f req/s, TTFT p50 %.0f ms p99 %.0f ms, E2EL p99 %.0f ms, "
+                     "goodput %.0f%%, errors %s", label, m.get("achieved_req_per_s", float("nan")),
+                     m.get("ttft_ms_p50", float("nan")), m.get("ttft_ms_p99", float("nan")),
+                     m.get("e2el_ms_p99", float("nan")), 100 * m.get("goodput_fraction", 0.0),
+                     result.errors or "none")
+            results.append(result)
+            if on_step:
+                on_step(result)
+    return results
+
+
+def run_async(coro):
+    """Run a coroutine to completion on uvloop when installed (asyncio otherwise), in a worker
+    thread when this thread already runs a loop (a Jupyter kernel does)."""
+    try:
+        import uvloop
+
+        new_loop = uvloop.new_event_loop
+    except ImportError:
+        new_loop = asyncio.new_event_loop
+
+    def go():
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return go()
+    box: dict = {}
+
+    def worker():
+        try:
+            box["value"] = go()
+        except BaseException as err:
+            box["error"] = err
+
+    t = threading.Thread(target=worker, name="loadgen")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

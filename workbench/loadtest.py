@@ -1,0 +1,213 @@
+"""Stage ``loadtest``: an open-loop sweep of arrival rates against one variant's OpenAI endpoint.
+
+    workbench loadtest                                              # (once wired) the default
+    python -m pipelines.run_stage loadtest --variant base           # (once wired) as DVC runs it
+    python -c "from workbench import loadtest; from workbench.config import load_params; \
+               loadtest.run(load_params(overrides=['loadtest.base_url=http://127.0.0.1:8099/v1', \
+               'loadtest.model=fake-model']).loadtest)"             # against any endpoint
+
+With ``base_url`` unset, brings up a managed vLLM from ``server`` (workbench/serve.py) for the run
+and stops it after. Per step (one offered rate): raw records to
+``runs/loadtest/<variant>/step-<rate>.jsonl``; then the report ``reports/loadtest/<variant>.json``
+(written before anything else: metrics flat as ``rate_2.ttft_ms_p50`` plus headline numbers,
+per-step tables in details), a CSV and markdown summary table, plots (latency vs offered rate,
+TTFT distribution) under ``runs/loadtest/<variant>/``. ``track(run, report)`` logs one nested
+MLflow run per step. Metric definitions: workbench/loadgen/metrics.py (as ``vllm bench serve``).
+
+A pure HTTP client: it imports no vLLM, torch or lm-eval (tests/test_loadtest.py checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from workbench.config import LoadtestConfig
+from workbench.loadgen.client import Target
+from workbench.loadgen.runner import StepResult, run_async, sweep
+from workbench.reports import Report, sha256_file, write_report
+
+log = logging.getLogger(__name__)
+STAGE = "loadtest"
+# The headline "SLO rate": the highest offered rate at which this share of requests met the SLOs.
+SLO_ATTAINMENT = 0.9
+TABLE_COLUMNS = {  # summary table: column -> step-metric key
+    "offered req/s": "offered_req_per_s", "achieved req/s": "achieved_req_per_s",
+    "throughput req/s": "request_throughput_req_per_s", "TTFT p50 ms": "ttft_ms_p50",
+    "TTFT p99 ms": "ttft_ms_p99", "E2EL mean ms": "e2el_ms_mean", "E2EL p99 ms": "e2el_ms_p99",
+    "goodput": "goodput_fraction", "errors": "failed",
+}
+
+
+def rate_slug(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
+def _target(cfg: LoadtestConfig, base_url: str) -> Target:
+    return Target(base_url=base_url, model=cfg.model or cfg.server.served_name,
+                  endpoint=cfg.endpoint, stream=cfg.stream,
+                  api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
+
+
+@contextlib.contextmanager
+def endpoint(cfg: LoadtestConfig, log_dir: Path):
+    """(base_url, details): the configured URL, or a managed vLLM up for the block."""
+    if cfg.base_url:
+        yield cfg.base_url.rstrip("/"), {"managed": False, "base_url": cfg.base_url}
+        return
+    from workbench.serve import VLLMServer  # imports httpx only, never vLLM
+
+    with VLLMServer(cfg.server, log_path=log_dir / "vllm.log") as server:
+        yield server.base_url, {"managed": True, "base_url": server.base_url,
+                                "startup_s": server.startup_s, "device": server.device,
+                                "log": str(server.log_path)}
+
+
+def write_records(result: StepResult, out_dir: Path) -> Path:
+    path = out_dir / f"step-{rate_slug(result.rate)}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in result.records:
+            f.write(json.dumps(rec.to_dict()) + "\n")
+    return path
+
+
+def headline(results: list[StepResult]) -> dict[str, float]:
+    def best(key: str) -> float:
+        return max((r.metrics.get(key, 0.0) for r in results), default=0.0)
+
+    attained = [r.rate for r in results if r.metrics.get("goodput_fraction", 0.0) >= SLO_ATTAINMENT]
+    return {
+        "slo_rate_req_per_s": max(attained, default=0.0),
+        "max_goodput_req_per_s": best("goodput_req_per_s"),
+        "max_request_throughput_req_per_s": best("request_throughput_req_per_s"),
+        "max_output_tokens_per_s": best("output_tokens_per_s"),
+        "errors_total": float(sum(sum(r.errors.values()) for r in results)),
+        "send_lag_ms_max": best("send_lag_ms_max"),
+    }
+
+
+def table_rows(results: list[StepResult]) -> list[dict]:
+    rows = []
+    for r in results:
+        row = {col: r.metrics.get(key, math.nan) for col, key in TABLE_COLUMNS.items()}
+        util = next((k for k in ("gpu_util_pct_mean", "cpu_util_pct_mean") if k in r.metrics), None)
+        row["utilization %"] = r.metrics[util] if util else math.nan
+        row["utilization of"] = util.split("_")[0] if util else ""
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0]) if rows else list(TABLE_COLUMNS)
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[StepResult], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from workbench.loadgen.metrics import ttft_s
+
+    finite = [r for r in results if not math.isinf(r.rate)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("ttft_ms_p50", "o-"), ("ttft_ms_p99", "o--"), ("e2el_ms_p50", "s-"),
+                       ("e2el_ms_p99", "s--")):
+        pts = [(r.rate, r.metrics[key]) for r in finite if key in r.metrics]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key)
+    ax.set(xlabel="offered rate (req/s)", ylabel="latency (ms)", title="Latency vs offered rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    latency = out_dir / "latency_vs_rate.png"
+    fig.tight_layout()
+    fig.savefig(latency, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        vals = sorted(t * 1000 for rec in r.records if not rec.warmup and (t := ttft_s(rec)) is not None)
+        if vals:
+            ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post", label=r.label)
+    ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT distribution (CDF)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ttft = out_dir / "ttft_cdf.png"
+    fig.tight_layout()
+    fig.savefig(ttft, dpi=110)
+    plt.close(fig)
+    return [latency, ttft]
+
+
+def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
+    out_dir = Path(cfg.out_dir) / variant
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+
+    def on_step(result: StepResult) -> None:  # raw records reach disk as each step ends
+        outputs[f"records_{result.label}"] = str(write_records(result, out_dir))
+
+    with endpoint(cfg, out_dir) as (base_url, server_info):
+        root_url = base_url.removesuffix("/v1")
+        results = run_async(sweep(cfg, _target(cfg, base_url), root_url, on_step))
+
+    metrics = headline(results)
+    for r in results:
+        metrics.update({f"{r.label}.{k}": float(v) for k, v in r.metrics.items()})
+    fingerprint = {}
+    if cfg.workload.path and Path(cfg.workload.path).is_file():
+        fingerprint["workload"] = {"path": cfg.workload.path, "sha256": sha256_file(Path(cfg.workload.path))}
+    rows = table_rows(results)
+    report = Report(
+        stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"),
+        data_fingerprint=fingerprint, metrics=metrics,
+        details={"server": server_info, "steps": [
+            {"label": r.label, "offered_req_per_s": r.rate, "metrics": r.metrics, "errors": r.errors}
+            for r in results], "table": rows, "slo_attainment": SLO_ATTAINMENT},
+        outputs=outputs,
+    )
+    write_report(report)  # the result; everything below is a view of it
+    (out_dir / "summary.md").write_text(markdown(rows), encoding="utf-8")
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
+    outputs.update(summary_csv=str(out_dir / "summary.csv"), summary_md=str(out_dir / "summary.md"))
+    try:
+        for p in plot(results, out_dir):
+            outputs[p.stem] = str(p)
+    except Exception as err:  # a plot is a view; the report stands without it
+        log.warning("load-test plots failed (%s: %s)", type(err).__name__, err)
+    report.outputs = outputs
+    write_report(report)
+    log.info("loadtest %s: %d steps, SLO rate %.2f req/s -> %s", variant, len(results),
+             metrics["slo_rate_req_per_s"], report.path)
+    return report
+
+
+def track(parent, report: Report) -> None:
+    """One nested MLflow run per step under the stage's run (``tracking.StageRun``)."""
+    from workbench import tracking
+
+    for step in report.details.get("steps", []):
+        tracking.log_child_run(parent, f"{STAGE}:{report.variant}:{step['label']}",
+                               {"offered_req_per_s": step["offered_req_per_s"], "variant": report.variant},
+                               step["metrics"])
+
+
+def summary(report: Report):
+    """The per-step table for notebooks."""
+    import pandas as pd
+
+    return pd.DataFrame(report.details["table"])
