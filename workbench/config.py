@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -140,7 +140,9 @@ class LoadtestConfig(Section):
 
     # None: bring up `server` (a managed vLLM) for the run; a URL like http://host:8000/v1: use it.
     base_url: str | None = None
-    server: ServerConfig = ServerConfig()  # same defaults as serve.chat
+    server: ServerConfig = ServerConfig()  # absent from params.yaml: serve.chat (Params validator)
+    # The variant's folder, as evaluate: None = models/<variant>; overrides server.model_dir.
+    model_dir: str | None = None
     model: str | None = None  # model name in requests; None: server.served_name
     api_key: str | None = None  # None: server.api_key
     endpoint: Literal["chat", "completions", "embeddings"] = "chat"
@@ -212,6 +214,103 @@ class EvaluateConfig(Section):
         return self.model_dir or f"models/{self.variant}"
 
 
+class CalibrationConfig(Section):
+    """Calibration texts for the quantizers: paragraphs of a local JSONL corpus, never a hub download."""
+
+    # Pages of CPython's own docs, disjoint from the perplexity corpus (data/calibration/build_calibration_corpus.py).
+    corpus: str = "data/calibration/python_docs_calib.jsonl"
+    # 32 x 256 tokens keeps GPTQ at ~15 s a layer on 2 cores; quality barely moves beyond ~128 samples.
+    num_samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=256, ge=16)  # tokens per sample (longer paragraphs are cut)
+
+
+class QuantVariantConfig(Section):
+    """One quantized variant: which registered method, and its weight format."""
+
+    method: Literal["gptq", "awq", "autoawq"]  # workbench/quantize.py METHODS
+    bits: int = Field(default=4, ge=2, le=8)  # vLLM-CPU's WNA16 kernel serves 4 only (uint4 / uint4b8)
+    # Must divide every quantized layer's input width: SmolLM2's 576-wide layers need 64 (not 128).
+    group_size: int = Field(default=64, ge=8)
+    symmetric: bool = True  # False: asymmetric, with a zero point per group (AWQ's classic form)
+    apply_clip: bool = False  # autoawq only: its clip search costs ~1 min a layer on 2 cores
+    dampening_frac: float = Field(default=0.01, gt=0, lt=1)  # gptq only: Hessian damping
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantVariantConfig":
+        if self.method == "autoawq" and self.bits != 4:
+            raise ValueError("autoawq packs 4-bit weights only (GEMM kernels); set bits: 4")
+        if self.method == "autoawq" and self.symmetric:
+            # AutoAWQ's GEMM format always stores zero points; zero_point=False packs nothing vLLM reads.
+            raise ValueError("autoawq writes asymmetric weights (zero points); set symmetric: false")
+        return self
+
+
+class QuantCheckConfig(Section):
+    """After quantizing: base and variant perplexity through transformers on held-out text."""
+
+    # The evaluate stage's perplexity text (disjoint from the calibration corpus); every variant is
+    # scored here too, so one that vLLM-CPU cannot serve (3-bit) still gets a real quality number.
+    ppl_corpus: str = "data/eval/ppl_corpus/python_docs.jsonl"
+    max_tokens: int = Field(default=2048, ge=64)  # first tokens of the corpus that are scored
+    window: int = Field(default=512, ge=16)  # non-overlapping windows of this many tokens
+    # Flag the variant broken when its perplexity exceeds base's by this factor. 4-bit SmolLM2
+    # lands at ~1.1x; the garbage-answer failure mode is 10x and more.
+    broken_ppl_ratio: float = Field(default=2.0, gt=1)
+
+
+class QuantizeConfig(Section):
+    """Stage ``quantize``: one output folder per variant, next to the bf16 base (the reference)."""
+
+    base_dir: str = "models/base"
+    out_root: str = "models"  # a variant is written to <out_root>/<variant>
+    calibration: CalibrationConfig = CalibrationConfig()
+    variants: dict[str, QuantVariantConfig] = {
+        "awq-int4": QuantVariantConfig(method="awq", symmetric=False),
+        "autoawq-int4": QuantVariantConfig(method="autoawq", symmetric=False),
+        "gptq-int4": QuantVariantConfig(method="gptq"),
+        "gptq-int3": QuantVariantConfig(method="gptq", bits=3),
+    }
+    check: QuantCheckConfig = QuantCheckConfig()
+    # Greedy answer recorded in each report, through transformers in the quantization environment.
+    smoke_prompt: str = "Which city is the capital of France?"
+    smoke_max_new_tokens: int = Field(default=16, ge=0)
+
+
+class ReportConfig(Section):
+    """What the report compares and how it decides (all thresholds here, none in code)."""
+
+    variants: list[str] = ["base"]  # in table order; a variant without reports shows as missing
+    accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
+    target_rate_req_per_s: float = Field(default=1.0, gt=0)  # the load the variant must carry
+    min_goodput: float = Field(default=0.9, ge=0, le=1)  # share of requests within the SLOs there
+    memory_budget_bytes: float | None = Field(default=None, gt=0)  # size on disk; None: no limit
+    broken_ppl_ratio: float = Field(default=2.0, gt=1)  # perplexity above this x base = broken
+
+
+class ShardConfig(Section):
+    """Stage ``shard``: a tensor-parallel sharded checkpoint (vLLM's sharded_state format) of a variant.
+
+    SmolLM2-135M has 9 attention / 3 KV heads, so vLLM accepts tensor_parallel_size 1 or 3 only.
+    Only unquantized variants: vLLM saves weights as its kernels hold them after loading, which
+    for 4-bit CPU kernels is a repacked layout the loader would repack again.
+    """
+
+    variant: str = "base"  # the folder models/<variant> is sharded
+    source_dir: str | None = None  # None: models/<variant>
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    out_dir: str | None = None  # None: models/<variant>-tp<N>
+    max_file_bytes: int | None = Field(default=None, ge=1)  # split each rank's file beyond this
+    # The reload check: the sharded folder served by vLLM (load_format sharded_state, same TP).
+    server: ServerConfig = ServerConfig()
+    # CPU with TP>1: one OpenMP thread set per rank, e.g. "0|1|0" for 3 ranks on 2 cores
+    # (vLLM's automatic binding refuses more ranks than NUMA nodes). Empty: vLLM decides.
+    cpu_omp_threads_bind: str | None = None
+
+    @property
+    def out_path(self) -> str:
+        return self.out_dir or f"models/{self.variant}-tp{self.tensor_parallel_size}"
+
+
 class Params(Section):
     """The whole params.yaml. Sections are named after the stages that read them."""
 
@@ -220,6 +319,19 @@ class Params(Section):
     serve: ServeConfig = ServeConfig()
     loadtest: LoadtestConfig = LoadtestConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    shard: ShardConfig = ShardConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loadtest_server_is_serve_chat(cls, data: Any) -> Any:
+        """The load test's managed server is serve.chat unless loadtest.server is given."""
+        if isinstance(data, dict) and isinstance(data.get("serve"), dict):
+            chat, lt = data["serve"].get("chat"), data.get("loadtest") or {}
+            if isinstance(chat, dict) and isinstance(lt, dict) and "server" not in lt:
+                data = {**data, "loadtest": {**lt, "server": chat}}
+        return data
 
 
 def _suggest(key: str, known: list[str]) -> str:

@@ -25,11 +25,11 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench import evalsets
+from workbench.evalbackends import BACKENDS, Backend  # noqa: F401  (Backend: for callers)
 from workbench.config import EvaluateConfig
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_json_atomic, write_report
 
@@ -38,67 +38,8 @@ STAGE = "evaluate"
 # Reported metric name -> lm-eval result key, per suite.
 PPL_METRICS = {"ppl_word": "word_perplexity", "ppl_byte": "byte_perplexity",
                "bits_per_byte": "bits_per_byte"}
-
-
-@dataclass
-class Backend:
-    name: str
-    lm_eval_model: str  # lm-eval's registered model name
-    model_args: dict[str, Any]
-    info: dict[str, Any] = field(default_factory=dict)  # recorded in the report (endpoint, startup)
-    device: str | None = None  # lm-eval's device argument (hf: "cpu" / "cuda")
-
-
-def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    from workbench.serve import VLLMServer
-
-    server_cfg = cfg.server.model_copy(update={"model_dir": cfg.model_path})
-    info: dict[str, Any] = {"served_name": server_cfg.served_name}
-    if cfg.endpoint:
-        root = cfg.endpoint.rstrip("/").removesuffix("/v1")
-        info["endpoint"] = root
-    else:
-        server = stack.enter_context(VLLMServer(server_cfg))  # stopped when the stack closes
-        root = server.root_url
-        info.update(endpoint=root, server_startup_s=round(server.startup_s, 3),
-                    server_command=" ".join(server.command()))
-    args = {
-        "base_url": f"{root}/v1/completions",
-        "model": server_cfg.served_name,
-        # Token ids go over the wire (tokenized_requests), so the server scores exactly the
-        # tokens the hf backend scores; the tokenizer is the variant's own folder.
-        "tokenizer": cfg.model_path,
-        "tokenizer_backend": "huggingface",
-        "tokenized_requests": True,
-        "max_length": server_cfg.max_model_len,
-        "num_concurrent": 1,  # one request at a time: same numbers on every run
-        "max_retries": 3,
-        "timeout": 600,
-        "seed": cfg.seed,
-    }
-    if server_cfg.api_key:
-        os.environ.setdefault("OPENAI_API_KEY", server_cfg.api_key)
-    return Backend("vllm-server", "local-completions", args, info)
-
-
-def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "seed": cfg.seed,
-            "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
-    return Backend("vllm", "vllm", args)
-
-
-def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "max_length": cfg.server.max_model_len}
-    from workbench.serve import detect_device
-
-    return Backend("hf", "hf", args, device="cpu" if detect_device() == "cpu" else "cuda")
-
-
-BACKENDS: dict[str, Callable[[EvaluateConfig, ExitStack], Backend]] = {
-    "vllm-server": _vllm_server,
-    "vllm": _vllm_inprocess,
-    "hf": _hf,
-}
+# Two reports measured the same thing when these agree (the folder's location may differ).
+SAME_DATA_KEYS = ("name", "sha256", "split", "limit", "num_fewshot", "questions", "documents")
 
 
 def _num(value: Any) -> float | None:
@@ -139,7 +80,7 @@ def parse_mcq(prepared: evalsets.PreparedSuite, out: dict, metrics: tuple[str, .
     group = prepared.task
     cat_rows = {}
     for cat, n in categories.items():
-        key = next((k for k in results if strip(k) in (f"{strip(group)}_{cat}", f"mmlu_{cat}")), None)
+        key = next((k for k in results if strip(k) == f"{strip(group)}_{cat}"), None)
         if key:
             cat_rows[cat] = row(key, n)
     overall = row(group, sum(d["n"] or 0 for d in subjects.values()))
@@ -171,7 +112,7 @@ def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report) -> d
         mine, theirs = fingerprint.get(suite), baseline.data_fingerprint.get(suite)
         if not mine or not theirs:
             continue
-        if mine != theirs:
+        if any(mine.get(k) != theirs.get(k) for k in SAME_DATA_KEYS):
             skipped.append(suite)
             continue
         keys = list(PPL_METRICS) if suite == "perplexity" else [f"{suite}_acc"]
@@ -192,10 +133,59 @@ def _lm_eval_env(offline: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[evalsets.PreparedSuite, Any]]:
+    prepared = []
+    for key in ("mmlu", "ceval"):
+        scfg = getattr(cfg, key)
+        if scfg.enabled:
+            prepared.append((evalsets.prepare_suite(evalsets.SUITES[key], scfg.data_dir,
+                                                    scfg.subjects, include_dir), scfg))
+    if cfg.perplexity.enabled:
+        prepared.append((evalsets.prepare_perplexity(cfg.perplexity.data_dir, include_dir),
+                         cfg.perplexity))
+    return prepared
+
+
+def _evaluate_suite(lm, p: evalsets.PreparedSuite, scfg, cfg: EvaluateConfig, task_manager,
+                    samples_dir: Path) -> dict:
+    """One lm-eval call for one suite; returns the parsed numbers with the data they came from."""
+    import lm_eval
+
+    fewshot = getattr(scfg, "num_fewshot", 0)
+    log.info("evaluate %s: %s (%s), limit=%s, %d-shot", cfg.variant, p.key, p.source["name"],
+             scfg.limit, fewshot)
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[p.task], num_fewshot=fewshot, limit=scfg.limit,
+        task_manager=task_manager, log_samples=True, bootstrap_iters=1000,
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
+    seconds = round(time.perf_counter() - t0, 3)
+    _save_samples(out, samples_dir / f"{p.key}.jsonl")
+    data = {**p.source, "limit": scfg.limit, "num_fewshot": fewshot}
+    if p.key == "perplexity":
+        res = parse_perplexity(p, out)
+    else:
+        res = parse_mcq(p, out, evalsets.SUITES[p.key].metrics)
+        data["questions"] = res["overall"]["n"]
+    return {**res, "data": data, "eval_s": seconds, "lm_eval_task": p.task,
+            "task_versions": out.get("versions", {})}
+
+
+def _flat_metrics(key: str, res: dict) -> dict[str, float | None]:
+    if key == "perplexity":
+        flat = {k: res[k] for k in PPL_METRICS}
+    else:
+        overall = res["overall"]
+        flat = {f"{key}_acc": overall["acc"], f"{key}_acc_stderr": overall["acc_stderr"],
+                f"{key}_n": float(overall["n"])}
+    return {**flat, f"{key}_eval_s": res["eval_s"]}
+
+
 def run(cfg: EvaluateConfig) -> Report:
     t_start = time.perf_counter()
     _lm_eval_env(offline=all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled))
-    import lm_eval
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
@@ -203,60 +193,27 @@ def run(cfg: EvaluateConfig) -> Report:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"variant '{cfg.variant}': model folder {model_dir} does not exist")
     samples_dir = Path(cfg.work_dir) / cfg.variant
-    suites_out: dict[str, Any] = {}
-    metrics: dict[str, float] = {}
     fingerprint: dict[str, Any] = {"model": {"path": str(model_dir), **tree_fingerprint(model_dir)}}
+    suites_out: dict[str, Any] = {}
+    metrics: dict[str, float | None] = {}
     timings: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="wb-eval-tasks-") as include_dir, ExitStack() as stack:
-        prepared: list[tuple[evalsets.PreparedSuite, Any]] = []
-        for key in ("mmlu", "ceval"):
-            scfg = getattr(cfg, key)
-            if scfg.enabled:
-                p = evalsets.prepare_suite(evalsets.SUITES[key], scfg.data_dir, scfg.subjects,
-                                           Path(include_dir))
-                prepared.append((p, scfg))
-        if cfg.perplexity.enabled:
-            prepared.append((evalsets.prepare_perplexity(cfg.perplexity.data_dir, Path(include_dir)),
-                             cfg.perplexity))
+        prepared = _prepare(cfg, Path(include_dir))  # bad data fails here, before any server starts
         task_manager = TaskManager(include_path=include_dir)
-
         t0 = time.perf_counter()
-        backend = BACKENDS[cfg.backend](cfg, stack)
+        backend = BACKENDS[cfg.backend](cfg, stack)  # vllm-server: stopped when the stack closes
         lm = get_model(backend.lm_eval_model).create_from_arg_obj(
             backend.model_args, {"batch_size": cfg.batch_size, "device": backend.device})
         timings["backend_start_s"] = round(time.perf_counter() - t0, 3)
-
         for p, scfg in prepared:
-            fewshot = getattr(scfg, "num_fewshot", 0)
-            log.info("evaluate %s: %s (%s) on %s, limit=%s, %d-shot", cfg.variant, p.key,
-                     p.source["name"], backend.name, scfg.limit, fewshot)
-            t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[p.task], num_fewshot=fewshot, limit=scfg.limit,
-                task_manager=task_manager, log_samples=True, bootstrap_iters=1000,
-                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-            )
-            seconds = round(time.perf_counter() - t0, 3)
-            timings[f"{p.key}_s"] = seconds
-            _save_samples(out, samples_dir / f"{p.key}.jsonl")
-            fingerprint[p.key] = {**p.source, "limit": scfg.limit, "num_fewshot": fewshot}
-            if p.key == "perplexity":
-                res = parse_perplexity(p, out)
-                metrics.update({k: res[k] for k in PPL_METRICS if res[k] is not None})
-            else:
-                res = parse_mcq(p, out, evalsets.SUITES[p.key].metrics)
-                overall = res["overall"]
-                fingerprint[p.key]["questions"] = overall["n"]
-                metrics[f"{p.key}_acc"] = overall["acc"]
-                metrics[f"{p.key}_acc_stderr"] = overall["acc_stderr"]
-                metrics[f"{p.key}_n"] = float(overall["n"])
-            metrics[f"{p.key}_eval_s"] = seconds
-            suites_out[p.key] = {**res, "data": fingerprint[p.key], "eval_s": seconds,
-                                 "lm_eval_task": p.task, "configs_version": out.get("versions", {})}
+            res = _evaluate_suite(lm, p, scfg, cfg, task_manager, samples_dir)
+            suites_out[p.key] = res
+            fingerprint[p.key] = res["data"]
+            timings[f"{p.key}_s"] = res["eval_s"]
+            metrics.update(_flat_metrics(p.key, res))
     metrics["eval_s"] = round(time.perf_counter() - t_start, 3)
-    metrics = {k: round(v, 6) for k, v in metrics.items() if v is not None}
+    metrics = {k: round(v, 6) for k, v in metrics.items() if v is not None}  # absent, not NaN
 
     details: dict[str, Any] = {
         "backend": {"name": backend.name, "lm_eval_model": backend.lm_eval_model,
@@ -272,7 +229,7 @@ def run(cfg: EvaluateConfig) -> Report:
                     data_fingerprint=fingerprint, metrics=metrics, details=details,
                     outputs={"samples": str(samples_dir)})
     write_report(report)
-    log.info("evaluate %s: %s", cfg.variant, {k: v for k, v in metrics.items() if "_s" not in k})
+    log.info("evaluate %s: %s", cfg.variant, {k: v for k, v in metrics.items() if not k.endswith("_s")})
     return report
 
 

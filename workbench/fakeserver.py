@@ -162,7 +162,8 @@ class Fake:
             first, tok, fin = _stream_parts(kind, o.model, n)
             tail = fin
             if (body.get("stream_options") or {}).get("include_usage"):
-                tail += _sse({"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                tail += _sse({"id": "cmpl-fake", "created": 0,
+                              "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                               "model": o.model, "choices": [], "usage": usage})
             tail += b"data: [DONE]\n\n"
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",

@@ -52,16 +52,21 @@ def _target(cfg: LoadtestConfig, base_url: str) -> Target:
                   api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
 
 
+def server_config(cfg: LoadtestConfig, variant: str):
+    """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``)."""
+    return cfg.server.model_copy(update={"model_dir": cfg.model_dir or f"models/{variant}"})
+
+
 @contextlib.contextmanager
-def endpoint(cfg: LoadtestConfig, log_dir: Path):
+def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
     """(base_url, details): the configured URL, or a managed vLLM up for the block."""
     if cfg.base_url:
         yield cfg.base_url.rstrip("/"), {"managed": False, "base_url": cfg.base_url}
         return
     from workbench.serve import VLLMServer  # imports httpx only, never vLLM
 
-    with VLLMServer(cfg.server, log_path=log_dir / "vllm.log") as server:
-        yield server.base_url, {"managed": True, "base_url": server.base_url,
+    with VLLMServer(server_config(cfg, variant), log_path=log_dir / "vllm.log") as server:
+        yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
                                 "startup_s": server.startup_s, "device": server.device,
                                 "log": str(server.log_path)}
 
@@ -154,12 +159,14 @@ def plot(results: list[StepResult], out_dir: Path) -> list[Path]:
 def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
     out_dir = Path(cfg.out_dir) / variant
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("step-*.jsonl"):  # a previous sweep's rates must not linger beside ours
+        stale.unlink()
     outputs: dict[str, str] = {}
 
     def on_step(result: StepResult) -> None:  # raw records reach disk as each step ends
         outputs[f"records_{result.label}"] = str(write_records(result, out_dir))
 
-    with endpoint(cfg, out_dir) as (base_url, server_info):
+    with endpoint(cfg, variant, out_dir) as (base_url, server_info):
         root_url = base_url.removesuffix("/v1")
         results = run_async(sweep(cfg, _target(cfg, base_url), root_url, on_step))
 

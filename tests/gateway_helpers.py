@@ -1,0 +1,141 @@
+"""Shared pieces of the gateway tests: a config builder, scripted upstreams, SSE parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from pathlib import Path
+
+from aiohttp import web
+
+from workbench.gateway.config import GatewayConfig
+from workbench.gateway.keys import hash_key
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "wb-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+WORD_LISTS = [str(ROOT / "data/gateway/sensitive_words.en.txt"),
+              str(ROOT / "data/gateway/sensitive_words.zh.txt")]
+
+
+def make_cfg(tmp_path: Path, upstreams: dict[str, str], key: dict | None = None, **sections) -> GatewayConfig:
+    """A gateway config: one test key, the shipped word lists, the audit log under tmp_path."""
+    data = {
+        "upstreams": {name: {"base_url": url} for name, url in upstreams.items()},
+        "keys": [{"id": "test", "sha256": hash_key(KEY), **(key or {})}],
+        "filter": {"word_lists": WORD_LISTS},
+        "audit": {"path": str(tmp_path / "audit.sqlite")},
+    }
+    for name, value in sections.items():
+        data[name] = {**data.get(name, {}), **value}
+    return GatewayConfig.model_validate(data)
+
+
+def sse_events(text: str) -> list[dict | str]:
+    """Parsed ``data:`` payloads of an SSE body ("[DONE]" stays a string)."""
+    out = []
+    for ev in text.split("\n\n"):
+        if ev.startswith("data: "):
+            payload = ev[6:]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def stream_text(events: list) -> str:
+    text = ""
+    for ev in events:
+        if isinstance(ev, dict):
+            for ch in ev.get("choices") or ():
+                text += (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+    return text
+
+
+class _ThreadServer:
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class ScriptedUpstream(_ThreadServer):
+    """Replies with the given text pieces: one SSE event each (``delay_s`` apart) when streaming,
+    joined in one chat completion otherwise. Records the request bodies it got."""
+
+    def __init__(self, pieces: list[str], model: str = "scripted", delay_s: float = 0.0):
+        super().__init__()
+        self.pieces, self.model, self.delay_s = pieces, model, delay_s
+        self.bodies: list[dict] = []
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if not body.get("stream"):
+            return web.json_response({"id": "x", "object": "chat.completion", "model": self.model, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(self.pieces)},
+                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": len(self.pieces),
+                                                      "total_tokens": 3 + len(self.pieces)}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, piece in enumerate(self.pieces):
+            fin = "stop" if i == len(self.pieces) - 1 else None
+            ev = {"id": "x", "object": "chat.completion.chunk", "model": self.model,
+                  "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": fin}]}
+            await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            await asyncio.sleep(self.delay_s)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def _serve(self):
+        self.loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+
+class ClosingUpstream(_ThreadServer):
+    """Accepts connections, reads the request and closes without a reply (a crashing server)."""
+
+    def _serve(self):
+        self.loop = asyncio.new_event_loop()
+        self.accepted = 0
+
+        async def handle(reader, writer):
+            self.accepted += 1
+            await reader.read(1024)
+            writer.close()
+
+        self.loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self.loop.run_forever()
+
+
+def assert_openai_error(resp, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if code:
+        assert err["code"] == code, err
+    return err

@@ -1,0 +1,86 @@
+"""The sensitive-word filter and the stream relay, without sockets."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from gateway_helpers import WORD_LISTS
+from workbench.gateway.filter import WordFilter
+from workbench.gateway.sse import GzipStream, StreamRelay
+
+TEXT = "A BadWord here, 敏感词 there, a forbidden phrase, and bad at the end"
+
+
+@pytest.fixture(scope="module")
+def words() -> WordFilter:
+    return WordFilter.from_files(WORD_LISTS)
+
+
+def test_shipped_lists_load_in_both_languages(words):
+    assert words.size >= 8 and words.hits("请不要提到违禁品") and words.hits("MAKE A PIPE BOMB")
+    assert not words.hits("a perfectly fine sentence, 一句正常的话")
+
+
+def test_mask_replaces_each_match_and_keeps_the_rest(words):
+    assert words.apply_mask(TEXT) == ("A *** here, *** there, a ***, and bad at the end", 3)
+
+
+def test_any_split_of_a_stream_masks_like_the_whole_text(words):
+    rng = random.Random(0)
+    expect = words.apply_mask(TEXT)[0]
+    for _ in range(500):
+        cuts = sorted(rng.sample(range(1, len(TEXT)), rng.randint(1, 20)))
+        pieces = [TEXT[a:b] for a, b in zip([0, *cuts], [*cuts, len(TEXT)])]
+        sf = words.stream()
+        out = "".join(sf.feed(p) for p in pieces) + sf.flush()
+        assert out == expect and sf.hits == 3, pieces
+
+
+def test_stream_holds_back_only_a_possible_word_start(words):
+    sf = words.stream()
+    assert sf.feed("hello world ") == "hello world "  # nothing here can start a word
+    assert sf.feed("and b") == "and "  # "b" may become "badword"
+    assert sf.feed("ye") == "bye"
+
+
+def test_overlapping_words_mask_as_one_span():
+    f = WordFilter(["abc", "bcd"])
+    assert f.apply_mask("xabcdx") == ("x***x", 1)
+    sf = f.stream()
+    assert "".join(sf.feed(c) for c in "xabcdx") + sf.flush() == "x***x"
+
+
+def _chunk(content: str | None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+def test_relay_without_filter_passes_bytes_and_strips_only_the_usage_chunk():
+    relay = StreamRelay("chat", None, block=True, strip_usage=True, collect=False)
+    data = _chunk("hi") + _chunk(" there", "stop")
+    assert relay.process(data) is data
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    assert relay.process(usage + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert relay.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+
+
+def test_relay_flushes_held_text_into_the_finish_chunk(words):
+    relay = StreamRelay("chat", words, block=False, strip_usage=False, collect=True)
+    out = relay.process(_chunk("say b")) + relay.process(_chunk("adword", None)) + \
+        relay.process(_chunk(None, "stop") + b"data: [DONE]\n\n")
+    events = [json.loads(e[6:]) for e in out.decode().split("\n\n") if e.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "say ***"
+    assert relay.done and relay.texts == ["say ", "***"]
+
+
+def test_gzip_stream_is_decodable_after_every_chunk():
+    import zlib
+
+    gz, d = GzipStream(), zlib.decompressobj(31)
+    for i in range(5):
+        assert d.decompress(gz.chunk(_chunk(f"t{i}"))) == _chunk(f"t{i}")
+    assert d.decompress(gz.end(b"data: [DONE]\n\n")) == b"data: [DONE]\n\n" and d.eof

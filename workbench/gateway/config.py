@@ -1,0 +1,169 @@
+"""The gateway's typed configuration, read from a YAML file (default ``deploy/gateway.yaml``).
+
+Precedence: CLI flags (``--host``, ``--port``) > the YAML file > the defaults below. Every model
+forbids unknown keys, so a typo fails at start and names the key::
+
+    python -c "from workbench.gateway.config import load_config; print(load_config())"
+
+Light on purpose (pydantic + PyYAML): the gateway imports nothing of the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_FILE = "deploy/gateway.yaml"
+
+
+class GatewayConfigError(ValueError):
+    """A config file that cannot be used; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(Section):
+    """One OpenAI-compatible server (vLLM). Requests go here by their ``model`` field."""
+
+    base_url: str  # http://host:port/v1
+    api_key: str | None = None  # sent upstream as Bearer (vLLM's --api-key); clients never see it
+    models: list[str] = []  # model names served here; empty: the upstream's own name only
+
+
+class KeyConfig(Section):
+    """One client API key, stored as the SHA-256 of the key. The keys are 256-bit random tokens
+    (``workbench gateway add-key``), so a fast hash is enough: there is nothing to brute-force,
+    unlike a password, and lookup costs one hash per request."""
+
+    id: str  # key id: what metrics, audit rows and rate limits are labelled with
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Token buckets refilled per minute, holding one minute's worth (OpenAI's RPM / TPM). None: no limit.
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)  # prompt + completion, from usage
+
+
+class LimitsConfig(Section):
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1)  # 413 above; ~500k tokens of prompt
+    max_header_bytes: int = Field(default=16 * 1024, ge=256)  # sum of names + values; 413 above
+    connect_timeout_s: float = Field(default=5, gt=0)  # one retry on connect errors, then 503
+    # Longest silence from the upstream before 504 (or, mid-stream, a final error event).
+    # Generous: a long prefill on a CPU server can take a minute before the first byte.
+    read_timeout_s: float = Field(default=300, gt=0)
+    max_connections: int = Field(default=1024, ge=1)  # upstream pool size, all upstreams together
+
+
+class FilterConfig(Section):
+    """Sensitive-word filter (Aho-Corasick over every word list; ASCII letters matched caselessly)."""
+
+    enabled: bool = True
+    word_lists: list[str] = ["data/gateway/sensitive_words.en.txt",
+                             "data/gateway/sensitive_words.zh.txt"]
+    action: Literal["block", "mask"] = "block"  # block: 400 (prompt) / 403 or final error event (output)
+    mask: str = "***"
+    prompts: bool = True
+    output: bool = True
+
+
+class LLMModerationConfig(Section):
+    model: str | None = None  # a model routed by this gateway, e.g. a Llama Guard served by vLLM
+    max_tokens: int = Field(default=10, ge=1)
+    timeout_s: float = Field(default=10, gt=0)
+
+
+class ModerationConfig(Section):
+    policy: str | None = "keyword"  # a name in workbench.gateway.moderation.POLICIES; None: off
+    before: bool = True  # check the prompt before it goes upstream
+    after: bool = False  # check the completion (streams: a final error event after the text)
+    on_error: Literal["allow", "block"] = "allow"  # when the policy itself fails (classifier down)
+    patterns: list[str] = []  # keyword policy: regular expressions, matched caselessly
+    llm: LLMModerationConfig = LLMModerationConfig()
+
+    @model_validator(mode="after")
+    def _llm_needs_model(self) -> "ModerationConfig":
+        if self.policy == "llm" and not self.llm.model:
+            raise ValueError("moderation.policy 'llm' needs moderation.llm.model")
+        return self
+
+
+class AuditConfig(Section):
+    enabled: bool = True
+    path: str = "runs/gateway/audit.sqlite"
+    journal_mode: Literal["wal", "delete"] = "wal"
+    # FULL: each batch is on disk before the next; the single writer thread batches, so a burst
+    # costs one fsync per batch, not per request.
+    synchronous: Literal["full", "normal"] = "full"
+    prompt: Literal["store", "hash", "omit"] = "hash"  # hash: SHA-256 of the prompt text
+    retention_days: float = Field(default=180, gt=0)  # enforced by `workbench gateway prune`
+    batch_size: int = Field(default=500, ge=1)
+
+
+class GatewayConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstreams: dict[str, UpstreamConfig] = {}
+    keys: list[KeyConfig] = []
+    keys_file: str | None = None  # YAML list of KeyConfig, appended to by `add-key`
+    limits: LimitsConfig = LimitsConfig()
+    filter: FilterConfig = FilterConfig()
+    moderation: ModerationConfig = ModerationConfig()
+    audit: AuditConfig = AuditConfig()
+
+    def model_routes(self) -> dict[str, str]:
+        """Model name -> upstream name."""
+        routes: dict[str, str] = {}
+        for name, up in self.upstreams.items():
+            for model in up.models or [name]:
+                if model in routes:
+                    raise GatewayConfigError(f"model '{model}' is served by both "
+                                             f"'{routes[model]}' and '{name}'")
+                routes[model] = name
+        return routes
+
+    def all_keys(self) -> list[KeyConfig]:
+        keys = list(self.keys)
+        if self.keys_file and Path(self.keys_file).exists():
+            raw = yaml.safe_load(Path(self.keys_file).read_text()) or []
+            try:
+                keys += [KeyConfig.model_validate(k) for k in raw]
+            except ValidationError as err:
+                raise GatewayConfigError(_describe(err, self.keys_file)) from None
+        ids = [k.id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise GatewayConfigError(f"duplicate key ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+        return keys
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        dotted = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{dotted}' in {source}")
+        else:
+            lines.append(f"bad value for '{dotted}' in {source}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path = CONFIG_FILE, **overrides) -> GatewayConfig:
+    """Read and validate a gateway config; keyword overrides (host=..., port=...) win."""
+    path = Path(path)
+    if path.exists():
+        data = yaml.safe_load(path.read_text()) or {}
+    elif str(path) == CONFIG_FILE:
+        data = {}
+    else:
+        raise GatewayConfigError(f"gateway config not found: {path}")
+    if not isinstance(data, dict):
+        raise GatewayConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as err:
+        raise GatewayConfigError(_describe(err, str(path))) from None
+    cfg.model_routes()  # fails early on a model claimed twice
+    return cfg

@@ -1,0 +1,125 @@
+"""The gateway's client side: one aiohttp session (keep-alive pool) for every upstream, with
+the error mapping the API promises: connect error -> one retry -> 503; connection dropped
+(also a stale keep-alive: retried once) -> 502; silence past read_timeout_s -> 504."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from workbench.gateway.config import GatewayConfig
+from workbench.gateway.metrics import Metrics
+from workbench.gateway.sse import dumps, loads
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: tuple = ()):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                "code": self.code}})
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Upstreams:
+    def __init__(self, cfg: GatewayConfig, metrics: Metrics, routes: dict[str, str]):
+        self.cfg, self.metrics, self.routes = cfg, metrics, routes
+        lim = cfg.limits
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=lim.connect_timeout_s,
+                                             sock_read=lim.read_timeout_s)
+        self.headers = {
+            name: {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                   **({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})}
+            for name, u in cfg.upstreams.items()}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            conn = aiohttp.TCPConnector(limit=self.cfg.limits.max_connections, ttl_dns_cache=300,
+                                        keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=conn, auto_decompress=False,
+                                                  skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def post(self, name: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+        url = self.cfg.upstreams[name].base_url.rstrip("/") + path[3:]  # base_url ends in /v1
+        for attempt in (1, 2):
+            try:
+                return await self.session.post(url, data=body, headers=self.headers[name],
+                                               timeout=self.timeout)
+            except asyncio.TimeoutError:
+                self.metrics.upstream_errors.labels(name, "timeout").inc()
+                raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error",
+                                   "upstream_timeout") from None
+            except aiohttp.ClientConnectorError as err:
+                self.metrics.upstream_errors.labels(name, "connect").inc()
+                if attempt == 2:
+                    raise GatewayError(503, f"Upstream '{name}' is unavailable: {err}", "upstream_error",
+                                       "upstream_unavailable") from None
+            except aiohttp.ServerDisconnectedError as err:  # also a stale keep-alive: retry once
+                self.metrics.upstream_errors.labels(name, "disconnect").inc()
+                if attempt == 2:
+                    raise GatewayError(502, f"Upstream '{name}' closed the connection: {err}",
+                                       "upstream_error", "upstream_disconnected") from None
+            except aiohttp.ClientError as err:
+                self.metrics.upstream_errors.labels(name, "protocol").inc()
+                raise GatewayError(502, f"Bad response from upstream '{name}': {err}", "upstream_error",
+                                   "bad_gateway") from None
+        raise AssertionError("unreachable")
+
+    async def read(self, name: str, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.read()
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.labels(name, "timeout").inc()
+            raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout") from None
+        except aiohttp.ClientError as err:
+            self.metrics.upstream_errors.labels(name, "protocol").inc()
+            raise GatewayError(502, f"Upstream '{name}' broke off its reply: {err}", "upstream_error",
+                               "bad_gateway") from None
+
+    async def models(self) -> list[dict]:
+        """Every upstream's /v1/models, merged; only models this gateway routes are listed."""
+        async def one(name: str) -> list[dict]:
+            url = self.cfg.upstreams[name].base_url.rstrip("/") + "/models"
+            try:
+                async with self.session.get(url, headers=self.headers[name], timeout=self.timeout) as r:
+                    return (await r.json(loads=loads)).get("data") or [] if r.status == 200 else []
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
+                self.metrics.upstream_errors.labels(name, "models").inc()
+                log.warning("upstream %s: /models failed: %s", name, err)
+                return []
+        lists = await asyncio.gather(*(one(n) for n in self.cfg.upstreams))
+        seen, data = set(), []
+        for entries in lists:
+            for m in entries:
+                if isinstance(m, dict) and m.get("id") in self.routes and m["id"] not in seen:
+                    seen.add(m["id"])
+                    data.append(m)
+        return data
+
+    async def chat(self, model: str, messages: list[dict], max_tokens: int, timeout_s: float) -> str:
+        """One non-streaming chat call through our own routes (the ``llm`` moderation policy)."""
+        name = self.routes[model]
+        url = self.cfg.upstreams[name].base_url.rstrip("/") + "/chat/completions"
+        body = dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        async with self.session.post(url, data=body, headers=self.headers[name],
+                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            r.raise_for_status()
+            return (await r.json(loads=loads))["choices"][0]["message"]["content"] or ""

@@ -1,0 +1,154 @@
+"""Quantization methods, a registry keyed by the name ``quantize.variants.<v>.method`` uses.
+
+Each method takes (base_dir, out_dir, variant_cfg, calibration texts, seq_len) and writes a folder
+that vLLM serves: llm-compressor's ``gptq`` and ``awq`` write compressed-tensors
+(``pack-quantized``), AutoAWQ's ``autoawq`` writes the AWQ GEMM format. They run in .venv-quant;
+the imports are inside the functions so that the stage's report code loads anywhere.
+
+    @register("mymethod", "compressed-tensors")
+    def quantize_mine(base_dir, out, v, texts, seq_len): ...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fmt: str  # what the checkpoint's quantization_config says: compressed-tensors | awq
+    quantize: Callable  # (base_dir, out_dir, variant_cfg, texts, seq_len) -> None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, fmt: str):
+    def wrap(fn):
+        METHODS[name] = Method(name, fmt, fn)
+        return fn
+    return wrap
+
+
+def _ct_scheme(bits: int, group_size: int, symmetric: bool) -> dict:
+    return {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group",
+        "group_size": group_size}}}
+
+
+def _oneshot(base_dir: Path, out: Path, recipe, texts: list[str], seq_len: int) -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    enc = tok(texts, truncation=True, max_length=seq_len)
+    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq_len,
+            num_calibration_samples=len(texts))
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+
+
+@register("gptq", "compressed-tensors")
+def quantize_gptq(base_dir, out, v, texts, seq_len):
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    recipe = GPTQModifier(config_groups=_ct_scheme(v.bits, v.group_size, v.symmetric),
+                          ignore=["lm_head"], dampening_frac=0.01)
+    _oneshot(base_dir, out, recipe, texts, seq_len)
+
+
+@register("awq", "compressed-tensors")
+def quantize_awq(base_dir, out, v, texts, seq_len):
+    import torch
+    from llmcompressor.modifiers.awq import AWQModifier
+
+    if not torch.cuda.is_available():
+        # llmcompressor's AWQ pins its activation cache to page-locked memory, which CPU-only torch
+        # refuses ("Cannot access accelerator device when none is available"); unpinned is correct.
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
+    recipe = AWQModifier(config_groups=_ct_scheme(v.bits, v.group_size, v.symmetric),
+                         ignore=["lm_head"])
+    _oneshot(base_dir, out, recipe, texts, seq_len)
+
+
+def _patch_autoawq_scale_search_for_cpu() -> None:
+    """AutoAWQ 0.2.9's scale search corrupts weights when the model is on the CPU.
+
+    ``AwqQuantizer._compute_best_scale`` keeps the "original" weights as
+    ``{k: v.cpu() for k, v in module.state_dict().items()}``, a copy on a GPU but the very same
+    tensors on the CPU. Each of its 20 grid points then scales ``fc.weight`` in place
+    (``fc.weight.mul_(scales)``) and "restores" from that aliased dict, so the scalings compound
+    and the linears end up multiplied by the product of all candidate scales while the norm before
+    them is divided by the chosen one only: perplexity 158,000 instead of 16, "E E E more more...".
+    Snapshotting with real copies is the upstream intent. (Evidence: docs/quantization-notes.md.)
+    """
+    from awq.quantize.quantizer import AwqQuantizer
+
+    if getattr(AwqQuantizer._compute_best_scale, "_workbench_cpu_fix", False):
+        return
+    original = AwqQuantizer._compute_best_scale
+
+    def compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output,
+                           kwargs={}):  # noqa: B006 - AutoAWQ's own signature
+        live = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in live(*a, **k).items()}
+        try:
+            return original(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs)
+        finally:
+            del module2inspect.state_dict  # back to the class's method
+
+    compute_best_scale._workbench_cpu_fix = True
+    AwqQuantizer._compute_best_scale = compute_best_scale
+
+
+@register("autoawq", "awq")
+def quantize_autoawq(base_dir, out, v, texts, seq_len):
+    import torch
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    _patch_autoawq_scale_search_for_cpu()
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoAWQForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    model.quantize(tok, quant_config={"w_bit": v.bits, "q_group_size": v.group_size,
+                                      "zero_point": not v.symmetric, "version": "GEMM"},
+                   calib_data=texts, max_calib_samples=len(texts), max_calib_seq_len=seq_len,
+                   apply_clip=v.apply_clip)
+    model.save_quantized(str(out))
+    tok.save_pretrained(out)
+
+
+def store_floats_in(folder: Path, dtype_name: str) -> None:
+    """Rewrite the folder's float tensors (embeddings, norms, scales) in the base's dtype.
+
+    The quantizers work on a float32 copy (fp32 keeps GPTQ/AWQ arithmetic exact on CPU) and save
+    what they did not quantize in float32, which doubles the bytes of the 57 MB embedding. vLLM
+    casts those tensors to the served dtype on load anyway, so storing them in it changes nothing
+    that is served; the integer codes are untouched.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dtype = getattr(torch, dtype_name)
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(f)
+        if any(t.dtype == torch.float32 for t in tensors.values()):
+            save_file({k: t.to(dtype) if t.dtype == torch.float32 else t for k, t in tensors.items()},
+                      f, metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = dtype_name
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+

@@ -1,0 +1,118 @@
+"""Stage ``shard``: save a variant as vLLM tensor-parallel shards, then serve it back from them.
+
+    python -m pipelines.run_stage shard                      # as DVC runs it
+    workbench shard --set shard.tensor_parallel_size=3       # CLI (TP=3 on CPU: see docs/quantization-notes.md)
+
+vLLM loads the model with ``tensor_parallel_size=N`` and each rank writes the tensors it holds
+(``llm.llm_engine.engine_core.save_sharded_state``, as vLLM's examples/offline_inference/
+save_sharded_state.py does), files ``model-rank-<r>-part-<p>.safetensors``. Loading them back with
+``load_format="sharded_state"`` and the same N skips re-sharding: each rank reads only its files.
+The report records bytes per rank, save time, and the reloaded server's start time and answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from workbench.config import ShardConfig
+from workbench.reports import Report, atomic_dir, tree_fingerprint, write_report
+
+log = logging.getLogger(__name__)
+VARIANT = "base"  # the CLI's default; DVC passes --variant
+RANK_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors$")
+PROMPT = "Which city is the capital of France?"
+
+
+def cpu_env(cfg: ShardConfig) -> dict[str, str]:
+    """Environment the vLLM engine needs on CPU for this TP size."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.server.kv_cache_gib)}
+    if cfg.cpu_omp_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_omp_threads_bind
+    return env
+
+
+def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
+    """Load ``src`` with TP=N in this process's vLLM engine and write each rank's tensors to ``out``."""
+    from vllm import LLM
+
+    os.environ.update(cpu_env(cfg))
+    t0 = time.perf_counter()
+    llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.server.dtype,
+              max_model_len=cfg.server.max_model_len, seed=cfg.server.seed, enforce_eager=True)
+    try:
+        llm.llm_engine.engine_core.save_sharded_state(path=str(out), max_size=cfg.max_file_bytes)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    # Config, tokenizer and chat template travel with the shards (vLLM reads them from the folder).
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
+            shutil.copy2(f, out / f.name)
+    return time.perf_counter() - t0
+
+
+def bytes_per_rank(folder: Path) -> dict[int, int]:
+    ranks: dict[int, int] = {}
+    for f in folder.iterdir():
+        m = RANK_FILE.match(f.name)
+        if m:
+            ranks[int(m.group(1))] = ranks.get(int(m.group(1)), 0) + f.stat().st_size
+    return dict(sorted(ranks.items()))
+
+
+def reload_and_ask(cfg: ShardConfig, folder: Path, log_path: Path) -> dict:
+    """Serve the shards with the real vLLM server (sharded_state loader) and ask one question."""
+    import openai
+
+    from workbench.serve import ServerError, VLLMServer
+
+    env = {**cfg.server.env, **({"VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_omp_threads_bind}
+                                if cfg.cpu_omp_threads_bind else {})}
+    scfg = cfg.server.model_copy(update={
+        "model_dir": str(folder), "load_format": "sharded_state",
+        "tensor_parallel_size": cfg.tensor_parallel_size, "env": env})
+    try:
+        with VLLMServer(scfg, log_path=log_path) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key=scfg.api_key or "none", max_retries=0)
+            reply = client.chat.completions.create(
+                model=scfg.served_name, temperature=0, max_tokens=24,
+                messages=[{"role": "user", "content": PROMPT}])
+            return {"success": True, "startup_s": round(server.startup_s, 1), "prompt": PROMPT,
+                    "answer": reply.choices[0].message.content, "error": None}
+    except (ServerError, openai.OpenAIError) as err:  # a failed reload is a result, recorded
+        return {"success": False, "startup_s": None, "prompt": PROMPT, "answer": None,
+                "error": str(err)[-4000:]}
+
+
+def run(cfg: ShardConfig, variant: str | None = None) -> Report:
+    variant = variant or cfg.variant
+    cfg = cfg.model_copy(update={"variant": variant})
+    src = Path(cfg.source_dir or f"models/{variant}")
+    out = Path(cfg.out_path)
+    with atomic_dir(out) as tmp:
+        save_s = save_sharded(cfg, src, tmp)
+    ranks = bytes_per_rank(out)
+    log.info("%s: %d rank files, bytes per rank %s, saved in %.0f s", out, len(ranks), ranks, save_s)
+    reload = reload_and_ask(cfg, out, Path("runs/logs") / f"vllm-shard-{variant}-tp{cfg.tensor_parallel_size}.log")
+    content = tree_fingerprint(out)
+    report = Report(
+        stage="shard", variant=f"{variant}-tp{cfg.tensor_parallel_size}",
+        config=cfg.model_dump(mode="json"),
+        data_fingerprint={"source": tree_fingerprint(src)},
+        metrics={"tensor_parallel_size": float(cfg.tensor_parallel_size),
+                 "total_bytes": float(content["bytes"]),
+                 "save_s": round(save_s, 1),
+                 "reload_startup_s": reload["startup_s"] or float("nan"),
+                 "reload_success": float(reload["success"]),
+                 **{f"rank{r}_bytes": float(b) for r, b in ranks.items()}},
+        details={"bytes_per_rank": ranks, "files": sorted(f.name for f in out.iterdir()),
+                 "reload": reload, "cpu_env": cpu_env(cfg), "content": content},
+        outputs={"model": str(out)},
+    )
+    write_report(report)
+    return report
