@@ -4,7 +4,7 @@
     python benchmarks/loadgen_crosscheck.py --base-url http://127.0.0.1:8000 --model NAME --tokenizer DIR
 
 Both clients send the same shape of load, one after the other, to one server: random/synthetic
-prompts of --input-tokens, exactly --output-tokens generated (ignore_eos), Poisson arrivals at
+prompts of --input-tokens, exactly --output-tokens generated (ignore_eos), evenly spaced arrivals at
 --rate (below saturation), --requests each, streamed chat completions. The medians of TTFT and
 end-to-end latency should agree within 10% (the issue's bar); the ratios are printed.
 """
@@ -37,7 +37,7 @@ print("RESULT " + json.dumps({k: r.get(k) for k in ("completed", "failed", "medi
 
 def ours(url, a) -> dict:
     cmd = [sys.executable, "-m", "workbench.loadgen", "--base-url", f"{url}/v1", "--model", a.model,
-           "--rate", str(a.rate), "--requests", str(a.requests), "--arrival", "poisson",
+           "--rate", str(a.rate), "--requests", str(a.requests), "--arrival", a.arrival,
            "--workload", "synthetic", "--input-tokens", str(a.input_tokens),
            "--output-tokens", str(a.output_tokens), "--ignore-eos", "--no-scrape", "--seed", "1"]
     [m] = json.loads(run_cmd(cmd, a.timeout)).values()
@@ -52,7 +52,9 @@ def vllm_bench(url, a) -> dict:
                "--dataset-name", "random", "--random-input-len", str(a.input_tokens),
                "--random-output-len", str(a.output_tokens), "--ignore-eos",
                "--num-prompts", str(a.requests), "--request-rate", str(a.rate), "--seed", "1",
-               "--disable-tqdm", "--num-warmups", "0", "--result-dir", tmp]
+               *(["--burstiness", "inf"] if a.arrival == "constant" else []),  # vLLM: inf = even gaps
+               "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm", "--num-warmups", "0",
+               "--result-dir", tmp]
         line = next(l for l in run_cmd(cmd, a.timeout).splitlines() if l.startswith("RESULT "))
     r = json.loads(line[7:])
     return {"completed": r["completed"], "ttft_ms_p50": r["median_ttft_ms"],
@@ -65,7 +67,11 @@ def main() -> int:
     p.add_argument("--base-url", default=None, help="an already running server (root URL)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokenizer", default=None, help="default: --model-dir")
-    p.add_argument("--rate", type=float, default=1.0)
+    # Below saturation and with even gaps longer than one request (E2EL ~2 s for 32 tokens here),
+    # so neither client's arrival randomness changes how the server batches: what remains is
+    # how each client measures.
+    p.add_argument("--rate", type=float, default=0.4)
+    p.add_argument("--arrival", default="constant", choices=["constant", "poisson"])
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--input-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32)
@@ -86,7 +92,7 @@ def main() -> int:
     o, v = results["ours"], results["vllm_bench_serve"]
     results["ratio_ours_over_vllm"] = {k: round(o[k] / v[k], 3) for k in ("ttft_ms_p50", "e2el_ms_p50")}
     results["within_10pct"] = all(abs(r - 1) <= 0.10 for r in results["ratio_ours_over_vllm"].values())
-    results["setup"] = {k: getattr(a, k) for k in ("rate", "requests", "input_tokens", "output_tokens")}
+    results["setup"] = {k: getattr(a, k) for k in ("rate", "arrival", "requests", "input_tokens", "output_tokens")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -29,6 +29,8 @@ log = logging.getLogger("pipelines.run_stage")
 NOTEBOOKS: dict[str, tuple[str, str]] = {
     "prepare": ("01_prepare.ipynb", "workbench"),
     "quantize": ("02_quantize.ipynb", "workbench-quant"),  # .venv-quant: llm-compressor, AutoAWQ
+    "shard": ("03_shard.ipynb", "workbench"),
+    "evaluate": ("04_evaluate.ipynb", "workbench"),
     "loadtest": ("05_loadtest.ipynb", "workbench"),
     "report": ("06_report.ipynb", "workbench"),
 }

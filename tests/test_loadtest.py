@@ -126,3 +126,22 @@ def test_managed_server_serves_the_variants_folder():
     cfg = LoadtestConfig()
     assert loadtest.server_config(cfg, "awq-int4").model_dir == "models/awq-int4"
     assert loadtest.server_config(cfg.model_copy(update={"model_dir": "/m/x"}), "awq-int4").model_dir == "/m/x"
+
+
+def test_via_gateway_routes_every_request_through_it_and_audits_them(in_tmp):
+    import sqlite3
+
+    for rel in ("deploy/gateway.yaml", "data/gateway/sensitive_words.en.txt",
+                "data/gateway/sensitive_words.zh.txt"):
+        (in_tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, in_tmp / rel)
+    with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=8, model="fake") as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
+                             warmup_requests=1, via_gateway=True)
+        report = loadtest.run(cfg, variant="gw")
+    assert report.metrics["rate_20.completed"] == 10 and report.metrics["rate_20.failed"] == 0
+    assert report.details["server"]["via_gateway"].endswith("/v1")
+    assert report.metrics["rate_20.server_ttft_ms_p50"] > 0  # /metrics still read from the upstream
+    db = sqlite3.connect(in_tmp / "runs/loadtest/gw/gateway-audit.sqlite")
+    rows = db.execute("select count(*) from audit where route like '%chat/completions'").fetchone()[0]
+    assert rows == 11  # warm-up included: the gateway saw every request, with the one-off key

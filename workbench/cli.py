@@ -22,8 +22,8 @@ from workbench.config import ConfigError, load_params
 log = logging.getLogger("workbench")
 
 # Stage name -> module exposing run(cfg) -> Report. Stages that fan out over variants say so.
-STAGES = {"prepare": "workbench.prepare", "loadtest": "workbench.loadtest",
-          "report": "workbench.report"}
+STAGES = {"prepare": "workbench.prepare", "shard": "workbench.shard",
+          "loadtest": "workbench.loadtest", "report": "workbench.report"}
 FANS_OUT = {"loadtest"}  # stages that run once per model variant (--variant)
 
 

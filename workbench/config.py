@@ -165,6 +165,12 @@ class LoadtestConfig(Section):
     scrape_metrics: bool = True  # server /metrics before/after each step (absent: skipped)
     sample_interval_s: float = Field(default=0.5, gt=0)  # utilization / KV-cache sampling
     out_dir: str = "runs/loadtest"  # raw records, tables and plots: <out_dir>/<variant>/
+    # Put the gateway (workbench/gateway, its own process) between the generator and the endpoint,
+    # configured from `gateway_config` with the endpoint as its only upstream and a one-off key:
+    # the report then shows what keys, filter, moderation and audit cost. Server /metrics and
+    # utilization are still read from the endpoint itself.
+    via_gateway: bool = False
+    gateway_config: str = "deploy/gateway.yaml"
 
 
 class EvalSuiteConfig(Section):

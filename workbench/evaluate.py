@@ -251,19 +251,19 @@ def subject_table(report: Report):
 
 
 def summary(report: Report):
-    """Headline numbers with their data, one row per suite. For notebooks."""
+    """Headline numbers with their data, one row per suite (and deltas to the baseline). For notebooks."""
     import pandas as pd
 
-    rows = []
     deltas = report.details.get("vs_baseline", {}).get("deltas", {})
+    rows = []
     for suite, res in report.details["suites"].items():
-        data = res["data"]
         if suite == "perplexity":
-            value = {k: res[k] for k in PPL_METRICS}
+            values = {k: res[k] for k in PPL_METRICS}
         else:
-            value = {"acc": res["overall"]["acc"], "acc_stderr": res["overall"]["acc_stderr"],
-                     "n": res["overall"]["n"]}
-        rows.append({"suite": suite, **value, "data": data["name"], "sha256": (data["sha256"] or "")[:12],
-                     **{k: v for k, v in deltas.items() if k.startswith(suite) or
-                        (suite == "perplexity" and not k.startswith(("mmlu", "ceval")))}})
+            values = {"acc": res["overall"]["acc"], "acc_stderr": res["overall"]["acc_stderr"],
+                      "n": res["overall"]["n"]}
+        mine = [f"{k}_delta" for k in PPL_METRICS] if suite == "perplexity" else [f"{suite}_acc_delta"]
+        rows.append({"suite": suite, **values, "data": res["data"]["name"],
+                     "sha256": (res["data"]["sha256"] or "hub")[:12],
+                     **{k: deltas[k] for k in mine if k in deltas}})
     return pd.DataFrame(rows)

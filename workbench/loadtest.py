@@ -20,6 +20,7 @@ A pure HTTP client: it imports no vLLM, torch or lm-eval (tests/test_loadtest.py
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +70,57 @@ def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
         yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
                                 "startup_s": server.startup_s, "device": server.device,
                                 "log": str(server.log_path)}
+
+
+@contextlib.contextmanager
+def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir: Path):
+    """The gateway as its own process in front of ``upstream_url``; yields (base_url, api_key)."""
+    import secrets
+    import subprocess
+    import sys
+
+    import yaml
+
+    from workbench.gateway.keys import hash_key
+    from workbench.serve import ServerError, free_port, tail
+
+    key = "wb-" + secrets.token_urlsafe(24)
+    gw = yaml.safe_load(Path(cfg.gateway_config).read_text())
+    gw.update(upstreams={model: {"base_url": upstream_url}}, keys=[{"id": "loadtest", "sha256": hash_key(key)}],
+              keys_file=None)
+    gw["audit"] = {**gw.get("audit", {}), "path": str(log_dir / "gateway-audit.sqlite")}
+    conf = log_dir / "gateway.yaml"
+    conf.write_text(yaml.safe_dump(gw))
+    port = free_port()
+    log_path = log_dir / "gateway.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "gateway", "--config", str(conf),
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise ServerError(f"gateway exited with {proc.returncode}:\n{tail(log_path)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            import time
+
+            time.sleep(0.1)
+        else:
+            raise ServerError(f"gateway not ready after 60 s:\n{tail(log_path)}")
+        log.info("load test goes through the gateway at %s/v1", url)
+        yield f"{url}/v1", key
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def write_records(result: StepResult, out_dir: Path) -> Path:
@@ -166,9 +218,15 @@ def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
     def on_step(result: StepResult) -> None:  # raw records reach disk as each step ends
         outputs[f"records_{result.label}"] = str(write_records(result, out_dir))
 
-    with endpoint(cfg, variant, out_dir) as (base_url, server_info):
-        root_url = base_url.removesuffix("/v1")
-        results = run_async(sweep(cfg, _target(cfg, base_url), root_url, on_step))
+    with contextlib.ExitStack() as stack:
+        base_url, server_info = stack.enter_context(endpoint(cfg, variant, out_dir))
+        root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
+        target = _target(cfg, base_url)
+        if cfg.via_gateway:
+            gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, out_dir))
+            target = dataclasses.replace(target, base_url=gw_url, api_key=key)
+            server_info = {**server_info, "via_gateway": gw_url}
+        results = run_async(sweep(cfg, target, root_url, on_step))
 
     metrics = headline(results)
     for r in results:
@@ -204,8 +262,13 @@ def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
 
 
 def track(parent, report: Report) -> None:
-    """One nested MLflow run per step under the stage's run (``tracking.StageRun``)."""
+    """The seed-style table and plots as artifacts of the stage's run (``tracking.StageRun``), and
+    one nested MLflow run per step under it."""
     from workbench import tracking
+
+    for key in ("summary_md", "summary_csv", "latency_vs_rate", "ttft_cdf"):
+        if key in report.outputs:
+            parent.log_artifact(Path(report.outputs[key]), "loadtest")
 
     for step in report.details.get("steps", []):
         tracking.log_child_run(parent, f"{STAGE}:{report.variant}:{step['label']}",

@@ -36,19 +36,58 @@ def cpu_env(cfg: ShardConfig) -> dict[str, str]:
     return env
 
 
+def keep_cpu_linear_weights() -> None:
+    """Make vLLM-CPU keep each linear's weight tensor after prepacking it, in this process.
+
+    vLLM 0.32 on CPU prepacks unquantized linears for oneDNN / sgl-kernel and then replaces
+    ``layer.weight`` with an empty tensor (``UnquantizedLinearMethod.process_weights_after_loading``
+    -> ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``), so ``save_sharded_state``,
+    which saves ``model.state_dict()``, writes the embedding, norms and attention scales only, and
+    the reload fails with "Missing keys ('model.layers.0.self_attn.qkv_proj.weight', ...)".
+    Keeping the weight costs one more copy of the linears in RAM while saving. It reaches only a
+    worker in this process (TP=1, executor "uni", no engine subprocess); TP>1 workers are spawned.
+    """
+    from vllm.model_executor.layers import linear
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    def process_weights_after_loading(self, layer):
+        if getattr(layer, "_cpu_skip_gemm_dispatch", False):
+            layer.cpu_linear = __import__("torch").nn.functional.linear
+            return
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+
+    linear.UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+
+
 def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     """Load ``src`` with TP=N in this process's vLLM engine and write each rank's tensors to ``out``."""
     from vllm import LLM
 
-    os.environ.update(cpu_env(cfg))
+    from workbench.serve import detect_device
+
+    env, kwargs = cpu_env(cfg), {}
+    if detect_device() == "cpu" and cfg.tensor_parallel_size == 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
+        kwargs["distributed_executor_backend"] = "uni"
+        keep_cpu_linear_weights()
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the engine it starts; put back after, the reload has its own
     t0 = time.perf_counter()
-    llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size, dtype=cfg.server.dtype,
-              max_model_len=cfg.server.max_model_len, seed=cfg.server.seed, enforce_eager=True)
     try:
-        llm.llm_engine.engine_core.save_sharded_state(path=str(out), max_size=cfg.max_file_bytes)
+        llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size,
+                  dtype=cfg.server.dtype, max_model_len=cfg.server.max_model_len,
+                  seed=cfg.server.seed, enforce_eager=True, **kwargs)
+        try:
+            llm.llm_engine.engine_core.save_sharded_state(path=str(out), max_size=cfg.max_file_bytes)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     # Config, tokenizer and chat template travel with the shards (vLLM reads them from the folder).
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
@@ -98,10 +137,18 @@ def run(cfg: ShardConfig, variant: str | None = None) -> Report:
         save_s = save_sharded(cfg, src, tmp)
     ranks = bytes_per_rank(out)
     log.info("%s: %d rank files, bytes per rank %s, saved in %.0f s", out, len(ranks), ranks, save_s)
-    reload = reload_and_ask(cfg, out, Path("runs/logs") / f"vllm-shard-{variant}-tp{cfg.tensor_parallel_size}.log")
+    src_weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    if sum(ranks.values()) < 0.9 * src_weights:
+        # vLLM-CPU with TP>1: the spawned workers drop their linears' weights (keep_cpu_linear_weights)
+        reload = {"success": False, "startup_s": None, "prompt": PROMPT, "answer": None,
+                  "error": f"incomplete shards: {sum(ranks.values())} bytes saved for {src_weights} "
+                           "bytes of source weights (vLLM-CPU drops prepacked linear weights); not reloaded"}
+        log.error("%s", reload["error"])
+    else:
+        reload = reload_and_ask(cfg, out, Path("runs/logs") / f"vllm-shard-{variant}-tp{cfg.tensor_parallel_size}.log")
     content = tree_fingerprint(out)
     report = Report(
-        stage="shard", variant=f"{variant}-tp{cfg.tensor_parallel_size}",
+        stage="shard", variant=variant,  # reports/shard/<variant>.json; TP size in the metrics
         config=cfg.model_dump(mode="json"),
         data_fingerprint={"source": tree_fingerprint(src)},
         metrics={"tensor_parallel_size": float(cfg.tensor_parallel_size),

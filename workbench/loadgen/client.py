@@ -186,7 +186,9 @@ async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[R
     if len(specs) != len(offsets):
         raise ValueError("one offset per request")
     url = target.base_url.rstrip("/") + PATHS[target.endpoint]
-    headers = {"Content-Type": "application/json"}
+    # identity: aiohttp would otherwise offer gzip, which a gateway honours for SSE, and this
+    # client reads raw bytes (auto_decompress=False keeps decoding off the hot path).
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"
     streamed = target.stream and target.endpoint != "embeddings"
