@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from workbench.serve import free_port
+from workbench.serve import free_port, wait_http_ok
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +38,7 @@ def mlflow_server(project):
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=project, env=env_with_venv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
+    if not wait_http_ok(f"{url}/health", 180, proc):
         proc.kill()
         pytest.fail("mlflow server did not answer /health in 180 s")
     yield url

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from workbench import report as report_stage
 from workbench.config import ReportConfig
 from workbench.reports import Report, write_report
-from workbench.serve import free_port
+from workbench.serve import free_port, wait_http_ok
 
 ROWS = {  # offered -> (TTFT p50, TTFT p99, goodput)
     "base": {0.5: (180, 300, 1.0), 1.0: (190, 320, 0.95), 2.0: (400, 2500, 0.4)},
@@ -124,13 +123,7 @@ def browse_mlflow_ui(project: Path, env: dict) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        assert wait_http_ok(f"{url}/health", 180, server), "workbench ui did not answer /health"
         exp = httpx.get(f"{url}/api/2.0/mlflow/experiments/get-by-name",
                         params={"experiment_name": "llm-workbench"}).json()["experiment"]
         with sync_playwright() as p:

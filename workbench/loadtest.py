@@ -82,7 +82,7 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
     import yaml
 
     from workbench.gateway.keys import hash_key
-    from workbench.serve import ServerError, free_port, tail
+    from workbench.serve import ServerError, free_port, tail, wait_http_ok
 
     key = "wb-" + secrets.token_urlsafe(24)
     gw = yaml.safe_load(Path(cfg.gateway_config).read_text())
@@ -96,23 +96,10 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "gateway", "--config", str(conf),
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise ServerError(f"gateway exited with {proc.returncode}:\n{tail(log_path)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            import time
-
-            time.sleep(0.1)
-        else:
-            raise ServerError(f"gateway not ready after 60 s:\n{tail(log_path)}")
+        if not wait_http_ok(f"{url}/health", 60, proc):
+            raise ServerError(f"gateway did not come up (exit code {proc.poll()}):\n{tail(log_path)}")
         log.info("load test goes through the gateway at %s/v1", url)
         yield f"{url}/v1", key
     finally:

@@ -60,6 +60,21 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no server log)"
 
 
+def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``url`` until it answers 200; False on timeout or when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: new process group, and SIGTERM if our process dies."""
     os.setsid()
