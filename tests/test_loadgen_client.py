@@ -173,3 +173,21 @@ def test_fake_server_runs_as_the_documented_subprocess():
         [r] = step(fake.base_url, [0.0])
     assert r.success and r.completion_tokens == 2
     assert fake.proc.poll() is not None  # stopped on exit
+
+
+def test_steps_spread_over_processes_keep_one_schedule_ids_and_warmup():
+    from workbench.loadgen.procs import run_step_processes
+
+    offsets = arrivals.schedule("constant", 50.0, np.random.default_rng(0), n=20)  # 0 .. 0.38 s
+    with FakeServer(ttft_ms=20, output_tokens=3) as fake:
+        recs = run_step_processes(Target(fake.base_url, "fake-model"), [SPEC] * 20, list(offsets),
+                                  "rate_50", warmup=3, max_concurrency=None, processes=3, timeout_s=30)
+    assert [r.request_id for r in recs] == [f"rate_50-{i}" for i in range(20)]
+    assert [r.warmup for r in recs] == [i < 3 for i in range(20)]
+    assert all(r.success and r.completion_tokens == 3 for r in recs)
+    assert len({r.t0_unix for r in recs}) == 1  # one shared zero across the processes
+    assert np.allclose([r.scheduled_s for r in recs], offsets, atol=1e-6)
+    lags = [r.send_s - r.scheduled_s for r in recs]
+    assert -0.002 < min(lags) and max(lags) < 0.05, lags  # each process sent on the shared schedule
+    assert all(0.015 < r.first_token_s - r.send_s < 0.5 for r in recs)
+

@@ -129,3 +129,16 @@ def test_output_tokens_fall_back_to_content_chunks_without_usage():
 def test_peak_concurrency_counts_overlapping_requests():
     rs = [rec(0, send=0.0, chunks=(0.1, 1.0)), rec(1, send=0.5, chunks=(0.6, 1.2)), rec(2, send=1.5, chunks=(1.6, 1.7))]
     assert m.peak_concurrency(rs) == 2
+
+
+def test_limiting_factor_blames_the_client_first_then_the_pegged_server_part():
+    from workbench.loadgen.probes import limiting_factor
+
+    assert limiting_factor({"send_lag_ms_p99": 40, "goodput_fraction": 0.5}) == "client"
+    assert limiting_factor({"goodput_fraction": 1.0, "server_queue_ms_p99": 2}).startswith("none")
+    saturated = {"goodput_fraction": 0.4, "server_queue_ms_p99": 900}
+    assert limiting_factor({**saturated, "cpu_busiest_pct_api_server": 99,
+                            "gpu_util_pct_mean": 95}).startswith("server front-end")
+    assert limiting_factor({**saturated, "cpu_busiest_pct_api_server": 40, "gpu_util_pct_mean": 95}) == "gpu"
+    assert limiting_factor({**saturated, "cpu_busiest_pct_engine_core": 100,
+                            "gpu_util_pct_mean": 30}).startswith("engine core")

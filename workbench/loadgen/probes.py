@@ -3,7 +3,10 @@
 ``StepProbe`` scrapes the server's Prometheus ``/metrics`` before and after a step (vLLM's own
 TTFT and queue-time histograms, preemptions) and, in a background thread, samples utilization
 (GPU through NVML when ``pynvml`` imports and sees a GPU, else this machine's CPU through psutil)
-and vLLM's KV-cache usage gauge. Every part is optional: a server without ``/metrics`` (the fake
+and vLLM's KV-cache usage gauge. With the managed server's pid it also samples the CPU of each
+process by role (the API front-end, the engine core, GPU workers, and this client with its
+helper processes): the busiest process of a role near 100% of a core is that role's ceiling,
+which is how ``limiting_factor`` names what limited a step. Every part is optional: a server without ``/metrics`` (the fake
 server serves a tiny one; a gateway may serve none) just yields fewer keys.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import defaultdict
 
 from workbench import promscrape
 
@@ -56,6 +60,100 @@ class _Utilization:
         return self._psutil.cpu_percent(interval=None), None
 
 
+def _role(cmdline: str, is_root: bool) -> str:
+    """vLLM retitles its processes (setproctitle): VLLM::APIServer_0, VLLM::EngineCore, ..."""
+    if "EngineCore" in cmdline:
+        return "engine_core"
+    if "APIServer" in cmdline or is_root:
+        return "api_server"  # with one API server the root process serves HTTP itself
+    if "Worker" in cmdline:
+        return "gpu_worker"
+    return "server_other"
+
+
+class _ProcessCPU:
+    """Per-role CPU percent (100 = one core) of the server's process tree and of this client."""
+
+    def __init__(self, server_pid: int | None):
+        import psutil
+
+        self._ps = psutil
+        self.server_pid = server_pid
+        self._procs: dict[int, tuple[object, str]] = {}
+        self.busiest: dict[str, list[float]] = defaultdict(list)  # role -> per-sample max process
+        self.total: dict[str, list[float]] = defaultdict(list)  # role -> per-sample sum
+        self.sample()  # the first reading of each process only sets its baseline
+
+    def _current(self) -> list[tuple[object, str]]:
+        ps = self._ps
+        me = ps.Process()
+        server: list = []
+        if self.server_pid:
+            try:
+                root = ps.Process(self.server_pid)
+                server = [root, *root.children(recursive=True)]
+            except ps.Error:
+                server = []
+        server_pids = {p.pid for p in server}
+        out = []
+        for p in server:
+            try:
+                out.append((p, _role(" ".join(p.cmdline()), p.pid == self.server_pid)))
+            except ps.Error:
+                continue
+        out += [(p, "client") for p in [me, *me.children(recursive=True)] if p.pid not in server_pids]
+        return out
+
+    def sample(self) -> None:
+        busiest: dict[str, float] = defaultdict(float)
+        total: dict[str, float] = defaultdict(float)
+        seen = set()
+        for proc, role in self._current():
+            known = self._procs.get(proc.pid)
+            if known is None:  # new process: baseline now, counted from the next sample
+                self._procs[proc.pid] = (proc, role)
+                try:
+                    proc.cpu_percent(None)
+                except self._ps.Error:
+                    pass
+                continue
+            seen.add(proc.pid)
+            try:
+                v = known[0].cpu_percent(None)
+            except self._ps.Error:
+                continue
+            busiest[role] = max(busiest[role], v)
+            total[role] += v
+        for role in total:
+            self.busiest[role].append(busiest[role])
+            self.total[role].append(total[role])
+
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for role, vals in self.busiest.items():
+            if vals:
+                out[f"cpu_busiest_pct_{role}"] = sum(vals) / len(vals)
+                out[f"cpu_total_pct_{role}"] = sum(self.total[role]) / len(self.total[role])
+        return out
+
+
+def limiting_factor(m: dict[str, float]) -> str:
+    """What limited a step, from its metrics: the client first (a late client hides everything
+    behind it), then whether the server kept up at all, then which server part was pegged."""
+    if m.get("send_lag_ms_p99", 0.0) > 10 or m.get("cpu_busiest_pct_client", 0.0) >= 90:
+        return "client"
+    kept_up = m.get("goodput_fraction", 1.0) >= 0.99 and m.get("server_queue_ms_p99", 0.0) < 50
+    if kept_up:
+        return "none (below saturation)"
+    if m.get("cpu_busiest_pct_api_server", 0.0) >= 90:
+        return "server front-end (API server CPU)"
+    if m.get("gpu_util_pct_mean", 0.0) >= 90:
+        return "gpu"
+    if m.get("cpu_busiest_pct_engine_core", 0.0) >= 90:
+        return "engine core CPU (scheduling / step overhead)"
+    return "undetermined (no part pegged; see queue time and KV-cache usage)"
+
+
 def _try_scrape(root_url: str, headers: dict | None) -> list[promscrape.Sample] | None:
     try:
         return promscrape.scrape(root_url, headers=headers, timeout=5)
@@ -65,7 +163,8 @@ def _try_scrape(root_url: str, headers: dict | None) -> list[promscrape.Sample] 
 
 
 class StepProbe:
-    def __init__(self, root_url: str | None, interval_s: float = 0.5, headers: dict | None = None):
+    def __init__(self, root_url: str | None, interval_s: float = 0.5, headers: dict | None = None,
+                 server_pid: int | None = None):
         self.root_url = root_url  # None: no scraping
         self.interval_s = interval_s
         self.headers = headers
@@ -76,10 +175,16 @@ class StepProbe:
         self._before = None
         self._thread: threading.Thread | None = None
         self._meter = _Utilization()
+        self._server_pid = server_pid
+        self._proc_cpu: _ProcessCPU | None = None
 
     def start(self) -> "StepProbe":
         if self.root_url:
             self._before = _try_scrape(self.root_url, self.headers)
+        try:
+            self._proc_cpu = _ProcessCPU(self._server_pid)
+        except Exception as err:  # no psutil: fewer keys, same step
+            log.debug("no per-process CPU: %s", err)
         self._thread = threading.Thread(target=self._loop, name="loadtest-probe", daemon=True)
         self._thread.start()
         return self
@@ -90,6 +195,8 @@ class StepProbe:
             self._util.append(util)
             if mem is not None:
                 self._mem.append(mem)
+            if self._proc_cpu is not None:
+                self._proc_cpu.sample()
         except Exception as err:
             log.debug("utilization sample failed: %s", err)
 
@@ -115,6 +222,8 @@ class StepProbe:
             out[f"{src}_util_pct_max"] = max(self._util)
         if self._mem:
             out["gpu_mem_gib_max"] = max(self._mem)
+        if self._proc_cpu is not None:
+            out.update(self._proc_cpu.summary())
         after = _try_scrape(self.root_url, self.headers) if self._before is not None else None
         if after is not None:
             out.update(server_metrics(self._before, after))

@@ -17,7 +17,8 @@ from workbench.config import LoadtestConfig
 from workbench.loadgen import arrivals, workloads
 from workbench.loadgen.client import Record, Target, make_session, run_step, step_label
 from workbench.loadgen.metrics import errors_by_kind, step_metrics
-from workbench.loadgen.probes import StepProbe
+from workbench.loadgen.probes import StepProbe, limiting_factor
+from workbench.loadgen.procs import run_step_processes
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class StepResult:
     records: list[Record]
     metrics: dict[str, float]  # client metrics + server / utilization probes, flat
     errors: dict[str, int] = field(default_factory=dict)
+    limited_by: str = ""  # probes.limiting_factor: client | server front-end | engine | gpu | none
 
 
 def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index: int,
@@ -51,7 +53,10 @@ def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index
 
 
 async def sweep(cfg: LoadtestConfig, target: Target, root_url: str | None,
-                on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+                on_step: Callable[[StepResult], None] | None = None,
+                server_pid: int | None = None) -> list[StepResult]:
+    """One step per offered rate. ``server_pid``: the managed server, whose processes' CPU is
+    sampled so each step can say what limited it (client, server front-end, engine, GPU)."""
     specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
     results = []
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else None
@@ -61,24 +66,37 @@ async def sweep(cfg: LoadtestConfig, target: Target, root_url: str | None,
             reqs, offsets = step_requests(cfg, specs, index, rate)
             log.info("step %s: %d requests (%d warm-up), %s arrivals over %.1f s", label, len(reqs),
                      min(cfg.warmup_requests, len(reqs)), cfg.arrival, float(offsets[-1]))
-            probe = StepProbe(root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers)
+            probe = StepProbe(root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers,
+                              server_pid=server_pid)
             await asyncio.to_thread(probe.start)  # the before-scrape, outside the timed window
             try:
-                records = await run_step(session, target, reqs, offsets.tolist(), label,
-                                         cfg.warmup_requests, cfg.max_concurrency)
+                if cfg.client_processes > 1:
+                    records = await asyncio.to_thread(
+                        run_step_processes, target, reqs, offsets.tolist(), label, cfg.warmup_requests,
+                        cfg.max_concurrency, cfg.client_processes, cfg.timeout_s)
+                else:
+                    records = await run_step(session, target, reqs, offsets.tolist(), label,
+                                             cfg.warmup_requests, cfg.max_concurrency)
             finally:
                 probed = await asyncio.to_thread(probe.stop)
             result = StepResult(rate, label, records, {**step_metrics(records, rate, cfg.slo), **probed},
                                 errors_by_kind([r for r in records if not r.warmup]))
             m = result.metrics
+            result.limited_by = limiting_factor(m)
             log.info("step %s: achieved %.2f req/s, TTFT p50 %.0f ms p99 %.0f ms, E2EL p99 %.0f ms, "
-                     "goodput %.0f%%, errors %s", label, m.get("achieved_req_per_s", float("nan")),
+                     "goodput %.0f%%, errors %s, limited by %s", label, m.get("achieved_req_per_s", float("nan")),
                      m.get("ttft_ms_p50", float("nan")), m.get("ttft_ms_p99", float("nan")),
                      m.get("e2el_ms_p99", float("nan")), 100 * m.get("goodput_fraction", 0.0),
-                     result.errors or "none")
+                     result.errors or "none", result.limited_by)
             results.append(result)
             if on_step:
                 on_step(result)
+            if cfg.stop_below_goodput is not None and m.get("goodput_fraction", 0.0) < cfg.stop_below_goodput:
+                skipped = cfg.rates[index + 1:]
+                if skipped:
+                    log.info("goodput %.0f%% < %.0f%%: saturated, skipping rates %s", 100 * m.get("goodput_fraction", 0),
+                             100 * cfg.stop_below_goodput, skipped)
+                break
     return results
 
 

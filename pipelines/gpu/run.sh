@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the device machine, from the repo root (see pipelines/gpu/README.md):
+#   bash pipelines/gpu/run.sh start [PHASE...]   unpack the carried chunks (once), start the GPU run
+#                                                 detached, follow it for up to WAIT_S seconds
+#   bash pipelines/gpu/run.sh wait                follow a started run for up to WAIT_S more seconds
+# Results (summary.md, summary.json, gpu-results.tar.gz) are copied to $OUT at the end of each call.
+# The run itself outlives one call (setsid): a device call lasts at most 10 minutes.
+set -u
+cmd=${1:?start|wait}; shift
+WAIT_S=${WAIT_S:-540}
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
+       VLLM_NO_USAGE_STATS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export WORKBENCH_GIT_SHA=$(cat pipelines/gpu/GIT_SHA 2>/dev/null || echo unknown)
+out=${OUT:-runs/gpu/out}
+if [ "$cmd" = start ]; then
+  if [ ! -e /tmp/site/vllm ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    mkdir -p /tmp/pack && cat /tmp/ch/c[0-9][0-9] | tar xf - -C /tmp/pack || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site /tmp/pack/wheels/*.whl || exit 1
+    python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))" || exit 1
+  fi
+  only=(); [ $# -gt 0 ] && only=(--only "$@")
+  setsid nohup python3 pipelines/gpu/gpu_run.py --out runs/gpu/out "${only[@]}" >/tmp/gpu_run.log 2>&1 &
+  echo $! >/tmp/gpu_run.pid
+fi
+pid=$(cat /tmp/gpu_run.pid)
+end=$((SECONDS + WAIT_S))
+while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+kill -0 "$pid" 2>/dev/null && echo "RUNNING (pid $pid): call 'run.sh wait' next" || echo "FINISHED"
+mkdir -p "$out"; cp runs/gpu/out/* "$out"/ 2>/dev/null; cp /tmp/gpu_run.log "$out"/gpu_run.log
+grep -E "=== phase|step rate|sustained|failed|Error|error:" /tmp/gpu_run.log | tail -60
