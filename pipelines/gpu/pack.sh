@@ -16,5 +16,4 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform any -d "$stage/wheels" -r "$stage/req.txt"
 rm -f "$out"/c[0-9][0-9]
 (cd "$stage" && tar cf - wheels) | split -b 62m -d -a 2 - "$out/c"
-git -C "$here" rev-parse HEAD > "$here/GIT_SHA" 2>/dev/null || true
 ls -la "$out"; cat "$out"/c[0-9][0-9] | md5sum

@@ -10,7 +10,7 @@ cmd=${1:?start|wait}; shift
 WAIT_S=${WAIT_S:-540}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export WORKBENCH_GIT_SHA=$(cat pipelines/gpu/GIT_SHA 2>/dev/null || echo unknown)
+export WORKBENCH_GIT_SHA=${WORKBENCH_GIT_SHA:-unknown}  # the commit that was run: pass it in
 out=${OUT:-runs/gpu/out}
 if [ "$cmd" = start ]; then
   if [ ! -e /tmp/site/vllm ]; then
