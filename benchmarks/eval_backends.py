@@ -2,12 +2,13 @@
 
     python benchmarks/eval_backends.py                                   # models/base
     python benchmarks/eval_backends.py --model-dir /tmp/wb/base --limit 10 --backends vllm-server hf
+    python benchmarks/eval_backends.py --backends vllm hf hf:1           # BACKEND[:BATCH_SIZE]
 
 Each backend runs the full ``evaluate`` stage (workbench.evaluate.run) on the shipped smoke data
 with identical settings, in a scratch folder (no report in the project is touched). Printed per
 backend: start-up (server cold start / model load), scoring time (the lm-eval calls), total wall
 time, and the numbers, so a speed difference is never a quality difference in disguise. Ratios
-are scoring time relative to the served vLLM. A backend that fails is a row with its error.
+are hf's time over each backend's (above 1: faster than hf), for scoring and for the whole run. A backend that fails is a row with its error.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from workbench.config import EvaluateConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(backend: str, model_dir: Path, limit: int | None, fewshot: int) -> dict:
+def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict:
+    backend, _, batch = spec.partition(":")
     data = ROOT / "data" / "eval"
     cfg = EvaluateConfig.model_validate({
         "variant": f"bench-{backend}", "backend": backend, "model_dir": str(model_dir),
+        "batch_size": int(batch) if batch else "auto",
         "mmlu": {"data_dir": str(data / "mmlu_smoke"), "limit": limit, "num_fewshot": fewshot},
         "ceval": {"data_dir": str(data / "ceval_smoke"), "limit": limit, "num_fewshot": fewshot},
         "perplexity": {"data_dir": str(data / "ppl_corpus")}, "baseline": None,
@@ -38,11 +41,12 @@ def measure(backend: str, model_dir: Path, limit: int | None, fewshot: int) -> d
     try:
         report = evaluate.run(cfg)
     except Exception as err:  # a failed backend is a row, not the end of the comparison
-        logging.exception("backend %s failed", backend)
-        return {"backend": backend, "error": f"{type(err).__name__}: {err}"[:300]}
+        logging.exception("backend %s failed", spec)
+        return {"backend": spec, "error": f"{type(err).__name__}: {err}"[:300]}
     t = report.details["timings"]
     scoring = sum(v for k, v in t.items() if k != "backend_start_s")
-    return {"backend": backend, "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
+    return {"backend": spec, "batch_size": report.details["backend"]["batch_size"],
+            "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
             "wall_s": round(time.perf_counter() - t0, 2),
             **{k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "bits_per_byte")}}
 
@@ -67,16 +71,19 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             os.chdir(cwd)
-    ref = next((r for r in rows if r["backend"] == "vllm-server" and "error" not in r), None)
-    print(f"\n{'backend':<12} {'start s':>8} {'scoring s':>10} {'wall s':>8} {'x served':>9} "
-          f"{'mmlu':>6} {'ceval':>6} {'ppl_word':>9}")
+    # Speed-ups are relative to lm-eval's hf backend (the first hf row): >1 means faster than hf.
+    ref = next((r for r in rows if r["backend"].startswith("hf") and "error" not in r), None)
+    print(f"\n{'backend':<14} {'batch':>6} {'start s':>8} {'scoring s':>10} {'wall s':>8} "
+          f"{'scoring x hf':>12} {'wall x hf':>9} {'mmlu':>6} {'ceval':>6} {'ppl_word':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['backend']:<12} failed: {r['error']}")
+            print(f"{r['backend']:<14} failed: {r['error']}")
             continue
-        ratio = f"{r['scoring_s'] / ref['scoring_s']:.2f}" if ref else "-"
-        print(f"{r['backend']:<12} {r['start_s']:>8.1f} {r['scoring_s']:>10.1f} {r['wall_s']:>8.1f} "
-              f"{ratio:>9} {r['mmlu_acc']:>6.3f} {r['ceval_acc']:>6.3f} {r['ppl_word']:>9.3f}")
+        sx = f"{ref['scoring_s'] / r['scoring_s']:.2f}" if ref else "-"
+        wx = f"{ref['wall_s'] / r['wall_s']:.2f}" if ref else "-"
+        print(f"{r['backend']:<14} {str(r['batch_size']):>6} {r['start_s']:>8.1f} {r['scoring_s']:>10.1f} "
+              f"{r['wall_s']:>8.1f} {sx:>12} {wx:>9} {r['mmlu_acc']:>6.3f} {r['ceval_acc']:>6.3f} "
+              f"{r['ppl_word']:>9.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -283,3 +283,37 @@ def test_notebook_runs_the_stage_and_draws_per_subject_accuracy(prepared, tmp_pa
     outputs = [o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("mmlu-smoke (LLM Workbench sample, not MMLU)" in str(o.get("data", {})) for o in outputs)
+
+
+def _vllm_fails(cfg, stack):
+    from workbench.serve import ServerError
+
+    raise ServerError("vLLM exited with code 1 while starting models/x.\n"
+                      "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
+
+
+def test_variant_vllm_cannot_serve_is_scored_by_the_fallback_and_the_report_says_why(fake_stage, monkeypatch):
+    monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
+    report = evaluate.run(fake_stage(backend="vllm-server"))
+    assert report.details["backend"]["name"] == "hf"
+    assert report.details["backend_fallback"]["from"] == "vllm-server"
+    assert "cpu_gemm_wna16" in report.details["backend_fallback"]["reason"]
+    assert STABLE_KEYS <= set(report.metrics)
+
+
+def test_variant_nothing_can_load_gets_a_not_evaluated_report_not_a_crash(fake_stage, monkeypatch):
+    monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
+    monkeypatch.setitem(evaluate.BACKENDS, "hf", lambda cfg, stack: evaluate.Backend("hf", "no-such-lm", {}))
+    report = evaluate.run(fake_stage(backend="vllm-server"))
+    assert "not evaluated" in report.details["not_evaluated"] and "no-such-lm" in report.details["not_evaluated"]
+    assert "mmlu_acc" not in report.metrics
+    assert Path("runs/evaluate/base").is_dir()  # the stage's declared output exists for DVC
+    assert evaluate.summary(report).empty and evaluate.subject_table(report).empty
+
+
+def test_without_a_fallback_vllm_failing_stops_the_stage(fake_stage, monkeypatch):
+    from workbench.serve import ServerError
+
+    monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
+    with pytest.raises(ServerError):
+        evaluate.run(fake_stage(backend="vllm-server", fallback_backend=None))

@@ -145,3 +145,24 @@ def test_via_gateway_routes_every_request_through_it_and_audits_them(in_tmp):
     db = sqlite3.connect(in_tmp / "runs/loadtest/gw/gateway-audit.sqlite")
     rows = db.execute("select count(*) from audit where route like '%chat/completions'").fetchone()[0]
     assert rows == 11  # warm-up included: the gateway saw every request, with the one-off key
+
+
+def test_variant_vllm_cannot_serve_gets_a_not_servable_report(tmp_path, monkeypatch):
+    import contextlib
+
+    from workbench import loadtest
+    from workbench.config import LoadtestConfig
+    from workbench.serve import ServerError
+
+    @contextlib.contextmanager
+    def failing(cfg, variant, log_dir):
+        raise ServerError("vLLM exited with code 1: no attribute 'cpu_gemm_wna16'")
+        yield
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loadtest, "endpoint", failing)
+    report = loadtest.run(LoadtestConfig(out_dir=str(tmp_path / "runs")), variant="awq-int4")
+    assert "could not be served" in report.details["not_servable"]
+    assert "cpu_gemm_wna16" in report.details["server"]["error"]
+    assert report.details["steps"] == [] and loadtest.summary(report).empty
+    assert (tmp_path / "reports/loadtest/awq-int4.json").exists()

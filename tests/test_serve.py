@@ -137,3 +137,16 @@ def test_command_passes_parallelism_quantization_and_tools_through():
         assert part in cmd
     assert "--gpu-memory-utilization" not in build_command(cfg, 8000, "cpu")
     assert build_env(cfg, "cpu")["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
+def test_several_api_servers_go_through_vllm_serve_and_cuda_gets_them_by_default(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    gpu = build_command(ServerConfig(), 8000, "cuda")
+    assert gpu[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]  # `vllm serve` launches them
+    assert " --api-server-count 4" in " ".join(gpu)
+    cpu = build_command(ServerConfig(), 8000, "cpu")
+    assert cpu[1:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert "--api-server-count" not in cpu
+    one = build_command(ServerConfig(api_server_count=1, stream_interval=4, async_scheduling=True), 8000, "cuda")
+    assert "vllm.entrypoints.openai.api_server" in one
+    assert "--stream-interval 4" in " ".join(one) and "--async-scheduling" in one

@@ -65,3 +65,20 @@ def test_failed_stage_marks_the_run_failed(tmp_path, monkeypatch):
 
 def test_flatten_makes_dotted_string_params():
     assert tracking.flatten({"a": {"b": 1, "c": "x"}, "d": [1, 2]}) == {"a.b": "1", "a.c": "x", "d": "[1, 2]"}
+
+
+def test_reports_saved_while_mlflow_was_down_can_be_logged_later(tmp_path, monkeypatch, capsys):
+    from workbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("project: {experiment: later}\n")
+    path = write_report(small_report())
+    assert cli.main(["track", str(path), "--variant-prefix", "gpu-"]) == 0
+    assert "logged prepare:gpu-base (ok)" in capsys.readouterr().out
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    [run] = client.search_runs([client.get_experiment_by_name("later").experiment_id],
+                               "tags.`workbench.role` = 'stage'")
+    assert run.info.run_name == "prepare:gpu-base" and run.data.metrics["parameters"] == 3.0

@@ -55,6 +55,26 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def track(args: argparse.Namespace) -> int:
+    """Log saved reports to MLflow as their stages would have: for when MLflow was down (a stage
+    then only warns) or the reports come from another machine."""
+    from workbench import tracking
+    from workbench.reports import read_report
+
+    experiment = load_params(args.params, args.set).project.experiment
+    for path in args.reports:
+        report = read_report(path)
+        if args.variant_prefix and not report.variant.startswith(args.variant_prefix):
+            report = report.model_copy(update={"variant": args.variant_prefix + report.variant})
+        with tracking.stage_run(report.stage, report.variant, experiment, system_metrics=False) as run:
+            run.log_report(report)
+            module = importlib.import_module(f"workbench.{report.stage}")
+            if hasattr(module, "track"):
+                module.track(run, report)
+        print(f"logged {report.stage}:{report.variant} ({'ok' if run.active else 'MLflow unavailable'})")
+    return 0
+
+
 def ui(args: argparse.Namespace) -> int:
     from workbench.tracking import ARTIFACT_DIR, tracking_uri
 
@@ -83,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate params.yaml and exit")
     _common(p)
     _common(sub.add_parser("serve", help="keep vLLM chat + embedding endpoints up until Ctrl-C"))
+    p = sub.add_parser("track", help="log saved report JSONs to MLflow (after an outage, or from another machine)")
+    _common(p)
+    p.add_argument("reports", nargs="+", help="reports/<stage>/<variant>.json ...")
+    p.add_argument("--variant-prefix", default="", help="e.g. gpu- to keep another machine's runs apart")
     p = sub.add_parser("ui", help="open the MLflow UI on the project store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -101,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return ui(args)
+        if args.command == "track":
+            return track(args)
         if args.command == "serve":
             return serve(args)
         if args.command == "gateway":

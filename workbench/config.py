@@ -81,8 +81,9 @@ class ServerConfig(Section):
     data_parallel_size: int = Field(default=1, ge=1)
     enable_expert_parallel: bool = False  # MoE models only; dense models ignore it
     # Front-end (HTTP, tokenize, detokenize, SSE) processes. vLLM's default is one per DP rank, and
-    # on a GPU that one process is what saturates first for small models (issue #9's ceiling).
-    api_server_count: int | None = None
+    # on a GPU that one process is what saturates first for small models (results/gpu). None: on
+    # CUDA 2..4 by CPU count (serve.api_server_count), on CPU vLLM's default.
+    api_server_count: int | None = Field(default=None, ge=1)
     # Tokens per streamed SSE event (vLLM's default 1): >1 cuts front-end work per token.
     stream_interval: int | None = Field(default=None, ge=1)
     async_scheduling: bool | None = None  # overlap scheduling with the GPU step; None: vLLM's choice
@@ -216,13 +217,20 @@ class EvaluateConfig(Section):
     # log-probs from /v1/completions); vllm: lm-eval's in-process `vllm` model; hf: lm-eval's
     # `hf` model (transformers), the reference the vLLM numbers are checked against.
     backend: Literal["vllm-server", "vllm", "hf"] = "vllm-server"
+    # When vLLM cannot serve the variant on this machine (e.g. vLLM-CPU's 4-bit kernel needs
+    # AVX-512), evaluate it through this backend instead, and say so in the report. None: fail.
+    fallback_backend: Literal["hf"] | None = "hf"
     endpoint: str | None = None  # vllm-server: a running server's root URL; None: start `server`
     server: ServerConfig = ServerConfig()  # its model_dir is replaced by the variant's folder
     dtype: Dtype = "bfloat16"  # hf / vllm backends (the server uses server.dtype)
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
-    batch_size: int = Field(default=1, ge=1)  # 1 keeps scores independent of batch composition
+    # Requests scored together. "auto": evalbackends.AUTO_BATCH, each backend's fast setting on this
+    # CPU (vLLM: 1, batched prompt log-probs are slower on vLLM-CPU; hf: 16 - lm-eval's own "auto"
+    # probes a max_length batch first, minutes on a CPU). Batches follow lm-eval's fixed order, so
+    # a run repeats exactly.
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = "base"  # variant whose report the deltas are taken against
     work_dir: str = "runs/evaluate"  # per-sample lm-eval outputs: <work_dir>/<variant>/

@@ -24,6 +24,19 @@ class Backend:
     model_args: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the report (endpoint, startup)
     device: str | None = None  # lm-eval's device argument (hf: "cpu" / "cuda")
+    batch_size: int | str = 1  # lm-eval's batch_size argument
+
+
+# What batch_size "auto" means per backend (see EvaluateConfig.batch_size). vLLM scores one request
+# at a time: on vLLM-CPU, batched prompt log-probs collapsed (2026-11-28, 2 cores: 64-prompt
+# /v1/completions calls ran at ~200 prompt tokens/s with one request running; the in-process
+# engine given all 96 C-Eval prompts at once took 3.7 s a prompt), where one at a time ran at
+# ~470 tokens/s. Larger batches pay on a GPU: set an int there.
+AUTO_BATCH: dict[str, int | str] = {"vllm": 1, "vllm-server": 1, "hf": 16}
+
+
+def batch_size(cfg: EvaluateConfig, backend: str) -> int | str:
+    return AUTO_BATCH[backend] if cfg.batch_size == "auto" else cfg.batch_size
 
 
 def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
@@ -55,7 +68,8 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     }
     if server_cfg.api_key:
         os.environ.setdefault("OPENAI_API_KEY", server_cfg.api_key)
-    return Backend("vllm-server", "local-completions", args, info)
+    return Backend("vllm-server", "local-completions", args, info,
+                   batch_size=batch_size(cfg, "vllm-server"))
 
 
 def _vllm_cpu_metadata_shim() -> None:
@@ -90,14 +104,15 @@ def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.server.kv_cache_gib))
     args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "seed": cfg.seed,
             "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
-    return Backend("vllm", "vllm", args)
+    return Backend("vllm", "vllm", args, batch_size=batch_size(cfg, "vllm"))
 
 
 def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "max_length": cfg.server.max_model_len}
     from workbench.serve import detect_device
 
-    return Backend("hf", "hf", args, device="cpu" if detect_device() == "cpu" else "cuda")
+    return Backend("hf", "hf", args, device="cpu" if detect_device() == "cpu" else "cuda",
+                   batch_size=batch_size(cfg, "hf"))
 
 
 BACKENDS: dict[str, Callable[[EvaluateConfig, ExitStack], Backend]] = {

@@ -183,6 +183,22 @@ def _flat_metrics(key: str, res: dict) -> dict[str, float | None]:
     return {**flat, f"{key}_eval_s": res["eval_s"]}
 
 
+def _backend(cfg: EvaluateConfig, stack):
+    """The configured backend, or the fallback (with why) when vLLM cannot serve the variant here."""
+    from workbench.serve import ServerError
+
+    try:
+        return BACKENDS[cfg.backend](cfg, stack), None  # vllm-server: stopped when the stack closes
+    except ServerError as err:
+        if cfg.fallback_backend is None or cfg.fallback_backend == cfg.backend:
+            raise
+        reason = str(err)
+        log.error("variant %s: vLLM did not come up; evaluating through %s instead. %s",
+                  cfg.variant, cfg.fallback_backend, reason[-1500:])
+        fallback = {"from": cfg.backend, "to": cfg.fallback_backend, "reason": reason[-4000:]}
+        return BACKENDS[cfg.fallback_backend](cfg, stack), fallback
+
+
 def run(cfg: EvaluateConfig) -> Report:
     t_start = time.perf_counter()
     _lm_eval_env(offline=all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled))
@@ -202,9 +218,26 @@ def run(cfg: EvaluateConfig) -> Report:
         prepared = _prepare(cfg, Path(include_dir))  # bad data fails here, before any server starts
         task_manager = TaskManager(include_path=include_dir)
         t0 = time.perf_counter()
-        backend = BACKENDS[cfg.backend](cfg, stack)  # vllm-server: stopped when the stack closes
-        lm = get_model(backend.lm_eval_model).create_from_arg_obj(
-            backend.model_args, {"batch_size": cfg.batch_size, "device": backend.device})
+        backend, fallback = _backend(cfg, stack)
+        try:
+            lm = get_model(backend.lm_eval_model).create_from_arg_obj(
+                backend.model_args, {"batch_size": backend.batch_size, "device": backend.device})
+        except Exception as err:
+            if fallback is None:
+                raise
+            # Neither vLLM nor the fallback can run this variant here: a report that says so (the
+            # comparison goes on without its numbers) rather than a pipeline stopped on one variant.
+            msg = (f"variant '{cfg.variant}' was not evaluated on this machine: vLLM could not serve it and "
+                   f"the {backend.name} fallback could not load it ({type(err).__name__}: {err})")
+            log.error("%s", msg)
+            samples_dir.mkdir(parents=True, exist_ok=True)  # the stage's declared output, empty
+            report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
+                            data_fingerprint=fingerprint,
+                            metrics={"eval_s": round(time.perf_counter() - t_start, 3)},
+                            details={"not_evaluated": msg, "backend": {"name": "none"}, "suites": {},
+                                     "timings": {}, "backend_fallback": {**fallback, "error": str(err)[-2000:]}})
+            write_report(report)
+            return report
         timings["backend_start_s"] = round(time.perf_counter() - t0, 3)
         for p, scfg in prepared:
             res = _evaluate_suite(lm, p, scfg, cfg, task_manager, samples_dir)
@@ -217,7 +250,8 @@ def run(cfg: EvaluateConfig) -> Report:
 
     details: dict[str, Any] = {
         "backend": {"name": backend.name, "lm_eval_model": backend.lm_eval_model,
-                    "model_args": backend.model_args, **backend.info},
+                    "model_args": backend.model_args, "batch_size": backend.batch_size, **backend.info},
+        "backend_fallback": fallback,
         "suites": suites_out, "timings": timings,
         "note": "Accuracy on the data named in each suite's 'data.name'; smoke samples are not "
                 "MMLU or C-Eval scores.",
@@ -247,7 +281,7 @@ def subject_table(report: Report):
         for subj, d in res.get("subjects", {}).items():
             rows.append({"suite": suite, "subject": subj, "category": d.get("category"),
                          "acc": d["acc"], "acc_stderr": d["acc_stderr"], "n": d["n"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["suite", "subject", "category", "acc", "acc_stderr", "n"])
 
 
 def summary(report: Report):

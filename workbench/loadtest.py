@@ -197,6 +197,18 @@ def plot(results: list[StepResult], out_dir: Path) -> list[Path]:
     return [latency, ttft]
 
 
+def not_servable(cfg: LoadtestConfig, variant: str, err: Exception) -> Report:
+    """The report of a variant whose managed vLLM did not come up on this machine (e.g. vLLM-CPU's
+    4-bit kernel needs AVX-512): no steps, the server's own reason, and a logged error."""
+    msg = f"variant '{variant}' could not be served by vLLM on this machine; not load-tested"
+    log.error("%s:\n%s", msg, str(err)[-2000:])
+    report = Report(stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), metrics={},
+                    details={"not_servable": msg, "server": {"managed": True, "error": str(err)[-4000:]},
+                             "steps": [], "table": []})
+    write_report(report)
+    return report
+
+
 def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
     out_dir = Path(cfg.out_dir) / variant
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,8 +219,13 @@ def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
     def on_step(result: StepResult) -> None:  # raw records reach disk as each step ends
         outputs[f"records_{result.label}"] = str(write_records(result, out_dir))
 
+    from workbench.serve import ServerError
+
     with contextlib.ExitStack() as stack:
-        base_url, server_info = stack.enter_context(endpoint(cfg, variant, out_dir))
+        try:
+            base_url, server_info = stack.enter_context(endpoint(cfg, variant, out_dir))
+        except ServerError as err:  # the variant cannot be served here: say so, measure the rest
+            return not_servable(cfg, variant, err)
         root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
         target = _target(cfg, base_url)
         if cfg.via_gateway:

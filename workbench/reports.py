@@ -99,7 +99,7 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
 
 def provenance() -> Provenance:
     # A copy without .git (the GPU runner's tree on the device machine) is told its commit.
-    sha = _git("rev-parse", "HEAD") or os.environ.get("WORKBENCH_GIT_SHA")
+    sha = os.environ.get("WORKBENCH_GIT_SHA") or _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return Provenance(
         git_sha=sha,

@@ -88,8 +88,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def api_server_count(cfg: ServerConfig, device: str) -> int | None:
+    """``cfg.api_server_count``, or on CUDA one front-end process per 16 CPUs (2..4): on an H200
+    one API server was pegged at 150 req/s of a 135M model while four carried 200 (results/gpu).
+    None on CPU: vLLM's default (one), where the model, not the front end, is the limit."""
+    if cfg.api_server_count is not None or device != "cuda" or cfg.data_parallel_size > 1:
+        return cfg.api_server_count
+    return max(2, min(4, (os.cpu_count() or 1) // 16))
+
+
 def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
-    multi = (cfg.api_server_count or 1) > 1 or cfg.data_parallel_size > 1
+    api_servers = api_server_count(cfg, device)
+    multi = (api_servers or 1) > 1 or cfg.data_parallel_size > 1
     head = [CLI_ENTRYPOINT, "serve", str(cfg.model_dir)] if multi else [ENTRYPOINT, "--model", str(cfg.model_dir)]
     cmd = [cfg.python or sys.executable, "-m", *head, "--served-model-name", cfg.served_name,
            "--host", cfg.host, "--port", str(port),
@@ -107,7 +117,7 @@ def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
         if value != 1:
             cmd += [flag, str(value)]
     optional = {
-        "--api-server-count": cfg.api_server_count,
+        "--api-server-count": api_servers,
         "--quantization": cfg.quantization,
         "--load-format": cfg.load_format,
         "--tool-call-parser": cfg.tool_call_parser,

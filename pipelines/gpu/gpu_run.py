@@ -80,10 +80,14 @@ def phase_prepare(plan, params) -> None:
 
 def phase_loadtest(plan, params, run: dict) -> dict:
     cfg = loadtest_cfg(plan, params, run)
-    report = loadtest.run(cfg, variant=run["name"])
-    return {"name": run["name"], "sustained_req_per_s": sustained_rate(report),
-            "server": {k: v for k, v in run.get("server", {}).items()},
-            "client_processes": cfg.client_processes,
+    return summarize(loadtest.run(cfg, variant=run["name"]), run.get("server", {}))
+
+
+def summarize(report, server_over: dict) -> dict:
+    """One load-test report as a row group of the GPU summary."""
+    return {"name": report.variant, "sustained_req_per_s": sustained_rate(report),
+            "server": dict(server_over), "client_processes": report.config.get("client_processes", 1),
+            "finished_at": report.created_at,
             "steps": [{"offered": s["offered_req_per_s"], "limited_by": s.get("limited_by"),
                        **{k: s["metrics"].get(k) for k in (
                            "achieved_req_per_s", "request_throughput_req_per_s", "ttft_ms_p50",
@@ -217,6 +221,7 @@ def main() -> int:
                     summary["shard"] = phase_shard(plan, params)
             else:
                 summary[name] = {"crosscheck": phase_crosscheck, "evaluate": phase_evaluate}[name](plan, params)
+            summary.get("errors", {}).pop(name, None)  # an earlier failure of this phase is history
         except Exception as err:  # one phase failing must not cost the others' results
             log.error("phase %s failed: %s", name, err)
             summary.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]

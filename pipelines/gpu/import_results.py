@@ -25,6 +25,58 @@ from workbench.reports import read_report
 log = logging.getLogger(__name__)
 
 
+def scrub(path: Path) -> None:
+    """The device's own paths out of a report that will be committed: data folders relative to the
+    repo, interpreters by name."""
+    import re
+
+    text = path.read_text()
+    text = re.sub(r'"/[^"]*?/(data/[^"]*)"', r'"\1"', text)
+    text = re.sub(r'/[^\s"]*/bin/(python3?)\b', r"\1", text)
+    path.write_text(text)
+
+
+def relabel(path: Path) -> None:
+    """Re-derive each step's ``limited_by`` with this checkout's rule (probes.limiting_factor) from
+    the step's own metrics; the label the run wrote is kept as ``limited_by_at_run``."""
+    import json
+
+    from workbench.loadgen.probes import limiting_factor
+
+    data = json.loads(path.read_text())
+    for step, row in zip(data["details"]["steps"], data["details"].get("table", [])):
+        step.setdefault("limited_by_at_run", step.get("limited_by"))
+        step["limited_by"] = row["limited by"] = limiting_factor(step["metrics"])
+    path.write_text(json.dumps(data, indent=2))
+
+
+def write_summary(root: Path, dest: Path) -> None:
+    """summary.md / summary.json rebuilt from the reports themselves (not the runner's running copy)."""
+    import json
+
+    from pipelines.gpu.gpu_run import markdown, summarize
+
+    old = json.loads((root / "runs/gpu/summary.json").read_text()) if (root / "runs/gpu/summary.json").exists() else {}
+    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s") if k in old}
+    reports = sorted((root / "reports/loadtest").glob("*.json"), key=lambda p: read_report(p).created_at)
+    summary["loadtest"] = []
+    for path in reports:
+        rep = read_report(path)
+        server = rep.config.get("server", {})
+        over = {k: server[k] for k in ("api_server_count", "stream_interval", "async_scheduling") if server.get(k)}
+        summary["loadtest"].append(summarize(rep, over))
+    if (root / "reports/gpu/crosscheck.json").exists():
+        summary["crosscheck"] = json.loads((root / "reports/gpu/crosscheck.json").read_text())
+    if (root / "reports/shard/base.json").exists():
+        rep = read_report(root / "reports/shard/base.json")
+        summary["shard"] = {**rep.metrics, "answer": rep.details["reload"].get("answer")}
+    summary["evaluate"] = {read_report(p).variant: {k: read_report(p).metrics.get(k) for k in (
+        "mmlu_acc", "ceval_acc", "ppl_word", "eval_s")} | {"timings": read_report(p).details.get("timings")}
+        for p in sorted((root / "reports/evaluate").glob("*.json"))}
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (dest / "summary.md").write_text(markdown(summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("archive", help="gpu-results.tar.gz from the device run")
@@ -38,16 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         with tarfile.open(a.archive) as tar:
             tar.extractall(tmp, filter="data")
         root = Path(tmp)
-        for name in ("summary.md", "summary.json"):
-            if (root / "runs/gpu" / name).exists():
-                shutil.copy(root / "runs/gpu" / name, dest / name)
         for path in sorted((root / "reports").rglob("*.json")):
             rel = path.relative_to(root / "reports")
             (dest / rel.parent).mkdir(parents=True, exist_ok=True)
+            if rel.parts[0] == "loadtest":
+                relabel(path)
+            scrub(path)
             shutil.copy(path, dest / rel)
             if rel.parts[0] not in ("loadtest", "shard", "evaluate", "prepare"):
                 continue
             report = read_report(path)
+            if not report.variant.startswith("gpu-"):  # keep GPU runs apart from this machine's
+                report = report.model_copy(update={"variant": f"gpu-{report.variant}"})
             with tracking.stage_run(report.stage, report.variant, a.experiment, system_metrics=False) as run:
                 run.log_report(report)
                 if report.stage == "loadtest":
@@ -59,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                             run.log_artifact(root / "runs/loadtest" / report.variant / plot, "loadtest")
                     loadtest.track(run, report.model_copy(update={"outputs": {}}))
             log.info("logged %s:%s", report.stage, report.variant)
+        write_summary(root, dest)
     print(f"reports in {dest}; MLflow store: {tracking.tracking_uri()}")
     return 0
 

@@ -8,16 +8,18 @@
 set -u
 cmd=${1:?start|wait}; shift
 WAIT_S=${WAIT_S:-540}
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export WORKBENCH_GIT_SHA=${WORKBENCH_GIT_SHA:-unknown}  # the commit that was run: pass it in
 out=${OUT:-runs/gpu/out}
 if [ "$cmd" = start ]; then
-  if [ ! -e /tmp/site/vllm ]; then
+  if ! python3 -c "import vllm" 2>/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     mkdir -p /tmp/pack && cat /tmp/ch/c[0-9][0-9] | tar xf - -C /tmp/pack || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site /tmp/pack/wheels/*.whl || exit 1
+    # Into the image's own Python (the machine is thrown away after): subprocesses such as the
+    # crosscheck's clients then see the same packages as the runner.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      /tmp/pack/wheels/*.whl || exit 1
     python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))" || exit 1
   fi
   only=(); [ $# -gt 0 ] && only=(--only "$@")

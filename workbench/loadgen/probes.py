@@ -67,7 +67,7 @@ def _role(cmdline: str, is_root: bool) -> str:
     if "APIServer" in cmdline or is_root:
         return "api_server"  # with one API server the root process serves HTTP itself
     if "Worker" in cmdline:
-        return "gpu_worker"
+        return "worker"  # the model's forward pass (vLLM-CPU runs it here, as do TP ranks on GPUs)
     return "server_other"
 
 
@@ -138,19 +138,26 @@ class _ProcessCPU:
 
 
 def limiting_factor(m: dict[str, float]) -> str:
-    """What limited a step, from its metrics: the client first (a late client hides everything
-    behind it), then whether the server kept up at all, then which server part was pegged."""
-    if m.get("send_lag_ms_p99", 0.0) > 10 or m.get("cpu_busiest_pct_client", 0.0) >= 90:
-        return "client"
-    kept_up = m.get("goodput_fraction", 1.0) >= 0.99 and m.get("server_queue_ms_p99", 0.0) < 50
+    """What limited a step, from its metrics: the client first (late sends hide everything behind
+    them), then whether the server kept up at all, then which server part was pegged. vLLM's
+    engine core spins at ~100% of a core whenever it has work, so a saturated step whose engine
+    core got much less, with the GPU idle, was starved of CPU by the other processes on the host."""
+    if m.get("send_lag_ms_p99", 0.0) > 10:
+        return "client (late sends)"
+    kept_up = m.get("goodput_fraction", 1.0) >= 0.99  # every SLO held for 99% of requests
     if kept_up:
         return "none (below saturation)"
     if m.get("cpu_busiest_pct_api_server", 0.0) >= 90:
         return "server front-end (API server CPU)"
     if m.get("gpu_util_pct_mean", 0.0) >= 90:
         return "gpu"
-    if m.get("cpu_busiest_pct_engine_core", 0.0) >= 90:
+    if "gpu_util_pct_mean" not in m and m.get("cpu_busiest_pct_worker", 0.0) >= 90:
+        return "model compute (CPU worker)"
+    engine = m.get("cpu_busiest_pct_engine_core")
+    if engine is not None and engine >= 90:
         return "engine core CPU (scheduling / step overhead)"
+    if engine is not None and engine < 80 and m.get("gpu_util_pct_mean", 100.0) < 50:
+        return "engine core starved of CPU (other busy processes on its cores)"
     return "undetermined (no part pegged; see queue time and KV-cache usage)"
 
 
