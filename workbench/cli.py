@@ -55,23 +55,30 @@ def run_stage(stage: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def track(args: argparse.Namespace) -> int:
-    """Log saved reports to MLflow as their stages would have: for when MLflow was down (a stage
-    then only warns) or the reports come from another machine."""
+def log_saved_report(report, experiment: str, variant_prefix: str = "") -> tuple[str, bool]:
+    """Log a saved report to MLflow as its stage would have (the stage's own ``track`` included):
+    for when MLflow was down (a stage then only warns) or the report comes from another machine.
+    Returns the run's name and whether MLflow took it."""
     from workbench import tracking
+
+    if variant_prefix and not report.variant.startswith(variant_prefix):
+        report = report.model_copy(update={"variant": variant_prefix + report.variant})
+    with tracking.stage_run(report.stage, report.variant, experiment, system_metrics=False) as run:
+        run.log_report(report)
+        module = importlib.import_module(f"workbench.{report.stage}")
+        if hasattr(module, "track"):
+            module.track(run, report)
+    log.info("logged %s:%s", report.stage, report.variant)
+    return f"{report.stage}:{report.variant}", run.active
+
+
+def track(args: argparse.Namespace) -> int:
     from workbench.reports import read_report
 
     experiment = load_params(args.params, args.set).project.experiment
     for path in args.reports:
-        report = read_report(path)
-        if args.variant_prefix and not report.variant.startswith(args.variant_prefix):
-            report = report.model_copy(update={"variant": args.variant_prefix + report.variant})
-        with tracking.stage_run(report.stage, report.variant, experiment, system_metrics=False) as run:
-            run.log_report(report)
-            module = importlib.import_module(f"workbench.{report.stage}")
-            if hasattr(module, "track"):
-                module.track(run, report)
-        print(f"logged {report.stage}:{report.variant} ({'ok' if run.active else 'MLflow unavailable'})")
+        name, ok = log_saved_report(read_report(path), experiment, args.variant_prefix)
+        print(f"logged {name} ({'ok' if ok else 'MLflow unavailable'})")
     return 0
 
 

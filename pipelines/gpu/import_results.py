@@ -19,7 +19,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from workbench import loadtest, tracking
+from workbench import tracking
+from workbench.cli import log_saved_report
 from workbench.reports import read_report
 
 log = logging.getLogger(__name__)
@@ -100,19 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             if rel.parts[0] not in ("loadtest", "shard", "evaluate", "prepare"):
                 continue
             report = read_report(path)
-            if not report.variant.startswith("gpu-"):  # keep GPU runs apart from this machine's
-                report = report.model_copy(update={"variant": f"gpu-{report.variant}"})
-            with tracking.stage_run(report.stage, report.variant, a.experiment, system_metrics=False) as run:
-                run.log_report(report)
-                if report.stage == "loadtest":
-                    summary = root / "runs/loadtest" / report.variant / "summary.md"
-                    if summary.exists():
-                        run.log_artifact(summary, "loadtest")
-                    for plot in ("latency_vs_rate.png", "ttft_cdf.png"):
-                        if (root / "runs/loadtest" / report.variant / plot).exists():
-                            run.log_artifact(root / "runs/loadtest" / report.variant / plot, "loadtest")
-                    loadtest.track(run, report.model_copy(update={"outputs": {}}))
-            log.info("logged %s:%s", report.stage, report.variant)
+            # The stage's outputs (tables, plots) as they came back in the archive, if they did.
+            outputs = {k: str(root / v) for k, v in report.outputs.items() if (root / v).is_file()}
+            log_saved_report(report.model_copy(update={"outputs": outputs}), a.experiment,
+                             variant_prefix="gpu-")  # GPU runs apart from this machine's
         write_summary(root, dest)
     print(f"reports in {dest}; MLflow store: {tracking.tracking_uri()}")
     return 0

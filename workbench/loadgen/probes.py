@@ -107,7 +107,6 @@ class _ProcessCPU:
     def sample(self) -> None:
         busiest: dict[str, float] = defaultdict(float)
         total: dict[str, float] = defaultdict(float)
-        seen = set()
         for proc, role in self._current():
             known = self._procs.get(proc.pid)
             if known is None:  # new process: baseline now, counted from the next sample
@@ -117,7 +116,6 @@ class _ProcessCPU:
                 except self._ps.Error:
                     pass
                 continue
-            seen.add(proc.pid)
             try:
                 v = known[0].cpu_percent(None)
             except self._ps.Error:
