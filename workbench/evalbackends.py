@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from workbench.config import EvaluateConfig
+from workbench.serve import detect_device, resolve_dtype
 
 
 @dataclass
@@ -102,16 +103,16 @@ def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     # an unguarded script cannot survive.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.server.kv_cache_gib))
-    args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "seed": cfg.seed,
+    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device()), "seed": cfg.seed,
             "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
     return Backend("vllm", "vllm", args, batch_size=batch_size(cfg, "vllm"))
 
 
 def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    args = {"pretrained": cfg.model_path, "dtype": cfg.dtype, "max_length": cfg.server.max_model_len}
-    from workbench.serve import detect_device
-
-    return Backend("hf", "hf", args, device="cpu" if detect_device() == "cpu" else "cuda",
+    device = detect_device()
+    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, device),
+            "max_length": cfg.server.max_model_len}
+    return Backend("hf", "hf", args, device=device,
                    batch_size=batch_size(cfg, "hf"))
 
 

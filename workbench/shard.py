@@ -74,6 +74,8 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     os.environ.update(env)  # read by the engine it starts; put back after, the reload has its own
     t0 = time.perf_counter()
     try:
+        # Shards keep the checkpoint's dtype ("auto" is vLLM's: the config's); the reload server
+        # resolves its own compute dtype (workbench.serve.resolve_dtype) and casts on load.
         llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size,
                   dtype=cfg.server.dtype, max_model_len=cfg.server.max_model_len,
                   seed=cfg.server.seed, enforce_eager=True, **kwargs)

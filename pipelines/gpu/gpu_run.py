@@ -71,6 +71,43 @@ def sustained_rate(report) -> float:
     return max(ok, default=0.0)
 
 
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def host_state() -> dict:
+    """What this host's CPUs looked like around a phase: the CPU set and cgroup quota we run
+    under, throttling so far, steal time and load, and the busiest processes (a leftover vLLM, a
+    neighbour). The 2026-11-28 run saw the same configuration sustain 150 req/s, then 75."""
+    import psutil
+
+    t = psutil.cpu_times_percent(interval=1.0)
+    top = []
+    procs = list(psutil.process_iter(["pid", "name"]))
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(1.0)
+    for p in procs:
+        try:
+            top.append((p.cpu_percent(None), p.info["pid"], " ".join(p.cmdline())[:80] or p.info["name"]))
+        except psutil.Error:
+            continue
+    top.sort(reverse=True)
+    return {"at": time.strftime("%H:%M:%S"), "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
+            "cgroup_cpu_max": _read("/sys/fs/cgroup/cpu.max") or _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+            "cgroup_cpu_stat": _read("/sys/fs/cgroup/cpu.stat"),
+            "cpu_pct": {k: getattr(t, k) for k in ("user", "system", "idle", "steal") if hasattr(t, k)},
+            "cpu_mhz": psutil.cpu_freq().current if psutil.cpu_freq() else None,
+            "top": [f"{c:.0f}% {pid} {cmd}" for c, pid, cmd in top[:8]]}
+
+
 def phase_prepare(plan, params) -> None:
     from workbench import prepare
 
@@ -176,7 +213,7 @@ def markdown(summary: dict) -> str:
                          f"{f('gpu_util_pct_mean')} | {f('cpu_busiest_pct_api_server')} | "
                          f"{f('cpu_busiest_pct_engine_core')} | {f('cpu_busiest_pct_client')} | {s['limited_by']} |")
         lines.append("")
-    for k in ("crosscheck", "shard", "evaluate", "errors"):
+    for k in ("crosscheck", "shard", "evaluate", "host", "errors"):
         if k in summary:
             lines += [f"## {k}", "", "```", json.dumps(summary[k], indent=1, default=str), "```", ""]
     return "\n".join(lines)
@@ -208,6 +245,8 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         log.info("=== phase %s", name)
+        host = {"before": host_state()}
+        log.info("host before %s: %s", name, json.dumps(host["before"]))
         try:
             if name == "prepare":
                 phase_prepare(plan, params)
@@ -226,6 +265,8 @@ def main() -> int:
             log.error("phase %s failed: %s", name, err)
             summary.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
         summary.setdefault("phase_s", {})[name] = round(time.perf_counter() - t0, 1)
+        host["after"] = host_state()
+        summary.setdefault("host", {})[name] = host
         pack(out_dir, summary)
     print(markdown(summary))
     return 0

@@ -58,13 +58,14 @@ def write_summary(root: Path, dest: Path) -> None:
     from pipelines.gpu.gpu_run import markdown, summarize
 
     old = json.loads((root / "runs/gpu/summary.json").read_text()) if (root / "runs/gpu/summary.json").exists() else {}
-    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s") if k in old}
+    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s", "host") if k in old}
     reports = sorted((root / "reports/loadtest").glob("*.json"), key=lambda p: read_report(p).created_at)
     summary["loadtest"] = []
     for path in reports:
         rep = read_report(path)
         server = rep.config.get("server", {})
-        over = {k: server[k] for k in ("api_server_count", "stream_interval", "async_scheduling") if server.get(k)}
+        over = {k: server[k] for k in ("api_server_count", "stream_interval", "async_scheduling",
+                                       "engine_core_nice", "max_num_batched_tokens") if server.get(k)}
         summary["loadtest"].append(summarize(rep, over))
     if (root / "reports/gpu/crosscheck.json").exists():
         summary["crosscheck"] = json.loads((root / "reports/gpu/crosscheck.json").read_text())

@@ -29,11 +29,15 @@ KV_GAUGE = "vllm:kv_cache_usage_perc"  # a fraction 0..1 despite its name
 
 
 class _Utilization:
-    """CPU percent (psutil, whole machine) or GPU utilization (NVML, every GPU averaged)."""
+    """CPU percent (psutil, whole machine) or GPU utilization (NVML). On a machine of several GPUs
+    only those running the server's processes count (found from ``server_pid``'s process tree), so
+    one busy GPU of four reads as busy, not as 25%; every GPU when none can be matched."""
 
-    def __init__(self):
+    def __init__(self, server_pid: int | None = None):
         self.source = "cpu"
         self._nvml = None
+        self._server_pid = server_pid
+        self._mine: list | None = None  # the server's GPUs, once seen
         try:
             import pynvml
 
@@ -50,10 +54,30 @@ class _Utilization:
             self._psutil = psutil
             psutil.cpu_percent(interval=None)  # the first call only sets the baseline
 
+    def _server_gpus(self) -> list:
+        nv, handles = self._nvml
+        if self._mine is not None or not self._server_pid:
+            return self._mine or handles
+        try:
+            import psutil
+
+            root = psutil.Process(self._server_pid)
+            pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
+            running = {id(h): {p.pid for p in nv.nvmlDeviceGetComputeRunningProcesses(h)} for h in handles}
+            # In a container NVML may list host pids: then the GPUs running anything at all.
+            mine = ([h for h in handles if pids & running[id(h)]]
+                    or [h for h in handles if running[id(h)]])
+        except Exception:  # process gone, or NVML cannot list processes: all GPUs
+            mine = []
+        if mine:
+            self._mine = mine
+        return mine or handles
+
     def sample(self) -> tuple[float, float | None]:
         """(utilization %, GPU memory used GiB or None)."""
         if self._nvml:
-            nv, handles = self._nvml
+            nv = self._nvml[0]
+            handles = self._server_gpus()
             util = [nv.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
             mem = [nv.nvmlDeviceGetMemoryInfo(h).used / 2**30 for h in handles]
             return sum(util) / len(util), sum(mem)
@@ -179,7 +203,7 @@ class StepProbe:
         self._kv: list[float] = []
         self._before = None
         self._thread: threading.Thread | None = None
-        self._meter = _Utilization()
+        self._meter = _Utilization(server_pid)
         self._server_pid = server_pid
         self._proc_cpu: _ProcessCPU | None = None
 
