@@ -47,7 +47,7 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
     scoring = sum(v for k, v in t.items() if k != "backend_start_s")
     return {"backend": spec, "batch_size": report.details["backend"]["batch_size"],
             "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
-            "wall_s": round(time.perf_counter() - t0, 2),
+            "wall_s": round(time.perf_counter() - t0, 2), "timings": t,
             **{k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "bits_per_byte")}}
 
 

