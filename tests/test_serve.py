@@ -155,7 +155,7 @@ def test_several_api_servers_go_through_vllm_serve_and_cuda_gets_them_by_default
     assert "--stream-interval 4" in " ".join(one) and "--async-scheduling" in one
 
 
-def test_auto_dtype_is_float32_on_a_cpu_without_native_bf16_and_the_checkpoints_elsewhere(monkeypatch):
+def test_auto_dtype_is_float32_on_a_cpu_without_native_bf16_and_the_checkpoints_elsewhere(monkeypatch, tmp_path):
     avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n"
     amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
     assert not cpu_has_native_bf16(avx2) and cpu_has_native_bf16(amx)
@@ -164,6 +164,10 @@ def test_auto_dtype_is_float32_on_a_cpu_without_native_bf16_and_the_checkpoints_
     assert resolve_dtype("auto", "cuda") == "auto"  # vLLM / transformers take the config's dtype
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"  # an explicit choice is kept
     assert "--dtype float32" in " ".join(build_command(ServerConfig(), 8000, "cpu"))
+    quantized = tmp_path / "q"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    assert resolve_dtype("auto", "cpu", quantized) == "auto"  # vLLM refuses AWQ in float32
     monkeypatch.setattr("workbench.serve.cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == "auto"
 

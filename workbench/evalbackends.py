@@ -85,7 +85,8 @@ def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     # an unguarded script cannot survive.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.server.kv_cache_gib))
-    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device()), "seed": cfg.seed,
+    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device(), cfg.model_path),
+            "seed": cfg.seed,
             "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
     return Backend("vllm", model, args, batch_size=batch_size(cfg, "vllm"), check=_one_forward_pass)
 
@@ -100,7 +101,7 @@ def _one_forward_pass(lm) -> None:
 
 def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     device = detect_device()
-    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, device),
+    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, device, cfg.model_path),
             "max_length": cfg.server.max_model_len}
     return Backend("hf", "hf", args, device=device,
                    batch_size=batch_size(cfg, "hf"))

@@ -1,12 +1,14 @@
 """Stage ``evaluate``: MMLU, C-Eval and perplexity of one model variant, all through lm-eval.
 
-    workbench evaluate                                         # models/base, served by vLLM
+    workbench evaluate                                         # models/base, vLLM in-process
     python -m pipelines.run_stage evaluate --variant gptq-int4 --set evaluate.mmlu.limit=5
+    workbench evaluate --set evaluate.backend=vllm-server      # through the variant's vLLM server
     workbench evaluate --set evaluate.backend=hf               # lm-eval's transformers reference
 
-Backends (a registry below): ``vllm-server`` asks ``workbench.serve`` for the variant's OpenAI
-endpoint and scores prompts through lm-eval's ``local-completions`` (``/v1/completions`` with
-``echo``, ``logprobs``: prompt log-probabilities); ``vllm`` is lm-eval's in-process vLLM model;
+Backends (a registry below): ``vllm`` (default) is lm-eval's in-process vLLM model scoring a
+multiple-choice question in one request (``workbench.lmeval_vllm``); ``vllm-server`` asks
+``workbench.serve`` for the variant's OpenAI endpoint and scores prompts through lm-eval's
+``local-completions`` (``/v1/completions`` with ``echo``, ``logprobs``: prompt log-probabilities);
 ``hf`` is lm-eval's transformers model. Tasks, prompts and scorers are lm-eval's own
 (``mmlu``, ``ceval-valid``, ``wikitext``); ``workbench.evalsets`` only points them at local files.
 
