@@ -293,11 +293,21 @@ def _vllm_fails(cfg, stack):
                       "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
 
 
-def test_variant_vllm_cannot_serve_is_scored_by_the_fallback_and_the_report_says_why(fake_stage, monkeypatch):
-    monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
-    report = evaluate.run(fake_stage(backend="vllm-server"))
+def _first_forward_pass_fails(cfg, stack):
+    """The in-process engine loads, then its first forward pass fails (as 4-bit on AVX2 does)."""
+    def check(lm):
+        raise AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
+
+    return evaluate.Backend("vllm", "wb-fake", {}, check=check)
+
+
+@pytest.mark.parametrize("backend,failing", [("vllm-server", _vllm_fails), ("vllm", _first_forward_pass_fails)])
+def test_variant_vllm_cannot_run_is_scored_by_the_fallback_and_the_report_says_why(
+        fake_stage, monkeypatch, backend, failing):
+    monkeypatch.setitem(evaluate.BACKENDS, backend, failing)
+    report = evaluate.run(fake_stage(backend=backend))
     assert report.details["backend"]["name"] == "hf"
-    assert report.details["backend_fallback"]["from"] == "vllm-server"
+    assert report.details["backend_fallback"]["from"] == backend
     assert "cpu_gemm_wna16" in report.details["backend_fallback"]["reason"]
     assert STABLE_KEYS <= set(report.metrics)
 
@@ -310,19 +320,6 @@ def test_variant_nothing_can_load_gets_a_not_evaluated_report_not_a_crash(fake_s
     assert "mmlu_acc" not in report.metrics
     assert Path("runs/evaluate/base").is_dir()  # the stage's declared output exists for DVC
     assert evaluate.summary(report).empty and evaluate.subject_table(report).empty
-
-
-def test_in_process_engine_failing_its_first_forward_pass_falls_back_too(fake_stage, monkeypatch):
-    def first_pass_fails(lm):
-        raise AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
-
-    monkeypatch.setitem(evaluate.BACKENDS, "vllm", lambda cfg, stack: evaluate.Backend(
-        "vllm", "wb-fake", {}, check=first_pass_fails))
-    report = evaluate.run(fake_stage(backend="vllm"))
-    assert report.details["backend"]["name"] == "hf"
-    assert report.details["backend_fallback"]["from"] == "vllm"
-    assert "cpu_gemm_wna16" in report.details["backend_fallback"]["reason"]
-    assert STABLE_KEYS <= set(report.metrics)
 
 
 def test_without_a_fallback_vllm_failing_stops_the_stage(fake_stage, monkeypatch):

