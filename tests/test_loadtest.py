@@ -35,31 +35,121 @@ def in_tmp(tmp_path, monkeypatch):
 def test_stage_writes_report_records_table_and_plots(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=8, model="fake", fail_every=7) as fake:
         cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[10, 40], requests_per_step=12,
-                             warmup_requests=2)
+                             warmup_requests=2, repeats=1)
         report = loadtest.run(cfg, variant="v1")
     saved = read_report(in_tmp / "reports/loadtest/v1.json")
     assert saved.stage == "loadtest" and saved.variant == "v1" and saved.metrics == report.metrics
-    m = saved.metrics
+    m, steps = saved.metrics, saved.details["step_metrics"]
     for step in ("rate_10", "rate_40"):
         assert m[f"{step}.requests"] == 12  # warm-up excluded
         assert m[f"{step}.ttft_ms_p50"] >= 20
-        assert f"{step}.e2el_ms_p99" in m and f"{step}.goodput_fraction" in m
-        assert f"{step}.server_ttft_ms_p50" in m  # from the fake's /metrics
-        assert f"{step}.cpu_util_pct_mean" in m or f"{step}.gpu_util_pct_mean" in m
-    assert m["errors_total"] == m["rate_10.errors_http_503"] + m["rate_40.errors_http_503"] > 0
-    assert m["slo_rate_req_per_s"] == 0.0  # every 7th request fails: attainment < 90% at both rates
+        assert m[f"{step}.ttft_ms_p50_ci_lo"] <= m[f"{step}.ttft_ms_p50"] <= m[f"{step}.ttft_ms_p50_ci_hi"]
+        assert f"{step}.ttft_ms_p99_ci_hi" not in m  # 12 requests cannot bound a p99 from above
+        assert m[f"{step}.goodput_ci_lo"] < m[f"{step}.goodput"] < m[f"{step}.goodput_ci_hi"]
+        assert f"{step}.e2el_ms_p99" in m
+        assert steps[step]["server_ttft_ms_p50"] > 0  # from the fake's /metrics
+        assert "cpu_util_pct_mean" in steps[step] or "gpu_util_pct_mean" in steps[step]
+    assert m["errors_total"] == steps["rate_10"]["errors_http_503"] + steps["rate_40"]["errors_http_503"] > 0
+    assert m["slo_rate_req_per_s"] == 0.0  # every 7th request fails: its TTFT p99 is shown to be over
     lines = (in_tmp / "runs/loadtest/v1/step-40.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert len(lines) == 14 and first["warmup"] is True
     assert {"scheduled_s", "send_s", "first_token_s", "chunk_s", "end_s", "prompt_tokens",
             "completion_tokens", "success", "error", "http_status"} <= set(first)
     table = (in_tmp / "runs/loadtest/v1/summary.md").read_text()
-    assert table.startswith("| offered req/s | achieved req/s") and table.count("\n") == 4
-    for name in ("summary.csv", "latency_vs_rate.png", "ttft_cdf.png"):
+    assert table.startswith("| variant | offered req/s") and table.count("\n") == 4
+    assert "[" in table and "fail" in table  # every figure with its interval, and the verdict
+    for name in ("latency_vs_rate.png", "ttft_cdf.png"):
         assert (in_tmp / "runs/loadtest/v1" / name).stat().st_size > 0
-    assert set(saved.outputs) >= {"records_rate_10", "records_rate_40", "summary_csv", "latency_vs_rate"}
-    assert [s["label"] for s in saved.details["steps"]] == ["rate_10", "rate_40"]
+    assert set(saved.outputs) >= {"records_rate_10", "records_rate_40", "summary_md", "latency_vs_rate"}
+    labels = [s.label for s in loadtest.steps_of(saved)]
+    assert labels == ["rate_10", "rate_40", "rate_10-control-end"]  # the first step again, at the end
+    rates = loadtest.rates_of(saved)
+    assert [r.offered_req_per_s for r in rates] == [10, 40] and all(r.requests == 12 for r in rates)
     assert "sha256" in saved.data_fingerprint["workload"]
+
+
+def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in_tmp):
+    with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40], requests_per_step=6,
+                             warmup_requests=0, repeats=3, drift_control=False, scrape_metrics=False)
+        report = loadtest.run(cfg, variant="v")
+    steps = loadtest.steps_of(report)
+    assert [(s.offered_req_per_s, s.repeat) for s in steps] == [
+        (20, 0), (40, 0), (20, 1), (40, 1), (20, 2), (40, 2)]  # A B A B A B, not A A A B B B
+    assert [s.position for s in steps] == list(range(6))
+    r20 = next(r for r in loadtest.rates_of(report) if r.offered_req_per_s == 20)
+    assert r20.repeats == 3 and r20.requests == 18 and r20.latency["ttft"].n == 18
+    assert r20.achieved_req_per_s.n == 3 and r20.achieved_req_per_s.lo is not None
+    assert r20.achieved_req_per_s.lo <= r20.achieved_req_per_s.value <= r20.achieved_req_per_s.hi
+
+
+def test_variants_compared_in_one_run_alternate_step_by_step_on_the_same_requests(in_tmp, monkeypatch):
+    import contextlib
+
+    fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 30), ("b", 90))}
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
+                         warmup_requests=1, repeats=2, scrape_metrics=False)
+    report = loadtest.run(cfg)
+    order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
+    assert order == [("a", "rate_10", "control-start"), ("b", "rate_10", "measure"),
+                     ("a", "rate_20", "measure"), ("b", "rate_20", "measure"),
+                     ("a", "rate_10-r1", "measure"), ("b", "rate_10-r1", "measure"),
+                     ("a", "rate_20-r1", "measure"), ("b", "rate_20-r1", "measure"),
+                     ("a", "rate_10-control-end", "control-end")]
+    a, b = (read_report(in_tmp / f"reports/loadtest/{v}.json") for v in "ab")
+    prompts = [[json.loads(line)["scheduled_s"] for line in Path(r.outputs["records_rate_10"]).read_text().splitlines()]
+               for r in (a, b)]
+    assert prompts[0] == prompts[1]  # the same arrival schedule for every variant at one (rate, repeat)
+    assert a.metrics["rate_10.ttft_ms_p50_ci_hi"] < b.metrics["rate_10.ttft_ms_p50_ci_lo"]
+    drift = report.details["drift"]
+    assert drift["variant"] == "a" and drift["drifted"] is False and "no drift" in drift["verdict"]
+    assert report.variant == "all" and (in_tmp / "reports/loadtest/all.json").exists()
+
+
+def test_a_control_that_moved_between_start_and_end_is_flagged_as_drift(in_tmp):
+    from workbench.loadgen.summary import columns, drift_check, step_summary
+    from workbench.loadgen.client import Record
+    from workbench.config import SLOConfig
+
+    def recs(ttft_s):
+        return [Record(f"r{i}", "s", False, float(i), send_s=float(i), first_token_s=i + ttft_s,
+                       chunk_s=[i + ttft_s, i + ttft_s + 0.01], end_s=i + ttft_s + 0.01, completion_tokens=2,
+                       success=True, streamed=True) for i in range(12)]
+
+    start = step_summary("a", "rate_1", 1.0, recs(0.1), SLOConfig(), {})
+    steady = drift_check(start, columns(recs(0.1), SLOConfig()), columns(recs(0.1), SLOConfig()))
+    moved = drift_check(start, columns(recs(0.1), SLOConfig()), columns(recs(0.2), SLOConfig()))
+    assert not steady.drifted and moved.drifted
+    assert moved.ttft.diff.value == pytest.approx(1.91, rel=0.05) and "unreliable" in moved.verdict
+
+
+def test_knee_search_brackets_then_bisects_to_the_servers_capacity(in_tmp):
+    from workbench.config import KneeConfig, SLOConfig
+
+    # one request at a time, 10 ms each: ~100 req/s of capacity, queueing shows as TTFT
+    with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=40,
+                             warmup_requests=0, arrival="constant", drift_control=False, scrape_metrics=False,
+                             slo=SLOConfig(ttft_ms=40, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
+                             knee=KneeConfig(start_req_per_s=10, tolerance=0.15, max_probes=14))
+        report = loadtest.run(cfg, variant="v")
+    knee = report.details["knee"]
+    rates = [p["rate"] for p in knee["probes"]]
+    assert rates[:3] == [10, 20, 40]  # bracketing doubles from the start while it passes
+    assert knee["converged"] and knee["lo"] < knee["hi"] <= knee["lo"] * 1.15 / 0.85 + 1e-9
+    assert 40 <= knee["lo"] <= 110  # the capacity, within what 40 constant-rate requests can show
+    assert report.metrics["sustained_req_per_s"] == knee["lo"]
+    assert report.metrics["sustained_req_per_s_ci_hi"] == knee["hi"]
+    passed = [p for p in knee["probes"] if p["verdict"] == "pass"]
+    assert max(p["rate"] for p in passed) == knee["lo"]
 
 
 def test_stage_runs_inside_a_running_event_loop_as_in_a_notebook(in_tmp):
@@ -68,20 +158,21 @@ def test_stage_runs_inside_a_running_event_loop_as_in_a_notebook(in_tmp):
     async def notebook_cell():
         with FakeServer(model="fake") as fake:
             return loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[50],
-                                               requests_per_step=3, warmup_requests=0, scrape_metrics=False))
+                                               requests_per_step=3, warmup_requests=0, scrape_metrics=False,
+                                               repeats=1), variant="base")
 
     report = asyncio.run(notebook_cell())
-    assert report.metrics["rate_50.completed"] == 3
+    assert report.details["step_metrics"]["rate_50"]["completed"] == 3
 
 
-def test_track_logs_one_nested_run_per_step(in_tmp, monkeypatch):
+def test_track_logs_one_nested_run_per_step_with_its_intervals(in_tmp, monkeypatch):
     from workbench import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    report = loadtest.Report(stage="loadtest", variant="base", config={}, metrics={"slo_rate_req_per_s": 1.0},
-                             details={"steps": [
-                                 {"label": "rate_1", "offered_req_per_s": 1.0, "metrics": {"ttft_ms_p50": 5.0}},
-                                 {"label": "rate_2", "offered_req_per_s": 2.0, "metrics": {"ttft_ms_p50": 9.0}}]})
+    with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
+        report = loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40],
+                                             requests_per_step=10, warmup_requests=0, drift_control=False, repeats=1,
+                                             scrape_metrics=False), variant="base")
     with tracking.stage_run("loadtest", "base", system_metrics=False) as run:
         run.log_report(report)
         loadtest.track(run, report)
@@ -90,17 +181,29 @@ def test_track_logs_one_nested_run_per_step(in_tmp, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(in_tmp))
     exp = client.get_experiment_by_name("llm-workbench")
     children = client.search_runs([exp.experiment_id], "tags.`workbench.role` = 'child'")
-    assert sorted(c.info.run_name for c in children) == ["loadtest:base:rate_1", "loadtest:base:rate_2"]
+    assert sorted(c.info.run_name for c in children) == ["loadtest:base:rate_20", "loadtest:base:rate_40"]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {run.run_id}
-    assert {c.data.metrics["ttft_ms_p50"] for c in children} == {5.0, 9.0}
+    assert all(c.data.metrics["completed"] == 10 for c in children)
+    parent = client.get_run(run.run_id).data.metrics
+    assert parent["rate_20.ttft_ms_p50_ci_lo"] <= parent["rate_20.ttft_ms_p50"] <= parent["rate_20.ttft_ms_p50_ci_hi"]
 
 
-def test_track_without_mlflow_is_silent():
+def test_track_without_mlflow_logs_nothing_and_raises_nothing(caplog):
     from workbench.tracking import StageRun
 
-    loadtest.track(StageRun(), loadtest.Report(stage="loadtest", variant="b", config={},
-                                               details={"steps": [{"label": "rate_1", "offered_req_per_s": 1,
-                                                                   "metrics": {}}]}))
+    from workbench.config import SLOConfig
+    from workbench.loadgen.client import Record
+    from workbench.loadgen.summary import step_summary
+
+    recs = [Record("r0", "s", False, 0.0, send_s=0.0, first_token_s=0.1, chunk_s=[0.1, 0.2], end_s=0.2,
+                   completion_tokens=2, success=True, streamed=True)]
+    step = step_summary("b", "rate_1", 1.0, recs, SLOConfig(), {}, records_file="nowhere.jsonl")
+    report = loadtest.Report(stage="loadtest", variant="b", config={}, outputs={"summary_md": "nowhere.md"},
+                             details={"steps": [step.model_dump(mode="json")], "step_metrics": {"rate_1": {}}})
+    run = StageRun()  # no MLflow run behind it: every call is a no-op
+    with caplog.at_level("WARNING"):
+        loadtest.track(run, report)
+    assert not run.active and not caplog.records
 
 
 def test_default_loadtest_is_small_enough_for_two_cpu_cores():
@@ -137,14 +240,15 @@ def test_via_gateway_routes_every_request_through_it_and_audits_them(in_tmp):
         shutil.copy(ROOT / rel, in_tmp / rel)
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=8, model="fake") as fake:
         cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
-                             warmup_requests=1, via_gateway=True)
+                             warmup_requests=1, via_gateway=True, repeats=1)
         report = loadtest.run(cfg, variant="gw")
-    assert report.metrics["rate_20.completed"] == 10 and report.metrics["rate_20.failed"] == 0
+    step = report.details["step_metrics"]["rate_20"]
+    assert step["completed"] == 10 and step["failed"] == 0
     assert report.details["server"]["via_gateway"].endswith("/v1")
-    assert report.metrics["rate_20.server_ttft_ms_p50"] > 0  # /metrics still read from the upstream
+    assert step["server_ttft_ms_p50"] > 0  # /metrics still read from the upstream
     db = sqlite3.connect(in_tmp / "runs/loadtest/gw/gateway-audit.sqlite")
     rows = db.execute("select count(*) from audit where route like '%chat/completions'").fetchone()[0]
-    assert rows == 11  # warm-up included: the gateway saw every request, with the one-off key
+    assert rows == 11  # warm-up included (one step: no drift control): every request, with the one-off key
 
 
 def test_variant_vllm_cannot_serve_gets_a_not_servable_report(tmp_path, monkeypatch):
@@ -164,5 +268,5 @@ def test_variant_vllm_cannot_serve_gets_a_not_servable_report(tmp_path, monkeypa
     report = loadtest.run(LoadtestConfig(out_dir=str(tmp_path / "runs")), variant="awq-int4")
     assert "could not be served" in report.details["not_servable"]
     assert "cpu_gemm_wna16" in report.details["server"]["error"]
-    assert report.details["steps"] == [] and loadtest.summary(report).empty
+    assert report.details["steps"] == [] and loadtest.table(report).empty
     assert (tmp_path / "reports/loadtest/awq-int4.json").exists()

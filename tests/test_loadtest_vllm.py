@@ -12,15 +12,18 @@ def test_sweep_against_real_vllm_records_latency_and_server_metrics(chat_server,
     monkeypatch.chdir(tmp_path)
     cfg = LoadtestConfig(
         base_url=chat_server.base_url, model=chat_server.cfg.served_name, rates=[2.0],
-        requests_per_step=6, warmup_requests=1, workload=WorkloadConfig(kind="synthetic",
+        requests_per_step=6, warmup_requests=1, repeats=1, workload=WorkloadConfig(kind="synthetic",
         path=None, input_tokens=32, output_tokens=16, max_tokens=16, ignore_eos=True))
     report = loadtest.run(cfg, variant="base")
-    m = report.metrics
-    assert m["rate_2.completed"] == 6 and m["rate_2.failed"] == 0
+    m, step = report.metrics, report.details["step_metrics"]["rate_2"]
+    assert step["completed"] == 6 and step["failed"] == 0
     assert 0 < m["rate_2.ttft_ms_p50"] < m["rate_2.e2el_ms_p50"]
+    assert m["rate_2.ttft_ms_p50_ci_lo"] <= m["rate_2.ttft_ms_p50"] <= m["rate_2.ttft_ms_p50_ci_hi"]
     assert m["rate_2.tpot_ms_p50"] > 0
     # server-side view scraped from vLLM's /metrics before and after the step
-    assert m["rate_2.server_requests_finished"] >= 6
-    assert m["rate_2.server_ttft_ms_p50"] > 0
+    assert step["server_requests_finished"] >= 6
+    assert step["server_ttft_ms_p50"] > 0
     assert (tmp_path / "reports/loadtest/base.json").exists()
     assert len((tmp_path / "runs/loadtest/base/step-2.jsonl").read_text().splitlines()) == 7
+    drift = loadtest.steps_of(report)[-1]
+    assert drift.role == "control-end" and drift.requests == 6  # the drift control, same requests again

@@ -12,38 +12,66 @@ import subprocess
 import sys
 from pathlib import Path
 
+import contextlib
+
 import httpx
+import numpy as np
 import pytest
 
-from workbench import report as report_stage
-from workbench.config import ReportConfig
+from workbench import evaluate, loadtest, report as report_stage
+from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
+from workbench.fakeserver import FakeServer
 from workbench.reports import Report, write_report
 from workbench.serve import free_port, wait_http_ok
 
-ROWS = {  # offered -> (TTFT p50, TTFT p99, goodput)
-    "base": {0.5: (180, 300, 1.0), 1.0: (190, 320, 0.95), 2.0: (400, 2500, 0.4)},
-    "gptq-int4": {0.5: (150, 250, 1.0), 1.0: (160, 280, 0.97), 2.0: (300, 1800, 0.6)},
+RNG = np.random.default_rng(3)
+WORDS = RNG.integers(60, 140, size=25).astype(float)
+BASE_LL = -WORDS * RNG.normal(3.0, 0.3, size=25)
+# variant -> (size MB, perplexity scale vs base, correct MMLU questions of 30, fake TTFT ms, fail every)
+VARIANTS = {
+    "base": (270, 1.00, 12, 30, 0),
+    "awq-int4": (117, 1.05, 11, 20, 0),  # ~+17 % perplexity, one question fewer
+    "gptq-int4": (117, 1.10, 12, 20, 0),  # ~+35 % perplexity, as many questions as base
 }
-ACC = {"base": (0.40, 20.0), "gptq-int4": (0.38, 21.0)}  # mmlu_acc, ppl_word
 
 
-def load_row(rate, p50, p99, goodput):
-    return {"offered req/s": rate, "achieved req/s": rate, "throughput req/s": rate,
-            "TTFT p50 ms": p50, "TTFT p99 ms": p99, "E2EL mean ms": 3 * p50, "E2EL p99 ms": 3 * p99,
-            "goodput": goodput, "errors": 0, "utilization %": 50.0, "utilization of": "cpu"}
+def write_eval(variant: str, scale: float, correct: int, noise_seed: int) -> None:
+    samples = Path("runs/evaluate") / variant
+    jitter = np.random.default_rng(noise_seed).normal(0, 0.01, size=25)
+    mcq = [{"doc_id": i, "acc": float(i < correct)} for i in range(30)]
+    docs = [{"doc_id": i, "word_perplexity": [float(BASE_LL[i] * (scale + jitter[i])), float(WORDS[i])]}
+            for i in range(25)]
+    evaluate._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
+    evaluate._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
+    ll, w = zip(*(d["word_perplexity"] for d in docs))
+    write_report(Report(stage="evaluate", variant=variant, config={}, outputs={"samples": str(samples)},
+                        metrics={"mmlu_acc": correct / 30, "ppl_word": float(np.exp(-sum(ll) / sum(w)))}))
 
 
-def write_stage_reports(acc=ACC, rows=ROWS):
+def write_loadtests(monkeypatch, variants: dict) -> None:
+    """The real load-test stage, interleaved, against one fake server per variant."""
+    fakes = {v: FakeServer(ttft_ms=x[3], itl_ms=2, output_tokens=4, model="fake", fail_every=x[4])
+             for v, x in variants.items()}
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    loadtest.run(LoadtestConfig(model="fake", variants=list(variants), rates=[20, 40], requests_per_step=10,
+                                warmup_requests=1, repeats=2, scrape_metrics=False, workload=WorkloadConfig(
+                                    kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4)))
+
+
+def write_stage_reports(monkeypatch, variants=VARIANTS, broken=()):
     write_report(Report(stage="prepare", variant="base", config={}, metrics={"model_bytes": 270e6}))
-    for v, (mmlu, ppl) in acc.items():
-        write_report(Report(stage="evaluate", variant=v, config={},
-                            metrics={"mmlu_acc": mmlu, "ceval_acc": mmlu / 2, "ppl_word": ppl}))
-        write_report(Report(stage="loadtest", variant=v, config={},
-                            metrics={"max_output_tokens_per_s": 40.0},
-                            details={"table": [load_row(r, *x) for r, x in rows[v].items()]}))
+    for i, (v, (mb, scale, correct, _, _)) in enumerate(variants.items()):
+        write_eval(v, scale, correct, i)
         if v != "base":
-            write_report(Report(stage="quantize", variant=v, config={}, metrics={"model_bytes": 90e6},
-                                details={"method": "gptq"}))
+            write_report(Report(stage="quantize", variant=v, config={}, details={"method": "gptq"},
+                                metrics={"model_bytes": mb * 1e6, "broken": float(v in broken)}))
+    write_loadtests(monkeypatch, variants)
 
 
 @pytest.fixture
@@ -53,62 +81,88 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_recommends_best_accuracy_that_meets_slos(in_tmp):
-    write_stage_reports()
-    r = report_stage.run(ReportConfig(variants=["base", "gptq-int4"], target_rate_req_per_s=1.0))
-    assert r.details["recommendation"]["variant"] == "base"
-    assert "best mmlu_acc (0.400)" in r.details["recommendation"]["reason"]
+CFG = ReportConfig(variants=list(VARIANTS), target_rate_req_per_s=20.0)
+
+
+def test_quality_first_recommends_base_when_every_variant_is_significantly_worse(in_tmp, monkeypatch):
+    write_stage_reports(monkeypatch)
+    r = report_stage.run(CFG)
+    rec = r.details["recommendation"]
+    assert rec["variant"] == "base"
+    ppl = rec["steps"][0]
+    assert ppl["criterion"] == "perplexity" and set(ppl["dropped"]) == {"awq-int4", "gptq-int4"}
+    assert "perplexity +" in rec["reason"] and "n = 25 documents" in rec["reason"]
     q = {row["variant"]: row for row in r.details["quantization_table"]}
-    assert math.isclose(q["gptq-int4"]["compression"], 3.0)
-    assert math.isclose(q["gptq-int4"]["ppl_change_pct"], 5.0)
-    assert json.loads(Path("metrics.json").read_text())["recommended"] == "base"
+    assert math.isclose(q["gptq-int4"]["compression"], 270 / 117)
+    change = q["gptq-int4"]["ppl_change_vs_base"]
+    assert change["significant"] and 30 < change["diff"]["lo"] < change["diff"]["value"] < change["diff"]["hi"] < 40
+    assert q["gptq-int4"]["mmlu_vs_base"]["p_value"] == 1.0  # same count of right answers
+    metrics = json.loads(Path("metrics.json").read_text())
+    assert metrics["recommended"] == "base" and metrics["drift_detected"] in (0.0, 1.0)
+    for v in VARIANTS:
+        m = metrics[v]
+        assert m["mmlu_acc_ci_lo"] < m["mmlu_acc"] < m["mmlu_acc_ci_hi"]
+        assert m["ppl_word_ci_lo"] < m["ppl_word"] < m["ppl_word_ci_hi"]
+        assert m["goodput_at_target_ci_lo"] <= m["goodput_at_target"] <= m["goodput_at_target_ci_hi"]
+        assert "ttft_ms_p99_at_target_ci_hi" not in m  # 20 requests cannot bound a p99 from above
+    quant, load, _ = report_stage.tables(r)
+    assert quant["perplexity vs base"].str.contains(r"\[").sum() == 2 and load["TTFT p50 ms"].str.contains(r"\[").all()
+    for name in ("accuracy_vs_size.png", "latency_vs_rate.png", "ttft_cdf.png"):
+        assert (in_tmp / "reports/report" / name).stat().st_size > 0
 
 
-def test_memory_budget_moves_the_choice_to_the_smaller_variant(in_tmp):
-    write_stage_reports()
-    r = report_stage.run(ReportConfig(variants=["base", "gptq-int4"], memory_budget_bytes=100e6))
+def test_within_a_memory_budget_perplexity_decides_and_one_question_is_a_tie(in_tmp, monkeypatch):
+    write_stage_reports(monkeypatch)
+    r = report_stage.run(CFG.model_copy(update={"memory_budget_bytes": 200e6}))
+    rec = r.details["recommendation"]
+    assert rec["variant"] == "awq-int4" and "exceeds the 200 MB budget" in rec["rejected"]["base"]
+    assert "gptq-int4" in rec["steps"][0]["dropped"]  # +15 % perplexity vs awq, outside the noise
+
+
+def test_a_one_question_difference_in_thirty_does_not_decide(in_tmp, monkeypatch):
+    # same perplexity; gptq answers one more question, but is 10 % larger: size decides
+    variants = {"base": (270, 1.0, 12, 30, 0), "awq-int4": (110, 1.08, 11, 20, 0), "gptq-int4": (121, 1.08, 12, 20, 0)}
+    write_stage_reports(monkeypatch, variants)
+    r = report_stage.run(CFG.model_copy(update={"memory_budget_bytes": 200e6}))
+    rec = r.details["recommendation"]
+    assert rec["variant"] == "awq-int4"
+    acc = next(s for s in rec["steps"] if s["criterion"] == "mmlu accuracy")
+    assert acc["dropped"] == {} and "McNemar p = 1" in acc["ties"]["awq-int4"]
+    assert "size: gptq-int4 dropped" in rec["reason"]
+
+
+def test_a_variant_shown_to_fail_the_slo_or_broken_is_never_recommended(in_tmp, monkeypatch):
+    variants = {**VARIANTS, "base": (270, 1.0, 12, 30, 2)}  # every 2nd request of base fails
+    write_stage_reports(monkeypatch, variants, broken=("awq-int4",))
+    r = report_stage.run(CFG)
     rec = r.details["recommendation"]
     assert rec["variant"] == "gptq-int4"
-    assert "exceeds the 100 MB budget" in rec["rejected"]["base"]
-
-
-def test_no_variant_meeting_the_slos_is_said_plainly(in_tmp):
-    write_stage_reports()
-    r = report_stage.run(ReportConfig(variants=["base", "gptq-int4"], target_rate_req_per_s=2.0))
-    rec = r.details["recommendation"]
-    assert rec["variant"] is None and rec["reason"].startswith("no variant qualifies")
-    assert "goodput 40%" in rec["rejected"]["base"]
-
-
-def test_perplexity_more_than_doubled_is_flagged_broken_not_ranked(in_tmp):
-    write_stage_reports(acc={"base": (0.40, 20.0), "gptq-int4": (0.90, 45.0)})
-    r = report_stage.run(ReportConfig(variants=["base", "gptq-int4"]))
+    assert "fail the SLO" in rec["rejected"]["base"] and "broken" in rec["rejected"]["awq-int4"]
     q = {row["variant"]: row for row in r.details["quantization_table"]}
-    assert q["gptq-int4"]["broken"] and not q["base"]["broken"]
-    assert r.details["recommendation"]["variant"] == "base"  # despite gptq's higher accuracy
+    assert q["awq-int4"]["broken"] and not q["gptq-int4"]["broken"]
 
 
 @pytest.mark.integration
-def test_report_notebook_html_has_both_tables_and_plots_and_mlflow_ui_shows_variants(project):
+def test_report_notebook_html_has_both_tables_and_plots_and_mlflow_ui_shows_variants(project, monkeypatch):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        write_stage_reports()
+        write_stage_reports(monkeypatch, {v: VARIANTS[v] for v in ("base", "gptq-int4")})
     finally:
         os.chdir(cwd)
-    (project / "params.yaml").write_text("report:\n  variants: [base, gptq-int4]\n")
+    (project / "params.yaml").write_text("report:\n  variants: [base, gptq-int4]\n  target_rate_req_per_s: 20\n")
     out = subprocess.run([sys.executable, "-m", "pipelines.run_stage", "report"], cwd=project,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     html = (project / "reports/report/report.html").read_text()
     assert "quantization-table" in html and "load-table" in html
     assert html.count("data:image/png;base64") >= 3  # accuracy vs size, latency vs rate, TTFT CDF
-    assert "Recommendation" in html and "gptq-int4" in html
+    assert "Recommendation" in html and "gptq-int4" in html and "95 % intervals" in html
     metrics = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "metrics.json"],
                              cwd=project, env=env, capture_output=True, text=True, timeout=120)
-    assert "mmlu_acc" in metrics.stdout or "mmlu_acc" in metrics.stderr
+    assert "mmlu_acc_ci_lo" in metrics.stdout, metrics.stdout + metrics.stderr
     browse_mlflow_ui(project, env)
 
 
@@ -135,7 +189,7 @@ def browse_mlflow_ui(project: Path, env: dict) -> None:
             page.get_by_text("variant:gptq-int4").first.wait_for(timeout=60_000)
             # Variants share metric keys, so a metric filter in the UI lines them up.
             search = page.get_by_placeholder("metrics.rmse", exact=False).first
-            search.fill("metrics.mmlu_acc > 0 and metrics.ttft_ms_p50_at_target > 0")
+            search.fill("metrics.mmlu_acc > 0 and metrics.ttft_ms_p99_at_target > 0")
             search.press("Enter")
             page.wait_for_timeout(3000)
             page.get_by_text("variant:base").first.wait_for(timeout=30_000)
@@ -148,7 +202,7 @@ def browse_mlflow_ui(project: Path, env: dict) -> None:
         assert sorted(r["info"]["run_name"] for r in runs) == ["variant:base", "variant:gptq-int4"]
         for run in runs:
             keys = {m["key"] for m in run["data"].get("metrics", [])}
-            assert {"mmlu_acc", "ttft_ms_p50_at_target"} <= keys, keys
+            assert {"mmlu_acc", "mmlu_acc_ci_lo", "ttft_ms_p99_at_target"} <= keys, keys
         assert "variant:base" in body and "variant:gptq-int4" in body
         assert "2 matching runs" in body  # only the two variants carry both metrics
     finally:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workbench import logconfig
 from workbench.config import ConfigError, load_params
 
 log = logging.getLogger("workbench")
@@ -121,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_gateway_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("WORKBENCH_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logconfig.setup(os.environ.get("WORKBENCH_LOG", "INFO"))
     try:
         if args.command in STAGES:
             return run_stage(args.command, args)

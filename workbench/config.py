@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import field_validator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -148,6 +148,26 @@ class SLOConfig(Section):
     ttft_ms: float | None = Field(default=300, gt=0)
     e2el_ms: float | None = Field(default=1500, gt=0)
     tpot_ms: float | None = Field(default=None, gt=0)
+    # A step meets the SLO when its TTFT p<ttft_percentile> <= ttft_ms and at least min_goodput of
+    # its requests are good; each side is decided by a binomial test on the requests (pass, fail
+    # or undecided: a p99 needs ~300 requests before it can be shown to pass). The one home of
+    # these thresholds: the load test, the knee search, the report and the GPU runner read them.
+    ttft_percentile: float = Field(default=99, gt=0, lt=100)
+    min_goodput: float = Field(default=0.8, ge=0, le=1)
+
+
+class KneeConfig(Section):
+    """Search for the highest offered rate that meets the SLO (``loadtest.mode: knee``): bracket
+    by doubling / halving from ``start_req_per_s``, then bisect (geometrically) until the bracket
+    [highest pass, lowest fail] is within +-``tolerance``. A probe whose verdict is undecided is
+    repeated (its requests pooled) up to ``max_repeats`` times, then counted as a fail."""
+
+    start_req_per_s: float = Field(default=1.0, gt=0)
+    min_req_per_s: float = Field(default=0.05, gt=0)
+    max_req_per_s: float = Field(default=10_000, gt=0)
+    tolerance: float = Field(default=0.1, gt=0, lt=1)  # +-10 %: stop when hi/lo <= (1+t)/(1-t)
+    max_probes: int = Field(default=16, ge=2)  # per variant, repeats included
+    max_repeats: int = Field(default=3, ge=1)
 
 
 class LoadtestConfig(Section):
@@ -177,6 +197,23 @@ class LoadtestConfig(Section):
     # Client processes sharing each step's schedule (request i -> process i % n). One asyncio
     # process parses every SSE event; past a few hundred streamed req/s it is the bottleneck.
     client_processes: int = Field(default=1, ge=1)
+    # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
+    # servers are up together and their steps interleaved (A B C A B C), rate by rate, repeat by
+    # repeat; the first variant at the first rate is measured again at the end as a drift control.
+    variants: list[str] = ["base", "awq-int4", "autoawq-int4", "gptq-int4"]
+    # Per compared name, keys of serve.chat over `server` (model_dir too): compares serving
+    # configurations of one model, e.g. {"api1": {"api_server_count": 1, "model_dir": "models/base"},
+    # "api4": {"api_server_count": 4, "model_dir": "models/base"}} with variants: [api1, api4].
+    server_overrides: dict[str, dict[str, Any]] = {}
+    mode: Literal["sweep", "knee"] = "sweep"  # sweep: `rates`; knee: search the SLO's highest rate
+    knee: KneeConfig = KneeConfig()
+    # Each (variant, rate) step runs this many times, interleaved; its requests are pooled and its
+    # achieved rate and throughput get a t interval over the repeats.
+    repeats: int = Field(default=2, ge=1)
+    drift_control: bool = True  # measure the first step again at the end of a compared run
+    # The control drifted when its TTFT or E2EL moved significantly (Mann-Whitney U) AND by more
+    # than this share of its median: a 1 ms wobble on a 5 ms TTFT decides no deployment.
+    drift_tolerance: float = Field(default=0.1, ge=0)
     # Stop the sweep after a step whose goodput fraction fell below this (None: run every rate):
     # past saturation, higher rates only grow the queue and cost minutes.
     stop_below_goodput: float | None = Field(default=None, ge=0, le=1)
@@ -193,6 +230,16 @@ class LoadtestConfig(Section):
     via_gateway: bool = False
     gateway_config: str = "deploy/gateway.yaml"
 
+    @field_validator("server_overrides")
+    @classmethod
+    def _override_keys_are_server_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        known = sorted(ServerConfig.model_fields)
+        for name, over in value.items():
+            for key in over:
+                if key not in known:
+                    raise ValueError(f"server_overrides.{name}: unknown key '{key}'{_suggest(key, known)}")
+        return value
+
 
 class EvalSuiteConfig(Section):
     """One multiple-choice suite (MMLU or C-Eval), run through lm-eval's own task definitions."""
@@ -208,12 +255,17 @@ class EvalSuiteConfig(Section):
 
 
 class PerplexityEvalConfig(Section):
-    """Rolling log-likelihood over whole documents, as lm-eval's wikitext task scores it."""
+    """Rolling log-likelihood per document, as lm-eval's wikitext task scores it."""
 
     enabled: bool = True
     # Folder of *.jsonl with a "page" field per document; None: lm-eval's stock `wikitext` (hub).
     data_dir: str | None = "data/eval/ppl_corpus"
-    limit: int | None = Field(default=None, ge=1)  # documents; None: all
+    # Split each page at blank lines into consecutive chunks of at least this many words (the last
+    # short remainder joins the previous chunk); each chunk is one document to lm-eval. Why: the
+    # perplexity interval is a bootstrap over documents, and 5 long pages give no usable interval;
+    # 100 words makes 20 documents of the shipped corpus. None: whole pages. Local data_dir only.
+    chunk_words: int | None = Field(default=100, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # documents (chunks); None: all
 
 
 class EvaluateConfig(Section):
@@ -315,10 +367,13 @@ class ReportConfig(Section):
 
     variants: list[str] = ["base"]  # in table order; a variant without reports shows as missing
     accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
-    target_rate_req_per_s: float = Field(default=1.0, gt=0)  # the load the variant must carry
-    min_goodput: float = Field(default=0.9, ge=0, le=1)  # share of requests within the SLOs there
+    # The load the variant must carry within the load test's SLO (loadtest.slo: the one home of
+    # the thresholds); a variant shown to fail it there is not recommended.
+    target_rate_req_per_s: float = Field(default=1.0, gt=0)
     memory_budget_bytes: float | None = Field(default=None, gt=0)  # size on disk; None: no limit
     broken_ppl_ratio: float = Field(default=2.0, gt=1)  # perplexity above this x base = broken
+    # Sizes within this share of the smallest are a tie (a few % of metadata is not a saving).
+    size_tie_pct: float = Field(default=5.0, ge=0)
 
 
 class ShardConfig(Section):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,24 +203,76 @@ def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None
     return PreparedSuite(suite.key, group, source, cats)
 
 
-def prepare_perplexity(data_dir: str | None, include_dir: Path) -> PreparedSuite:
+# A blank line: a newline, any whitespace-only lines, a newline (indentation after it stays).
+_BLANK_LINES = re.compile(r"\n\s*\n")
+CHUNKS_FILE = "perplexity_chunks.jsonl"  # derived documents, written next to the task YAML
+
+
+def chunk_page(page: str, min_words: int) -> list[str]:
+    """Consecutive chunks of ``page``, split at blank lines, each of at least ``min_words`` words
+    (``str.split``); the last short remainder joins the previous chunk, so only a page shorter than
+    ``min_words`` gives a shorter chunk (itself). Each chunk is the page's text, blank lines between
+    chunks dropped."""
+    starts, ends = [0], []
+    for m in _BLANK_LINES.finditer(page):
+        ends.append(m.start())
+        starts.append(m.end())
+    ends.append(len(page))
+    paragraphs = [(a, b) for a, b in zip(starts, ends) if page[a:b].strip()]
+    spans: list[list[int]] = []  # [start, end] of each chunk in page
+    words = 0
+    for a, b in paragraphs:
+        if spans and words < min_words:
+            spans[-1][1] = b  # the open chunk is still short: extend it
+        else:
+            spans.append([a, b])
+            words = 0
+        words += len(page[a:b].split())
+    if len(spans) > 1 and words < min_words:  # a short remainder joins the chunk before it
+        last = spans.pop()
+        spans[-1][1] = last[1]
+    return [page[a:b] for a, b in spans]
+
+
+def prepare_perplexity(data_dir: str | None, include_dir: Path,
+                       chunk_words: int | None = None) -> PreparedSuite:
     """lm-eval's wikitext task (rolling log-likelihood; word/byte perplexity, bits per byte) on
-    local documents: one JSON object per line with the text in ``page``, as wikitext has it."""
+    local documents: one JSON object per line with the text in ``page``, as wikitext has it.
+
+    ``chunk_words``: each page is split into chunks of at least that many words (``chunk_page``),
+    written as a derived JSONL into ``include_dir`` that the task reads instead; each chunk is one
+    document to lm-eval, so the perplexity interval (a bootstrap over documents) has enough of
+    them. None: whole pages. The fingerprint names the source files' sha256 with ``chunk_words``
+    and the number of ``documents`` scored, so differently chunked runs are never compared."""
     if data_dir is None:
+        if chunk_words is not None:
+            log.info("perplexity: chunk_words applies to a local data_dir only; the hub's wikitext "
+                     "is scored by whole pages")
         return PreparedSuite("perplexity", "wikitext", {
             "name": "EleutherAI/wikitext_document_level wikitext-2-raw-v1",
-            "location": "huggingface hub", "split": "test", "sha256": None})
+            "location": "huggingface hub", "split": "test", "sha256": None, "chunk_words": None})
     root = Path(data_dir).resolve()
     files = sorted(root.glob("*.jsonl"))
     if not files:
         raise EvalDataError(f"perplexity: no *.jsonl documents in {root}")
+    pages = [(p, i, json.loads(line)) for p in files
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
+    if chunk_words is None:
+        data_files, docs = [str(p) for p in files], len(pages)
+    else:
+        chunks = [{"page": text, "title": row.get("title"), "source": f"{p.name}:{i}", "chunk": j}
+                  for p, i, row in pages for j, text in enumerate(chunk_page(row["page"], chunk_words))]
+        derived = include_dir / CHUNKS_FILE
+        derived.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks),
+                           encoding="utf-8")
+        data_files, docs = [str(derived)], len(chunks)
     name = PREFIX + "perplexity"
     _dump(include_dir / f"{name}.yaml", {
         "include": str(lm_eval_tasks_dir() / "wikitext" / "wikitext.yaml"),
         "task": name,
         "dataset_path": "json",
         "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"test": [str(p) for p in files]}},
+        "dataset_kwargs": {"data_files": {"test": data_files}},
         "training_split": None,
         "validation_split": None,
         "test_split": "test",
@@ -227,10 +280,10 @@ def prepare_perplexity(data_dir: str | None, include_dir: Path) -> PreparedSuite
         "doc_to_target": "{{page}}",
         "should_decontaminate": False,
     })
-    docs = sum(1 for p in files for line in p.read_text().splitlines() if line.strip())
     source = {"name": read_card(root, f"local documents at {root.name}"), "location": str(root),
               "split": "test", "sha256": files_fingerprint(root, files), "files": len(files),
-              "documents": docs, "bytes": sum(p.stat().st_size for p in files)}
+              "pages": len(pages), "chunk_words": chunk_words, "documents": docs,
+              "bytes": sum(p.stat().st_size for p in files)}
     return PreparedSuite("perplexity", name, source)
 
 

@@ -13,9 +13,13 @@ multiple-choice question in one request (``workbench.lmeval_vllm``); ``vllm-serv
 (``mmlu``, ``ceval-valid``, ``wikitext``); ``workbench.evalsets`` only points them at local files.
 
 The report (reports/evaluate/<variant>.json) holds overall / per-category / per-subject accuracy
-with standard errors, perplexities, the data's names and sha256, the backend and timings, and
-the difference to the ``baseline`` variant's report when one exists and used the same data.
-Per-question records go to runs/evaluate/<variant>/.
+with standard errors and Wilson intervals, perplexities with a bootstrap interval over documents,
+the data's names and sha256, the backend and timings, and the difference to the ``baseline``
+variant's report when one exists and used the same data: the deltas of the headline numbers, and
+paired comparisons on the same questions and documents (exact McNemar per multiple-choice suite,
+a paired bootstrap of the word perplexity change) read from both variants' per-sample records.
+Those records go to runs/evaluate/<variant>/<suite>.jsonl; ``question_records`` and
+``document_records`` read them back for other stages.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from workbench import evalsets
+from workbench import evalsets, stats
 from workbench.evalbackends import BACKENDS, Backend
 from workbench.config import EvaluateConfig
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_json_atomic, write_report
@@ -41,7 +45,8 @@ STAGE = "evaluate"
 PPL_METRICS = {"ppl_word": "word_perplexity", "ppl_byte": "byte_perplexity",
                "bits_per_byte": "bits_per_byte"}
 # Two reports measured the same thing when these agree (the folder's location may differ).
-SAME_DATA_KEYS = ("name", "sha256", "split", "limit", "num_fewshot", "questions", "documents")
+SAME_DATA_KEYS = ("name", "sha256", "split", "limit", "num_fewshot", "questions", "documents",
+                  "chunk_words")
 
 
 def _num(value: Any) -> float | None:
@@ -96,20 +101,101 @@ def parse_perplexity(prepared: evalsets.PreparedSuite, out: dict) -> dict:
 
 
 def _save_samples(out: dict, path: Path) -> None:
-    """Per-question records (the raw measurements): prompt, scores, target, acc."""
+    """Per-sample records (the raw measurements) as lm-eval logs them: the document, the scores
+    (``filtered_resps``), the target, and per multiple-choice question ``acc`` (1.0 / 0.0), per
+    perplexity document lm-eval's ``word_perplexity`` (loglikelihood, words) and
+    ``byte_perplexity`` (loglikelihood, bytes) pairs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for task, rows in sorted(out.get("samples", {}).items()):
             for r in rows:
-                keep = {k: r.get(k) for k in ("doc_id", "target", "acc", "acc_norm", "word_perplexity",
-                                              "filtered_resps", "doc")}
+                keep = {k: r.get(k) for k in ("doc_id", "doc_hash", "target", "acc", "acc_norm",
+                                              "word_perplexity", "byte_perplexity", "filtered_resps", "doc")}
                 f.write(json.dumps({"task": evalsets.strip_name(task), **keep}, default=str,
                                    ensure_ascii=False) + "\n")
 
 
-def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report) -> dict:
-    """Differences to the baseline variant, only for suites that read the same data the same way."""
-    deltas, skipped = {}, []
+def _records(samples_dir: str | Path, suite: str) -> list[dict]:
+    path = Path(samples_dir) / f"{suite}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no per-sample records of {suite} at {path}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _unit_id(record: dict) -> str:
+    """A question's or document's id, the same in every variant's records of the same data:
+    lm-eval's task (prefix stripped) and its index in that task's split, e.g. "mmlu_astronomy/3"."""
+    return f"{record['task']}/{record['doc_id']}"
+
+
+def question_records(samples_dir: str | Path, suite: str) -> dict[str, bool]:
+    """Whether each question of a multiple-choice suite ("mmlu", "ceval") was answered right, from
+    ``<samples_dir>/<suite>.jsonl`` (e.g. runs/evaluate/<variant>/), keyed by "<task>/<doc_id>".
+    Raises FileNotFoundError when the variant has no records of the suite."""
+    return {_unit_id(r): bool(r["acc"]) for r in _records(samples_dir, suite)}
+
+
+def document_records(samples_dir: str | Path) -> dict[str, tuple[float, float]]:
+    """Per perplexity document (a chunk when ``chunk_words`` is set): (loglikelihood in nats,
+    words), lm-eval's ``word_perplexity`` pair, keyed by "<task>/<doc_id>". Word perplexity over
+    a set of documents is exp(-sum(loglikelihood) / sum(words)). Raises FileNotFoundError when the
+    variant has no perplexity records."""
+    return {_unit_id(r): (float(r["word_perplexity"][0]), float(r["word_perplexity"][1]))
+            for r in _records(samples_dir, "perplexity")}
+
+
+def accuracy_intervals(res: dict, correct: dict[str, bool], suite: str) -> None:
+    """Adds ``acc_ci`` (a Wilson interval, ``stats.Estimate`` as a dict) to the overall, category
+    and subject rows of ``parse_mcq``'s result, counted from the per-question records."""
+    prefix = evalsets.SUITES[suite].task_prefix
+    by_subject: dict[str, list[bool]] = {}
+    for qid, ok in correct.items():
+        by_subject.setdefault(qid.rsplit("/", 1)[0].removeprefix(prefix), []).append(ok)
+
+    def ci(answers: list[bool]) -> dict:
+        return stats.proportion(sum(answers), len(answers)).model_dump()
+
+    for subj, row in res["subjects"].items():
+        row["acc_ci"] = ci(by_subject.get(subj, []))
+    for cat, row in res["categories"].items():
+        row["acc_ci"] = ci([ok for subj, d in res["subjects"].items() if d["category"] == cat
+                            for ok in by_subject.get(subj, [])])
+    res["overall"]["acc_ci"] = ci([ok for answers in by_subject.values() for ok in answers])
+
+
+def paired(samples_dir: str | Path, baseline_dir: str | Path, suite: str, seed: int = 0) -> stats.Comparison:
+    """This variant (a) against the baseline (b) on the units both scored, from their per-sample
+    records: the exact McNemar test on the same questions, or for "perplexity" the word
+    perplexity's % change, by a paired bootstrap over the same documents (same id and word count).
+    Raises FileNotFoundError when either side has no records of the suite."""
+    if suite == "perplexity":
+        a, b = document_records(samples_dir), document_records(baseline_dir)
+        ids = sorted(i for i in a.keys() & b.keys() if a[i][1] == b[i][1])
+        return stats.perplexity_change([a[i][0] for i in ids], [b[i][0] for i in ids],
+                                       [a[i][1] for i in ids], seed=seed)
+    a, b = question_records(samples_dir, suite), question_records(baseline_dir, suite)
+    ids = sorted(a.keys() & b.keys())
+    return stats.mcnemar([a[i] for i in ids], [b[i] for i in ids])
+
+
+def _paired_metrics(suite: str, c: stats.Comparison) -> dict[str, float | None]:
+    """The flat view of a paired comparison (MLflow, ``dvc metrics``)."""
+    d = c.diff
+    if suite == "perplexity":
+        return {"ppl_word_change_pct": d.value, "ppl_word_change_pct_ci_lo": d.lo,
+                "ppl_word_change_pct_ci_hi": d.hi}
+    return {f"{suite}_acc_delta_ci_lo": d.lo, f"{suite}_acc_delta_ci_hi": d.hi,
+            f"{suite}_mcnemar_p": c.p_value}
+
+
+def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report,
+            samples_dir: str | Path | None = None, seed: int = 0) -> dict:
+    """Differences to the baseline variant, only for suites that read the same data the same way:
+    the headline numbers' deltas, and with ``samples_dir`` (this variant's per-sample records) the
+    paired comparisons on the same questions and documents (``paired``), read from the folder the
+    baseline's report names. A baseline without records costs a warning and that comparison."""
+    deltas, skipped, compared = {}, [], []
     for suite in ("mmlu", "ceval", "perplexity"):
         mine, theirs = fingerprint.get(suite), baseline.data_fingerprint.get(suite)
         if not mine or not theirs:
@@ -117,12 +203,28 @@ def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report) -> d
         if any(mine.get(k) != theirs.get(k) for k in SAME_DATA_KEYS):
             skipped.append(suite)
             continue
+        compared.append(suite)
         keys = list(PPL_METRICS) if suite == "perplexity" else [f"{suite}_acc"]
         for k in keys:
             if k in metrics and k in baseline.metrics:
                 deltas[f"{k}_delta"] = round(metrics[k] - baseline.metrics[k], 6)
+    comparisons, unpaired = {}, {}
+    baseline_dir = baseline.outputs.get("samples")
+    for suite in compared if samples_dir is not None else []:
+        try:
+            if not baseline_dir:
+                raise FileNotFoundError(f"the {baseline.variant} report names no per-sample records")
+            c = paired(samples_dir, baseline_dir, suite, seed)
+        except FileNotFoundError as err:
+            log.warning("evaluate: %s not compared with %s question by question: %s",
+                        suite, baseline.variant, err)
+            unpaired[suite] = str(err)
+            continue
+        comparisons[suite] = c.model_dump()
+        deltas.update({k: v if k.endswith("_p") else round(v, 6)  # a small p stays readable
+                       for k, v in _paired_metrics(suite, c).items() if v is not None})
     return {"baseline": baseline.variant, "baseline_created_at": baseline.created_at,
-            "deltas": deltas, "not_comparable": skipped}
+            "deltas": deltas, "not_comparable": skipped, "paired": comparisons, "not_paired": unpaired}
 
 
 def _lm_eval_env(offline: bool) -> None:
@@ -143,8 +245,8 @@ def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[evalsets.Prep
             prepared.append((evalsets.prepare_suite(evalsets.SUITES[key], scfg.data_dir,
                                                     scfg.subjects, include_dir), scfg))
     if cfg.perplexity.enabled:
-        prepared.append((evalsets.prepare_perplexity(cfg.perplexity.data_dir, include_dir),
-                         cfg.perplexity))
+        prepared.append((evalsets.prepare_perplexity(cfg.perplexity.data_dir, include_dir,
+                                                     cfg.perplexity.chunk_words), cfg.perplexity))
     return prepared
 
 
@@ -168,8 +270,12 @@ def _evaluate_suite(lm, p: evalsets.PreparedSuite, scfg, cfg: EvaluateConfig, ta
     data = {**p.source, "limit": scfg.limit, "num_fewshot": fewshot}
     if p.key == "perplexity":
         res = parse_perplexity(p, out)
+        docs = list(document_records(samples_dir).values())
+        res["ppl_word_ci"] = stats.perplexity([ll for ll, _ in docs], [w for _, w in docs],
+                                              seed=cfg.seed).model_dump()
     else:
         res = parse_mcq(p, out, evalsets.SUITES[p.key].metrics)
+        accuracy_intervals(res, question_records(samples_dir, p.key), p.key)
         data["questions"] = res["overall"]["n"]
     return {**res, "data": data, "eval_s": seconds, "lm_eval_task": p.task,
             "task_versions": out.get("versions", {})}
@@ -177,10 +283,12 @@ def _evaluate_suite(lm, p: evalsets.PreparedSuite, scfg, cfg: EvaluateConfig, ta
 
 def _flat_metrics(key: str, res: dict) -> dict[str, float | None]:
     if key == "perplexity":
-        flat = {k: res[k] for k in PPL_METRICS}
+        ci = res["ppl_word_ci"]
+        flat = {**{k: res[k] for k in PPL_METRICS}, "ppl_word_ci_lo": ci["lo"], "ppl_word_ci_hi": ci["hi"]}
     else:
         overall = res["overall"]
         flat = {f"{key}_acc": overall["acc"], f"{key}_acc_stderr": overall["acc_stderr"],
+                f"{key}_acc_ci_lo": overall["acc_ci"]["lo"], f"{key}_acc_ci_hi": overall["acc_ci"]["hi"],
                 f"{key}_n": float(overall["n"])}
     return {**flat, f"{key}_eval_s": res["eval_s"]}
 
@@ -266,7 +374,6 @@ def run(cfg: EvaluateConfig) -> Report:
             fingerprint[p.key] = res["data"]
             timings[f"{p.key}_s"] = res["eval_s"]
             metrics.update(_flat_metrics(p.key, res))
-    metrics["eval_s"] = round(time.perf_counter() - t_start, 3)
     metrics = {k: round(v, 6) for k, v in metrics.items() if v is not None}  # absent, not NaN
 
     details: dict[str, Any] = {
@@ -279,7 +386,9 @@ def run(cfg: EvaluateConfig) -> Report:
     }
     if cfg.baseline and cfg.variant != cfg.baseline and report_path(STAGE, cfg.baseline).exists():
         base = read_report(report_path(STAGE, cfg.baseline))
-        details["vs_baseline"] = compare(metrics, fingerprint, base)
+        details["vs_baseline"] = compare(metrics, fingerprint, base, samples_dir, cfg.seed)
+        metrics.update(details["vs_baseline"]["deltas"])  # flat, for MLflow and dvc metrics
+    metrics["eval_s"] = round(time.perf_counter() - t_start, 3)
     report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
                     data_fingerprint=fingerprint, metrics=metrics, details=details,
                     outputs={"samples": str(samples_dir)})
@@ -293,32 +402,43 @@ def for_variant(cfg: EvaluateConfig, variant: str) -> EvaluateConfig:
     return EvaluateConfig.model_validate({**cfg.model_dump(), "variant": variant})
 
 
+def _bounds(ci: dict | None, name: str) -> dict:
+    ci = ci or {}
+    return {f"{name}_lo": ci.get("lo"), f"{name}_hi": ci.get("hi")}
+
+
 def subject_table(report: Report):
-    """One row per (suite, subject): accuracy, stderr, questions. For notebooks."""
+    """One row per (suite, subject): accuracy with its 95 % Wilson interval, stderr, questions.
+    For notebooks."""
     import pandas as pd
 
+    columns = ["suite", "subject", "category", "acc", "acc_lo", "acc_hi", "acc_stderr", "n"]
     rows = []
     for suite, res in report.details["suites"].items():
         for subj, d in res.get("subjects", {}).items():
             rows.append({"suite": suite, "subject": subj, "category": d.get("category"),
-                         "acc": d["acc"], "acc_stderr": d["acc_stderr"], "n": d["n"]})
-    return pd.DataFrame(rows, columns=["suite", "subject", "category", "acc", "acc_stderr", "n"])
+                         "acc": d["acc"], **_bounds(d.get("acc_ci"), "acc"),
+                         "acc_stderr": d["acc_stderr"], "n": d["n"]})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def summary(report: Report):
-    """Headline numbers with their data, one row per suite (and deltas to the baseline). For notebooks."""
+    """Headline numbers with their 95 % intervals and data, one row per suite, and the comparison
+    with the baseline (deltas; paired interval and McNemar p, perplexity % change). For notebooks."""
     import pandas as pd
 
     deltas = report.details.get("vs_baseline", {}).get("deltas", {})
     rows = []
     for suite, res in report.details["suites"].items():
         if suite == "perplexity":
-            values = {k: res[k] for k in PPL_METRICS}
+            values = {"ppl_word": res["ppl_word"], **_bounds(res.get("ppl_word_ci"), "ppl_word"),
+                      **{k: res[k] for k in PPL_METRICS if k != "ppl_word"}, "n": res.get("documents")}
+            mine = [k for k in deltas if k.startswith(("ppl_", "bits_per_byte"))]
         else:
-            values = {"acc": res["overall"]["acc"], "acc_stderr": res["overall"]["acc_stderr"],
-                      "n": res["overall"]["n"]}
-        mine = [f"{k}_delta" for k in PPL_METRICS] if suite == "perplexity" else [f"{suite}_acc_delta"]
+            o = res["overall"]
+            values = {"acc": o["acc"], **_bounds(o.get("acc_ci"), "acc"), "acc_stderr": o["acc_stderr"],
+                      "n": o["n"]}
+            mine = [k for k in deltas if k.startswith(f"{suite}_")]
         rows.append({"suite": suite, **values, "data": res["data"]["name"],
-                     "sha256": (res["data"]["sha256"] or "hub")[:12],
-                     **{k: deltas[k] for k in mine if k in deltas}})
+                     "sha256": (res["data"]["sha256"] or "hub")[:12], **{k: deltas[k] for k in mine}})
     return pd.DataFrame(rows)

@@ -52,6 +52,9 @@ class FakeOptions:
     output_tokens: int = 32  # reply length unless max_tokens is smaller
     model: str = "fake-model"
     fail_every: int = 0  # every Nth request gets 503 (0: never)
+    # Generations served at once (0: unlimited); the rest wait in a FIFO queue, and the wait shows
+    # as TTFT: a server with a capacity of max_running / service time, so a load test sees a knee.
+    max_running: int = 0
     embedding_dim: int = 8
 
 
@@ -90,6 +93,7 @@ class Fake:
         self.running = 0
         self.ttft_counts = [0] * len(TTFT_BUCKETS)
         self.ttft_sum = 0.0
+        self._slots: asyncio.Semaphore | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -135,7 +139,15 @@ class Fake:
         return bool(self.opts.fail_every) and self.requests % self.opts.fail_every == 0
 
     async def generate(self, kind: str, request: web.Request) -> web.StreamResponse:
-        t0 = time.perf_counter()
+        if not self.opts.max_running:
+            return await self._generate(kind, request, time.perf_counter())
+        t0 = time.perf_counter()  # queueing counts towards TTFT, as in a real server
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.opts.max_running)
+        async with self._slots:
+            return await self._generate(kind, request, t0)
+
+    async def _generate(self, kind: str, request: web.Request, t0: float) -> web.StreamResponse:
         body = _loads(await request.read())
         if self._failing():
             return web.Response(status=503, text='{"error":"fake overload"}', content_type="application/json")
@@ -299,9 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-tokens", type=int, default=d.output_tokens)
     p.add_argument("--model", default=d.model)
     p.add_argument("--fail-every", type=int, default=d.fail_every)
+    p.add_argument("--max-running", type=int, default=d.max_running,
+                   help="generations at once (0: unlimited); more queue, which shows as TTFT")
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
     a = p.parse_args(argv)
-    opts = FakeOptions(a.ttft_ms, a.itl_ms, a.output_tokens, a.model, a.fail_every, a.embedding_dim)
+    opts = FakeOptions(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms, output_tokens=a.output_tokens, model=a.model,
+                       fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim)
     try:
         import uvloop
 

@@ -21,30 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
+
+from workbench import stats
 from workbench.config import LoadtestConfig
-from workbench.loadgen.client import Target
-from workbench.loadgen.runner import StepResult, run_async, sweep
+from workbench.loadgen import summary, workloads
+from workbench.loadgen.client import Record, Target, make_session, step_label
+from workbench.loadgen.knee import KneeResult, KneeSearch
+from workbench.loadgen.runner import Arm, StepResult, measure_step, run_async
+from workbench.loadgen.summary import RateSummary, StepSummary
 from workbench.reports import Report, sha256_file, write_report
 
 log = logging.getLogger(__name__)
 STAGE = "loadtest"
-# The headline "SLO rate": the highest offered rate at which this share of requests met the SLOs.
-SLO_ATTAINMENT = 0.9
-TABLE_COLUMNS = {  # summary table: column -> step-metric key
-    "offered req/s": "offered_req_per_s", "achieved req/s": "achieved_req_per_s",
-    "throughput req/s": "request_throughput_req_per_s", "TTFT p50 ms": "ttft_ms_p50",
-    "TTFT p99 ms": "ttft_ms_p99", "E2EL mean ms": "e2el_ms_mean", "E2EL p99 ms": "e2el_ms_p99",
-    "goodput": "goodput_fraction", "errors": "failed",
-}
-
-
-def rate_slug(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
+VARIANT = "all"  # a compared run's own report (order, drift check); each variant has its own too
 
 
 def _target(cfg: LoadtestConfig, base_url: str) -> Target:
@@ -54,8 +52,11 @@ def _target(cfg: LoadtestConfig, base_url: str) -> Target:
 
 
 def server_config(cfg: LoadtestConfig, variant: str):
-    """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``)."""
-    return cfg.server.model_copy(update={"model_dir": cfg.model_dir or f"models/{variant}"})
+    """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``), with
+    ``server_overrides[variant]`` applied (a configuration compared under its own name)."""
+    over = cfg.server_overrides.get(variant, {})
+    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{variant}", **over}
+    return type(cfg.server).model_validate(merged)
 
 
 @contextlib.contextmanager
@@ -111,90 +112,155 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
             proc.kill()
 
 
+@dataclass
+class Done:
+    """A step measured in this run: the arm, its result, and its place in the interleaved order."""
+
+    arm: Arm
+    result: StepResult
+    repeat: int
+    role: str  # measure | control-start | control-end | knee
+    position: int
+
+
+def _stop_after(cfg: LoadtestConfig, result: StepResult) -> bool:
+    g = result.metrics.get("goodput_fraction", 0.0)
+    return cfg.stop_below_goodput is not None and g < cfg.stop_below_goodput
+
+
+async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
+                      on_step: Callable[[Done], None]) -> tuple[list[Done], dict[str, KneeResult]]:
+    """Every arm's steps, interleaved: for each repeat, for each rate, one step of each arm in turn
+    (A B C A B C), all arms at one (rate, repeat) sent the same prompts at the same offsets. In
+    ``knee`` mode each arm's knee search advances one probe per round. With ``drift_control``, the
+    first step is measured again, on the same requests, at the end."""
+    specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
+    done: list[Done] = []
+    knees: dict[str, KneeResult] = {}
+    async with make_session(cfg.timeout_s) as session:
+        async def step(arm: Arm, rate: float, index: int, repeat: int, role: str) -> Done:
+            label = step_label(rate) + (f"-r{repeat}" if repeat else "") + ("-control-end" if role == "control-end" else "")
+            result = await measure_step(cfg, arm, session, specs, rate, index, repeat, label)
+            d = Done(arm, result, repeat, role, len(done))
+            done.append(d)
+            on_step(d)
+            return d
+
+        def first_role() -> str:
+            return "control-start" if cfg.drift_control and not done else "measure"
+
+        if cfg.mode == "sweep":
+            saturated: dict[str, float] = {}
+            for repeat in range(cfg.repeats):
+                for index, rate in enumerate(cfg.rates):
+                    for arm in arms:
+                        if rate > saturated.get(arm.variant, math.inf):
+                            continue
+                        d = await step(arm, rate, index, repeat, first_role())
+                        if _stop_after(cfg, d.result):
+                            log.info("%s saturated at %g req/s: its higher rates are skipped", arm.variant, rate)
+                            saturated[arm.variant] = rate
+        else:
+            searches = {arm.variant: KneeSearch(cfg.knee) for arm in arms}
+            pooled: dict[tuple[str, float], summary.Columns] = {}
+            while any(s.next_rate() is not None for s in searches.values()):
+                for arm in arms:
+                    search = searches[arm.variant]
+                    rate = search.next_rate()
+                    if rate is None:
+                        continue
+                    key = (arm.variant, rate)
+                    repeat = sum(1 for d in done if d.arm.variant == arm.variant and d.result.rate == rate)
+                    role = first_role()
+                    d = await step(arm, rate, 0, repeat, role if role == "control-start" else "knee")
+                    cols = summary.columns(d.result.records, cfg.slo)
+                    pooled[key] = pooled[key] + cols if key in pooled else cols
+                    search.observe(rate, summary.slo_verdict(pooled[key], cfg.slo).overall)
+            knees = {v: s.result() for v, s in searches.items()}
+        if cfg.drift_control and len(done) > 1:
+            first = done[0]
+            await step(first.arm, first.result.rate, cfg.rates.index(first.result.rate)
+                       if cfg.mode == "sweep" else 0, first.repeat, "control-end")
+    return done, knees
+
+
 def write_records(result: StepResult, out_dir: Path) -> Path:
-    path = out_dir / f"step-{rate_slug(result.rate)}.jsonl"
+    path = out_dir / f"step-{result.label.removeprefix('rate_')}.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for rec in result.records:
             f.write(json.dumps(rec.to_dict()) + "\n")
     return path
 
 
-def headline(results: list[StepResult]) -> dict[str, float]:
-    def best(key: str) -> float:
-        return max((r.metrics.get(key, 0.0) for r in results), default=0.0)
-
-    attained = [r.rate for r in results if r.metrics.get("goodput_fraction", 0.0) >= SLO_ATTAINMENT]
-    return {
-        "slo_rate_req_per_s": max(attained, default=0.0),
-        "max_goodput_req_per_s": best("goodput_req_per_s"),
-        "max_request_throughput_req_per_s": best("request_throughput_req_per_s"),
-        "max_output_tokens_per_s": best("output_tokens_per_s"),
-        "errors_total": float(sum(sum(r.errors.values()) for r in results)),
-        "send_lag_ms_max": best("send_lag_ms_max"),
-    }
+def read_records(path: str | Path) -> list[Record]:
+    """A step's raw records back from its JSONL file (the report stage compares variants on them)."""
+    return [Record(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
-def table_rows(results: list[StepResult]) -> list[dict]:
+def flat_metrics(rates: list[RateSummary], knee: KneeResult | None) -> dict[str, float]:
+    """MLflow / dvc view of the rate summaries: ``rate_1.ttft_ms_p99`` with ``_ci_lo``/``_ci_hi``."""
+    out: dict[str, float] = {}
+
+    def put(key: str, est: stats.Estimate) -> None:
+        if est.value is None:
+            return
+        out[key] = est.value
+        if est.lo is not None:
+            out[f"{key}_ci_lo"] = est.lo
+        if est.hi is not None:
+            out[f"{key}_ci_hi"] = est.hi
+
+    for r in rates:
+        p = step_label(r.offered_req_per_s)
+        for name in ("achieved_req_per_s", "request_throughput_req_per_s", "output_tokens_per_s", "goodput"):
+            put(f"{p}.{name}", getattr(r, name))
+        for lat, dist in r.latency.items():
+            for pct, est in dist.p.items():
+                put(f"{p}.{lat}_ms_{pct}", est)
+        out[f"{p}.requests"] = float(r.requests)
+        out[f"{p}.slo_pass"] = {"pass": 1.0, "fail": 0.0}.get(r.slo.overall.value, 0.5)
+    passed = [r.offered_req_per_s for r in rates if r.slo.overall is stats.Verdict.passed]
+    not_failed = [r.offered_req_per_s for r in rates if r.slo.overall is not stats.Verdict.failed]
+    out["slo_rate_req_per_s"] = max(passed, default=0.0)  # highest rate shown to meet the SLO
+    out["slo_rate_not_failed_req_per_s"] = max(not_failed, default=0.0)
+    tps = [r.output_tokens_per_s.value for r in rates if r.output_tokens_per_s.value is not None]
+    out["max_output_tokens_per_s"] = max(tps, default=0.0)
+    out["errors_total"] = float(sum(r.errors for r in rates))
+    if knee is not None and knee.lo is not None:
+        out["sustained_req_per_s"] = knee.lo
+        out["sustained_req_per_s_ci_lo"] = knee.lo
+        if knee.hi is not None:
+            out["sustained_req_per_s_ci_hi"] = knee.hi
+    return out
+
+
+def table_rows(rates: list[RateSummary]) -> list[dict]:
+    """The seed's table 6.2 as text: every figure with its 95 % interval. A view, never read back."""
     rows = []
-    for r in results:
-        row = {col: r.metrics.get(key, math.nan) for col, key in TABLE_COLUMNS.items()}
-        util = next((k for k in ("gpu_util_pct_mean", "cpu_util_pct_mean") if k in r.metrics), None)
-        row["utilization %"] = r.metrics[util] if util else math.nan
-        row["utilization of"] = util.split("_")[0] if util else ""
-        row["limited by"] = r.limited_by
-        rows.append(row)
+    for r in rates:
+        lat = r.latency
+        rows.append({
+            "variant": r.variant, "offered req/s": f"{r.offered_req_per_s:g}",
+            "requests": f"{r.requests} ({r.repeats} rep.)",
+            "achieved req/s": r.achieved_req_per_s.text(".3g"),
+            "TTFT p50 ms": lat["ttft"].at(50).text(".0f"), "TTFT p99 ms": lat["ttft"].at(99).text(".0f"),
+            "E2EL mean ms": f"{lat['e2el'].mean_ms:.0f}" if lat["e2el"].mean_ms is not None else "n/a",
+            "E2EL p99 ms": lat["e2el"].at(99).text(".0f"), "TPOT p50 ms": lat["tpot"].at(50).text(".1f"),
+            "output tok/s": r.output_tokens_per_s.text(".3g"),
+            "goodput": r.goodput.text(".2f"), "SLO": r.slo.overall.value, "errors": r.errors,
+            "utilization %": f"{r.utilization_pct:.0f} ({r.utilization_of})" if r.utilization_pct is not None else "",
+            "limited by": ", ".join(r.limited_by),
+        })
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0]) if rows else list(TABLE_COLUMNS)
-
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.3g}"
-        return str(v)
-
+    if not rows:
+        return "(no steps)\n"
+    cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def plot(results: list[StepResult], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from workbench.loadgen.metrics import ttft_s
-
-    finite = [r for r in results if not math.isinf(r.rate)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("ttft_ms_p50", "o-"), ("ttft_ms_p99", "o--"), ("e2el_ms_p50", "s-"),
-                       ("e2el_ms_p99", "s--")):
-        pts = [(r.rate, r.metrics[key]) for r in finite if key in r.metrics]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key)
-    ax.set(xlabel="offered rate (req/s)", ylabel="latency (ms)", title="Latency vs offered rate")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    latency = out_dir / "latency_vs_rate.png"
-    fig.tight_layout()
-    fig.savefig(latency, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        vals = sorted(t * 1000 for rec in r.records if not rec.warmup and (t := ttft_s(rec)) is not None)
-        if vals:
-            ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post", label=r.label)
-    ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT distribution (CDF)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ttft = out_dir / "ttft_cdf.png"
-    fig.tight_layout()
-    fig.savefig(ttft, dpi=110)
-    plt.close(fig)
-    return [latency, ttft]
 
 
 def not_servable(cfg: LoadtestConfig, variant: str, err: Exception) -> Report:
@@ -204,87 +270,153 @@ def not_servable(cfg: LoadtestConfig, variant: str, err: Exception) -> Report:
     log.error("%s:\n%s", msg, str(err)[-2000:])
     report = Report(stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), metrics={},
                     details={"not_servable": msg, "server": {"managed": True, "error": str(err)[-4000:]},
-                             "steps": [], "table": []})
+                             "steps": [], "rates": [], "table": []})
     write_report(report)
     return report
 
 
-def run(cfg: LoadtestConfig, variant: str = "base") -> Report:
+def _variant_report(cfg: LoadtestConfig, variant: str, done: list[Done], knee: KneeResult | None,
+                    server_info: dict, outputs: dict[str, str], fingerprint: dict, run_id: str) -> Report:
+    mine = [d for d in done if d.arm.variant == variant]
+    cols = {d.position: summary.columns(d.result.records, cfg.slo) for d in mine}
+    steps = [summary.step_summary(
+        variant, d.result.label, d.result.rate, d.result.records, cfg.slo, d.result.metrics,
+        cols=cols[d.position], repeat=d.repeat, position=d.position, role=d.role, started_unix=d.result.started_unix,
+        limited_by=d.result.limited_by, records_file=outputs.get(f"records_{d.result.label}")) for d in mine]
+    rates = summary.rate_summaries(steps, cols, cfg.slo)
+    report = Report(
+        stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), data_fingerprint=fingerprint,
+        metrics=flat_metrics(rates, knee),
+        details={"server": server_info, "run": run_id,
+                 "steps": [s.model_dump(mode="json") for s in steps],
+                 "rates": [r.model_dump(mode="json") for r in rates],
+                 "knee": knee.model_dump(mode="json") if knee else None,
+                 "step_metrics": {d.result.label: d.result.metrics for d in mine}},
+        outputs=dict(outputs))
+    write_report(report)  # the result; everything below is a view of it
     out_dir = Path(cfg.out_dir) / variant
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("step-*.jsonl"):  # a previous sweep's rates must not linger beside ours
-        stale.unlink()
-    outputs: dict[str, str] = {}
+    rows = table_rows(rates)
+    (out_dir / "summary.md").write_text(markdown(rows), encoding="utf-8")
+    report.outputs["summary_md"] = str(out_dir / "summary.md")
+    try:
+        from workbench import plots
 
-    def on_step(result: StepResult) -> None:  # raw records reach disk as each step ends
-        outputs[f"records_{result.label}"] = str(write_records(result, out_dir))
+        report.outputs.update(plots.loadtest(rates, steps, out_dir))
+    except Exception as err:  # a plot is a view; the report stands without it
+        log.warning("load-test plots failed (%s: %s)", type(err).__name__, err)
+    write_report(report)
+    log.info("loadtest %s: %d steps, SLO met (supported) up to %.2f req/s -> %s", variant, len(steps),
+             report.metrics["slo_rate_req_per_s"], report.path)
+    return report
+
+
+def steps_of(report: Report) -> list[StepSummary]:
+    return [StepSummary.model_validate(s) for s in report.details.get("steps", [])]
+
+
+def rates_of(report: Report) -> list[RateSummary]:
+    return [RateSummary.model_validate(r) for r in report.details.get("rates", [])]
+
+
+def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
+    """Load-test ``variant``, or, with None, compare ``cfg.variants`` interleaved (a report per
+    variant, and ``reports/loadtest/all.json`` with the run's order and its drift check)."""
+    variants = [variant] if variant else list(dict.fromkeys(cfg.variants))
+    if cfg.base_url and len(variants) > 1:
+        raise ValueError(f"loadtest.base_url names one endpoint; compare {variants} with managed servers "
+                         "(base_url: null) or load-test one variant at a time")
+    run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    outputs: dict[str, dict[str, str]] = {v: {} for v in variants}
+    for v in variants:
+        d = Path(cfg.out_dir) / v
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in d.glob("step-*.jsonl"):  # a previous run's steps must not linger beside ours
+            stale.unlink()
+
+    def on_step(d: Done) -> None:  # raw records reach disk as each step ends
+        path = write_records(d.result, Path(cfg.out_dir) / d.arm.variant)
+        outputs[d.arm.variant][f"records_{d.result.label}"] = str(path)
 
     from workbench.serve import ServerError
 
+    infos: dict[str, dict] = {}
+    unservable: dict[str, Report] = {}
     with contextlib.ExitStack() as stack:
-        try:
-            base_url, server_info = stack.enter_context(endpoint(cfg, variant, out_dir))
-        except ServerError as err:  # the variant cannot be served here: say so, measure the rest
-            return not_servable(cfg, variant, err)
-        root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
-        target = _target(cfg, base_url)
-        if cfg.via_gateway:
-            gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, out_dir))
-            target = dataclasses.replace(target, base_url=gw_url, api_key=key)
-            server_info = {**server_info, "via_gateway": gw_url}
-        results = run_async(sweep(cfg, target, root_url, on_step, server_pid=server_info.get("pid")))
+        arms = []
+        for v in variants:  # servers start one after another and stay up together
+            out_dir = Path(cfg.out_dir) / v
+            try:
+                base_url, info = stack.enter_context(endpoint(cfg, v, out_dir))
+            except ServerError as err:  # the variant cannot be served here: say so, measure the rest
+                unservable[v] = not_servable(cfg, v, err)
+                continue
+            root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
+            target = _target(cfg, base_url)
+            if cfg.via_gateway:
+                gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, out_dir))
+                target = dataclasses.replace(target, base_url=gw_url, api_key=key)
+                info = {**info, "via_gateway": gw_url}
+            infos[v] = info
+            arms.append(Arm(v, target, root_url, info.get("pid")))
+        done, knees = run_async(interleaved(cfg, arms, on_step)) if arms else ([], {})
 
-    metrics = headline(results)
-    for r in results:
-        metrics.update({f"{r.label}.{k}": float(v) for k, v in r.metrics.items()})
     fingerprint = {}
     if cfg.workload.path and Path(cfg.workload.path).is_file():
         fingerprint["workload"] = {"path": cfg.workload.path, "sha256": sha256_file(Path(cfg.workload.path))}
-    rows = table_rows(results)
-    report = Report(
-        stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"),
-        data_fingerprint=fingerprint, metrics=metrics,
-        details={"server": server_info, "steps": [
-            {"label": r.label, "offered_req_per_s": r.rate, "metrics": r.metrics, "errors": r.errors,
-             "limited_by": r.limited_by}
-            for r in results], "table": rows, "slo_attainment": SLO_ATTAINMENT},
-        outputs=outputs,
-    )
-    write_report(report)  # the result; everything below is a view of it
-    (out_dir / "summary.md").write_text(markdown(rows), encoding="utf-8")
-    import pandas as pd
+    reports = {v: _variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], fingerprint, run_id)
+               for v in variants if v in infos}
+    reports.update(unservable)
+    if variant:
+        return reports[variant]
 
-    pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
-    outputs.update(summary_csv=str(out_dir / "summary.csv"), summary_md=str(out_dir / "summary.md"))
-    try:
-        for p in plot(results, out_dir):
-            outputs[p.stem] = str(p)
-    except Exception as err:  # a plot is a view; the report stands without it
-        log.warning("load-test plots failed (%s: %s)", type(err).__name__, err)
-    report.outputs = outputs
+    control = [d for d in done if d.role in ("control-start", "control-end")]
+    drift = None
+    if len(control) == 2:
+        start = steps_of(reports[control[0].arm.variant])[0]
+        drift = summary.drift_check(start, *(summary.columns(d.result.records, cfg.slo) for d in control),
+                                    tolerance=cfg.drift_tolerance)
+        log.info("%s", drift.verdict)
+    report = Report(
+        stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), data_fingerprint=fingerprint,
+        metrics={**({"drift_ttft_ratio": drift.ttft.diff.value, "drift_detected": float(drift.drifted)}
+                    if drift and drift.ttft.diff.value is not None else {})},
+        details={"run": run_id, "variants": variants, "not_servable": sorted(unservable),
+                 "order": [{"position": d.position, "variant": d.arm.variant, "label": d.result.label,
+                            "repeat": d.repeat, "role": d.role} for d in done],
+                 "drift": drift.model_dump(mode="json") if drift else None,
+                 "reports": {v: str(r.path) for v, r in reports.items()}})
     write_report(report)
-    log.info("loadtest %s: %d steps, SLO rate %.2f req/s -> %s", variant, len(results),
-             metrics["slo_rate_req_per_s"], report.path)
     return report
 
 
 def track(parent, report: Report) -> None:
-    """The seed-style table and plots as artifacts of the stage's run (``tracking.StageRun``), and
-    one nested MLflow run per step under it."""
+    """Tables and plots as artifacts of the stage's run (``tracking.StageRun``), and one nested
+    MLflow run per step (with its intervals as ``_ci_lo``/``_ci_hi`` metrics). A compared run's
+    report (``all``) tracks each variant's report in turn."""
     from workbench import tracking
+    from workbench.reports import read_report
 
-    for key in ("summary_md", "summary_csv", "latency_vs_rate", "ttft_cdf"):
-        if key in report.outputs:
-            parent.log_artifact(Path(report.outputs[key]), "loadtest")
+    variant_reports = ([read_report(Path(p)) for p in report.details.get("reports", {}).values()]
+                       if report.variant == VARIANT else [report])
+    for vr in variant_reports:
+        for key in ("summary_md", "latency_vs_rate", "ttft_cdf"):
+            if key in vr.outputs and Path(vr.outputs[key]).exists():
+                parent.log_artifact(Path(vr.outputs[key]), f"loadtest/{vr.variant}")
+        for step in steps_of(vr):
+            tracking.log_child_run(parent, f"{STAGE}:{vr.variant}:{step.label}",
+                                   {"offered_req_per_s": step.offered_req_per_s, "variant": vr.variant,
+                                    "repeat": step.repeat, "role": step.role, "position": step.position},
+                                   vr.details.get("step_metrics", {}).get(step.label, {}))
 
-    for step in report.details.get("steps", []):
-        tracking.log_child_run(parent, f"{STAGE}:{report.variant}:{step['label']}",
-                               {"offered_req_per_s": step["offered_req_per_s"], "variant": report.variant},
-                               step["metrics"])
 
-
-def summary(report: Report):
-    """The per-step table for notebooks."""
+def table(report: Report):
+    """The per-rate table (every figure with its interval) for notebooks."""
     import pandas as pd
 
-    return pd.DataFrame(report.details["table"])
+    if report.variant == VARIANT:
+        from workbench.reports import read_report
+
+        rates = [r for p in report.details.get("reports", {}).values() for r in rates_of(read_report(Path(p)))]
+    else:
+        rates = rates_of(report)
+    return pd.DataFrame(table_rows(rates))

@@ -6,6 +6,8 @@ import logging
 import os
 from pathlib import Path
 
+from workbench import logconfig
+
 MARKERS = ("dvc.yaml", "params.yaml")
 
 
@@ -22,5 +24,5 @@ def setup(level: int = logging.INFO) -> Path:
     """chdir to the project root (JupyterLab starts kernels in notebooks/) and turn on logging."""
     root = project_root()
     os.chdir(root)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logconfig.setup(level, force=True)
     return root

@@ -1,28 +1,39 @@
-"""Stage ``report``: every variant's reports side by side, the seed's two tables, and a decision.
+"""Stage ``report``: every variant's reports side by side, the seed's two tables with an interval
+on every figure, and a recommendation decided on evidence (``workbench.recommend``).
 
     python -m pipelines.run_stage report         # as DVC runs it (also exports the notebook to HTML)
     workbench report                             # the same run(cfg), without the notebook
 
-Reads only other stages' reports (reports/<stage>/<variant>.json) and the load test's raw records.
-Writes reports/report/all.json (the result), metrics.json (for ``dvc metrics show``), plot data
-under reports/report/plots/ (for ``dvc plots show``) and PNG plots. Recommendation: the variant
-with the best accuracy that meets the SLOs at the target rate within the memory budget.
+Reads only other stages' reports (reports/<stage>/<variant>.json) and the raw records they point
+at: per-question and per-document records of evaluate (for paired comparisons between any two
+variants) and the load test's per-request records (for speed at the target rate). Writes
+reports/report/all.json (the result), metrics.json (for ``dvc metrics show``: headline numbers
+with ``_ci_lo``/``_ci_hi``), plot data under reports/report/plots/ and PNG plots with error bars.
+
+Seed table 4.2 (quantization): size, compression, decode speed (TPOT p50 at the lowest offered
+rate), perplexity and its paired change to base, accuracy and its paired difference to base.
+Seed table 6.2 (load): per variant and offered rate, achieved rate, TTFT / E2EL percentiles,
+goodput and the SLO verdict, utilization. Intervals are 95 %; see README "Reading the report".
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
 from pathlib import Path
 
+from workbench import evaluate, loadtest, plots, stats
 from workbench.config import ReportConfig
+from workbench.loadgen.metrics import e2el_s, ttft_s
+from workbench.loadgen.summary import RateSummary
+from workbench.recommend import Candidate, accuracy_diff, ppl_change, recommend
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
 
 log = logging.getLogger(__name__)
 VARIANT = "all"  # == tracking.ALL_VARIANTS: its MLflow run is top-level, not under a variant
 OUT_DIR = Path("reports/report")
 METRICS_FILE = Path("metrics.json")
+SUITES = ("mmlu", "ceval")
 
 
 def _load(stage: str, variant: str) -> Report | None:
@@ -36,173 +47,189 @@ def _load(stage: str, variant: str) -> Report | None:
         return None
 
 
-def _nan(x) -> float:
-    return math.nan if x is None else float(x)
-
-
-def quant_row(variant: str, base_bytes: float, base_ppl: float, cfg: ReportConfig) -> dict:
-    """One row of the seed's table 4.2: size, compression, speed, perplexity change, accuracy."""
-    q = _load("quantize", variant)
-    e = _load("evaluate", variant)
-    lt = _load("loadtest", variant)
-    size = base_bytes if variant == "base" else _nan(q and q.metrics.get("model_bytes"))
-    ppl = _nan(e and e.metrics.get("ppl_word"))
-    row = {
-        "variant": variant,
-        "method": "bf16 (reference)" if variant == "base" else (q.details.get("method") if q else "?"),
-        "bytes": size,
-        "compression": base_bytes / size if size and not math.isnan(size) else math.nan,
-        "output_tokens_per_s": _nan(lt and lt.metrics.get("max_output_tokens_per_s")),
-        "ppl_word": ppl,
-        "ppl_change_pct": 100 * (ppl / base_ppl - 1) if base_ppl and not math.isnan(base_ppl) else math.nan,
-        "mmlu_acc": _nan(e and e.metrics.get("mmlu_acc")),
-        "ceval_acc": _nan(e and e.metrics.get("ceval_acc")),
-    }
-    row["broken"] = bool(ppl > cfg.broken_ppl_ratio * base_ppl) if not math.isnan(ppl * base_ppl) else False
-    return row
-
-
-def load_rows(variant: str) -> list[dict]:
-    lt = _load("loadtest", variant)
-    return [{"variant": variant, **r} for r in (lt.details.get("table", []) if lt else [])]
-
-
-def at_rate(rows: list[dict], rate: float) -> dict | None:
-    """The step offered at ``rate`` (the nearest one at or above it, else the highest)."""
-    if not rows:
+def at_rate(rates: list[RateSummary], rate: float) -> RateSummary | None:
+    """The summary offered at ``rate`` (the nearest one at or above it, else the highest)."""
+    if not rates:
         return None
-    above = [r for r in rows if r["offered req/s"] >= rate - 1e-9]
-    return min(above, key=lambda r: r["offered req/s"]) if above else max(rows, key=lambda r: r["offered req/s"])
+    above = [r for r in rates if r.offered_req_per_s >= rate - 1e-9]
+    return min(above, key=lambda r: r.offered_req_per_s) if above else max(rates, key=lambda r: r.offered_req_per_s)
 
 
-def recommend(quant: list[dict], load: dict[str, list[dict]], cfg: ReportConfig) -> dict:
-    """Best accuracy among variants that are not broken, fit the budget and meet the SLOs."""
-    why_not: dict[str, str] = {}
-    ok = []
-    for row in quant:
-        v = row["variant"]
-        step = at_rate(load.get(v, []), cfg.target_rate_req_per_s)
-        acc = row.get(cfg.accuracy_metric, math.nan)
-        if row["broken"]:
-            why_not[v] = f"broken: perplexity {row['ppl_word']:.2f} > {cfg.broken_ppl_ratio}x base"
-        elif cfg.memory_budget_bytes and row["bytes"] > cfg.memory_budget_bytes:
-            why_not[v] = f"{row['bytes'] / 1e6:.0f} MB exceeds the {cfg.memory_budget_bytes / 1e6:.0f} MB budget"
-        elif step is None:
-            why_not[v] = "no load test"
-        elif step["goodput"] < cfg.min_goodput:
-            why_not[v] = (f"goodput {step['goodput']:.0%} < {cfg.min_goodput:.0%} at "
-                          f"{step['offered req/s']:g} req/s (TTFT p99 {step['TTFT p99 ms']:.0f} ms)")
-        elif math.isnan(acc):
-            why_not[v] = f"no {cfg.accuracy_metric}"
-        else:
-            ok.append((acc, -row["bytes"], v, step))
-    if not ok:
-        return {"variant": None, "reason": "no variant qualifies: " + "; ".join(f"{v}: {w}" for v, w in why_not.items()),
-                "rejected": why_not}
-    acc, neg_bytes, v, step = max(ok)
-    return {"variant": v, "rejected": why_not, "reason": (
-        f"{v} has the best {cfg.accuracy_metric} ({acc:.3f}) of the variants that meet the SLOs at "
-        f"{step['offered req/s']:g} req/s (goodput {step['goodput']:.0%}, TTFT p99 {step['TTFT p99 ms']:.0f} ms)"
-        f" within the memory budget, at {-neg_bytes / 1e6:.0f} MB on disk")}
-
-
-def ttft_samples_ms(variant: str, rate: float) -> list[float]:
-    lt = _load("loadtest", variant)
-    if not lt:
-        return []
-    step = at_rate(load_rows(variant), rate)
-    path = step and lt.outputs.get(f"records_rate_{step['offered req/s']:g}")
-    if not path or not Path(path).exists():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("success") and not rec.get("warmup") and rec.get("first_token_s") is not None:
-            out.append(1000 * (rec["first_token_s"] - rec["send_s"]))
+def latencies_at(lt: Report, rate: float) -> dict[str, list[float]]:
+    """TTFT and E2EL (ms) of every measured request offered at ``rate`` (all its repeats)."""
+    out: dict[str, list[float]] = {"ttft": [], "e2el": []}
+    for step in loadtest.steps_of(lt):
+        if step.offered_req_per_s != rate or step.role == "control-end" or not step.records_file:
+            continue
+        if not Path(step.records_file).exists():
+            continue
+        for r in loadtest.read_records(step.records_file):
+            if r.warmup or not r.success:
+                continue
+            for key, fn in (("ttft", ttft_s), ("e2el", e2el_s)):
+                if (v := fn(r)) is not None:
+                    out[key].append(1000 * v)
     return out
 
 
-def plot(quant: list[dict], load: dict[str, list[dict]], cfg: ReportConfig, out: Path) -> dict[str, str]:
-    import matplotlib
+def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tuple[Candidate, dict]:
+    """A variant's evidence for the recommender, and what else its table row needs."""
+    q, e, lt = _load("quantize", variant), _load("evaluate", variant), _load("loadtest", variant)
+    c = Candidate(variant=variant, bytes=base_bytes if variant == "base" else (q and q.metrics.get("model_bytes")),
+                  broken=bool(q and q.metrics.get("broken")))
+    extra: dict = {"method": "reference" if variant == "base" else (q.details.get("method") if q else None)}
+    if e is not None and "not_evaluated" not in e.details:
+        c.evaluated = True
+        samples = Path(e.outputs.get("samples", ""))
+        if samples.is_dir():
+            for s in SUITES:
+                with contextlib.suppress(FileNotFoundError):
+                    c.questions[s] = evaluate.question_records(samples, s)
+            with contextlib.suppress(FileNotFoundError):
+                c.documents = evaluate.document_records(samples)
+        for s in SUITES:
+            if c.questions.get(s):
+                rec = c.questions[s]
+                c.accuracy[s] = stats.proportion(sum(rec.values()), len(rec))
+        if c.documents:
+            ll, words = zip(*c.documents.values())
+            c.ppl = stats.perplexity(ll, words)
+        elif e.metrics.get("ppl_word") is not None:
+            c.ppl = stats.Estimate(value=e.metrics["ppl_word"], n=0, note="no per-document records")
+        extra["backend"] = e.details.get("backend", {}).get("name")
+    if lt is not None and loadtest.rates_of(lt):
+        rates = loadtest.rates_of(lt)
+        c.load = at_rate(rates, cfg.target_rate_req_per_s)
+        c.e2el_ms = latencies_at(lt, c.load.offered_req_per_s)["e2el"]
+        extra["rates"] = rates
+        extra["tpot_low_load"] = min(rates, key=lambda r: r.offered_req_per_s).latency["tpot"].at(50)
+        if lt.details.get("knee"):
+            extra["knee"] = lt.details["knee"]
+    elif lt is not None:
+        extra["load_note"] = lt.details.get("not_servable")
+    return c, extra
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = {}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for row in quant:
-        ax.scatter(row["bytes"] / 1e6, row[cfg.accuracy_metric], s=40)
-        ax.annotate(row["variant"], (row["bytes"] / 1e6, row[cfg.accuracy_metric]), fontsize=8)
-    ax.set(xlabel="size on disk (MB)", ylabel=cfg.accuracy_metric, title="Accuracy vs size")
-    fig.tight_layout(); fig.savefig(out / "accuracy_vs_size.png", dpi=110); plt.close(fig)
-    paths["accuracy_vs_size"] = str(out / "accuracy_vs_size.png")
+def quant_row(c: Candidate, extra: dict, base: Candidate | None, base_bytes: float | None) -> dict:
+    """One row of seed table 4.2, typed: Estimates and Comparisons as dicts."""
+    row = {"variant": c.variant, "method": extra.get("method"), "bytes": c.bytes,
+           "compression": base_bytes / c.bytes if base_bytes and c.bytes else None, "broken": c.broken,
+           "tpot_ms_p50_low_load": _dump(extra.get("tpot_low_load")), "ppl_word": _dump(c.ppl),
+           "backend": extra.get("backend")}
+    if base is not None and c is not base:
+        row["ppl_change_vs_base"] = _dump(ppl_change(c, base))
+    for s in SUITES:
+        row[f"{s}_acc"] = _dump(c.accuracy.get(s))
+        if base is not None and c is not base:
+            row[f"{s}_vs_base"] = _dump(accuracy_diff(c, base, s))
+    if extra.get("knee"):
+        row["sustained_req_per_s"] = extra["knee"]
+    return row
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for v, rows in load.items():
-        xs = [r["offered req/s"] for r in rows]
-        ax.plot(xs, [r["TTFT p99 ms"] for r in rows], marker="o", label=f"{v} TTFT p99")
-        ax.plot(xs, [r["E2EL p99 ms"] for r in rows], marker="s", ls="--", label=f"{v} E2E p99")
-    ax.set(xlabel="offered rate (req/s)", ylabel="ms", title="Latency vs offered rate", yscale="log")
-    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(out / "latency_vs_rate.png", dpi=110); plt.close(fig)
-    paths["latency_vs_rate"] = str(out / "latency_vs_rate.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for v in load:
-        ms = sorted(ttft_samples_ms(v, cfg.target_rate_req_per_s))
-        if ms:
-            ax.plot(ms, [(i + 1) / len(ms) for i in range(len(ms))], label=v)
-    ax.set(xlabel="TTFT (ms)", ylabel="fraction of requests",
-           title=f"TTFT distribution at {cfg.target_rate_req_per_s:g} req/s")
-    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(out / "ttft_cdf.png", dpi=110); plt.close(fig)
-    paths["ttft_cdf"] = str(out / "ttft_cdf.png")
-    return paths
+def _dump(obj):
+    return obj.model_dump(mode="json") if obj is not None else None
+
+
+def _est(d: dict | None) -> stats.Estimate | None:
+    return stats.Estimate.model_validate(d) if d else None
+
+
+def _cmp(d: dict | None) -> stats.Comparison | None:
+    return stats.Comparison.model_validate(d) if d else None
+
+
+def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
+    """A variant's numbers for ``dvc metrics show`` and MLflow: each with ``_ci_lo``/``_ci_hi``."""
+    out: dict[str, float] = {}
+
+    def put(key: str, est: stats.Estimate | None) -> None:
+        if est is None or est.value is None:
+            return
+        out[key] = round(est.value, 6)
+        for side in ("lo", "hi"):
+            if getattr(est, side) is not None:
+                out[f"{key}_ci_{side}"] = round(getattr(est, side), 6)
+
+    if row["bytes"]:
+        out["mb"] = round(row["bytes"] / 1e6, 1)
+    put("ppl_word", _est(row["ppl_word"]))
+    if (cmp := _cmp(row.get("ppl_change_vs_base"))) is not None:
+        put("ppl_change_pct", cmp.diff)
+    for s in SUITES:
+        put(f"{s}_acc", _est(row[f"{s}_acc"]))
+    if load is not None:
+        put("ttft_ms_p99_at_target", load.latency["ttft"].at(99))
+        put("goodput_at_target", load.goodput)
+        out["slo_at_target"] = {"pass": 1.0, "fail": 0.0}.get(load.slo.overall.value, 0.5)
+    return out
 
 
 def run(cfg: ReportConfig) -> Report:
     out = OUT_DIR
     (out / "plots").mkdir(parents=True, exist_ok=True)
     prep = _load("prepare", "base")
-    base_bytes = _nan(prep and prep.metrics.get("model_bytes"))
-    base_eval = _load("evaluate", "base")
-    base_ppl = _nan(base_eval and base_eval.metrics.get("ppl_word"))
-    quant = [quant_row(v, base_bytes, base_ppl, cfg) for v in cfg.variants]
-    load = {v: load_rows(v) for v in cfg.variants if load_rows(v)}
-    decision = recommend(quant, load, cfg)
+    base_bytes = prep and prep.metrics.get("model_bytes")
+    evidence = {v: candidate(v, base_bytes, cfg) for v in cfg.variants}
+    cands = [c for c, _ in evidence.values()]
+    base = evidence["base"][0] if "base" in evidence and evidence["base"][0].evaluated else None
+    compared = _load("loadtest", loadtest.VARIANT)
+    drift = compared.details.get("drift") if compared else None
+    drifted = bool(drift and drift.get("drifted"))
+    decision = recommend(cands, cfg, drifted=drifted)
 
-    # dvc metrics / plots inputs: flat numbers per variant, and tidy rows for the latency plot.
-    per_variant = {row["variant"]: {k: v for k, v in row.items()
-                                    if isinstance(v, float) and not math.isnan(v)} for row in quant}
-    for v, rows in load.items():
-        step = at_rate(rows, cfg.target_rate_req_per_s)
-        per_variant.setdefault(v, {}).update(
-            {"ttft_ms_p50_at_target": step["TTFT p50 ms"], "ttft_ms_p99_at_target": step["TTFT p99 ms"],
-             "goodput_at_target": step["goodput"]})
-    plot_rows = [{"variant": v, "offered_req_per_s": r["offered req/s"], "ttft_ms_p99": r["TTFT p99 ms"],
-                  "e2el_ms_p99": r["E2EL p99 ms"]} for v, rows in load.items() for r in rows]
-    write_json_atomic(out / "plots" / "latency_vs_rate.json", plot_rows)
+    rows = [quant_row(c, x, base, base_bytes) for c, x in evidence.values()]
+    load_rates = [r for _, x in evidence.values() for r in x.get("rates", [])]
+    per_variant = {c.variant: headline(row, c.load) for c, row in zip(cands, rows)}
+    metrics_json = {"recommended": decision["variant"], "drift_detected": float(drifted), **per_variant}
+
+    write_json_atomic(out / "plots" / "latency_vs_rate.json", [
+        {"variant": r.variant, "offered_req_per_s": r.offered_req_per_s,
+         "ttft_ms_p99": r.latency["ttft"].at(99).value, "ttft_ms_p99_ci_lo": r.latency["ttft"].at(99).lo,
+         "ttft_ms_p99_ci_hi": r.latency["ttft"].at(99).hi, "e2el_ms_p99": r.latency["e2el"].at(99).value}
+        for r in load_rates])
+    acc_key = cfg.accuracy_metric.removesuffix("_acc")
     write_json_atomic(out / "plots" / "accuracy_vs_size.json", [
-        {"variant": r["variant"], "mb": r["bytes"] / 1e6, "accuracy": r[cfg.accuracy_metric]}
-        for r in quant if not math.isnan(r["bytes"] * r[cfg.accuracy_metric])])
+        {"variant": c.variant, "mb": c.bytes / 1e6, "accuracy": c.accuracy[acc_key].value,
+         "accuracy_ci_lo": c.accuracy[acc_key].lo, "accuracy_ci_hi": c.accuracy[acc_key].hi}
+        for c in cands if c.bytes and acc_key in c.accuracy])
 
     report = Report(
         stage="report", variant=VARIANT, config=cfg.model_dump(mode="json"),
-        data_fingerprint={s: {v: (_load(s, v).provenance.git_sha if _load(s, v) else None)
-                              for v in cfg.variants} for s in ("quantize", "evaluate", "loadtest")},
+        data_fingerprint={s: {v: (r.provenance.git_sha if (r := _load(s, v)) else None) for v in cfg.variants}
+                          for s in ("quantize", "evaluate", "loadtest")},
         metrics={f"{v}.{k}": x for v, d in per_variant.items() for k, x in d.items()},
-        details={"quantization_table": quant, "load_table": [r for rows in load.values() for r in rows],
-                 "recommendation": decision,
+        details={"quantization_table": rows, "load_table": [r.model_dump(mode="json") for r in load_rates],
+                 "recommendation": decision, "drift": drift, "level": stats.LEVEL,
                  "missing": {v: [s for s in ("evaluate", "loadtest") + (() if v == "base" else ("quantize",))
                                  if _load(s, v) is None] for v in cfg.variants}},
     )
     write_report(report)
-    write_json_atomic(METRICS_FILE, {"recommended": decision["variant"], **per_variant})
+    write_json_atomic(METRICS_FILE, metrics_json)
     try:
-        report.outputs = plot(quant, load, cfg, out)
+        report.outputs = draw(cands, load_rates, cfg, out)
         write_report(report)
     except Exception as err:  # plots are a view; the report stands without them
         log.warning("report plots failed (%s: %s)", type(err).__name__, err)
     log.info("recommendation: %s", decision["reason"])
     return report
+
+
+def draw(cands: list[Candidate], rates: list[RateSummary], cfg: ReportConfig, out: Path) -> dict[str, str]:
+    acc_key = cfg.accuracy_metric.removesuffix("_acc")
+    paths = {"accuracy_vs_size": plots.accuracy_vs_size(
+        [(c.variant, c.bytes / 1e6, c.accuracy[acc_key]) for c in cands if c.bytes and acc_key in c.accuracy],
+        out / "accuracy_vs_size.png", cfg.accuracy_metric)}
+    if rates:
+        paths["latency_vs_rate"] = plots.latency_vs_rate(rates, out / "latency_vs_rate.png")
+        ttft = {}
+        for c in cands:
+            lt = _load("loadtest", c.variant)
+            if lt is not None and c.load is not None:
+                ttft[c.variant] = latencies_at(lt, c.load.offered_req_per_s)["ttft"]
+        paths["ttft_cdf"] = plots.ttft_cdf(ttft, out / "ttft_cdf.png",
+                                           f"TTFT at {cfg.target_rate_req_per_s:g} req/s (CDF)")
+    return paths
 
 
 def track(run, report: Report) -> None:
@@ -222,11 +249,30 @@ def track(run, report: Report) -> None:
         tracking.log_variant_summary(v, {k.split(".", 1)[1]: x for k, x in nums.items()})
 
 
+def _text(d: dict | None, fmt: str, unit: str = "") -> str:
+    if d is None:
+        return ""
+    if "diff" in d:
+        return _cmp(d).text(fmt, unit=unit)
+    return _est(d).text(fmt, unit=unit)
+
+
 def tables(report: Report):
-    """(quantization table, load table, recommendation) as pandas DataFrames for the notebook."""
+    """(quantization table, load table, recommendation) as pandas DataFrames of text: each figure
+    with its 95 % interval. Views of the report's typed rows."""
     import pandas as pd
 
-    q = pd.DataFrame(report.details["quantization_table"])
-    if not q.empty:
-        q["MB"] = q.pop("bytes") / 1e6
-    return q, pd.DataFrame(report.details["load_table"]), report.details["recommendation"]
+    q = pd.DataFrame([{
+        "variant": r["variant"], "method": r["method"],
+        "MB": f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "",
+        "compression": f"{r['compression']:.2f}x" if r["compression"] else "",
+        "TPOT p50 ms (low load)": _text(r["tpot_ms_p50_low_load"], ".1f"),
+        "perplexity": _text(r["ppl_word"], ".2f"),
+        "perplexity vs base": _text(r.get("ppl_change_vs_base"), "+.1f", " %"),
+        **{f"{s} acc": _text(r[f"{s}_acc"], ".3f") for s in SUITES},
+        **{f"{s} vs base": _text(r.get(f"{s}_vs_base"), "+.3f") for s in SUITES},
+        "broken": "yes" if r["broken"] else "",
+    } for r in report.details["quantization_table"]])
+    rates = [RateSummary.model_validate(r) for r in report.details["load_table"]]
+    return q, pd.DataFrame(loadtest.table_rows(rates)), report.details["recommendation"]
+

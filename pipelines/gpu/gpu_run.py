@@ -1,14 +1,19 @@
-"""The GPU run, on the device machine: prepare, load-test sweeps before/after, cross-check, shard, evaluate.
+"""The GPU run, on the device machine: prepare, one interleaved load test of the plan's serving
+configurations, cross-check, shard, evaluate.
 
     python3 pipelines/gpu/gpu_run.py --out $OUT                      # every phase of plan.yaml
-    python3 pipelines/gpu/gpu_run.py --out $OUT --only gpu-before crosscheck
+    python3 pipelines/gpu/gpu_run.py --out $OUT --only loadtest crosscheck
 
 Runs the workbench's own stages (workbench.prepare / loadtest / shard / evaluate ``run(cfg)``) with
-CUDA vLLM, from plan.yaml over params.yaml, in this checkout. Reports land in reports/ as on any
-machine; after every phase the reports, load tables, plots and server-log tails are packed into
-``<out>/gpu-results.tar.gz`` (so a run cut short still returns what it finished), and
-``<out>/summary.md`` gets the seed-style table. pipelines/gpu/README.md has the whole procedure;
-``python -m pipelines.gpu.import_results`` logs the returned reports to MLflow on your machine.
+CUDA vLLM, from plan.yaml over params.yaml, in this checkout. The load-test phase is ONE
+``loadtest.run(cfg)`` comparing the plan's ``configurations`` (their servers up together, probes
+interleaved A B C A B C, the first configuration's first probe measured again at the end as a
+drift control). Reports land in reports/ as on any machine; after every phase the reports, load
+tables, plots and server-log tails are packed into ``<out>/gpu-results.tar.gz`` (so a run cut short
+still returns the phases it finished), and ``<out>/summary.md`` shows per configuration the
+sustained rate with its bracket, the per-rate table with intervals, and the drift verdict.
+pipelines/gpu/README.md has the whole procedure; ``python -m pipelines.gpu.import_results`` logs
+the returned reports to MLflow on your machine.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -28,17 +32,19 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-os.chdir(ROOT)
+if not __package__:  # run as a script (python3 pipelines/gpu/gpu_run.py): this checkout's workbench
+    sys.path.insert(0, str(ROOT))
 
-from workbench import loadtest  # noqa: E402
+from workbench import loadtest, logconfig  # noqa: E402
 from workbench.config import LoadtestConfig, ServerConfig, load_params  # noqa: E402
-from workbench.reports import read_report, report_path  # noqa: E402
+from workbench.loadgen.knee import KneeResult  # noqa: E402
+from workbench.reports import Report, read_report  # noqa: E402
+from workbench.stats import Verdict  # noqa: E402
 
 log = logging.getLogger("gpu_run")
 PLAN = Path(__file__).with_name("plan.yaml")
-STATE = Path("runs/gpu")
-TTFT_P99_MS, GOODPUT = 300.0, 0.99  # the issue's bar for "the rate it sustains"
+STATE = Path("runs/gpu")  # relative to the checkout: main() works from ROOT
+PHASES = ("prepare", "loadtest", "crosscheck", "shard", "evaluate")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -49,26 +55,19 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def server_cfg(plan: dict, params, over: dict) -> ServerConfig:
-    merged = deep_merge(deep_merge(params.serve.chat.model_dump(), plan["common"]["server"]), over)
+    merged = deep_merge(deep_merge(params.serve.chat.model_dump(), plan.get("server", {})), over)
     return ServerConfig.model_validate({**merged, "model_dir": plan["model_dir"]})
 
 
-def loadtest_cfg(plan: dict, params, run: dict) -> LoadtestConfig:
-    lt = params.loadtest.model_dump()
-    lt = deep_merge(lt, plan["common"]["loadtest"])
-    lt = deep_merge(lt, run.get("loadtest", {}))
-    lt["server"] = server_cfg(plan, params, run.get("server", {})).model_dump()
-    lt["model_dir"] = plan["model_dir"]
-    lt["out_dir"] = "runs/loadtest"
+def loadtest_cfg(plan: dict, params) -> LoadtestConfig:
+    """One load test comparing the plan's configurations: ``variants`` are their names (the first
+    is the control), ``server_overrides`` their serve.chat keys, over plan.yaml's ``server``."""
+    lt = deep_merge(params.loadtest.model_dump(), plan["loadtest"])
+    configurations = {name: dict(over or {}) for name, over in plan["configurations"].items()}
+    lt.update(server=server_cfg(plan, params, {}).model_dump(), model_dir=plan["model_dir"],
+              variants=list(configurations), server_overrides=configurations,
+              base_url=None, out_dir="runs/loadtest")  # managed servers, one per configuration
     return LoadtestConfig.model_validate(lt)
-
-
-def sustained_rate(report) -> float:
-    """Highest offered rate whose step kept TTFT p99 <= 300 ms and goodput >= 99%, no errors."""
-    ok = [s["offered_req_per_s"] for s in report.details["steps"]
-          if s["metrics"].get("ttft_ms_p99", math.inf) <= TTFT_P99_MS
-          and s["metrics"].get("goodput_fraction", 0) >= GOODPUT and not s["errors"]]
-    return max(ok, default=0.0)
 
 
 def _read(path: str) -> str | None:
@@ -115,23 +114,111 @@ def phase_prepare(plan, params) -> None:
     prepare.run(cfg)
 
 
-def phase_loadtest(plan, params, run: dict) -> dict:
-    cfg = loadtest_cfg(plan, params, run)
-    return summarize(loadtest.run(cfg, variant=run["name"]), run.get("server", {}))
+def phase_loadtest(plan, params) -> dict:
+    comparison = loadtest.run(loadtest_cfg(plan, params))
+    return loadtest_summary(comparison, comparison_reports(comparison))
 
 
-def summarize(report, server_over: dict) -> dict:
-    """One load-test report as a row group of the GPU summary."""
-    return {"name": report.variant, "sustained_req_per_s": sustained_rate(report),
-            "server": dict(server_over), "client_processes": report.config.get("client_processes", 1),
-            "finished_at": report.created_at,
-            "steps": [{"offered": s["offered_req_per_s"], "limited_by": s.get("limited_by"),
-                       **{k: s["metrics"].get(k) for k in (
-                           "achieved_req_per_s", "request_throughput_req_per_s", "ttft_ms_p50",
-                           "ttft_ms_p99", "tpot_ms_p50", "e2el_ms_mean", "e2el_ms_p99", "goodput_fraction",
-                           "output_tokens_per_s", "gpu_util_pct_mean", "send_lag_ms_p99",
-                           "cpu_busiest_pct_api_server", "cpu_busiest_pct_engine_core",
-                           "cpu_busiest_pct_client")}} for s in report.details["steps"]]}
+def comparison_reports(comparison: Report, root: Path = Path(".")) -> dict[str, Report]:
+    """Each compared configuration's own report, read from the checkout (or an unpacked ``root``)."""
+    return {name: read_report(root / path) for name, path in comparison.details["reports"].items()
+            if (root / path).is_file()}
+
+
+def slo_text(slo: dict) -> str:
+    good = ", ".join(f"{k.removesuffix('_ms').upper()} <= {slo[k]:g} ms" for k in ("ttft_ms", "tpot_ms", "e2el_ms")
+                     if slo.get(k) is not None)
+    ttft = f"TTFT p{slo['ttft_percentile']:g} <= {slo['ttft_ms']:g} ms and " if slo.get("ttft_ms") is not None else ""
+    return (f"{ttft}goodput >= {slo['min_goodput']:.0%} (a request is good when {good or 'it succeeds'}), "
+            "each decided by a binomial test on the requests")
+
+
+def against_control(knee: KneeResult | None, control: KneeResult | None) -> str:
+    """Where a configuration's sustained rate lies against the control's, from their probes: it
+    is resolved only where one passed a rate that the other was shown to fail (an undecided probe
+    decides nothing)."""
+    if knee is None or control is None:
+        return "n/a (no knee search)"
+
+    def rates(k: KneeResult, verdict: Verdict) -> list[float]:
+        return [p.rate for p in k.probes if p.verdict is verdict]
+
+    passed, failed = rates(knee, Verdict.passed), rates(knee, Verdict.failed)
+    control_passed, control_failed = rates(control, Verdict.passed), rates(control, Verdict.failed)
+    if passed and control_failed and max(passed) >= min(control_failed):
+        return f"higher: passed {max(passed):.3g} req/s, the control failed {min(control_failed):.3g}"
+    if failed and control_passed and min(failed) <= max(control_passed):
+        return f"lower: failed {min(failed):.3g} req/s, the control passed {max(control_passed):.3g}"
+    return "not resolved (no rate passed by one was shown to fail for the other)"
+
+
+def comparison_verdict(drift: dict | None) -> str:
+    if drift is None:
+        return "unchecked: no drift control was measured (one configuration, or drift_control off)"
+    if drift["drifted"]:
+        return ("INVALID: the control drifted between the start and the end of the run, so the differences "
+                "between the configurations are not evidence; run the comparison again")
+    return "stands: no drift of the control was detected between the start and the end of the run"
+
+
+def loadtest_summary(comparison: Report, reports: dict[str, Report]) -> dict:
+    """The load-test part of summary.json, a view of the compared run's reports (``all`` and one
+    per configuration): the sustained rate of each with its bracket, the table of every rate it
+    was measured at (every figure with its interval), the drift verdict and what it means."""
+    cfg, names = comparison.config, comparison.details["variants"]
+    knees = {n: KneeResult.model_validate(r.details["knee"]) for n, r in reports.items() if r.details.get("knee")}
+    control = names[0] if names else None
+    configs = []
+    for name in names:
+        entry = {"name": name, "server": cfg.get("server_overrides", {}).get(name, {})}
+        rep = reports.get(name)
+        if rep is None or rep.details.get("not_servable"):
+            entry["not_servable"] = rep.details["not_servable"] if rep else "no report came back"
+            configs.append(entry)
+            continue
+        knee = knees.get(name)
+        entry.update(
+            sustained=knee.text() if knee else None, knee=knee.note if knee else None,
+            probes=[f"{p.rate:.3g} {p.verdict.value}" + (f" ({p.repeats}x)" if p.repeats > 1 else "")
+                    for p in knee.probes] if knee else [],
+            slo_rate_req_per_s=rep.metrics.get("slo_rate_req_per_s"),
+            against_control="control" if name == control else against_control(knee, knees.get(control)),
+            rows=loadtest.table_rows(loadtest.rates_of(rep)))
+        configs.append(entry)
+    drift = comparison.details.get("drift")
+    return {"run": comparison.details.get("run"), "finished_at": comparison.created_at, "mode": cfg["mode"],
+            "control": control, "client_processes": cfg.get("client_processes", 1), "slo": slo_text(cfg["slo"]),
+            "steps": len(comparison.details.get("order", [])),
+            "first_round": [o["variant"] for o in comparison.details.get("order", [])][:max(len(names), 1)],
+            "drift": drift["verdict"] if drift else None, "drifted": drift["drifted"] if drift else None,
+            "comparison": comparison_verdict(drift), "configurations": configs}
+
+
+def loadtest_markdown(lt: dict) -> list[str]:
+    search = ("a knee search per configuration for the highest offered rate that meets the SLO"
+              if lt["mode"] == "knee" else "a sweep of offered rates")
+    lines = [f"## Load test: {len(lt['configurations'])} configurations compared interleaved, control "
+             f"`{lt['control']}`", "",
+             f"{search}: {lt['slo']}. {lt['client_processes']} client process(es); {lt['steps']} steps in "
+             f"the order {' '.join(lt['first_round'])} ... (run {lt['run']}).", "",
+             f"**Drift control**: {lt['drift'] or 'not measured'}", "",
+             f"**Comparison**: {lt['comparison']}", "",
+             "| configuration | server (over plan.yaml's `server`) | sustained req/s [passed, failed) "
+             "| against the control | search |", "|---|---|---|---|---|"]
+    for c in lt["configurations"]:
+        server = ", ".join(f"{k}={v}" for k, v in c["server"].items()) or "plan defaults"
+        name = c["name"] + (" (control)" if c["name"] == lt["control"] else "")
+        if "not_servable" in c:
+            lines.append(f"| {name} | {server} | not servable | | {c['not_servable']} |")
+            continue
+        sustained = c["sustained"] or f"{c['slo_rate_req_per_s']:g} (highest swept rate shown to pass)"
+        lines.append(f"| {name} | {server} | {sustained} | {c['against_control']} | {c['knee'] or ''} |")
+    lines.append("")
+    for c in lt["configurations"]:
+        if "rows" in c:
+            lines += [f"### {c['name']}" + (f": probes {', '.join(c['probes'])}" if c["probes"] else ""), "",
+                      loadtest.markdown(c["rows"])]
+    return lines
 
 
 def phase_crosscheck(plan, params) -> dict:
@@ -190,58 +277,36 @@ def pack(out_dir: Path, summary: dict) -> None:
     with tarfile.open(out_dir / "gpu-results.tar.gz", "w:gz") as tar:
         for folder in ("reports", "runs/loadtest", "runs/benchmarks", "runs/logs", "runs/gpu"):
             for f in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
+                if f.resolve().is_relative_to(out_dir.resolve()):  # the archive itself (runs/gpu/out)
+                    continue
                 if f.is_file() and not f.name.startswith("step-") and f.stat().st_size < 4 << 20:
                     tar.add(f)
 
 
 def markdown(summary: dict) -> str:
     lines = [f"# GPU run: {summary.get('gpu', '?')}, vLLM {summary.get('vllm', '?')}", ""]
-    for run in summary.get("loadtest", []):
-        lines += [f"## {run['name']} (server {run['server'] or 'vLLM defaults'}, "
-                  f"{run['client_processes']} client process(es)): sustained "
-                  f"{run['sustained_req_per_s']:g} req/s at TTFT p99 <= 300 ms, goodput >= 99%", "",
-                  "| offered | achieved | TTFT p50 | TTFT p99 | TPOT p50 | E2EL mean | E2EL p99 | goodput "
-                  "| out tok/s | GPU util % | API-server CPU % | engine CPU % | client CPU % | limited by |",
-                  "|" + "---|" * 14]
-        for s in run["steps"]:
-            def f(k, fmt="{:.0f}"):
-                v = s.get(k)
-                return "" if v is None else fmt.format(v)
-            lines.append(f"| {s['offered']:g} | {f('achieved_req_per_s', '{:.1f}')} | {f('ttft_ms_p50')} | "
-                         f"{f('ttft_ms_p99')} | {f('tpot_ms_p50', '{:.1f}')} | {f('e2el_ms_mean')} | "
-                         f"{f('e2el_ms_p99')} | {f('goodput_fraction', '{:.3f}')} | {f('output_tokens_per_s')} | "
-                         f"{f('gpu_util_pct_mean')} | {f('cpu_busiest_pct_api_server')} | "
-                         f"{f('cpu_busiest_pct_engine_core')} | {f('cpu_busiest_pct_client')} | {s['limited_by']} |")
-        lines.append("")
+    if summary.get("loadtest"):
+        lines += loadtest_markdown(summary["loadtest"])
     for k in ("crosscheck", "shard", "evaluate", "host", "errors"):
         if k in summary:
             lines += [f"## {k}", "", "```", json.dumps(summary[k], indent=1, default=str), "```", ""]
     return "\n".join(lines)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
-    p.add_argument("--only", nargs="*", help="phase names (prepare, a run's name, crosscheck, shard, evaluate)")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    plan = yaml.safe_load(PLAN.read_text())
-    params = load_params("params.yaml")
+def device_info() -> dict:
     import torch
     import vllm
 
-    out_dir = Path(a.out)
-    summary_path = STATE / "summary.json"  # survives between device calls; $OUT does not
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
-                   vllm=vllm.__version__, torch=torch.__version__, cpus=os.cpu_count())
-    phases = ["prepare", *[r["name"] for r in plan["runs"]], "crosscheck", "shard", "evaluate"]
-    wanted = a.only or phases
-    runs = {r["name"]: r for r in plan["runs"]}
-    for name in phases:
+    return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "vllm": vllm.__version__,
+            "torch": torch.__version__, "cpus": os.cpu_count()}
+
+
+def run_phases(plan: dict, params, wanted: list[str], out_dir: Path, summary: dict, forced: bool = False) -> dict:
+    """Run the ``wanted`` phases in plan order, packing the results after each one."""
+    for name in PHASES:
         if name not in wanted:
             continue
-        if name == "prepare" and Path(plan["model_dir"], "config.json").exists() and a.only is None:
+        if name == "prepare" and Path(plan["model_dir"], "config.json").exists() and not forced:
             continue
         t0 = time.perf_counter()
         log.info("=== phase %s", name)
@@ -250,16 +315,13 @@ def main() -> int:
         try:
             if name == "prepare":
                 phase_prepare(plan, params)
-            elif name in runs:
-                res = phase_loadtest(plan, params, runs[name])
-                summary["loadtest"] = [r for r in summary.get("loadtest", []) if r["name"] != name] + [res]
             elif name == "shard":
-                if torch.cuda.device_count() < plan["shard"]["tensor_parallel_size"]:
-                    summary["shard"] = {"skipped": f"{torch.cuda.device_count()} GPU(s) < TP"}
-                else:
-                    summary["shard"] = phase_shard(plan, params)
+                tp = plan["shard"]["tensor_parallel_size"]
+                summary["shard"] = (phase_shard(plan, params) if summary.get("gpus", 0) >= tp
+                                    else {"skipped": f"{summary.get('gpus', 0)} GPU(s) < TP {tp}"})
             else:
-                summary[name] = {"crosscheck": phase_crosscheck, "evaluate": phase_evaluate}[name](plan, params)
+                summary[name] = {"loadtest": phase_loadtest, "crosscheck": phase_crosscheck,
+                                 "evaluate": phase_evaluate}[name](plan, params)
             summary.get("errors", {}).pop(name, None)  # an earlier failure of this phase is history
         except Exception as err:  # one phase failing must not cost the others' results
             log.error("phase %s failed: %s", name, err)
@@ -268,6 +330,23 @@ def main() -> int:
         host["after"] = host_state()
         summary.setdefault("host", {})[name] = host
         pack(out_dir, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
+    p.add_argument("--only", nargs="*", choices=PHASES, help="run only these phases")
+    a = p.parse_args(argv)
+    out_dir = Path(a.out).resolve()  # as given from the caller's directory ...
+    os.chdir(ROOT)  # ... then params.yaml, plan paths, reports/ and runs/ are the checkout's
+    logconfig.setup()
+    plan = yaml.safe_load(PLAN.read_text())
+    params = load_params("params.yaml")
+    summary_path = STATE / "summary.json"  # survives between device calls; $OUT does not
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.update(device_info())
+    run_phases(plan, params, a.only or list(PHASES), out_dir, summary, forced=a.only is not None)
     print(markdown(summary))
     return 0
 

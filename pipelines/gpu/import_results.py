@@ -5,8 +5,12 @@
 The device machine keeps nothing, so its MLflow store would be lost with it: the runner returns
 the reports themselves (versioned JSON with git SHA, GPU, package versions, config), and this logs
 each one as its stage would have on this machine - a ``<stage>:<variant>`` run under the variant's
-parent, load-test steps as nested runs, the seed table as an artifact. The report JSONs and the
-summary are copied to ``results/gpu/`` (committed: the README cites them); the store is not.
+parent, with a ``gpu-`` prefix on the variant. The load test comes back as one report per compared
+configuration (``loadtest:gpu-<name>``: metrics with their ``_ci_lo``/``_ci_hi``, one nested run per
+step, the per-rate table and plots as artifacts) and the comparison's own report ``all.json``
+(``loadtest:gpu-all``: the interleaved order, the drift check and its metrics, and the rebuilt
+summary.md). The report JSONs and the summary are copied to ``results/gpu/`` (committed: the
+README cites them); the store is not.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from workbench import tracking
+from workbench import loadtest, logconfig, tracking
 from workbench.cli import log_saved_report
-from workbench.reports import read_report
+from workbench.reports import read_report, report_path
 
 log = logging.getLogger(__name__)
 
@@ -37,46 +41,40 @@ def scrub(path: Path) -> None:
     path.write_text(text)
 
 
-def relabel(path: Path) -> None:
-    """Re-derive each step's ``limited_by`` with this checkout's rule (probes.limiting_factor) from
-    the step's own metrics; the label the run wrote is kept as ``limited_by_at_run``."""
-    import json
-
-    from workbench.loadgen.probes import limiting_factor
-
-    data = json.loads(path.read_text())
-    for step, row in zip(data["details"]["steps"], data["details"].get("table", [])):
-        step.setdefault("limited_by_at_run", step.get("limited_by"))
-        step["limited_by"] = row["limited by"] = limiting_factor(step["metrics"])
-    path.write_text(json.dumps(data, indent=2))
-
-
 def write_summary(root: Path, dest: Path) -> None:
     """summary.md / summary.json rebuilt from the reports themselves (not the runner's running copy)."""
     import json
 
-    from pipelines.gpu.gpu_run import markdown, summarize
+    from pipelines.gpu.gpu_run import comparison_reports, loadtest_summary, markdown
 
     old = json.loads((root / "runs/gpu/summary.json").read_text()) if (root / "runs/gpu/summary.json").exists() else {}
-    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s", "host") if k in old}
-    reports = sorted((root / "reports/loadtest").glob("*.json"), key=lambda p: read_report(p).created_at)
-    summary["loadtest"] = []
-    for path in reports:
-        rep = read_report(path)
-        server = rep.config.get("server", {})
-        over = {k: server[k] for k in ("api_server_count", "stream_interval", "async_scheduling",
-                                       "engine_core_nice", "max_num_batched_tokens") if server.get(k)}
-        summary["loadtest"].append(summarize(rep, over))
+    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s", "host", "errors") if k in old}
+    comparison = root / report_path("loadtest", loadtest.VARIANT)
+    if comparison.exists():
+        rep = read_report(comparison)
+        summary["loadtest"] = loadtest_summary(rep, comparison_reports(rep, root))
     if (root / "reports/gpu/crosscheck.json").exists():
         summary["crosscheck"] = json.loads((root / "reports/gpu/crosscheck.json").read_text())
     if (root / "reports/shard/base.json").exists():
         rep = read_report(root / "reports/shard/base.json")
         summary["shard"] = {**rep.metrics, "answer": rep.details["reload"].get("answer")}
-    summary["evaluate"] = {read_report(p).variant: {k: read_report(p).metrics.get(k) for k in (
-        "mmlu_acc", "ceval_acc", "ppl_word", "eval_s")} | {"timings": read_report(p).details.get("timings")}
-        for p in sorted((root / "reports/evaluate").glob("*.json"))}
+    evaluated = [read_report(p) for p in sorted((root / "reports/evaluate").glob("*.json"))]
+    if evaluated:
+        summary["evaluate"] = {r.variant: {k: r.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "eval_s")}
+                               | {"timings": r.details.get("timings")} for r in evaluated}
     (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (dest / "summary.md").write_text(markdown(summary))
+
+
+def log_comparison(report, summary_md: Path, experiment: str) -> bool:
+    """The compared run's own report (order, drift check) as ``loadtest:gpu-all``, with the
+    summary as an artifact. Not through ``loadtest.track``: that would log every configuration's
+    steps a second time, and they have their own runs."""
+    with tracking.stage_run(report.stage, "gpu-" + report.variant, experiment, system_metrics=False) as run:
+        run.log_report(report)
+        run.log_artifact(summary_md, "loadtest")
+    log.info("logged %s:gpu-%s", report.stage, report.variant)
+    return run.active
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,28 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results/gpu")
     p.add_argument("--experiment", default="llm-workbench")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logconfig.setup()
     dest = Path(a.results)
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(a.archive) as tar:
             tar.extractall(tmp, filter="data")
         root = Path(tmp)
+        comparisons = []
         for path in sorted((root / "reports").rglob("*.json")):
             rel = path.relative_to(root / "reports")
             (dest / rel.parent).mkdir(parents=True, exist_ok=True)
-            if rel.parts[0] == "loadtest":
-                relabel(path)
             scrub(path)
             shutil.copy(path, dest / rel)
             if rel.parts[0] not in ("loadtest", "shard", "evaluate", "prepare"):
                 continue
             report = read_report(path)
+            if report.stage == loadtest.STAGE and report.variant == loadtest.VARIANT:
+                comparisons.append(report)  # logged with the summary rebuilt below
+                continue
             # The stage's outputs (tables, plots) as they came back in the archive, if they did.
             outputs = {k: str(root / v) for k, v in report.outputs.items() if (root / v).is_file()}
             log_saved_report(report.model_copy(update={"outputs": outputs}), a.experiment,
                              variant_prefix="gpu-")  # GPU runs apart from this machine's
         write_summary(root, dest)
+        for report in comparisons:
+            log_comparison(report, dest / "summary.md", a.experiment)
     print(f"reports in {dest}; MLflow store: {tracking.tracking_uri()}")
     return 0
 

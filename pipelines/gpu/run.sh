@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine, from the repo root (see pipelines/gpu/README.md):
 #   bash pipelines/gpu/run.sh start [PHASE...]   unpack the carried chunks (once), start the GPU run
-#                                                 detached, follow it for up to WAIT_S seconds
+#                                                 detached, follow it for up to WAIT_S seconds; PHASE:
+#                                                 prepare loadtest crosscheck shard evaluate (default all)
 #   bash pipelines/gpu/run.sh wait                follow a started run for up to WAIT_S more seconds
 # Results (summary.md, summary.json, gpu-results.tar.gz) are copied to $OUT at the end of each call.
 # The run itself outlives one call (setsid): a device call lasts at most 10 minutes.
@@ -31,4 +32,4 @@ end=$((SECONDS + WAIT_S))
 while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
 kill -0 "$pid" 2>/dev/null && echo "RUNNING (pid $pid): call 'run.sh wait' next" || echo "FINISHED"
 mkdir -p "$out"; cp runs/gpu/out/* "$out"/ 2>/dev/null; cp /tmp/gpu_run.log "$out"/gpu_run.log
-grep -E "=== phase|step rate|sustained|failed|Error|error:" /tmp/gpu_run.log | tail -60
+grep -E "=== phase|step rate|SLO met|drift|failed|Error|error:" /tmp/gpu_run.log | tail -60

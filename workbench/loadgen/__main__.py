@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from workbench import logconfig
 from workbench.config import LoadtestConfig, SLOConfig, WorkloadConfig
+from workbench.loadgen import summary
 from workbench.loadgen.client import Target
 from workbench.loadgen.runner import run_async, sweep
 
@@ -40,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-eos", action="store_true", help="vLLM extension: exactly --output-tokens")
     p.add_argument("--records", default=None, help="write every raw record here (JSONL)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logconfig.setup()  # to stderr: stdout carries the table
     cfg = LoadtestConfig(
         base_url=a.base_url, model=a.model, api_key=a.api_key, endpoint=a.endpoint, stream=not a.no_stream,
         workload=WorkloadConfig(kind=a.workload, path=a.path, input_tokens=a.input_tokens,
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             for res in results:
                 for rec in res.records:
                     f.write(json.dumps(rec.to_dict()) + "\n")
-    print(json.dumps({r.label: r.metrics for r in results}, indent=1))
+    steps = [summary.step_summary("endpoint", r.label, r.rate, r.records, cfg.slo, r.metrics, position=i,
+                                  limited_by=r.limited_by) for i, r in enumerate(results)]
+    print(json.dumps([s.model_dump(mode="json") for s in steps], indent=1))  # every figure with its interval
     return 0
 
 

@@ -20,8 +20,6 @@ from collections import defaultdict
 from workbench import promscrape
 
 log = logging.getLogger(__name__)
-# httpx logs every request at INFO; a scrape every sample interval would bury the step lines.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 HISTOGRAMS = {"server_ttft": "vllm:time_to_first_token_seconds",
               "server_queue": "vllm:request_queue_time_seconds",
               "server_e2el": "vllm:e2e_request_latency_seconds"}
@@ -159,14 +157,14 @@ class _ProcessCPU:
         return out
 
 
-def limiting_factor(m: dict[str, float]) -> str:
+def limiting_factor(m: dict[str, float], min_goodput: float = 0.99) -> str:
     """What limited a step, from its metrics: the client first (late sends hide everything behind
     them), then whether the server kept up at all, then which server part was pegged. vLLM's
     engine core spins at ~100% of a core whenever it has work, so a saturated step whose engine
     core got much less, with the GPU idle, was starved of CPU by the other processes on the host."""
     if m.get("send_lag_ms_p99", 0.0) > 10:
         return "client (late sends)"
-    kept_up = m.get("goodput_fraction", 1.0) >= 0.99  # every SLO held for 99% of requests
+    kept_up = m.get("goodput_fraction", 1.0) >= min_goodput  # loadtest.slo.min_goodput: the one SLO
     if kept_up:
         return "none (below saturation)"
     if m.get("cpu_busiest_pct_api_server", 0.0) >= 90:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,12 +32,14 @@ class StepResult:
     metrics: dict[str, float]  # client metrics + server / utilization probes, flat
     errors: dict[str, int] = field(default_factory=dict)
     limited_by: str = ""  # probes.limiting_factor: client | server front-end | engine | gpu | none
+    started_unix: float = 0.0
 
 
 def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index: int,
-                  rate: float) -> tuple[list[workloads.RequestSpec], np.ndarray]:
-    """The step's requests and their send offsets, from a generator seeded by (seed, step)."""
-    rng = np.random.default_rng([cfg.seed, index])
+                  rate: float, repeat: int = 0) -> tuple[list[workloads.RequestSpec], np.ndarray]:
+    """The step's requests and their send offsets, from a generator seeded by (seed, step, repeat):
+    every variant compared at one (rate, repeat) gets the same prompts at the same offsets."""
+    rng = np.random.default_rng([cfg.seed, index, repeat])
     if cfg.duration_s is not None:
         measured = arrivals.schedule(cfg.arrival, rate, rng, duration_s=cfg.duration_s,
                                      burstiness=cfg.burstiness)
@@ -52,50 +55,68 @@ def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index
     return workloads.sample(specs, len(offsets), rng), offsets
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One configuration under test: a variant's endpoint (and its server's pid for CPU probes)."""
+
+    variant: str
+    target: Target
+    root_url: str | None
+    server_pid: int | None = None
+
+
+async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workloads.RequestSpec],
+                       rate: float, index: int, repeat: int = 0, label: str | None = None) -> StepResult:
+    """One open-loop step of ``arm`` at ``rate``: its requests, probes and flat metrics."""
+    label = label or step_label(rate)
+    reqs, offsets = step_requests(cfg, specs, index, rate, repeat)
+    log.info("%s step %s (repeat %d): %d requests (%d warm-up), %s arrivals over %.1f s", arm.variant, label,
+             repeat, len(reqs), min(cfg.warmup_requests, len(reqs)), cfg.arrival, float(offsets[-1]))
+    headers = {"Authorization": f"Bearer {arm.target.api_key}"} if arm.target.api_key else None
+    probe = StepProbe(arm.root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers,
+                      server_pid=arm.server_pid)
+    await asyncio.to_thread(probe.start)  # the before-scrape, outside the timed window
+    started = time.time()
+    try:
+        if cfg.client_processes > 1:
+            records = await asyncio.to_thread(
+                run_step_processes, arm.target, reqs, offsets.tolist(), label, cfg.warmup_requests,
+                cfg.max_concurrency, cfg.client_processes, cfg.timeout_s)
+        else:
+            records = await run_step(session, arm.target, reqs, offsets.tolist(), label,
+                                     cfg.warmup_requests, cfg.max_concurrency)
+    finally:
+        probed = await asyncio.to_thread(probe.stop)
+    result = StepResult(rate, label, records, {**step_metrics(records, rate, cfg.slo), **probed},
+                        errors_by_kind([r for r in records if not r.warmup]), started_unix=started)
+    m = result.metrics
+    result.limited_by = limiting_factor(m, cfg.slo.min_goodput)
+    log.info("%s step %s: achieved %.2f req/s, TTFT p50 %.0f ms p99 %.0f ms, E2EL p99 %.0f ms, "
+             "goodput %.0f%%, errors %s, limited by %s", arm.variant, label,
+             m.get("achieved_req_per_s", float("nan")), m.get("ttft_ms_p50", float("nan")),
+             m.get("ttft_ms_p99", float("nan")), m.get("e2el_ms_p99", float("nan")),
+             100 * m.get("goodput_fraction", 0.0), result.errors or "none", result.limited_by)
+    return result
+
+
 async def sweep(cfg: LoadtestConfig, target: Target, root_url: str | None,
                 on_step: Callable[[StepResult], None] | None = None,
                 server_pid: int | None = None) -> list[StepResult]:
-    """One step per offered rate. ``server_pid``: the managed server, whose processes' CPU is
-    sampled so each step can say what limited it (client, server front-end, engine, GPU)."""
+    """One step per offered rate against one endpoint (the one-step CLI's run). ``server_pid``:
+    the managed server, whose processes' CPU is sampled so each step can say what limited it."""
     specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
+    arm = Arm("endpoint", target, root_url, server_pid)
     results = []
-    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else None
     async with make_session(cfg.timeout_s) as session:
         for index, rate in enumerate(cfg.rates):
-            label = step_label(rate)
-            reqs, offsets = step_requests(cfg, specs, index, rate)
-            log.info("step %s: %d requests (%d warm-up), %s arrivals over %.1f s", label, len(reqs),
-                     min(cfg.warmup_requests, len(reqs)), cfg.arrival, float(offsets[-1]))
-            probe = StepProbe(root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers,
-                              server_pid=server_pid)
-            await asyncio.to_thread(probe.start)  # the before-scrape, outside the timed window
-            try:
-                if cfg.client_processes > 1:
-                    records = await asyncio.to_thread(
-                        run_step_processes, target, reqs, offsets.tolist(), label, cfg.warmup_requests,
-                        cfg.max_concurrency, cfg.client_processes, cfg.timeout_s)
-                else:
-                    records = await run_step(session, target, reqs, offsets.tolist(), label,
-                                             cfg.warmup_requests, cfg.max_concurrency)
-            finally:
-                probed = await asyncio.to_thread(probe.stop)
-            result = StepResult(rate, label, records, {**step_metrics(records, rate, cfg.slo), **probed},
-                                errors_by_kind([r for r in records if not r.warmup]))
-            m = result.metrics
-            result.limited_by = limiting_factor(m)
-            log.info("step %s: achieved %.2f req/s, TTFT p50 %.0f ms p99 %.0f ms, E2EL p99 %.0f ms, "
-                     "goodput %.0f%%, errors %s, limited by %s", label, m.get("achieved_req_per_s", float("nan")),
-                     m.get("ttft_ms_p50", float("nan")), m.get("ttft_ms_p99", float("nan")),
-                     m.get("e2el_ms_p99", float("nan")), 100 * m.get("goodput_fraction", 0.0),
-                     result.errors or "none", result.limited_by)
+            result = await measure_step(cfg, arm, session, specs, rate, index)
             results.append(result)
             if on_step:
                 on_step(result)
-            if cfg.stop_below_goodput is not None and m.get("goodput_fraction", 0.0) < cfg.stop_below_goodput:
-                skipped = cfg.rates[index + 1:]
-                if skipped:
-                    log.info("goodput %.0f%% < %.0f%%: saturated, skipping rates %s", 100 * m.get("goodput_fraction", 0),
-                             100 * cfg.stop_below_goodput, skipped)
+            g = result.metrics.get("goodput_fraction", 0.0)
+            if cfg.stop_below_goodput is not None and g < cfg.stop_below_goodput:
+                log.info("goodput %.0f%% < %.0f%%: saturated, skipping rates %s", 100 * g,
+                         100 * cfg.stop_below_goodput, cfg.rates[index + 1:])
                 break
     return results
 

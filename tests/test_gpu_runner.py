@@ -1,0 +1,201 @@
+"""The GPU runner's load-test phase on the CPU: the plan's configurations compared in one interleaved
+run against fake servers standing in for their vLLMs, the summary it packs, and the import of what
+it packed into MLflow (pipelines/gpu/gpu_run.py, pipelines/gpu/import_results.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.gpu import gpu_run, import_results
+from workbench import loadtest, stats
+from workbench.config import load_params
+from workbench.fakeserver import FakeServer
+from workbench.loadgen.knee import KneeResult, Probe
+from workbench.reports import read_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
+# The GPU plan's load at CPU scale: a p50 SLO so that 24 requests decide a probe, one-token replies.
+CPU_SCALE = {"client_processes": 1, "duration_s": None, "requests_per_step": 24, "warmup_requests": 0,
+             "arrival": "constant", "scrape_metrics": False,
+             "workload": {"input_tokens": 8, "output_tokens": 1, "max_tokens": 1},
+             "slo": {"ttft_ms": 40, "ttft_percentile": 50, "min_goodput": 0.5},
+             "knee": {"start_req_per_s": 40, "min_req_per_s": 5, "tolerance": 0.2, "max_probes": 5,
+                      "max_repeats": 1}}
+
+
+def real_plan() -> dict:
+    return yaml.safe_load(gpu_run.PLAN.read_text())
+
+
+@contextlib.contextmanager
+def fake_servers(monkeypatch, fakes: dict[str, FakeServer]):
+    """Each configuration's managed vLLM replaced by its fake (as tests/test_loadtest.py does)."""
+    started = []
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        started.append(variant)
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    monkeypatch.setattr(gpu_run, "host_state", lambda: {"at": "test"})  # psutil's 2 s of sampling
+    yield started
+
+
+@pytest.fixture(scope="module")
+def knee_run(tmp_path_factory):
+    """The plan's configurations (control first) through gpu_run's load-test phase, once:
+    capacities of ~100, ~200 and ~200 req/s (one or two requests at a time, 10 ms each)."""
+    tmp = tmp_path_factory.mktemp("gpu")
+    plan = real_plan()
+    plan["loadtest"] = gpu_run.deep_merge(plan["loadtest"], {**CPU_SCALE, "drift_tolerance": 5.0})
+    names = list(plan["configurations"])
+    fakes = {n: FakeServer(max_running=1 if i == 0 else 2, ttft_ms=10, itl_ms=0, output_tokens=1,
+                           model=PARAMS.serve.chat.served_name) for i, n in enumerate(names)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        with fake_servers(mp, fakes) as started:
+            summary = gpu_run.run_phases(plan, PARAMS, ["loadtest"], tmp / "out", {}, forced=True)
+    assert "errors" not in summary, summary.get("errors")
+    return {"dir": tmp, "plan": plan, "names": names, "summary": summary, "started": started}
+
+
+def test_plan_is_one_valid_knee_comparison_whose_probes_can_decide_a_p99():
+    plan = real_plan()
+    cfg = gpu_run.loadtest_cfg(plan, PARAMS)
+    assert cfg.variants == list(plan["configurations"]) and len(cfg.variants) >= 2
+    assert cfg.server_overrides == plan["configurations"] and cfg.base_url is None
+    assert cfg.mode == "knee" and cfg.drift_control and cfg.client_processes == 4
+    assert (cfg.slo.ttft_ms, cfg.slo.ttft_percentile, cfg.slo.min_goodput) == (300, 99, 0.99)
+    # a p99 at the limit, every request under it: shown to pass only from 299 requests on
+    n = int(cfg.duration_s * cfg.knee.min_req_per_s) if cfg.duration_s else cfg.requests_per_step
+    assert n >= 300 and stats.quantile_within([1.0] * n, 300, 99) is stats.Verdict.passed
+    servers = [loadtest.server_config(cfg, v) for v in cfg.variants]
+    assert servers[0].api_server_count == 1 and all(s.model_dir == plan["model_dir"] for s in servers)
+    assert sum(s.gpu_memory_utilization for s in servers) <= 0.9  # all up together on one GPU
+
+
+def test_load_test_phase_interleaves_the_configurations_with_the_control_first_and_last(knee_run):
+    names = knee_run["names"]
+    assert knee_run["started"] == names  # one server per configuration, in plan order
+    comparison = read_report(knee_run["dir"] / "reports/loadtest/all.json")
+    order = comparison.details["order"]
+    assert [o["variant"] for o in order[:len(names)]] == names  # A B C ...
+    assert (order[0]["variant"], order[0]["role"]) == (names[0], "control-start")
+    assert (order[-1]["variant"], order[-1]["role"]) == (names[0], "control-end")
+    assert comparison.details["drift"]["variant"] == names[0]
+    for name in names:
+        rep = read_report(knee_run["dir"] / f"reports/loadtest/{name}.json")
+        assert rep.config["server_overrides"][name] == knee_run["plan"]["configurations"][name]
+        assert rep.metrics["sustained_req_per_s_ci_lo"] <= rep.metrics["sustained_req_per_s_ci_hi"]
+
+
+def test_summary_shows_each_sustained_rate_with_its_bracket_the_table_with_intervals_and_the_drift_verdict(knee_run):
+    md = (knee_run["dir"] / "out/summary.md").read_text()
+    lt = knee_run["summary"]["loadtest"]
+    comparison = read_report(knee_run["dir"] / "reports/loadtest/all.json")
+    for name in knee_run["names"]:
+        rep = read_report(knee_run["dir"] / f"reports/loadtest/{name}.json")
+        bracket = KneeResult.model_validate(rep.details["knee"]).text()
+        assert f"| {bracket} |" in md and "[" in bracket  # sustained rate with its [passed, failed)
+        ttft_p50 = loadtest.rates_of(rep)[0].latency["ttft"].at(50)
+        assert ttft_p50.lo is not None and ttft_p50.text(".0f") in md  # the table's figures carry intervals
+        assert f"### {name}: probes " in md
+    assert "TTFT p50 ms" in md and "goodput" in md
+    assert comparison.details["drift"]["verdict"] in md and "**Drift control**" in md
+    assert lt["drifted"] is False and "**Comparison**: stands" in md
+    assert "TTFT p50 <= 40 ms and goodput >= 50%" in md  # the SLO as the run's config had it
+
+
+def test_import_logs_each_configuration_and_the_comparison_and_rebuilds_the_same_summary(knee_run, tmp_path,
+                                                                                          monkeypatch):
+    import mlflow
+
+    from workbench import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert import_results.main([str(knee_run["dir"] / "out/gpu-results.tar.gz"), "--results", "results/gpu"]) == 0
+    rebuilt = (tmp_path / "results/gpu/summary.md").read_text()
+    packed = (knee_run["dir"] / "out/summary.md").read_text()
+    assert rebuilt.split("## host")[0] == packed.split("## host")[0]  # the load test, from the reports alone
+    assert (tmp_path / "results/gpu/loadtest/all.json").exists()
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("llm-workbench")
+    stage_runs = {r.info.run_name: r
+                  for r in client.search_runs([exp.experiment_id], "tags.`workbench.role` = 'stage'")}
+    names = knee_run["names"]
+    assert set(stage_runs) == {f"loadtest:gpu-{n}" for n in names} | {"loadtest:gpu-all"}
+    for name in names:
+        rep = read_report(knee_run["dir"] / f"reports/loadtest/{name}.json")
+        metrics = stage_runs[f"loadtest:gpu-{name}"].data.metrics
+        assert metrics["sustained_req_per_s"] == rep.metrics["sustained_req_per_s"]
+        assert metrics["sustained_req_per_s_ci_hi"] == rep.metrics["sustained_req_per_s_ci_hi"]
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = "
+                                      f"'{stage_runs[f'loadtest:gpu-{name}'].info.run_id}'")
+        assert len(children) == len(rep.details["steps"])  # one nested run per step, none twice
+    comparison = stage_runs["loadtest:gpu-all"]
+    assert comparison.data.metrics["drift_detected"] == 0.0
+    assert "drift_ttft_ratio" in comparison.data.metrics
+    assert [a.path for a in client.list_artifacts(comparison.info.run_id, "loadtest")] == ["loadtest/summary.md"]
+
+
+def test_a_control_that_slowed_by_the_end_marks_the_comparison_invalid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = real_plan()
+    names = list(plan["configurations"])[:2]
+    plan["configurations"] = {n: plan["configurations"][n] for n in names}
+    plan["loadtest"] = gpu_run.deep_merge(plan["loadtest"], {**CPU_SCALE, "mode": "sweep", "rates": [20],
+                                                             "repeats": 1, "requests_per_step": 20})
+    fakes = {n: FakeServer(ttft_ms=5, itl_ms=0, output_tokens=1, model=PARAMS.serve.chat.served_name)
+             for n in names}
+    measure_step = loadtest.measure_step
+
+    async def host_slows_down_before_the_control_is_measured_again(cfg, arm, session, specs, rate, index,
+                                                                   repeat=0, label=None):
+        if label and label.endswith("control-end"):
+            fake = fakes[arm.variant].fake
+            fake.opts = dataclasses.replace(fake.opts, ttft_ms=30)
+        return await measure_step(cfg, arm, session, specs, rate, index, repeat, label)
+
+    monkeypatch.setattr(loadtest, "measure_step", host_slows_down_before_the_control_is_measured_again)
+    with fake_servers(monkeypatch, fakes):
+        summary = gpu_run.run_phases(plan, PARAMS, ["loadtest"], tmp_path / "out", {}, forced=True)
+    md = (tmp_path / "out/summary.md").read_text()
+    assert summary["loadtest"]["drifted"] is True
+    assert "**Comparison**: INVALID" in md and "unreliable" in md  # the drift check's own words
+    assert "highest swept rate shown to pass" in md  # a sweep has no knee bracket, and says so
+
+
+def searched(**verdicts: list[float]) -> KneeResult:
+    probes = [Probe(rate=r, verdict=stats.Verdict(v), repeats=1) for v, rs in verdicts.items() for r in rs]
+    return KneeResult(sustained_req_per_s=None, lo=None, hi=None, converged=False, hi_undecided=False,
+                      tolerance=0.1, probes=probes, note="")
+
+
+def test_a_configuration_differs_from_the_control_only_where_one_passed_a_rate_the_other_was_shown_to_fail():
+    control = searched(**{"pass": [50, 100], "fail": [200], "undecided": [141]})
+    assert gpu_run.against_control(searched(**{"pass": [50, 100, 200]}), control).startswith("higher")
+    assert gpu_run.against_control(searched(**{"pass": [50], "fail": [100]}), control).startswith("lower")
+    assert gpu_run.against_control(searched(**{"pass": [50, 100, 141], "undecided": [200]}),
+                                   control).startswith("not resolved")  # 141 undecided for the control
+    assert gpu_run.against_control(searched(**{"pass": [50, 100], "fail": [200]}), control).startswith("not resolved")
+
+
+def test_importing_the_runner_leaves_the_working_directory_alone(tmp_path):
+    code = "import os, pipelines.gpu.gpu_run; print(os.getcwd())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == tmp_path
