@@ -250,8 +250,9 @@ class EvalSuiteConfig(Section):
     # None: lm-eval's stock task unchanged, which downloads from the hub.
     data_dir: str | None = None
     subjects: list[str] | None = None  # lm-eval subject names; None: every subject found
-    num_fewshot: int = Field(default=0, ge=0)  # examples from the dev split (lm-eval: first_n)
-    limit: int | None = Field(default=10, ge=1)  # questions per subject; None: all
+    # Examples from the dev split (lm-eval: first_n). 5: the standard MMLU / C-Eval setting.
+    num_fewshot: int = Field(default=5, ge=0)
+    limit: int | None = Field(default=None, ge=1)  # questions per subject; None: all
 
 
 class PerplexityEvalConfig(Section):
@@ -365,7 +366,8 @@ class QuantizeConfig(Section):
 class ReportConfig(Section):
     """What the report compares and how it decides (all thresholds here, none in code)."""
 
-    variants: list[str] = ["base"]  # in table order; a variant without reports shows as missing
+    # In table order; a variant without reports shows as missing (gptq-int3: quantize's numbers only).
+    variants: list[str] = ["base", "awq-int4", "autoawq-int4", "gptq-int4", "gptq-int3"]
     accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
     # The load the variant must carry within the load test's SLO (loadtest.slo: the one home of
     # the thresholds); a variant shown to fail it there is not recommended.
