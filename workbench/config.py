@@ -373,7 +373,8 @@ class ReportConfig(Section):
     # the thresholds); a variant shown to fail it there is not recommended.
     target_rate_req_per_s: float = Field(default=1.0, gt=0)
     memory_budget_bytes: float | None = Field(default=None, gt=0)  # size on disk; None: no limit
-    broken_ppl_ratio: float = Field(default=2.0, gt=1)  # perplexity above this x base = broken
+    # No "broken" threshold here: a variant is broken when the quantize stage's check says so
+    # (quantize.check.broken_ppl_ratio), and the report reads that verdict (workbench/recommend.py).
     # Sizes within this share of the smallest are a tie (a few % of metadata is not a saving).
     size_tie_pct: float = Field(default=5.0, ge=0)
 
