@@ -412,9 +412,13 @@ def test_notebook_tables_show_intervals_and_the_paired_comparison(fake_stage, mo
     assert table.loc["perplexity", "ppl_word_change_pct_ci_hi"] == m["ppl_word_change_pct_ci_hi"]
 
 
-def test_for_variant_keeps_settings_and_derives_the_model_folder():
-    cfg = evaluate.for_variant(EvaluateConfig(), "gptq-int4")
-    assert cfg.variant == "gptq-int4" and cfg.model_path == "models/gptq-int4"
+def test_the_runners_variant_keeps_settings_and_derives_the_model_folder():
+    from workbench.config import load_params
+    from workbench.stages import STAGES
+
+    overrides = ["evaluate.mmlu.limit=3", *STAGES["evaluate"].variant_overrides("gptq-int4")]
+    cfg = load_params(ROOT / "params.yaml", overrides).evaluate
+    assert cfg.variant == "gptq-int4" and cfg.model_path == "models/gptq-int4" and cfg.mmlu.limit == 3
 
 
 # --- the real model ---------------------------------------------------------------------------

