@@ -104,9 +104,13 @@ def test_shard_variant_flag_overrides_params_for_run_report_and_mlflow_alike(fak
     assert tracked == [("shard", "gptq-int4", "reports/shard/gptq-int4.json")]
 
 
-def test_stages_that_do_not_fan_out_take_no_variant_flag(tmp_path):
+def test_stages_that_do_not_fan_out_take_no_variant_flag(tmp_path, capsys):
+    from pipelines import run_stage
+
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--variant", "x", "--params", params(tmp_path)])
+    assert run_stage.main(["report", "--variant", "x", "--params", params(tmp_path)]) == 2
+    assert "does not fan out" in capsys.readouterr().err
 
 
 def test_loadtest_without_variant_is_the_compared_run_and_with_one_is_that_variant(fake_runs, tracked, tmp_path):

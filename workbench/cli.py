@@ -25,7 +25,6 @@ from workbench.stages import STAGES, log_to, run_tracked
 log = logging.getLogger("workbench")
 
 
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

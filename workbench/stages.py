@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from workbench.config import ConfigError
 from workbench.reports import Report, read_report, report_path
 
 
@@ -52,7 +53,7 @@ class Stage:
         if variant is None:
             return []
         if not self.fans_out:
-            raise ValueError(f"stage '{self.name}' does not fan out over variants (no --variant)")
+            raise ConfigError(f"stage '{self.name}' does not fan out over variants (no --variant)")
         return [f"{self.section}.variant={variant}"]
 
     def config(self, params):
