@@ -21,7 +21,7 @@ from workbench import quantize
 from workbench.config import ConfigError, QuantizeConfig, QuantVariantConfig, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-QUANT_PYTHON = ROOT / ".venv-quant" / "bin" / "python"
+QUANT_PYTHON = Path(os.environ.get("WORKBENCH_QUANT_PYTHON", ROOT / ".venv-quant" / "bin" / "python"))
 SMOLLM2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
            "intermediate_size": 1536}
 needs_slow = pytest.mark.skipif(not os.environ.get("WORKBENCH_SLOW"),
@@ -88,6 +88,23 @@ def test_calibration_corpus_is_disjoint_from_the_perplexity_corpus():
     ppl_pages = "\n".join(r["page"] for r in ppl_rows)
     assert len(calib) > 32
     assert not [t for t in calib if t in ppl_pages]
+
+
+def test_configured_dampening_frac_reaches_llm_compressors_gptq_modifier():
+    dampening_frac = 0.037  # not the default 0.01: a hard-coded value fails this
+    """Builds the recipe in .venv-quant (no quantizing): quantize.variants.<v>.dampening_frac is used."""
+    if not QUANT_PYTHON.exists():
+        pytest.skip(f"no {QUANT_PYTHON} (./setup.sh creates it; or set WORKBENCH_QUANT_PYTHON)")
+    code = ("import json, sys; from workbench.config import QuantVariantConfig; "
+            "from workbench.quant_methods import gptq_recipe; "
+            "r = gptq_recipe(QuantVariantConfig.model_validate(json.loads(sys.argv[1]))); "
+            "print(json.dumps([type(r).__module__, r.dampening_frac]))")
+    v = {"method": "gptq", "bits": 4, "group_size": 64, "dampening_frac": dampening_frac}
+    proc = subprocess.run([str(QUANT_PYTHON), "-W", "ignore", "-c", code, json.dumps(v)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert module.startswith("llmcompressor.modifiers") and got == dampening_frac
 
 
 def test_awq_unpack_inverts_autoawq_packing_order():
@@ -251,7 +268,7 @@ def test_gptq_int4_is_served_by_vllm_cpu_and_answers(prepared, quant_root):
 @pytest.mark.parametrize("variant", ["awq-int4", "autoawq-int4"])
 def test_awq_variant_is_served_by_vllm_cpu_and_answers(prepared, quant_root, variant):
     # autoawq-int4 is the regression test for AutoAWQ's CPU scale-search bug
-    # (quant_methods._patch_autoawq_scale_search_for_cpu): without the fix it answers "E E E more".
+    # (compat.autoawq_cpu_scale_search): without the fix it answers "E E E more".
     _served_variant(prepared, quant_root, variant)
 
 

@@ -13,12 +13,13 @@ The report records bytes per rank, save time, and the reloaded server's start ti
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from workbench import compat
 from workbench.config import ShardConfig
 from workbench.reports import Report, atomic_dir, tree_fingerprint, write_report
 
@@ -35,29 +36,6 @@ def cpu_env(cfg: ShardConfig) -> dict[str, str]:
     return env
 
 
-def keep_cpu_linear_weights() -> None:
-    """Make vLLM-CPU keep each linear's weight tensor after prepacking it, in this process.
-
-    vLLM 0.32 on CPU prepacks unquantized linears for oneDNN / sgl-kernel and then replaces
-    ``layer.weight`` with an empty tensor (``UnquantizedLinearMethod.process_weights_after_loading``
-    -> ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``), so ``save_sharded_state``,
-    which saves ``model.state_dict()``, writes the embedding, norms and attention scales only, and
-    the reload fails with "Missing keys ('model.layers.0.self_attn.qkv_proj.weight', ...)".
-    Keeping the weight costs one more copy of the linears in RAM while saving. It reaches only a
-    worker in this process (TP=1, executor "uni", no engine subprocess); TP>1 workers are spawned.
-    """
-    from vllm.model_executor.layers import linear
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    def process_weights_after_loading(self, layer):
-        if getattr(layer, "_cpu_skip_gemm_dispatch", False):
-            layer.cpu_linear = __import__("torch").nn.functional.linear
-            return
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-
-    linear.UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
-
-
 def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     """Load ``src`` with TP=N in this process's vLLM engine and write each rank's tensors to ``out``."""
     from vllm import LLM
@@ -65,14 +43,17 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     from workbench.serve import detect_device
 
     env, kwargs = cpu_env(cfg), {}
-    if detect_device() == "cpu" and cfg.tensor_parallel_size == 1:
+    in_process = detect_device() == "cpu" and cfg.tensor_parallel_size == 1
+    if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
         kwargs["distributed_executor_backend"] = "uni"
-        keep_cpu_linear_weights()
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read by the engine it starts; put back after, the reload has its own
     t0 = time.perf_counter()
-    try:
+    # The engine reads env as it starts; put back after (the reload has its own). In-process, vLLM-CPU
+    # must keep the linears' weights it prepacks, or the shards hold none (compat says why).
+    with ExitStack() as scope:
+        scope.enter_context(compat.scoped_env(env))
+        if in_process:
+            scope.enter_context(compat.vllm_cpu_keep_linear_weights())
         # Shards keep the checkpoint's dtype ("auto" is vLLM's: the config's); the reload server
         # resolves its own compute dtype (workbench.serve.resolve_dtype) and casts on load.
         llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size,
@@ -83,12 +64,6 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     # Config, tokenizer and chat template travel with the shards (vLLM reads them from the folder).
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
@@ -139,7 +114,7 @@ def run(cfg: ShardConfig) -> Report:
     log.info("%s: %d rank files, bytes per rank %s, saved in %.0f s", out, len(ranks), ranks, save_s)
     src_weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     if sum(ranks.values()) < 0.9 * src_weights:
-        # vLLM-CPU with TP>1: the spawned workers drop their linears' weights (keep_cpu_linear_weights)
+        # vLLM-CPU with TP>1: the spawned workers drop their linears' weights (compat.vllm_cpu_keep_linear_weights)
         reload = {"success": False, "startup_s": None, "prompt": PROMPT, "answer": None,
                   "error": f"incomplete shards: {sum(ranks.values())} bytes saved for {src_weights} "
                            "bytes of source weights (vLLM-CPU drops prepacked linear weights); not reloaded"}
