@@ -13,35 +13,23 @@ receives the report and the executed notebook.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from workbench import logconfig, tracking
+from workbench import logconfig
 from workbench.config import ConfigError, load_params
-from workbench.reports import read_report, report_path
+from workbench.stages import STAGES, run_tracked
 
 log = logging.getLogger("pipelines.run_stage")
 
-# stage -> (notebook, Jupyter kernel that runs it). Stages needing another environment name its kernel.
-NOTEBOOKS: dict[str, tuple[str, str]] = {
-    "prepare": ("01_prepare.ipynb", "workbench"),
-    "quantize": ("02_quantize.ipynb", "workbench-quant"),  # .venv-quant: llm-compressor, AutoAWQ
-    "shard": ("03_shard.ipynb", "workbench"),
-    "evaluate": ("04_evaluate.ipynb", "workbench"),
-    "loadtest": ("05_loadtest.ipynb", "workbench"),
-    "report": ("06_report.ipynb", "workbench"),
-}
-# Stages whose executed notebook is also exported to HTML (inputs hidden): the readable result.
-HTML_EXPORTS = {"report": Path("reports/report/report.html")}
 EXECUTED_DIR = Path("runs/notebooks")
 FAILED_DIR = Path("runs/failed")
 
 
 def executed_path(stage: str, variant: str | None) -> Path:
-    stem = Path(NOTEBOOKS[stage][0]).stem
+    stem = Path(STAGES[stage].notebook).stem
     return EXECUTED_DIR / (f"{stem}-{variant}.ipynb" if variant else f"{stem}.ipynb")
 
 
@@ -60,26 +48,22 @@ def export_html(notebook: Path, dest: Path) -> Path:
 
 
 def run_notebook(stage: str, variant: str | None, params_file: str, overrides: list[str]) -> Path:
+    """Execute the stage's notebook on its config (``variant`` sets ``<section>.variant``) inside
+    the stage's tracked run (workbench.stages.run_tracked)."""
     import papermill
 
-    params = load_params(params_file, overrides)  # a typo stops here, before any work
-    cfg = getattr(params, stage)
-    notebook, kernel = NOTEBOOKS[stage]
+    spec = STAGES[stage]
+    params = load_params(params_file, [*overrides, *spec.variant_overrides(variant)])  # a typo stops here
     out = executed_path(stage, variant)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    parameters = {"config": cfg.model_dump(mode="json")}
-    if variant:
-        parameters["variant"] = variant
 
-    module = importlib.import_module(f"workbench.{stage}")  # light: stages import heavy deps lazily
-    report_variant = variant or getattr(module, "VARIANT", "base")
-    with tracking.stage_run(stage, report_variant, params.project.experiment,
-                            params.project.system_metrics) as run:
+    def execute(cfg) -> None:  # the notebook writes the report; run_tracked reads it back
         try:
             papermill.execute_notebook(
-                str(Path("notebooks") / notebook), str(partial), parameters=parameters,
-                kernel_name=kernel, cwd=str(Path.cwd()), log_output=True, progress_bar=False,
+                str(Path("notebooks") / spec.notebook), str(partial),
+                parameters={"config": cfg.model_dump(mode="json")},
+                kernel_name=spec.kernel, cwd=str(Path.cwd()), log_output=True, progress_bar=False,
             )
         except BaseException:
             FAILED_DIR.mkdir(parents=True, exist_ok=True)
@@ -89,19 +73,16 @@ def run_notebook(stage: str, variant: str | None, params_file: str, overrides: l
                 log.error("stage %s failed; executed notebook kept at %s", stage, kept)
             raise
         os.replace(partial, out)
-        if stage in HTML_EXPORTS:
-            export_html(out, HTML_EXPORTS[stage])
-        report = read_report(report_path(stage, report_variant))
-        run.log_report(report, artifacts=[out])
-        extra = getattr(module, "track", None)
-        if extra is not None:  # stage-specific MLflow content, e.g. load-test child runs per step
-            extra(run, report)
+        if spec.html:
+            export_html(out, Path(spec.html))
+
+    run_tracked(stage, params, execute, artifacts=[out])
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=sorted(NOTEBOOKS))
+    parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--variant", default=None, help="model variant, for stages that fan out")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

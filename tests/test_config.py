@@ -1,4 +1,5 @@
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -77,3 +78,57 @@ def test_pipeline_runner_fails_on_typo_before_running_the_notebook(tmp_path, pro
     assert out.returncode == 2
     assert "prepare.smoke_max_new_token" in out.stderr
     assert not (project / "runs").exists() and not (project / "mlflow.db").exists()
+
+
+# --- params.yaml and the code defaults are one set of values -----------------------------------
+
+# Keys (dotted prefixes) where params.yaml may differ from the defaults in workbench/config.py,
+# each with the reason. Everything else must match, so a test that builds a config from the code
+# defaults tests what the pipeline runs.
+DEFAULTS_MAY_DIFFER = {
+    # Filled from serve.chat by Params' validator when params.yaml has no loadtest.server; the
+    # code default is a plain ServerConfig(), the pipeline's value is whatever serve.chat holds.
+    "loadtest.server": "a copy of serve.chat",
+}
+
+
+def _leaves(data, prefix=""):
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.removesuffix("."), data
+
+
+def _differences(params) -> dict[str, tuple]:
+    from workbench.config import Params
+
+    ran, code = dict(_leaves(params.model_dump(mode="json"))), dict(_leaves(Params().model_dump(mode="json")))
+    return {k: (ran.get(k, "<absent>"), code.get(k, "<absent>")) for k in ran.keys() | code.keys()
+            if ran.get(k, "<absent>") != code.get(k, "<absent>")
+            and not any(k == p or k.startswith(p + ".") for p in DEFAULTS_MAY_DIFFER)}
+
+
+def test_params_file_equals_the_code_defaults():
+    diffs = _differences(load_params("params.yaml"))
+    assert not diffs, ("params.yaml and workbench/config.py disagree (params.yaml, code): "
+                       f"{dict(sorted(diffs.items()))}; change one to match, or add the key to "
+                       "DEFAULTS_MAY_DIFFER with the reason")
+
+
+def test_defaults_check_notices_a_changed_value_in_any_section(tmp_path):
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    data["evaluate"]["mmlu"]["num_fewshot"] = 0
+    data["report"]["variants"] = ["base"]
+    p = write(tmp_path, yaml.safe_dump(data))
+    assert set(_differences(load_params(p))) == {"evaluate.mmlu.num_fewshot", "report.variants"}
+
+
+def test_every_section_is_compared():
+    from workbench.config import Params
+
+    leaves = {k.split(".")[0] for k, _ in _leaves(load_params("params.yaml").model_dump(mode="json"))}
+    assert leaves == set(Params.model_fields) == {
+        "project", "prepare", "serve", "loadtest", "evaluate", "quantize", "shard", "report"}

@@ -412,9 +412,13 @@ def test_notebook_tables_show_intervals_and_the_paired_comparison(fake_stage, mo
     assert table.loc["perplexity", "ppl_word_change_pct_ci_hi"] == m["ppl_word_change_pct_ci_hi"]
 
 
-def test_for_variant_keeps_settings_and_derives_the_model_folder():
-    cfg = evaluate.for_variant(EvaluateConfig(), "gptq-int4")
-    assert cfg.variant == "gptq-int4" and cfg.model_path == "models/gptq-int4"
+def test_the_runners_variant_keeps_settings_and_derives_the_model_folder():
+    from workbench.config import load_params
+    from workbench.stages import STAGES
+
+    overrides = ["evaluate.mmlu.limit=3", *STAGES["evaluate"].variant_overrides("gptq-int4")]
+    cfg = load_params(ROOT / "params.yaml", overrides).evaluate
+    assert cfg.variant == "gptq-int4" and cfg.model_path == "models/gptq-int4" and cfg.mmlu.limit == 3
 
 
 # --- the real model ---------------------------------------------------------------------------
@@ -516,6 +520,57 @@ def test_without_a_fallback_vllm_failing_stops_the_stage(fake_stage, monkeypatch
     monkeypatch.setitem(evaluate.BACKENDS, "vllm-server", _vllm_fails)
     with pytest.raises(ServerError):
         evaluate.run(fake_stage(backend="vllm-server", fallback_backend=None))
+
+
+# --- the environment a run sets: its own values, for its own duration ---------------------------
+
+ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+SEEN_ENV: list[dict[str, str | None]] = []
+
+
+def _env_probe() -> str:
+    """FakeLM that records the engine's environment variables as lm-eval creates it."""
+    from lm_eval.api.registry import MODEL_REGISTRY, get_model, register_model
+
+    name = "wb-env-probe"
+    if name not in MODEL_REGISTRY:
+        @register_model(name)
+        class _Probe(get_model(FakeLM.register())):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                SEEN_ENV.append({k: os.environ.get(k) for k in ENGINE_ENV})
+    return name
+
+
+def test_a_second_run_with_another_kv_cache_gib_gives_the_engine_the_new_value(fake_stage, monkeypatch):
+    import dataclasses
+
+    from workbench import lmeval_vllm
+
+    monkeypatch.setattr(lmeval_vllm, "register", lambda: "not-loaded")  # no vLLM import
+    real, probe = evaluate.BACKENDS["vllm"], _env_probe()
+    monkeypatch.setitem(evaluate.BACKENDS, "vllm", lambda cfg, stack: dataclasses.replace(
+        real(cfg, stack), lm_eval_model=probe, check=None, scopes=()))
+    for k in ENGINE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    SEEN_ENV.clear()
+    for gib in (3, 5):
+        report = evaluate.run(fake_stage(backend="vllm", fallback_backend=None, server={"kv_cache_gib": gib}))
+        assert report.details["backend"]["name"] == "vllm"
+        assert not any(k in os.environ for k in ENGINE_ENV)  # put back when the run ends
+    assert SEEN_ENV == [{"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                        {"VLLM_CPU_KVCACHE_SPACE": "5", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}]
+
+
+def test_offline_flags_hold_for_a_run_on_local_data_and_are_restored_after(fake_stage, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    seen = []
+    monkeypatch.setattr(evaluate, "_run", lambda cfg: seen.append(
+        (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))))
+    evaluate.run(fake_stage())  # every suite reads a local folder
+    assert seen == [("1", "1")]
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and "HF_DATASETS_OFFLINE" not in os.environ
 
 
 # --- the in-process vLLM model (workbench.lmeval_vllm) --------------------------------------------

@@ -132,7 +132,10 @@ def test_peak_concurrency_counts_overlapping_requests():
 
 
 def test_limiting_factor_blames_the_client_first_then_the_pegged_server_part():
-    from workbench.loadgen.probes import limiting_factor
+    from workbench.loadgen.probes import limiting_factor as with_slo
+
+    def limiting_factor(m):
+        return with_slo(m, SLOConfig().min_goodput)
 
     assert limiting_factor({"send_lag_ms_p99": 40, "goodput_fraction": 0.5}).startswith("client")
     assert limiting_factor({"goodput_fraction": 1.0}).startswith("none")
@@ -168,3 +171,11 @@ def test_gpu_utilization_counts_the_servers_gpu_not_the_idle_ones_beside_it():
     assert meter({1: [os.getpid()]}).sample() == (80, 70)  # the server's own pid runs on GPU 1
     assert meter({1: [999999]}).sample() == (80, 70)  # host pids (a container): the GPU running anything
     assert meter({}).sample() == (20, 70)  # nothing to match: every GPU, as before
+
+
+def test_limiting_factor_reads_the_slos_min_goodput_not_its_own():
+    from workbench.loadgen.probes import limiting_factor
+
+    step = {"goodput_fraction": 0.85, "cpu_busiest_pct_worker": 97}
+    assert limiting_factor(step, 0.8).startswith("none")  # kept up by an 80 % SLO
+    assert limiting_factor(step, 0.9).startswith("model compute")  # not by a 90 % one

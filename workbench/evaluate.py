@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from workbench import evalsets, stats
+from workbench import compat, evalsets, stats
 from workbench.evalbackends import BACKENDS, Backend
 from workbench.config import EvaluateConfig
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_json_atomic, write_report
@@ -227,14 +226,17 @@ def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report,
             "deltas": deltas, "not_comparable": skipped, "paired": comparisons, "not_paired": unpaired}
 
 
-def _lm_eval_env(offline: bool) -> None:
-    # Local folders need no network: never let `datasets` or the hub client wait on one. Set
-    # before lm_eval (and with it `datasets`) is first imported; both read these at import time.
-    # A stock task (data_dir: null) is a request for hub data, so then nothing is forced.
+def lm_eval_env(offline: bool) -> dict[str, str]:
+    """The environment a stage run sets, explicitly, for its own duration (then restored).
+
+    Local folders need no network: never let `datasets` or the hub client wait on one. A stock task
+    (data_dir: null) is a request for hub data, so then the caller's environment decides. `datasets`
+    and `huggingface_hub` also copy these at their first import, so that import happens inside the run.
+    """
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     if offline:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    return env
 
 
 def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[evalsets.PreparedSuite, Any]]:
@@ -298,6 +300,9 @@ def _open(name: str, cfg: EvaluateConfig, stack) -> tuple[Backend, Any]:
     from lm_eval.api.registry import get_model
 
     backend = BACKENDS[name](cfg, stack)  # vllm-server: stopped when the stack closes
+    stack.enter_context(compat.scoped_env(backend.env))  # until the stage ends
+    for scope in backend.scopes:
+        stack.enter_context(scope())
     lm = get_model(backend.lm_eval_model).create_from_arg_obj(
         backend.model_args, {"batch_size": backend.batch_size, "device": backend.device})
     if backend.check:
@@ -333,8 +338,13 @@ def _open_with_fallback(cfg: EvaluateConfig, stack) -> tuple[Backend, Any, dict 
 
 
 def run(cfg: EvaluateConfig) -> Report:
+    offline = all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled)
+    with compat.scoped_env(lm_eval_env(offline)):
+        return _run(cfg)
+
+
+def _run(cfg: EvaluateConfig) -> Report:
     t_start = time.perf_counter()
-    _lm_eval_env(offline=all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled))
     from lm_eval.tasks import TaskManager
 
     model_dir = Path(cfg.model_path)
@@ -395,11 +405,6 @@ def run(cfg: EvaluateConfig) -> Report:
     write_report(report)
     log.info("evaluate %s: %s", cfg.variant, {k: v for k, v in metrics.items() if not k.endswith("_s")})
     return report
-
-
-def for_variant(cfg: EvaluateConfig, variant: str) -> EvaluateConfig:
-    """The same settings for another variant (the notebook's and DVC's ``variant`` parameter)."""
-    return EvaluateConfig.model_validate({**cfg.model_dump(), "variant": variant})
 
 
 def _bounds(ci: dict | None, name: str) -> dict:

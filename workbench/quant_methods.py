@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from workbench import compat
+
 
 @dataclass(frozen=True)
 class Method:
@@ -56,57 +58,27 @@ def _oneshot(base_dir: Path, out: Path, recipe, texts: list[str], seq_len: int) 
     tok.save_pretrained(out)
 
 
-@register("gptq", "compressed-tensors")
-def quantize_gptq(base_dir, out, v, texts, seq_len):
+def gptq_recipe(v):
+    """llm-compressor's GPTQ modifier for variant config ``v`` (quantize.variants.<name>)."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    recipe = GPTQModifier(config_groups=_ct_scheme(v.bits, v.group_size, v.symmetric),
-                          ignore=["lm_head"], dampening_frac=0.01)
-    _oneshot(base_dir, out, recipe, texts, seq_len)
+    return GPTQModifier(config_groups=_ct_scheme(v.bits, v.group_size, v.symmetric),
+                        ignore=["lm_head"], dampening_frac=v.dampening_frac)
+
+
+@register("gptq", "compressed-tensors")
+def quantize_gptq(base_dir, out, v, texts, seq_len):
+    _oneshot(base_dir, out, gptq_recipe(v), texts, seq_len)
 
 
 @register("awq", "compressed-tensors")
 def quantize_awq(base_dir, out, v, texts, seq_len):
-    import torch
     from llmcompressor.modifiers.awq import AWQModifier
 
-    if not torch.cuda.is_available():
-        # llmcompressor's AWQ pins its activation cache to page-locked memory, which CPU-only torch
-        # refuses ("Cannot access accelerator device when none is available"); unpinned is correct.
-        torch.Tensor.pin_memory = lambda self, *a, **k: self
     recipe = AWQModifier(config_groups=_ct_scheme(v.bits, v.group_size, v.symmetric),
                          ignore=["lm_head"])
-    _oneshot(base_dir, out, recipe, texts, seq_len)
-
-
-def _patch_autoawq_scale_search_for_cpu() -> None:
-    """AutoAWQ 0.2.9's scale search corrupts weights when the model is on the CPU.
-
-    ``AwqQuantizer._compute_best_scale`` keeps the "original" weights as
-    ``{k: v.cpu() for k, v in module.state_dict().items()}``, a copy on a GPU but the very same
-    tensors on the CPU. Each of its 20 grid points then scales ``fc.weight`` in place
-    (``fc.weight.mul_(scales)``) and "restores" from that aliased dict, so the scalings compound
-    and the linears end up multiplied by the product of all candidate scales while the norm before
-    them is divided by the chosen one only: perplexity 158,000 instead of 16, "E E E more more...".
-    Snapshotting with real copies is the upstream intent. (Evidence: docs/quantization-notes.md.)
-    """
-    from awq.quantize.quantizer import AwqQuantizer
-
-    if getattr(AwqQuantizer._compute_best_scale, "_workbench_cpu_fix", False):
-        return
-    original = AwqQuantizer._compute_best_scale
-
-    def compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output,
-                           kwargs={}):  # noqa: B006 - AutoAWQ's own signature
-        live = module2inspect.state_dict
-        module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in live(*a, **k).items()}
-        try:
-            return original(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs)
-        finally:
-            del module2inspect.state_dict  # back to the class's method
-
-    compute_best_scale._workbench_cpu_fix = True
-    AwqQuantizer._compute_best_scale = compute_best_scale
+    with compat.torch_cpu_unpinned():  # its activation cache pins memory CPU-only torch refuses
+        _oneshot(base_dir, out, recipe, texts, seq_len)
 
 
 @register("autoawq", "awq")
@@ -115,14 +87,13 @@ def quantize_autoawq(base_dir, out, v, texts, seq_len):
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
 
-    _patch_autoawq_scale_search_for_cpu()
-
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoAWQForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
-    model.quantize(tok, quant_config={"w_bit": v.bits, "q_group_size": v.group_size,
-                                      "zero_point": not v.symmetric, "version": "GEMM"},
-                   calib_data=texts, max_calib_samples=len(texts), max_calib_seq_len=seq_len,
-                   apply_clip=v.apply_clip)
+    with compat.autoawq_cpu_scale_search():  # its scale search corrupts CPU weights without it
+        model.quantize(tok, quant_config={"w_bit": v.bits, "q_group_size": v.group_size,
+                                          "zero_point": not v.symmetric, "version": "GEMM"},
+                       calib_data=texts, max_calib_samples=len(texts), max_calib_seq_len=seq_len,
+                       apply_clip=v.apply_clip)
     model.save_quantized(str(out))
     tok.save_pretrained(out)
 

@@ -1,6 +1,7 @@
 """Stage ``quantize``: 4-bit (and 3-bit) variants of the base model, from a small registry of methods.
 
     python -m pipelines.run_stage quantize --variant gptq-int4     # as DVC runs it (kernel workbench-quant)
+    workbench quantize --variant gptq-int4                         # CLI, tracked (in .venv-quant)
     .venv-quant/bin/python -m workbench.quantize --variant awq-int4 --set quantize.calibration.num_samples=8
 
 Runs in the quantization environment (``.venv-quant``): no llm-compressor release shares an
@@ -152,10 +153,11 @@ def check(cfg, base: Path, out: Path, fmt: str) -> dict:
             "broken": ratio > cfg.check.broken_ppl_ratio, "smoke": smoke}
 
 
-def run(cfg: QuantizeConfig, variant: str) -> Report:
-    """Quantize ``cfg.base_dir`` as ``cfg.variants[variant]`` into ``<out_root>/<variant>``."""
+def run(cfg: QuantizeConfig) -> Report:
+    """Quantize ``cfg.base_dir`` as ``cfg.variants[cfg.variant]`` into ``<out_root>/<variant>``."""
+    variant = cfg.variant
     if variant not in cfg.variants:
-        raise QuantizeError(f"unknown variant '{variant}'; configured: {sorted(cfg.variants)}")
+        raise QuantizeError(f"set quantize.variant (--variant) to one of {sorted(cfg.variants)}; got {variant!r}")
     v = cfg.variants[variant]
     method = METHODS[v.method]
     base = Path(cfg.base_dir)
@@ -185,7 +187,7 @@ def run(cfg: QuantizeConfig, variant: str) -> Report:
                   verdict["perplexity"], verdict["perplexity_base"], verdict["perplexity_ratio"],
                   cfg.check.broken_ppl_ratio)
     report = Report(
-        stage="quantize", variant=variant, config={**cfg.model_dump(mode="json"), "variant": variant},
+        stage="quantize", variant=variant, config=cfg.model_dump(mode="json"),
         data_fingerprint={"calibration": {"corpus": cfg.calibration.corpus, "sha256": sha256_file(
                               Path(cfg.calibration.corpus)), "samples": len(texts),
                               "seq_len": cfg.calibration.seq_len},
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        report = run(load_params(args.params, args.set).quantize, args.variant)
+        report = run(load_params(args.params, [*args.set, f"quantize.variant={args.variant}"]).quantize)
     except (ConfigError, QuantizeError) as err:
         print(f"error: {err}", flush=True)
         return 2

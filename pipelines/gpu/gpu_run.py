@@ -39,6 +39,7 @@ from workbench import loadtest, logconfig  # noqa: E402
 from workbench.config import LoadtestConfig, ServerConfig, load_params  # noqa: E402
 from workbench.loadgen.knee import KneeResult  # noqa: E402
 from workbench.reports import Report, read_report  # noqa: E402
+from workbench.stages import STAGES  # noqa: E402
 from workbench.stats import Verdict  # noqa: E402
 
 log = logging.getLogger("gpu_run")
@@ -108,14 +109,12 @@ def host_state() -> dict:
 
 
 def phase_prepare(plan, params) -> None:
-    from workbench import prepare
-
     cfg = params.prepare.model_copy(update={"out_dir": plan["model_dir"], "embedding": None})
-    prepare.run(cfg)
+    STAGES["prepare"].run(cfg)
 
 
 def phase_loadtest(plan, params) -> dict:
-    comparison = loadtest.run(loadtest_cfg(plan, params))
+    comparison = STAGES["loadtest"].run(loadtest_cfg(plan, params))
     return loadtest_summary(comparison, comparison_reports(comparison))
 
 
@@ -243,25 +242,21 @@ def phase_crosscheck(plan, params) -> dict:
 
 
 def phase_shard(plan, params) -> dict:
-    from workbench import shard
-
     tp = plan["shard"]["tensor_parallel_size"]
     srv = server_cfg(plan, params, {"gpu_memory_utilization": 0.3})
-    cfg = params.shard.model_copy(update={"tensor_parallel_size": tp, "source_dir": plan["model_dir"],
-                                          "out_dir": f"models/base-tp{tp}", "server": srv})
-    report = shard.run(cfg, variant="base")
+    cfg = params.shard.model_copy(update={"variant": "base", "tensor_parallel_size": tp, "server": srv,
+                                          "source_dir": plan["model_dir"], "out_dir": f"models/base-tp{tp}"})
+    report = STAGES["shard"].run(cfg)
     return {"tp": tp, **{k: v for k, v in report.metrics.items()},
             "answer": report.details["reload"].get("answer")}
 
 
 def phase_evaluate(plan, params) -> dict:
-    from workbench import evaluate
-
     out = {}
     for backend in plan["evaluate"]["backends"]:
         cfg = params.evaluate.model_copy(update={"backend": backend, "model_dir": plan["model_dir"],
                                                  "variant": f"gpu-{backend}", "baseline": None})
-        report = evaluate.run(cfg)
+        report = STAGES["evaluate"].run(cfg)
         out[backend] = {k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "eval_s")}
         out[backend]["timings"] = report.details["timings"]
     return out

@@ -50,7 +50,6 @@ class GatewayServer:
         self.port = port or _free_port(self.host)
         self.app = Gateway(cfg)
         self._server = uvicorn.Server(uvicorn_config(self.app, self.host, self.port))
-        self._server.install_signal_handlers = lambda: None  # not the main thread
 
     @property
     def root_url(self) -> str:

@@ -157,11 +157,12 @@ class _ProcessCPU:
         return out
 
 
-def limiting_factor(m: dict[str, float], min_goodput: float = 0.99) -> str:
+def limiting_factor(m: dict[str, float], min_goodput: float) -> str:
     """What limited a step, from its metrics: the client first (late sends hide everything behind
     them), then whether the server kept up at all, then which server part was pegged. vLLM's
     engine core spins at ~100% of a core whenever it has work, so a saturated step whose engine
-    core got much less, with the GPU idle, was starved of CPU by the other processes on the host."""
+    core got much less, with the GPU idle, was starved of CPU by the other processes on the host.
+    ``min_goodput`` is the SLO's (``loadtest.slo.min_goodput``): no threshold of its own here."""
     if m.get("send_lag_ms_p99", 0.0) > 10:
         return "client (late sends)"
     kept_up = m.get("goodput_fraction", 1.0) >= min_goodput  # loadtest.slo.min_goodput: the one SLO
