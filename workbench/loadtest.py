@@ -146,8 +146,11 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
             on_step(d)
             return d
 
+        # A drift control needs something to bracket: more than one step in the run.
+        controlled = cfg.drift_control and (cfg.mode == "knee" or cfg.repeats * len(cfg.rates) * len(arms) > 1)
+
         def first_role() -> str:
-            return "control-start" if cfg.drift_control and not done else "measure"
+            return "control-start" if controlled and not done else "measure"
 
         if cfg.mode == "sweep":
             saturated: dict[str, float] = {}
@@ -177,7 +180,7 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
                     pooled[key] = pooled[key] + cols if key in pooled else cols
                     search.observe(rate, summary.slo_verdict(pooled[key], cfg.slo).overall)
             knees = {v: s.result() for v, s in searches.items()}
-        if cfg.drift_control and len(done) > 1:
+        if controlled and len(done) > 1:
             first = done[0]
             await step(first.arm, first.result.rate, cfg.rates.index(first.result.rate)
                        if cfg.mode == "sweep" else 0, first.repeat, "control-end")
