@@ -36,7 +36,7 @@ from typing import Any
 from workbench import compat, evalsets, stats
 from workbench.evalbackends import BACKENDS, Backend
 from workbench.config import EvaluateConfig
-from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_json_atomic, write_report
+from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"

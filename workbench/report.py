@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 
 from workbench import evaluate, loadtest, plots, stats
-from workbench.config import ReportConfig
-from workbench.loadgen.metrics import e2el_s, ttft_s
+from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
+from workbench.loadgen import summary
 from workbench.loadgen.summary import RateSummary
 from workbench.recommend import Candidate, accuracy_diff, ppl_change, recommend
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
@@ -56,20 +56,13 @@ def at_rate(rates: list[RateSummary], rate: float) -> RateSummary | None:
 
 
 def latencies_at(lt: Report, rate: float) -> dict[str, list[float]]:
-    """TTFT and E2EL (ms) of every measured request offered at ``rate`` (all its repeats)."""
-    out: dict[str, list[float]] = {"ttft": [], "e2el": []}
-    for step in loadtest.steps_of(lt):
-        if step.offered_req_per_s != rate or step.role == "control-end" or not step.records_file:
-            continue
-        if not Path(step.records_file).exists():
-            continue
-        for r in loadtest.read_records(step.records_file):
-            if r.warmup or not r.success:
-                continue
-            for key, fn in (("ttft", ttft_s), ("e2el", e2el_s)):
-                if (v := fn(r)) is not None:
-                    out[key].append(1000 * v)
-    return out
+    """TTFT and E2EL (ms) of every measured request offered at ``rate`` (all its repeats), as the
+    load test's own ``summary.columns`` extracts them from the raw records."""
+    slo = LoadtestConfig.model_validate(lt.config).slo if lt.config else SLOConfig()
+    cols = [summary.columns(loadtest.read_records(s.records_file), slo) for s in loadtest.steps_of(lt)
+            if s.offered_req_per_s == rate and s.role != "control-end" and s.records_file
+            and Path(s.records_file).exists()]
+    return {k: [float(x) for c in cols for x in getattr(c, f"{k}_ms")] for k in ("ttft", "e2el")}
 
 
 def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tuple[Candidate, dict]:
