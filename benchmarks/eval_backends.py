@@ -41,6 +41,7 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
         "perplexity": {"data_dir": str(data / "ppl_corpus")}, "baseline": None,
     })
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]  # on a shared machine, what else was running shows here
     try:
         report = evaluate.run(cfg)
     except Exception as err:  # a failed backend is a row, not the end of the comparison
@@ -51,6 +52,7 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
     return {"backend": spec, "batch_size": report.details["backend"]["batch_size"],
             "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
             "wall_s": round(time.perf_counter() - t0, 2), "timings": t,
+            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "dtype": report.details["backend"]["model_args"].get("dtype"),
             "mmlu_questions": report.metrics.get("mmlu_n"), "ceval_questions": report.metrics.get("ceval_n"),
             "ppl_documents": report.details["suites"].get("perplexity", {}).get("documents"),
@@ -64,11 +66,12 @@ def main() -> None:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=["vllm-server", "vllm", "hf"])
     p.add_argument("--json", default=str(ROOT / "results/benchmarks/eval_backends.json"),
-                   help="write the rows, settings and machine here")
+                   help="the rows, settings and machine, rewritten after every backend")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model_dir = Path(args.model_dir).resolve()
     rows = []
+    out = Path(args.json).resolve()
     with tempfile.TemporaryDirectory(prefix="wb-bench-eval-") as scratch:
         cwd = os.getcwd()
         os.chdir(scratch)  # reports/ and runs/ of the benchmark stay out of the project
@@ -76,6 +79,7 @@ def main() -> None:
             for backend in args.backends:
                 rows.append(measure(backend, model_dir, args.limit, args.num_fewshot))
                 print(json.dumps(rows[-1]), flush=True)
+                write(out, args, rows)  # after every backend: an interrupted run keeps its rows
         finally:
             os.chdir(cwd)
     # Speed-ups are relative to lm-eval's hf backend (the first hf row): >1 means faster than hf.
@@ -91,13 +95,17 @@ def main() -> None:
         print(f"{r['backend']:<14} {str(r['batch_size']):>6} {r['start_s']:>8.1f} {r['scoring_s']:>10.1f} "
               f"{r['wall_s']:>8.1f} {sx:>12} {wx:>9} {r['mmlu_acc']:>6.3f} {r['ceval_acc']:>6.3f} "
               f"{r['ppl_word']:>9.3f}")
-    if args.json:
-        out = {"schema_version": 1, "benchmark": "eval_backends",
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": _git_sha(),
-               "config": {**vars(args), "json": os.path.relpath(args.json, ROOT)}, "platform": _platform(), "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"\nwritten to {args.json}")
+    print(f"\nwritten to {out}")
+
+
+def write(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows so far, with the settings, the machine and the code version."""
+    doc = {"schema_version": 1, "benchmark": "eval_backends",
+           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": _git_sha(),
+           "config": {**vars(args), "json": os.path.relpath(path, ROOT)}, "platform": _platform(),
+           "complete": len(rows) == len(args.backends), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
 
 
 def _git_sha() -> str | None:
