@@ -104,3 +104,11 @@ def test_systemd_analyze_verifies_the_units(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "workbench-gateway" not in out, out  # unknown keys are only warnings: none allowed
+
+
+def test_team_doc_names_only_files_that_exist():
+    doc = (ROOT / "docs" / "gateway-team.md").read_text()
+    named = set(re.findall(r"deploy/[\w./-]+\.(?:yaml|yml|json|service|timer)", doc))
+    named |= {f"deploy/systemd/workbench-gateway-prune.{ext}" for ext in ("service", "timer")}
+    assert {"deploy/gateway-team.yaml", "deploy/prometheus/prometheus.yml"} <= named
+    assert [p for p in sorted(named) if not (ROOT / p).is_file()] == []
