@@ -34,8 +34,8 @@ INSTALL_TIMEOUT_S = 900
 
 UV = shutil.which("uv")
 # pip takes over 2 minutes here, uv well under one: only the pip path is a slow test
-pytestmark = [] if UV else [pytest.mark.slow, pytest.mark.skipif(
-    not os.environ.get("WORKBENCH_SLOW"), reason="minutes of pip install without uv; set WORKBENCH_SLOW=1")]
+slow_without_uv = (lambda f: f) if UV else (lambda f: pytest.mark.slow(pytest.mark.skipif(
+    not os.environ.get("WORKBENCH_SLOW"), reason="minutes of pip install without uv; set WORKBENCH_SLOW=1")(f)))
 
 
 def _index_url() -> str:
@@ -83,6 +83,19 @@ def _install(tmp: Path) -> Path:
     return python
 
 
+def test_gateway_imports_nothing_of_the_pipeline(tmp_path):
+    """Here vLLM and torch are installed, so an import of them would succeed: look for it."""
+    heavy = {*PIPELINE_ONLY, "pandas", "matplotlib", "numpy", "openai", "httpx"}
+    code = ("import sys, workbench.gateway.server, workbench.gateway.cli, workbench.gateway.__main__\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(heavy)!r}\n"
+            "             or m.startswith('workbench.') and not m.startswith('workbench.gateway')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+@slow_without_uv
 def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
     if not _index_reachable(_index_url()):
         pytest.skip(f"package index {_index_url()} unreachable: the extra cannot be installed")
