@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def _install(tmp: Path) -> Path:
         r = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return python
+
+
+def test_gateway_extra_bounds_admit_the_locked_versions():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    lock = {}
+    for line in (ROOT / "requirements" / "main.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            lock[canonicalize_name(name)] = version.split(";")[0].strip()
+    for req in map(Requirement, extras["gateway"]):
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{req.name} is in the gateway extra but not in requirements/main.lock"
+        assert req.specifier.contains(lock[name]), f"main.lock has {req.name}=={lock[name]}, outside {req}"
+        assert name not in {"vllm", "torch"}
 
 
 def test_gateway_imports_nothing_of_the_pipeline(tmp_path):
