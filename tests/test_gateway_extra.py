@@ -3,12 +3,12 @@ pulls no vLLM or torch, and the gateway it installs starts and relays an authent
 request to the fake upstream (started here, from the main venv).
 
     pytest tests/test_gateway_extra.py                    # with uv on PATH: ~30 s
-    WORKBENCH_SLOW=1 pytest tests/test_gateway_extra.py   # without uv: pip, ~2.5 min
+    WORKBENCH_SLOW=1 pytest tests/test_gateway_extra.py   # without uv: pip, 2.5-3 min
 
-Uses ``uv`` when it is on PATH (29 s measured on 2 shared cores: 15 s install, 12 s start), else
-pip, which makes it a ``slow`` test (146 s measured, 140 s of it pip resolving, downloading and
-installing 49 packages). Needs the package index (PyPI, or PIP_INDEX_URL / UV_INDEX_URL) and is
-skipped when that is unreachable.
+Uses ``uv`` when it is on PATH (22-29 s measured on 2 shared cores: 9-15 s install, 9-12 s start),
+else pip, which makes it a ``slow`` test (146-179 s measured, nearly all of it pip resolving,
+downloading and installing 49 packages). Needs the package index (PyPI, or PIP_INDEX_URL /
+UV_INDEX_URL) and is skipped when that is unreachable.
 """
 
 from __future__ import annotations
