@@ -30,6 +30,7 @@ from workbench.gateway.moderation import Verdict, build_policy
 from workbench.gateway.openapi import compile_validators, document
 from workbench.gateway.relay import Ctx, Replies, respond
 from workbench.gateway.sse import dumps, loads
+from workbench.gateway.store import StoreUnavailable, build_store
 from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Gateway(Replies):
         self.cfg = cfg
         self.routes = cfg.model_routes()
         self.keys = KeyStore(cfg.all_keys())
+        self.store = build_store(cfg.limits)  # buckets: this process, or Redis (shared)
         if not len(self.keys):
             log.warning("gateway has no API keys: every request but /health gets 401 "
                         "(add one: workbench gateway add-key ID)")
@@ -79,6 +81,7 @@ class Gateway(Replies):
     # ---- lifecycle -------------------------------------------------------------------------
     async def aclose(self) -> None:
         await self.upstreams.aclose()
+        await self.store.aclose()
         if self.audit:
             await asyncio.to_thread(self.audit.close)
 
@@ -89,7 +92,12 @@ class Gateway(Replies):
             while True:
                 msg = await receive()
                 if msg["type"] == "lifespan.startup":
-                    self.upstreams.session  # noqa: B018  (opens the pool on the server's loop)
+                    try:
+                        await self.store.start()
+                    except StoreUnavailable as err:
+                        await send({"type": "lifespan.startup.failed", "message": str(err)})
+                        return
+                    await self.upstreams.start()  # the pool and health checks, on the server's loop
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
                     await self.aclose()
@@ -116,10 +124,10 @@ class Gateway(Replies):
             if (method != "POST") if route else (method not in ("GET", "HEAD")):
                 raise GatewayError(405, f"Method {method} not allowed on {path}", code="method_not_allowed")
             if route:  # limits guard the upstreams; /metrics and /v1/models are not counted
-                self._rate_limit(key)
+                await self._rate_limit(key)
                 await self._proxy(ctx, route, receive, send, length, gzip)
                 if key.tokens is not None:
-                    key.tokens.debit((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
+                    await self.store.debit(key, (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))
@@ -164,17 +172,23 @@ class Gateway(Replies):
                                f"{self.cfg.limits.max_header_bytes}", code="headers_too_large")
         return auth, length, gzip
 
-    def _rate_limit(self, key) -> None:
-        for bucket, kind in ((key.requests, "requests"), (key.tokens, "tokens")):
-            if bucket is None:
-                continue
-            wait = bucket.take(1) if kind == "requests" else bucket.wait_s()
-            if wait > 0:
-                self.metrics.rate_limited.labels(key.id, kind).inc()
-                retry = max(1, math.ceil(wait))
-                raise GatewayError(429, f"Rate limit reached for {kind} per minute on key '{key.id}'; "
-                                   f"retry in {retry} s.", "rate_limit_error", "rate_limit_exceeded",
-                                   headers=((b"retry-after", str(retry).encode()),))
+    async def _rate_limit(self, key, reserve: float = 0.0) -> None:
+        store = self.store  # memory: no await on the hot path; redis: one atomic script
+        adm = store.admit_now(key, reserve) if store.backend == "memory" else await store.admit(key, reserve)
+        kind = adm.limit
+        if kind is None:
+            return
+        if kind == "revoked":
+            raise GatewayError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                               "invalid_request_error", "invalid_api_key")
+        if kind == "store":
+            raise GatewayError(503, "Rate limits cannot be checked right now; retry shortly.",
+                               "server_error", "limits_unavailable", headers=((b"retry-after", b"1"),))
+        self.metrics.rate_limited.labels(key.id, kind).inc()
+        retry = max(1, math.ceil(adm.wait_s))
+        raise GatewayError(429, f"Rate limit reached for {kind} per minute on key '{key.id}'; "
+                           f"retry in {retry} s.", "rate_limit_error", "rate_limit_exceeded",
+                           headers=((b"retry-after", str(retry).encode()),))
 
     async def _read_body(self, receive, length: int) -> bytes:
         limit = self.cfg.limits.max_body_bytes
