@@ -206,8 +206,10 @@ def test_two_gateway_processes_enforce_one_keys_rpm_jointly(fake, redis_url, tmp
     cfgs = [make_cfg(tmp_path / n, {"fake-model": fake.base_url}, key={"requests_per_minute": 10},
                      limits=limits, audit={"path": str(tmp_path / f"audit-{n}.sqlite")}) for n in "ab"]
     with GatewayProcess(cfgs[0], tmp_path, "a") as a, GatewayProcess(cfgs[1], tmp_path, "b") as b:
+        t0 = time.monotonic()
         codes = [(a if i % 2 else b).chat() for i in range(20)]
-    assert codes.count(200) == 10 and codes.count(429) == 10, codes  # alone, each would admit 10
+        refilled = (time.monotonic() - t0) * 10 / 60  # the bucket refills as the requests go
+    assert set(codes) == {200, 429} and 10 <= codes.count(200) <= 10 + refilled, codes
 
 
 def test_redis_down_refuses_with_503_unless_fail_open(fake, tmp_path):
@@ -242,10 +244,12 @@ def test_two_workers_on_one_port_share_the_limit_through_redis(fake, redis_url, 
                    if "spawn_main" in " ".join(w.cmdline())]
         assert len(workers) == 2
         cpu0 = [sum(w.cpu_times()[:2]) for w in workers]
+        t0 = time.monotonic()
         with ThreadPoolExecutor(8) as ex:  # fresh connections, several at once: both workers accept
             codes = list(ex.map(lambda _: gw.chat(), range(36)))
+        refilled = (time.monotonic() - t0) * 12 / 60
         busy = sum(sum(w.cpu_times()[:2]) - c0 > 0.02 for w, c0 in zip(workers, cpu0))
-    assert codes.count(200) == 12 and codes.count(429) == 24, codes  # alone, each would admit 12
+    assert set(codes) == {200, 429} and 12 <= codes.count(200) <= 12 + refilled, codes  # not 2 x 12
     assert busy >= 2  # both workers served requests
 
 
