@@ -173,6 +173,17 @@ def summarize(reps: list[dict], a) -> dict:
     }
 
 
+def compare(baseline: list[dict], current: list[dict], a) -> dict:
+    """Paired by repeat (each pair ran back to back): current - baseline, with a t interval."""
+    def per_event(r):
+        return (r["stream_long"]["gateway_cpu_ms_per_request"]
+                - r["stream_short"]["gateway_cpu_ms_per_request"]) * 1000 / (a.long - a.short)
+    plain = [c["plain"]["gateway_cpu_ms_per_request"] - b["plain"]["gateway_cpu_ms_per_request"]
+             for b, c in zip(baseline, current)]
+    event = [per_event(c) - per_event(b) for b, c in zip(baseline, current)]
+    return {"delta_gateway_cpu_ms_per_request": interval(plain), "delta_gateway_cpu_us_per_event": interval(event)}
+
+
 def extract(ref: str, dest: Path) -> Path:
     data = subprocess.run(["git", "archive", ref, "workbench"], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(data)) as tar:
@@ -209,6 +220,8 @@ async def main_async(a) -> dict:
                       f"{rep['stream_long']['gateway_cpu_ms_per_request']:.3f} ms", file=sys.stderr)
         for name in variants:
             results["variants"][name] = {"summary": summarize(reps[name], a), "repeats": reps[name]}
+        if a.baseline_ref:
+            results["current_minus_baseline"] = compare(reps[f"baseline:{a.baseline_ref}"], reps["current"], a)
     return results
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 CONFIG_FILE = "deploy/gateway.yaml"
 
@@ -141,12 +142,14 @@ class GatewayConfig(Section):
     # limits.backend must be redis.
     workers: int = Field(default=1, ge=1)
 
-    @model_validator(mode="after")
-    def _workers_share_limits(self) -> "GatewayConfig":
-        if self.workers > 1 and self.limits.backend != "redis":
-            raise ValueError(f"workers: {self.workers} needs limits.backend: redis (with limits.redis_url): "
+    @field_validator("workers")
+    @classmethod
+    def _workers_share_limits(cls, workers: int, info: ValidationInfo) -> int:
+        limits = info.data.get("limits")  # validated before workers (field order)
+        if workers > 1 and limits is not None and limits.backend != "redis":
+            raise ValueError(f"workers: {workers} needs limits.backend: redis (with limits.redis_url): "
                              "with the in-process store every worker would enforce each limit on its own")
-        return self
+        return workers
 
     def model_routes(self) -> dict[str, str]:
         """Model name -> upstream name."""
