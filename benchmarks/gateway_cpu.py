@@ -1,8 +1,8 @@
 """The gateway's CPU cost: per non-streamed request and per relayed SSE event, from the gateway
 process's own CPU time, so the figure holds on a busy machine (latency would not).
 
-    flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/gateway_cpu.py             # ~2 min
-    .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main    # before/after, one run
+    flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/gateway_cpu.py             # ~5 min
+    .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main    # before/after in one run: ~10 min
 
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
 httptools) with everything on: key check, word filter on prompt and output (the shipped lists),
