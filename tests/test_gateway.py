@@ -17,7 +17,6 @@ from aiohttp import web
 from gateway_helpers import (AUTH, KEY, METRICS_AUTH, ClosingUpstream, ScriptedUpstream,
                              _ThreadServer, assert_openai_error, make_cfg, sse_events, stream_text)
 from workbench.fakeserver import FakeServer
-from workbench.gateway.app import accepts_gzip
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
 
@@ -300,6 +299,8 @@ def test_gzip_stream_decodes_to_the_same_events_and_arrives_incrementally(tmp_pa
     (b"gzip;q=0", False), (b"gzip; q=0.000, identity", False), (b"gzip;q=nope", False),
     (b"gzipped", False), (b"identity", False), (b"", False)])
 def test_accept_encoding_q_values_decide_gzip(value, want):
+    from workbench.gateway.app import accepts_gzip
+
     assert accepts_gzip(value) is want
 
 

@@ -170,7 +170,8 @@ class Gateway(Replies):
                 ctx.status, ctx.error = 503, "cancelled: the gateway is shutting down"
                 if not ctx.started:
                     await respond(send, 503, GatewayError(503, "The gateway is shutting down; retry.",
-                                                          "server_error", "shutting_down").body())
+                                                          "server_error", "shutting_down").body(),
+                                  headers=((b"x-request-id", ctx.request_id.encode()),))
                 raise
             asyncio.current_task().uncancel()
             ctx.status, ctx.error = scope.get(REFUSED, (499, "client disconnected"))  # 499: nginx's code
@@ -178,7 +179,8 @@ class Gateway(Replies):
             log.exception("gateway error on %s", path)
             ctx.status, ctx.error = 500, f"{type(err).__name__}: {err}"
             if not ctx.started:
-                await respond(send, 500, GatewayError(500, "Internal gateway error", "server_error").body())
+                await respond(send, 500, GatewayError(500, "Internal gateway error", "server_error").body(),
+                              headers=((b"x-request-id", ctx.request_id.encode()),))
         finally:
             self._finish(ctx)
 
