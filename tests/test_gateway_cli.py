@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from gateway_helpers import KEY, make_cfg
+from gateway_helpers import KEY, ROOT, make_cfg
 from workbench.cli import main as workbench
-from workbench.gateway.config import GatewayConfigError, KeyConfig, load_config
+from workbench.gateway.config import GatewayConfigError, HttpConfig, KeyConfig, LimitsConfig, load_config
 from workbench.gateway.keys import KeyStore, hash_key
 
 
@@ -21,6 +21,13 @@ def conf(tmp_path):
     path.write_text(yaml.safe_dump({"keys_file": str(tmp_path / "keys.yaml"), "filter": {"enabled": False},
                                     "audit": {"path": str(tmp_path / "audit.sqlite")}}))
     return path
+
+
+def test_shipped_config_loads_and_states_the_default_limits(monkeypatch):
+    monkeypatch.chdir(ROOT)  # its word lists are relative to the repository root
+    cfg = load_config("deploy/gateway.yaml")
+    assert cfg.http == HttpConfig()  # the file documents the defaults, it does not change them
+    assert cfg.limits.max_header_bytes == LimitsConfig().max_header_bytes == 64 * 1024
 
 
 # ---- failing clearly ------------------------------------------------------------------------
