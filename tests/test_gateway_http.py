@@ -161,6 +161,14 @@ def test_body_shorter_than_its_content_length_gets_408_within_the_body_timeout(g
     assert ("/v1/chat/completions", 408) in gw.audit()  # the audit row says why, not "client gone"
 
 
+def test_body_still_arriving_after_an_early_reply_just_closes(gw):
+    with gw.connect() as s:  # no key: 401 at once, while the client still owes 920 bytes of body
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + CHAT[:80])
+        raw, took = read_until_closed(s)
+    assert 0.8 < took < 3  # body_timeout_s: 1
+    assert raw.startswith(b"HTTP/1.1 401") and raw.count(b"HTTP/1.1") == 1  # no stray 408 after it
+
+
 def test_chunked_body_without_its_last_chunk_gets_408(gw):
     with gw.connect() as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +

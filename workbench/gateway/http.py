@@ -18,6 +18,10 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
   duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
 
     uvicorn.Config(app, http=GatewayHttpProtocol.configured(cfg), ...)   # see server.py
+
+Plain ``uvicorn --factory workbench.gateway.app:from_env`` has none of this unless it is given
+``--http workbench.gateway.http:GatewayHttpProtocol`` (the default limits; ``workbench gateway``
+uses the config's).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from asyncio import TimerHandle
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from workbench.gateway.config import GatewayConfig
+from workbench.gateway.config import GatewayConfig, HttpConfig, LimitsConfig
 from workbench.gateway.sse import dumps
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,10 @@ def error_response(status: int, message: str, code: str, type_: str = "invalid_r
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     # Class attributes, set by configured(): uvicorn builds one protocol per connection itself.
-    header_timeout_s = 10.0
-    body_timeout_s = 30.0
-    max_header_bytes = 64 * 1024
-    max_connections = 1024
+    header_timeout_s = HttpConfig().header_timeout_s
+    body_timeout_s = HttpConfig().body_timeout_s
+    max_header_bytes = LimitsConfig().max_header_bytes
+    max_connections = HttpConfig().max_client_connections
 
     @classmethod
     def configured(cls, cfg: GatewayConfig) -> type["GatewayHttpProtocol"]:
@@ -65,7 +69,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # ---- connection --------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self._deadline: TimerHandle | None = None
-        self._in_head = False
+        self._in_head = self._in_body = False
         self._head_bytes = 0
         self._idle_since = time.monotonic()
         super().connection_made(transport)
@@ -120,16 +124,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                          "body_timeout")
 
     def _refuse(self, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:
-        """Answer in OpenAI's shape (if no reply has started) and close the connection."""
-        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
-        if cycle is not None:
+        """Answer in OpenAI's shape where that is safe, and close the connection."""
+        cycle = self.cycle
+        if self._in_body:  # the request whose body is arriving: its app task sees a disconnect
             cycle.scope[REFUSED] = (status, message)
-            cycle.keep_alive = False
-        if cycle is None or not cycle.response_started:
-            self.transport.write(error_response(status, message, code, type_))
-        if cycle is not None:  # the app sees a disconnect (uvicorn's send() is silent from now)
-            cycle.response_started = cycle.disconnected = True
+            if not cycle.response_started:
+                self.transport.write(error_response(status, message, code, type_))
+            cycle.keep_alive, cycle.response_started, cycle.disconnected = False, True, True
             cycle.message_event.set()
+        elif cycle is None or cycle.response_complete:  # nothing in flight: a head, or no request yet
+            self.transport.write(error_response(status, message, code, type_))
+        # else a pipelined head behind a request still in flight: a reply now would answer that one
         self._disarm()
         self.transport.close()
 
@@ -153,11 +158,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._arm(self.header_timeout_s, self._header_timeout)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._in_body = False, True
         self._arm(self.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         self._disarm()  # the request is in; the app's own (upstream) timeouts take over
         super().on_message_complete()
 
