@@ -59,7 +59,8 @@ class GatewayProcess:
     def __enter__(self) -> "GatewayProcess":
         def limit_fds():
             if self.fd_limit:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, hard))
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.log = open(self.tmp / "gateway.log", "wb")
