@@ -16,15 +16,19 @@ from workbench.gateway.keys import hash_key
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "wb-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+METRICS_KEY = "wb-test-metrics-key-0123456789"  # role: metrics, the only kind that reads /metrics
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
 WORD_LISTS = [str(ROOT / "data/gateway/sensitive_words.en.txt"),
               str(ROOT / "data/gateway/sensitive_words.zh.txt")]
 
 
 def make_cfg(tmp_path: Path, upstreams: dict[str, str], key: dict | None = None, **sections) -> GatewayConfig:
-    """A gateway config: one test key, the shipped word lists, the audit log under tmp_path."""
+    """A gateway config: one test key (and a metrics key), the shipped word lists, the audit log
+    under tmp_path."""
     data = {
         "upstreams": {name: {"base_url": url} for name, url in upstreams.items()},
-        "keys": [{"id": "test", "sha256": hash_key(KEY), **(key or {})}],
+        "keys": [{"id": "test", "sha256": hash_key(KEY), **(key or {})},
+                 {"id": "prometheus", "sha256": hash_key(METRICS_KEY), "role": "metrics"}],
         "filter": {"word_lists": WORD_LISTS},
         "audit": {"path": str(tmp_path / "audit.sqlite")},
     }

@@ -4,6 +4,7 @@ The same calls against real vLLM servers are in test_gateway_integration.py."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -11,9 +12,10 @@ import zlib
 
 import httpx
 import pytest
+from aiohttp import web
 
-from gateway_helpers import (AUTH, KEY, ClosingUpstream, ScriptedUpstream, assert_openai_error,
-                             make_cfg, sse_events, stream_text)
+from gateway_helpers import (AUTH, KEY, METRICS_AUTH, ClosingUpstream, ScriptedUpstream,
+                             _ThreadServer, assert_openai_error, make_cfg, sse_events, stream_text)
 from workbench.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
@@ -38,7 +40,7 @@ def post(gw, path, body=None, headers=AUTH, **kw):
 
 
 def metrics(gw):
-    return parse(httpx.get(gw.root_url + "/metrics", headers=AUTH).text)
+    return parse(httpx.get(gw.root_url + "/metrics", headers=METRICS_AUTH).text)
 
 
 def audit_rows(gw):
@@ -91,7 +93,8 @@ def test_schema_violation_is_400_naming_the_field(gw, body, param):
 
 def test_unknown_model_is_404(gw):
     err = assert_openai_error(post(gw, "/chat/completions", {**CHAT, "model": "gpt-9"}), 404, "model_not_found")
-    assert err["param"] == "model" and "fake-model" in err["message"]
+    assert err["param"] == "model" and "gpt-9" in err["message"]
+    assert "fake-model" not in err["message"]  # the routed models are not listed to any caller
 
 
 def test_body_over_the_limit_is_413(fake, tmp_path):
@@ -144,7 +147,8 @@ def test_upstream_down_is_503_after_one_retry(tmp_path):
     with FakeServer() as stopped:
         url = stopped.base_url
     with GatewayServer(make_cfg(tmp_path, {"fake-model": url})) as gw:
-        assert_openai_error(post(gw, "/chat/completions", CHAT), 503, "upstream_unavailable")
+        err = assert_openai_error(post(gw, "/chat/completions", CHAT), 503, "upstream_unavailable")
+        assert url.split("/")[2] not in err["message"] and "127.0.0.1" not in err["message"]  # no address
         assert total(metrics(gw), "workbench_gateway_upstream_errors_total", kind="connect") == 2
 
 
@@ -152,6 +156,33 @@ def test_upstream_error_status_passes_through_in_openai_shape(tmp_path):
     with FakeServer(fail_every=1) as failing, GatewayServer(
             make_cfg(tmp_path, {"fake-model": failing.base_url})) as gw:
         assert_openai_error(post(gw, "/chat/completions", CHAT), 503, "upstream_503")
+
+
+class HtmlErrorUpstream(_ThreadServer):
+    """A proxy in front of the model server that answers 500 with an HTML page naming itself."""
+
+    PAGE = "<html><body><h1>500</h1>nginx/1.25 at 10.0.0.7:8000 internal trace</body></html>"
+
+    def _serve(self):
+        self.loop = asyncio.new_event_loop()
+        async def page(_):
+            return web.Response(status=500, text=self.PAGE, content_type="text/html")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", page)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self.loop.run_forever()
+
+
+def test_upstream_html_error_page_is_not_echoed_but_audited(tmp_path):
+    with HtmlErrorUpstream() as up, GatewayServer(make_cfg(tmp_path, {"fake-model": up.base_url})) as gw:
+        r = post(gw, "/chat/completions", CHAT)
+        err = assert_openai_error(r, 500, "upstream_500")
+        assert "nginx" not in err["message"] and "10.0.0.7" not in err["message"]
+        assert "10.0.0.7" in audit_rows(gw)[0]["error"]  # the details stay with the operator
 
 
 def test_upstream_closing_the_connection_is_502(tmp_path):
@@ -178,6 +209,37 @@ def test_models_merges_every_upstream(tmp_path):
             make_cfg(tmp_path, {"model-a": a.base_url, "model-b": b.base_url})) as gw:
         r = httpx.get(gw.base_url + "/models", headers=AUTH)
         assert sorted(m["id"] for m in r.json()["data"]) == ["model-a", "model-b"]
+
+
+def test_metrics_take_the_metrics_key_and_refuse_tenant_keys(gw):
+    assert httpx.get(gw.root_url + "/metrics", headers=METRICS_AUTH).status_code == 200
+    err = assert_openai_error(httpx.get(gw.root_url + "/metrics", headers=AUTH), 403, "wrong_key_role")
+    assert "/metrics" in err["message"]
+    # and the metrics key is no client key
+    assert_openai_error(post(gw, "/chat/completions", CHAT, headers=METRICS_AUTH), 403, "wrong_key_role")
+    assert_openai_error(httpx.get(gw.base_url + "/models", headers=METRICS_AUTH), 403, "wrong_key_role")
+
+
+def test_models_listing_is_rate_limited(fake, tmp_path):
+    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"requests_per_minute": 2})
+    with GatewayServer(cfg) as gw:
+        rs = [httpx.get(gw.base_url + "/models", headers=AUTH) for _ in range(3)]
+        assert [r.status_code for r in rs[:2]] == [200, 200]
+        assert_openai_error(rs[2], 429, "rate_limit_exceeded")
+
+
+def test_error_replies_carry_a_request_id_and_401_asks_for_a_bearer_token(gw):
+    r = httpx.get(gw.base_url + "/models")
+    assert_openai_error(r, 401, "invalid_api_key")
+    assert r.headers["www-authenticate"] == 'Bearer realm="gateway"'
+    r = httpx.get(gw.base_url + "/models", headers={"Authorization": "Bearer wb-wrong"})
+    assert r.headers["www-authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
+    ids = []
+    for r in (post(gw, "/chat/completions", {**CHAT, "model": "nope"}), post(gw, "/chat/completions", [1]),
+              httpx.get(gw.root_url + "/nowhere", headers=AUTH), r):
+        assert r.status_code >= 400 and len(r.headers["x-request-id"]) == 32, r.headers
+        ids.append(r.headers["x-request-id"])
+    assert set(ids) <= {row["request_id"] for row in audit_rows(gw)}  # the id finds the audit row
 
 
 def test_metrics_count_requests_tokens_and_latency(gw):
@@ -230,6 +292,21 @@ def test_gzip_stream_decodes_to_the_same_events_and_arrives_incrementally(tmp_pa
         # events decode as they arrive, not all at the end: ~60 ms apart over ~0.5 s
         assert len(arrivals) >= 8
         assert arrivals[-1][0] - arrivals[0][0] > 0.3
+
+
+@pytest.mark.parametrize("value,want", [
+    (b"gzip", True), (b"br, GZIP ;Q=1", True), (b"identity, gzip;q=0.5", True), (b"x-gzip", True),
+    (b"gzip;q=0", False), (b"gzip; q=0.000, identity", False), (b"gzip;q=nope", False),
+    (b"gzipped", False), (b"identity", False), (b"", False)])
+def test_accept_encoding_q_values_decide_gzip(value, want):
+    from workbench.gateway.app import accepts_gzip
+
+    assert accepts_gzip(value) is want
+
+
+def test_gzip_q0_stream_is_not_compressed(gw):
+    r = post(gw, "/chat/completions", {**CHAT, "stream": True}, headers={**AUTH, "Accept-Encoding": "gzip;q=0"})
+    assert "content-encoding" not in r.headers and stream_text(sse_events(r.text)) == "tok " * 8
 
 
 def test_client_disconnect_cancels_the_upstream_request(tmp_path):

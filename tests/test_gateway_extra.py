@@ -149,6 +149,9 @@ def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
         assert added.returncode == 0, added.stderr
         key = added.stdout.strip()
         assert len(key) >= 32 and "team-a" in (tmp_path / "keys.yaml").read_text()
+        scraper = in_venv("-m", "workbench.gateway", "--config", str(cfg), "add-key", "prometheus", "--metrics")
+        assert scraper.returncode == 0, scraper.stderr
+        metrics_key = scraper.stdout.strip()
 
         log = (tmp_path / "gateway.log").open("w")
         gw = subprocess.Popen([str(python), "-m", "workbench.gateway", "--config", str(cfg)],
@@ -174,7 +177,9 @@ def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
                            headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"].strip() == "tok tok tok"
-            metrics = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            tenant = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            assert tenant.status_code == 403  # a tenant's key never reads other tenants' counters
+            metrics = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {metrics_key}"}, timeout=10)
             assert 'workbench_gateway_requests_total{' in metrics.text
         finally:
             gw.terminate()

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from gateway_helpers import AUTH, KEY, make_cfg
+from gateway_helpers import KEY, METRICS_AUTH, make_cfg
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
 
@@ -37,7 +37,7 @@ def test_chat_and_its_tokens_reach_the_metrics(client, gw, chat_server):
     r = client.chat.completions.create(model=chat_server.cfg.served_name, max_tokens=8, temperature=0,
                                        messages=[{"role": "user", "content": "Say hello."}])
     assert r.choices[0].message.content and r.usage.completion_tokens <= 8
-    m = parse(httpx.get(gw.root_url + "/metrics", headers=AUTH).text)
+    m = parse(httpx.get(gw.root_url + "/metrics", headers=METRICS_AUTH).text)
     assert total(m, "workbench_gateway_tokens_total", kind="completion") >= r.usage.completion_tokens
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from gateway_helpers import AUTH, KEY, ROOT, make_cfg
+from gateway_helpers import AUTH, KEY, METRICS_AUTH, ROOT, make_cfg
 from workbench.fakeserver import FakeServer, FakeServerProcess
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, load_config
 from workbench.gateway.keys import KeyStore, hash_key
@@ -351,7 +351,7 @@ def test_pool_survives_a_replica_killed_mid_load_and_takes_it_back(tmp_path):
             assert before.count(200) >= 30
             assert len(after) >= 60 and after.count(200) == len(after), \
                 [(round(t - killed_at, 3), s) for t, s in load.results if s != 200]
-            m = parse(httpx.get(gw.root_url + "/metrics", headers=AUTH).text)
+            m = parse(httpx.get(gw.root_url + "/metrics", headers=METRICS_AUTH).text)
             assert total(m, "workbench_gateway_upstream_replica_healthy", replica=a.base_url) == 0
 
             with FakeServerProcess(port=port_a, ttft_ms=20, output_tokens=4) as a2:  # back on its port
@@ -365,3 +365,26 @@ def test_pool_survives_a_replica_killed_mid_load_and_takes_it_back(tmp_path):
                 assert all(s == 200 for _, s in load.results)
                 served = parse(httpx.get(a2.root_url + "/metrics").text)
                 assert total(served, "vllm:request_success_total") > 0  # it gets traffic again
+
+
+def test_revoke_key_in_redis_mode_reaches_every_instance(redis_url, tmp_path):
+    """`revoke-key` also revokes in Redis: an instance whose own keys file still has the key
+    refuses it from its next request on."""
+    from workbench.cli import main as workbench
+
+    limits = redis_limits(redis_url)
+    conf = tmp_path / "gateway.yaml"
+    conf.write_text(yaml.safe_dump({"keys_file": str(tmp_path / "keys.yaml"), "limits": limits,
+                                    "filter": {"enabled": False}, "audit": {"path": str(tmp_path / "a.sqlite")}}))
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump([{"id": "team-a", "sha256": hash_key(KEY)}]))
+
+    async def revoked_for_another_instance() -> bool:
+        other = RedisStore(GatewayConfig.model_validate({"limits": limits}).limits)
+        try:
+            return await other.is_revoked("team-a")
+        finally:
+            await other.aclose()
+
+    assert not asyncio.run(revoked_for_another_instance())
+    assert workbench(["gateway", "--config", str(conf), "revoke-key", "team-a"]) == 0
+    assert asyncio.run(revoked_for_another_instance())

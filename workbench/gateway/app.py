@@ -24,7 +24,8 @@ import fastjsonschema
 from workbench.gateway.audit import AuditLog, prompt_field
 from workbench.gateway.config import GatewayConfig, load_config
 from workbench.gateway.filter import WordFilter
-from workbench.gateway.keys import KeyStore
+from workbench.gateway.http import REFUSED
+from workbench.gateway.keys import KeyStore, watch_keys
 from workbench.gateway.metrics import Metrics
 from workbench.gateway.moderation import Verdict, build_policy
 from workbench.gateway.openapi import compile_validators, document
@@ -38,6 +39,22 @@ log = logging.getLogger(__name__)
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
           "/v1/embeddings": "embeddings"}
 OTHER = {"/v1/models", "/metrics", "/openapi.json"}
+
+
+def accepts_gzip(accept_encoding: bytes) -> bool:
+    """Whether ``Accept-Encoding`` names gzip with a q-value above 0 (``gzip;q=0`` refuses it)."""
+    for item in accept_encoding.lower().split(b","):
+        coding, _, params = item.partition(b";")
+        if coding.strip() in (b"gzip", b"x-gzip"):
+            for p in params.split(b";"):
+                name, _, q = p.partition(b"=")
+                if name.strip() == b"q":
+                    try:
+                        return float(q) > 0
+                    except ValueError:
+                        return False
+            return True
+    return False
 
 
 def _text_slots(route: str, req: dict) -> list[tuple[object, object]]:
@@ -78,9 +95,12 @@ class Gateway(Replies):
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
         self.audit = AuditLog(cfg.audit) if cfg.audit.enabled else None
         self.openapi = dumps(document(sorted(self.routes)))
+        self._key_watch: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def aclose(self) -> None:
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         await self.upstreams.aclose()
         await self.store.aclose()
         if self.audit:
@@ -99,6 +119,7 @@ class Gateway(Replies):
                         await send({"type": "lifespan.startup.failed", "message": str(err)})
                         return
                     await self.upstreams.start()  # the pool and health checks, on the server's loop
+                    self._key_watch = watch_keys(self)
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
                     await self.aclose()
@@ -116,16 +137,23 @@ class Gateway(Replies):
             key = self.keys.lookup(auth)
             if key is None:
                 raise GatewayError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                   "invalid_request_error", "invalid_api_key")
+                                   "invalid_request_error", "invalid_api_key", headers=(
+                                       (b"www-authenticate", b'Bearer realm="gateway"' + (
+                                           b', error="invalid_token"' if auth else b"")),))
             ctx.key_id = key.id
+            if (key.role == "metrics") != (path == "/metrics"):
+                raise GatewayError(403, "This key may not use this route: /metrics takes a metrics key "
+                                   "(add-key ID --metrics), every other route a client key.",
+                                   "invalid_request_error", "wrong_key_role")
             route = ROUTES.get(path)
             method = scope["method"]
             if route is None and path not in OTHER:
                 raise GatewayError(404, f"Unknown path {path}", code="unknown_url")
             if (method != "POST") if route else (method not in ("GET", "HEAD")):
                 raise GatewayError(405, f"Method {method} not allowed on {path}", code="method_not_allowed")
-            if route:  # limits guard the upstreams; /metrics and /v1/models are not counted
+            if route or path == "/v1/models":  # limits guard the upstreams (/v1/models asks them all)
                 await self._rate_limit(key)
+            if route:
                 await self._proxy(ctx, route, receive, send, length, gzip)
                 if key.tokens is not None:
                     await self.store.debit(key, (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
@@ -142,19 +170,26 @@ class Gateway(Replies):
         except GatewayError as err:
             ctx.status, ctx.error = err.status, err.message
             if not ctx.started:
-                await respond(send, err.status, err.body(), headers=err.headers)
+                await respond(send, err.status, err.body(),
+                              headers=(*err.headers, (b"x-request-id", ctx.request_id.encode())))
         except ClientGone:
-            ctx.status, ctx.error = 499, "client disconnected"
+            ctx.status, ctx.error = scope.get(REFUSED, (499, "client disconnected"))
         except asyncio.CancelledError:
-            if not ctx.client_gone:
+            if not ctx.client_gone:  # the graceful-shutdown timeout ran out: say so, then stop
+                ctx.status, ctx.error = 503, "cancelled: the gateway is shutting down"
+                if not ctx.started:
+                    await respond(send, 503, GatewayError(503, "The gateway is shutting down; retry.",
+                                                          "server_error", "shutting_down").body(),
+                                  headers=((b"x-request-id", ctx.request_id.encode()),))
                 raise
             asyncio.current_task().uncancel()
-            ctx.status, ctx.error = 499, "client disconnected"  # nginx's code for it
+            ctx.status, ctx.error = scope.get(REFUSED, (499, "client disconnected"))  # 499: nginx's code
         except Exception as err:  # a bug: still an OpenAI-shaped 500 and an audit row
             log.exception("gateway error on %s", path)
             ctx.status, ctx.error = 500, f"{type(err).__name__}: {err}"
             if not ctx.started:
-                await respond(send, 500, GatewayError(500, "Internal gateway error", "server_error").body())
+                await respond(send, 500, GatewayError(500, "Internal gateway error", "server_error").body(),
+                              headers=((b"x-request-id", ctx.request_id.encode()),))
         finally:
             self._finish(ctx)
 
@@ -167,7 +202,7 @@ class Gateway(Replies):
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else 0
             elif name == b"accept-encoding":
-                gzip = b"gzip" in value
+                gzip = accepts_gzip(value)
         if size > self.cfg.limits.max_header_bytes:
             raise GatewayError(413, f"Request headers are {size} bytes; the limit is "
                                f"{self.cfg.limits.max_header_bytes}", code="headers_too_large")
@@ -230,7 +265,7 @@ class Gateway(Replies):
         ctx.model = model[:200]
         upstream = self.routes.get(model)
         if upstream is None:
-            raise GatewayError(404, f"The model '{model}' does not exist. Known: {sorted(self.routes)}",
+            raise GatewayError(404, f"The model '{model[:200]}' does not exist (GET /v1/models lists them).",
                                code="model_not_found", param="model")
         stream = route != "embeddings" and req.get("stream") is True
         ctx.stream = stream

@@ -61,11 +61,14 @@ class KeyConfig(Section):
     # Token buckets refilled per minute, holding one minute's worth (OpenAI's RPM / TPM). None: no limit.
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)  # prompt + completion, from usage
+    # client: the /v1 routes; metrics: /metrics only (Prometheus), so tenants cannot read it
+    role: Literal["client", "metrics"] = "client"
 
 
 class LimitsConfig(Section):
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1)  # 413 above; ~500k tokens of prompt
-    max_header_bytes: int = Field(default=16 * 1024, ge=256)  # sum of names + values; 413 above
+    # Request line + headers, counted as bytes arrive (workbench/gateway/http.py); 413 above
+    max_header_bytes: int = Field(default=64 * 1024, ge=256)
     connect_timeout_s: float = Field(default=5, gt=0)  # one retry on connect errors, then 503
     # Longest silence from the upstream before 504 (or, mid-stream, a final error event).
     # Generous: a long prefill on a CPU server can take a minute before the first byte.
@@ -81,6 +84,19 @@ class LimitsConfig(Section):
     # Redis unreachable: refuse with 503 (false, the default: limits always hold) or admit
     # without limits (true: availability first).
     redis_fail_open: bool = False
+
+
+class HttpConfig(Section):
+    """The client-facing HTTP server (uvicorn + httptools, with workbench/gateway/http.py's limits).
+    Past a timeout the client gets a 408 (or, once a reply has started, a closed connection)."""
+
+    header_timeout_s: float = Field(default=10, gt=0)  # request line + headers, from the first byte
+    body_timeout_s: float = Field(default=30, gt=0)  # the whole body, from the end of the headers
+    keep_alive_s: float = Field(default=5, gt=0)  # an idle keep-alive connection is closed after it
+    # Client connections; past it the longest-idle one (no request in flight) is closed to make
+    # room, or, if all are busy, the newcomer gets 503. Keep it below the file-descriptor limit.
+    max_client_connections: int = Field(default=1024, ge=1)
+    graceful_shutdown_s: float = Field(default=10, ge=0)  # SIGTERM: requests in flight get this long
 
 
 class FilterConfig(Section):
@@ -134,7 +150,9 @@ class GatewayConfig(Section):
     upstreams: dict[str, UpstreamConfig] = {}
     keys: list[KeyConfig] = []
     keys_file: str | None = None  # YAML list of KeyConfig, appended to by `add-key`
+    keys_reload_s: float = Field(default=2, ge=0)  # keys_file re-read when changed (0: SIGHUP only)
     limits: LimitsConfig = LimitsConfig()
+    http: HttpConfig = HttpConfig()
     filter: FilterConfig = FilterConfig()
     moderation: ModerationConfig = ModerationConfig()
     audit: AuditConfig = AuditConfig()
@@ -190,12 +208,10 @@ def _describe(err: ValidationError, source: str) -> str:
 def load_config(path: str | Path = CONFIG_FILE, **overrides) -> GatewayConfig:
     """Read and validate a gateway config; keyword overrides (host=..., port=...) win."""
     path = Path(path)
-    if path.exists():
-        data = yaml.safe_load(path.read_text()) or {}
-    elif str(path) == CONFIG_FILE:
-        data = {}
-    else:
-        raise GatewayConfigError(f"gateway config not found: {path}")
+    if not path.is_file():  # never silent defaults: they would serve with no keys and no word lists
+        raise GatewayConfigError(f"gateway config not found: {path.absolute()} (relative paths are "
+                                 "read from the current directory; pass --config)")
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise GatewayConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -204,4 +220,8 @@ def load_config(path: str | Path = CONFIG_FILE, **overrides) -> GatewayConfig:
     except ValidationError as err:
         raise GatewayConfigError(_describe(err, str(path))) from None
     cfg.model_routes()  # fails early on a model claimed twice
+    missing = [p for p in cfg.filter.word_lists if cfg.filter.enabled and not Path(p).is_file()]
+    if missing:
+        raise GatewayConfigError(f"filter.word_lists in {path}: not found: {', '.join(missing)} "
+                                 f"(relative to the current directory, {Path.cwd()})")
     return cfg

@@ -51,7 +51,8 @@ def compile_validators() -> dict[str, callable]:
 def _error_responses(*codes: int) -> dict:
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     text = {400: "Bad JSON or a field of the wrong type", 401: "Missing or unknown API key",
-            403: "The output was blocked by the filter", 404: "Unknown model or path",
+            403: "Output blocked by the filter, or a key of the wrong role (metrics or client)",
+            404: "Unknown model or path",
             413: "Body or headers too large", 429: "Rate limited (see Retry-After)",
             502: "Upstream broke the connection", 503: "Upstream unavailable",
             504: "Upstream timed out"}
@@ -76,10 +77,11 @@ def document(models: list[str]) -> dict:
     paths["/v1/models"] = {"get": {"operationId": "v1_models", "responses": {
         "200": {"description": "Models of every upstream, merged",
                 "content": {"application/json": {"schema": {"type": "object"}}}},
-        **_error_responses(401, 429)}}}
+        **_error_responses(401, 403, 429)}}}
     paths["/metrics"] = {"get": {"operationId": "metrics", "responses": {
-        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_error_responses(401, 429)}}}
+        "200": {"description": "Prometheus text format (a metrics key: add-key ID --metrics)",
+                "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_error_responses(401, 403)}}}
     paths["/health"] = {"get": {"operationId": "health", "security": [], "responses": {
         "200": {"description": "The gateway is up", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
     return {

@@ -5,6 +5,7 @@ A mixin of the gateway app (workbench/gateway/app.py), split out to keep each fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -17,6 +18,7 @@ from workbench.gateway.upstream import GatewayError
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _JSON = b"application/json"
+log = logging.getLogger(__name__)
 
 
 class Ctx:
@@ -52,13 +54,13 @@ class Replies:
             ok = isinstance(loads(body).get("error"), dict)
         except (ValueError, AttributeError):
             ok = False
-        if not ok:
-            body = GatewayError(resp.status, f"Upstream '{name}' answered {resp.status}: "
-                                f"{body[:300].decode(errors='replace')}",
+        ctx.status, ctx.error, ctx.started = resp.status, body[:300].decode(errors="replace"), True
+        if not ok:  # e.g. a proxy's HTML page: its text goes to the log and the audit row, not the client
+            log.warning("upstream %s answered %d with a non-OpenAI body: %r", name, resp.status, body[:300])
+            body = GatewayError(resp.status, f"The model server answered {resp.status}.",
                                 "upstream_error" if resp.status >= 500 else "invalid_request_error",
                                 f"upstream_{resp.status}").body()
-        ctx.status, ctx.error, ctx.started = resp.status, body[:300].decode(errors="replace"), True
-        await respond(send, resp.status, body)
+        await respond(send, resp.status, body, headers=((b"x-request-id", ctx.request_id.encode()),))
 
     async def _relay_body(self, ctx: Ctx, route: str, resp: aiohttp.ClientResponse, send) -> None:
         name = self.routes[ctx.model]

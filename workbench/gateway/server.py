@@ -17,6 +17,7 @@ import uvicorn
 
 from workbench.gateway.app import Gateway
 from workbench.gateway.config import GatewayConfig
+from workbench.gateway.http import GatewayHttpProtocol, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,18 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_config(app: Gateway, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: Gateway | str, host: str, port: int,
+                   cfg: GatewayConfig | None = None) -> uvicorn.Config:
+    """``app``: the app, or (workers) the import string of its factory, then with ``cfg``."""
     # No access log (the audit log is the record), no server header; h11 is not on the hot path.
-    return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-                          access_log=False, server_header=False, date_header=False,
-                          backlog=4096, timeout_keep_alive=30, log_level="warning")
+    # httptools with the gateway's timeouts, head limit and connection cap (http.py).
+    cfg = cfg or app.cfg
+    h = cfg.http
+    return uvicorn.Config(app, host=host, port=port, loop="uvloop",
+                          http=GatewayHttpProtocol.configured(cfg), ws="none", lifespan="on",
+                          access_log=False, server_header=False, date_header=False, backlog=4096,
+                          timeout_keep_alive=h.keep_alive_s, timeout_graceful_shutdown=h.graceful_shutdown_s,
+                          log_level="warning")
 
 
 def serve(cfg: GatewayConfig) -> None:
@@ -43,7 +51,12 @@ def serve(cfg: GatewayConfig) -> None:
     app = Gateway(cfg)
     print(f"gateway on http://{cfg.host}:{cfg.port}/v1  models: {', '.join(sorted(app.routes)) or '(none)'}"
           f"  keys: {len(app.keys)}  (Ctrl-C stops it)")
-    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port)).run()
+    raise_fd_limit(cfg.http.max_client_connections)
+    try:
+        uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port)).run()
+    finally:  # a forced exit (a second Ctrl-C) skips the app's shutdown: still drain the audit log
+        if app.audit:
+            app.audit.close()
 
 
 class GatewayServer:

@@ -104,17 +104,20 @@ class Upstreams:
                                    "upstream_timeout") from None
             except aiohttp.ClientConnectorError as err:
                 self.metrics.upstream_errors.labels(name, "connect").inc()
-                if last:
-                    raise GatewayError(503, f"Upstream '{name}' is unavailable: {err}", "upstream_error",
-                                       "upstream_unavailable") from None
+                if last:  # clients get no address: it goes to the log
+                    log.warning("upstream %s unavailable: %s", name, err)
+                    raise GatewayError(503, "The model server is unavailable; retry later.",
+                                       "upstream_error", "upstream_unavailable") from None
             except aiohttp.ServerDisconnectedError as err:  # also a stale keep-alive: retry once
                 self.metrics.upstream_errors.labels(name, "disconnect").inc()
                 if last:
-                    raise GatewayError(502, f"Upstream '{name}' closed the connection: {err}",
+                    log.warning("upstream %s closed the connection: %s", name, err)
+                    raise GatewayError(502, "The model server closed the connection.",
                                        "upstream_error", "upstream_disconnected") from None
             except aiohttp.ClientError as err:
                 self.metrics.upstream_errors.labels(name, "protocol").inc()
-                raise GatewayError(502, f"Bad response from upstream '{name}': {err}", "upstream_error",
+                log.warning("upstream %s: bad response: %s", name, err)
+                raise GatewayError(502, "Bad response from the model server.", "upstream_error",
                                    "bad_gateway") from None
         raise AssertionError("unreachable")
 

@@ -30,6 +30,16 @@ def worker_app():
     return Gateway(GatewayConfig.model_validate_json(os.environ[ENV]))
 
 
+def __getattr__(name: str):
+    """``http_protocol``: the client protocol configured from the parent's config (uvicorn imports
+    it by name in each worker: a class made at run time cannot be pickled across the spawn)."""
+    if name == "http_protocol":
+        from workbench.gateway.http import GatewayHttpProtocol
+
+        return GatewayHttpProtocol.configured(GatewayConfig.model_validate_json(os.environ[ENV]))
+    raise AttributeError(name)
+
+
 def serve_workers(cfg: GatewayConfig, config_factory) -> None:
     """Run ``cfg.workers`` processes under uvicorn's supervisor; returns when they have stopped.
     ``config_factory(app, host, port)`` is the server's uvicorn settings (one place for them)."""
@@ -40,7 +50,8 @@ def serve_workers(cfg: GatewayConfig, config_factory) -> None:
     except redis.exceptions.RedisError as err:
         raise GatewayConfigError(f"limits.backend redis: cannot reach {cfg.limits.redis_url}: {err}") from None
     os.environ[ENV] = cfg.model_dump_json()
-    config = config_factory("workbench.gateway.workers:worker_app", cfg.host, cfg.port)
+    config = config_factory("workbench.gateway.workers:worker_app", cfg.host, cfg.port, cfg)
     config.factory = True
+    config.http = "workbench.gateway.workers:http_protocol"
     config.workers = cfg.workers
     Multiprocess(config, sockets=[config.bind_socket()]).run()

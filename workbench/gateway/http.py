@@ -1,0 +1,190 @@
+"""The client-facing HTTP layer: uvicorn's httptools protocol with the limits a public server needs.
+
+uvicorn closes idle keep-alive connections, but it has no header or body read timeout, no cap on
+connections that makes room for new ones, and no header size limit before a whole head is
+buffered (httptools concatenates a header value until it ends). This subclass adds, per connection:
+
+- **header timeout**: the request line and headers must arrive within ``http.header_timeout_s`` of
+  the connection opening (or of the first byte after an idle keep-alive); else 408 and close;
+- **body timeout**: the whole body within ``http.body_timeout_s`` of the end of the headers; else
+  408 (a plain close once a reply has started), and the request's audit row says 408;
+- **head size**: the bytes of an unfinished head are counted as they arrive; past
+  ``limits.max_header_bytes`` the reply is 413 and the connection closes, so a 100 MB header costs
+  one read buffer, not 100 MB;
+- **connection cap**: past ``http.max_client_connections`` the connection idle the longest (no
+  request in flight: a keep-alive or an unfinished head) is closed to make room, so half-open
+  connections cannot lock out ``/health``; when every connection is busy the newcomer gets 503;
+- the server's own refusals (bad framing such as Content-Length with Transfer-Encoding or a
+  duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
+
+    uvicorn.Config(app, http=GatewayHttpProtocol.configured(cfg), ...)   # see server.py
+
+Plain ``uvicorn --factory workbench.gateway.app:from_env`` has none of this unless it is given
+``--http workbench.gateway.http:GatewayHttpProtocol`` (the default limits; ``workbench gateway``
+uses the config's).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+import uuid
+from asyncio import TimerHandle
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from workbench.gateway.config import GatewayConfig, HttpConfig, LimitsConfig
+from workbench.gateway.sse import dumps
+
+log = logging.getLogger(__name__)
+
+# Set on the request's ASGI scope when this layer ends a request the app is reading, so that
+# the app's audit row carries the real reason (408) rather than a client disconnect (499).
+REFUSED = "gateway.refused"
+
+
+def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    """A complete HTTP/1.1 reply in OpenAI's error shape that closes the connection."""
+    body = dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nx-request-id: ", uuid.uuid4().hex.encode(),
+                     b"\r\nconnection: close\r\n\r\n", body])
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    # Class attributes, set by configured(): uvicorn builds one protocol per connection itself.
+    header_timeout_s = HttpConfig().header_timeout_s
+    body_timeout_s = HttpConfig().body_timeout_s
+    max_header_bytes = LimitsConfig().max_header_bytes
+    max_connections = HttpConfig().max_client_connections
+
+    @classmethod
+    def configured(cls, cfg: GatewayConfig) -> type["GatewayHttpProtocol"]:
+        return type(cls.__name__, (cls,), {
+            "header_timeout_s": cfg.http.header_timeout_s, "body_timeout_s": cfg.http.body_timeout_s,
+            "max_header_bytes": cfg.limits.max_header_bytes,
+            "max_connections": cfg.http.max_client_connections})
+
+    # ---- connection --------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self._deadline: TimerHandle | None = None
+        self._in_head = self._in_body = False
+        self._head_bytes = 0
+        self._idle_since = time.monotonic()
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._make_room():
+            log.warning("%d client connections, all busy: refusing a new one", len(self.connections))
+            self._refuse(503, "The gateway has too many connections; retry shortly.",
+                         "too_many_connections", "server_error")
+            return
+        self._arm(self.header_timeout_s, self._header_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _idle(self) -> bool:
+        """No request in flight: nothing is lost by closing this connection."""
+        return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest (not this one); False if every one is busy."""
+        idle = [c for c in self.connections
+                if c is not self and isinstance(c, GatewayHttpProtocol) and c._idle()]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c._idle_since)
+        self.connections.discard(victim)  # counted out now; its connection_lost comes later
+        victim.transport.close()
+        return True
+
+    # ---- timers -----------------------------------------------------------------------------
+    def _arm(self, seconds: float, callback) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _header_timeout(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self._refuse(408, f"The request headers did not arrive within {self.header_timeout_s:g} s.",
+                         "header_timeout")
+
+    def _body_timeout(self) -> None:
+        self._deadline = None
+        if self.pipeline:  # reading is paused behind an earlier request: not the client's fault
+            self._arm(self.body_timeout_s, self._body_timeout)
+        elif not self.transport.is_closing():
+            self._refuse(408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                         "body_timeout")
+
+    def _refuse(self, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:
+        """Answer in OpenAI's shape where that is safe, and close the connection."""
+        cycle = self.cycle
+        if self._in_body:  # the request whose body is arriving: its app task sees a disconnect
+            cycle.scope[REFUSED] = (status, message)
+            if not cycle.response_started:
+                self.transport.write(error_response(status, message, code, type_))
+            cycle.keep_alive, cycle.response_started, cycle.disconnected = False, True, True
+            cycle.message_event.set()
+        elif cycle is None or cycle.response_complete:  # nothing in flight: a head, or no request yet
+            self.transport.write(error_response(status, message, code, type_))
+        # else a pipelined head behind a request still in flight: a reply now would answer that one
+        self._disarm()
+        self.transport.close()
+
+    # ---- parser callbacks ---------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.cycle is not None and self.cycle.response_complete:
+            # the first byte after an idle keep-alive starts the header clock (a trickle of
+            # blank lines, which starts no request, cannot hold the connection open either)
+            self._arm(self.header_timeout_s, self._header_timeout)
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(413, f"Request headers exceed the limit of {self.max_header_bytes} bytes.",
+                             "headers_too_large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+        if self._deadline is None:
+            self._arm(self.header_timeout_s, self._header_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._in_body = False, True
+        self._arm(self.body_timeout_s, self._body_timeout)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._disarm()  # the request is in; the app's own (upstream) timeouts take over
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._idle_since = time.monotonic()
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # httptools refused the framing (e.g. Content-Length with Transfer-Encoding)
+        self._refuse(400, "Invalid HTTP request: malformed request line, headers or framing.",
+                     "invalid_http_request")
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Raise the soft limit on open files so that ``connections`` clients (plus the upstream pool,
+    the audit database and the listening socket) fit; warn when the hard limit forbids it."""
+    need = connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < need:
+            log.warning("open-file limit %d is below http.max_client_connections + 64 = %d: new "
+                        "connections can fail before the cap makes room (raise `ulimit -n`)", new, need)
