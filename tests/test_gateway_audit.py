@@ -69,7 +69,7 @@ def _rows_at(cfg, ages_days: list[float]) -> None:
     now = time.time()
     for i, age in enumerate(ages_days):
         log.record((now - age * 86400, f"r{i}", "k", "/v1/chat/completions", "m", 200, 1, 1, 1.0, None,
-                    0, None, None, None, None))
+                    0, None, None, None, None, "127.0.0.1"))
     log.close()
 
 
@@ -94,7 +94,7 @@ def test_export_writes_one_json_object_per_row_with_a_timestamp(tmp_path):
 
 def test_prompt_policy_stores_hashes_or_omits(tmp_path):
     with FakeServer() as fake:
-        for policy, check in (("store", lambda p: p == "secret plan"), ("hash", lambda p: p.startswith("sha256:")),
+        for policy, check in (("store", lambda p: p == "secret plan"), ("hash", lambda p: p.startswith("hmac-sha256:")),
                               ("omit", lambda p: p is None)):
             cfg = make_cfg(tmp_path / policy, {"fake-model": fake.base_url}, audit={"prompt": policy})
             app = Gateway(cfg)
