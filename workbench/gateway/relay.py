@@ -34,7 +34,7 @@ class Ctx:
     __slots__ = ("t0", "ts", "path", "request_id", "key_id", "model", "status", "prompt_tokens",
                  "completion_tokens", "ttft_s", "stream", "moderation", "filter", "prompt",
                  "error", "started", "client_gone", "done", "client", "bucket", "reserved",
-                 "prompt_estimate", "upstream_called", "relay")
+                 "prompt_estimate", "upstream_called", "relay", "output_estimate")
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
@@ -45,7 +45,7 @@ class Ctx:
         self.moderation: list[str] = []
         self.filter: list[str] = []
         self.client = self.bucket = self.relay = None
-        self.reserved, self.prompt_estimate, self.upstream_called = 0, 0, False
+        self.reserved, self.prompt_estimate, self.output_estimate, self.upstream_called = 0, 0, 0, False
 
 
 def settle(ctx: Ctx) -> None:
@@ -53,8 +53,8 @@ def settle(ctx: Ctx) -> None:
     if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
         prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
         used = prompt + (ctx.completion_tokens or 0)
-    elif ctx.started and ctx.status == 200:
-        used = ctx.reserved  # a reply without usage: keep the reservation
+    elif ctx.started and ctx.status == 200:  # a reply without usage: estimated from its size
+        used = min(ctx.reserved, ctx.prompt_estimate + ctx.output_estimate)
     else:
         used = ctx.prompt_estimate if ctx.upstream_called and ctx.status in (499, 504) else 0
     ctx.bucket.debit(used - ctx.reserved)
@@ -136,6 +136,7 @@ class Replies:
         ctx.completion_tokens = count(ctx, usage, "completion_tokens")
         if ctx.prompt_tokens is not None and ctx.completion_tokens is None:
             ctx.completion_tokens = 0  # embeddings
+        ctx.output_estimate = len(body) // 4  # for settle() when usage is missing (~4 bytes a token)
         f, after = self.filter, self.policy and self.cfg.moderation.after
         if route != "embeddings" and ((f and f.size and self.cfg.filter.output) or after):
             body = await self._check_output(ctx, route, obj, body)

@@ -70,8 +70,8 @@ def _inject(holder: dict, name: tuple, text: str) -> None:
 
 
 class EventSplitter:
-    """Cuts a byte stream into complete SSE events, LF-terminated. A CR at the end of a chunk is
-    held until the next one shows whether it starts a CRLF."""
+    """Cuts a byte stream into complete SSE events, LF-terminated. A CR ending a chunk ends its
+    line at once; an LF starting the next chunk is then the rest of that CRLF, and dropped."""
 
     __slots__ = ("buf", "cr")
 
@@ -79,11 +79,10 @@ class EventSplitter:
         self.buf, self.cr = b"", False
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.cr:
-            chunk, self.cr = b"\r" + chunk, False
+        if self.cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self.cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:
-            if chunk.endswith(b"\r"):
-                chunk, self.cr = chunk[:-1], True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self.buf + chunk if self.buf else chunk
         cut = buf.rfind(b"\n\n")
@@ -95,8 +94,7 @@ class EventSplitter:
 
     def rest(self) -> bytes:
         """What is left when the stream ends: a last event without its blank line, or b""."""
-        rest = self.buf + (b"\n" if self.cr else b"")
-        self.buf, self.cr = b"", False
+        rest, self.buf = self.buf, b""
         return rest + b"\n\n" if rest.strip() else b""
 
 
