@@ -309,3 +309,54 @@ def test_an_old_database_gains_the_client_column(tmp_path):
     log.record(_row(0))
     log.close()
     assert sqlite3.connect(db).execute("SELECT client FROM audit").fetchone() == ("127.0.0.1",)
+
+
+def test_1000_concurrent_requests_with_100_dropped_streams_leave_one_row_each_over_http(tmp_path):
+    """The issue's "done when": one row per request, and a dropped stream's row holds the tokens
+    it was sent (at least what the client read, less than the whole reply), never NULL."""
+    import aiohttp
+
+    from workbench.fakeserver import FakeServerProcess
+
+    async def burst(base: str) -> list[tuple]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=120)) as session:
+            async def one(i: int) -> tuple:
+                kind = ("drop", "stream", "stream", "stream", "stream", "json", "json", "json", "json",
+                        "nokey")[i % 10]
+                body = {"model": "fake-model", "messages": [{"role": "user", "content": f"request {i}"}],
+                        "stream": kind in ("drop", "stream"), "max_tokens": 200 if kind == "drop" else 20}
+                headers = AUTH if kind != "nokey" else {"Authorization": "Bearer wb-wrong"}
+                async with session.post(base + "/chat/completions", json=body, headers=headers) as r:
+                    seen = 0
+                    if kind == "drop":
+                        async for line in r.content:
+                            seen += b'"content":"tok ' in line
+                            if seen == 3:
+                                break
+                        r.close()  # hang up mid-stream
+                    else:
+                        await r.read()
+                    return kind, r.status, r.headers.get("x-request-id"), seen
+            return await asyncio.gather(*(one(i) for i in range(1000)))
+
+    # Replies of 20 tokens; a dropped stream would be 200 tokens (4 s) and is dropped after 3.
+    with FakeServerProcess(output_tokens=200, itl_ms=20) as fake, GatewayServer(
+            make_cfg(tmp_path, {"fake-model": fake.base_url})) as gw:
+        results = asyncio.run(burst(gw.base_url))
+        gw.app.audit.close()
+    conn = sqlite3.connect(gw.cfg.audit.path)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM audit").fetchone() == (1000, 1000)
+    rows = {r[0]: r[1:] for r in conn.execute("SELECT request_id, status, completion_tokens, stream FROM audit")}
+    by_kind: dict[str, list] = {}
+    for kind, status, rid, seen in results:
+        by_kind.setdefault(kind, []).append((status, rid, seen))
+    assert [s for s, _, _ in by_kind["nokey"]] == [401] * 100
+    assert conn.execute("SELECT COUNT(*) FROM audit WHERE status = 401 AND key_id IS NULL").fetchone() == (100,)
+    for kind, stream in (("stream", 1), ("json", 0)):
+        assert len(by_kind[kind]) == 400
+        assert all(status == 200 and rows[rid] == (200, 20, stream) for status, rid, _ in by_kind[kind])
+    assert len(by_kind["drop"]) == 100
+    for status, rid, seen in by_kind["drop"]:
+        row_status, tokens, _ = rows[rid]
+        assert status == 200 and seen == 3 and row_status == 499 and 3 <= tokens < 200, rows[rid]

@@ -171,3 +171,15 @@ def test_audio_and_video_urls_are_checked_too_and_no_list_allows_any(tmp_path):
             assert_openai_error(post(gw, body), 400, "media_url_not_allowed")
         with GatewayServer(make_cfg(tmp_path / "open", {"scripted": up.base_url})) as gw:
             assert post(gw, body).status_code == 200  # media_hosts unset: the old behaviour
+
+
+# ---- finding 9 over HTTP: evasive prompts are blocked, or masked in place --------------------
+@pytest.mark.parametrize("text", ["ｂａｄｗｏｒｄ", "bad\u200bword", "bad\u00adword", "bаdwоrd", "敏 感 词", "敏感詞"])
+def test_evasive_spellings_in_prompts_are_blocked_and_masked(tmp_path, text):
+    with ScriptedUpstream(["ok"]) as up:
+        with GatewayServer(make_cfg(tmp_path, {"scripted": up.base_url})) as gw:
+            body = {"model": "scripted", "messages": [{"role": "user", "content": f"say {text} now"}]}
+            assert_openai_error(post(gw, body), 400, "content_filter")
+        with GatewayServer(make_cfg(tmp_path / "mask", {"scripted": up.base_url}, filter={"action": "mask"})) as gw:
+            assert post(gw, body).status_code == 200
+        assert up.bodies[-1]["messages"][0]["content"] == "say *** now"
