@@ -94,6 +94,7 @@ EVASIONS = [
     ("a b\u200da\u2060d\ufeffword here", "a *** here"),  # joiners, word joiner, BOM
     ("a bаdwоrd here", "a *** here"),  # Cyrillic а and о
     ("a ΒΑDWORD here", "a *** here"),  # Greek capitals
+    ("a 𝐛𝐚𝐝𝐰𝐨𝐫𝐝 here", "a *** here"),  # mathematical bold (astral characters)
     ("a b\u0336a\u0336d\u0336word here", "a *** here"),  # combining strike-through overlay
     ("a bádwörd here", "a *** here"),  # accents
     ("这是敏 感 词吗", "这是***吗"),  # spaced Chinese
@@ -158,3 +159,15 @@ def test_relay_reads_an_event_with_fields_before_its_data(words):
     relay = StreamRelay("chat", words, block=False, strip_usage=False, collect=False)
     out = relay.process(b"event: message\nid: 1\n" + _chunk("a badword") + _chunk(None, "stop"))
     assert b"badword" not in out and b"a ***" in out and out.startswith(b"event: message\nid: 1\ndata: ")
+
+
+def test_characters_folded_at_c_speed_are_those_that_fold_to_themselves():
+    import re
+
+    from workbench.gateway.normalize import _stable_class, fold, fold_char
+
+    stable = re.compile(f"[{_stable_class()}]")
+    chars = [chr(o) for o in range(0x10000) if stable.match(chr(o))]
+    assert len(chars) > 20000 and all(fold_char(c) == c for c in chars)
+    text = "這是ＡＢＣ，敏感詞！bad\u200bword"
+    assert fold(text) == "".join(fold_char(c) for c in text) == "这是abc,敏感词!badword"

@@ -133,16 +133,21 @@ def load_secret(cfg: AuditConfig) -> bytes:
     else:
         path = Path(cfg.secret_file)
         source = str(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-            log.info("audit: created the prompt-hash secret %s", path)
-        except FileExistsError:
-            pass
-        except OSError as err:
-            raise AuditError(f"audit: cannot create the prompt-hash secret {path}: {err}") from None
+        if not path.exists():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32) + "\n")
+                os.link(tmp, path)  # atomic, and never over a secret another worker just made
+                log.info("audit: created the prompt-hash secret %s", path)
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise AuditError(f"audit: cannot create the prompt-hash secret {path}: {err}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
         secret = path.read_bytes().strip()
     if len(secret) < 16:
         raise AuditError(f"audit: the prompt-hash secret in {source} is shorter than 16 bytes")

@@ -81,7 +81,7 @@ class WordFilter:
         if text.isascii():  # folding is lower() here, and no Han word can match
             return _merge([(s, e) for _, s, e in
                            self.automaton.find_matches_as_indexes(text.lower(), overlapping=True)])
-        folded = text.translate(FOLD)
+        folded = fold(text)
         found = self.automaton.find_matches_as_indexes(folded, overlapping=True)
         unspaced = []
         if self.unspaced is not None:
@@ -124,7 +124,7 @@ class WordFilter:
                 if tail[-k:] in self.prefixes:
                     return k
             return 0
-        folded = buf.translate(FOLD)
+        folded = fold(buf)
         held = _suffix_in(folded, self.prefixes, self.max_len - 1)
         hold = _chars_for(buf, held, False) if held else 0
         if self.unspaced is not None:
