@@ -223,6 +223,7 @@ def _config_file(tmp_path, port: int, upstream: str, **audit) -> Path:
 def test_gateway_refuses_to_start_on_an_audit_database_it_cannot_write(tmp_path, case):
     db = tmp_path / "audit.sqlite"
     sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.close()
+    db.chmod(0o600)  # already private: what stops the start is the write, not the chmod
     conf = _config_file(tmp_path, _free_port("127.0.0.1"), "http://127.0.0.1:9/v1",
                         min_free_mb=1e12 if case == "no_space" else 0)
     guard = read_only(db) if case == "read_only" else contextlib.nullcontext()
