@@ -143,3 +143,41 @@ def assert_openai_error(resp, status: int, code: str | None = None) -> dict:
     if code:
         assert err["code"] == code, err
     return err
+
+
+class RawUpstream(ScriptedUpstream):
+    """A misbehaving upstream: answers every chat request with ``body`` as it is (``status``,
+    ``content_type``) or, given ``chunks``, writes them one by one as an event stream. A
+    ``threading.Event`` among the chunks holds the rest back until the test sets it."""
+
+    def __init__(self, body: bytes = b"", chunks: list | None = None, status: int = 200,
+                 content_type: str = "application/json"):
+        super().__init__([])
+        self.body, self.chunks, self.status, self.content_type = body, chunks, status, content_type
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.bodies.append(await request.json())
+        if self.chunks is None:
+            return web.Response(status=self.status, body=self.body, headers={"Content-Type": self.content_type})
+        resp = web.StreamResponse(status=self.status, headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in self.chunks:
+            if isinstance(chunk, threading.Event):
+                await asyncio.get_running_loop().run_in_executor(None, chunk.wait, 10)
+            else:
+                await resp.write(chunk)
+        return resp
+
+
+def chat_reply(message: dict, usage: dict | None = None) -> bytes:
+    """A non-streamed chat completion holding ``message``, as raw bytes."""
+    usage = usage or {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    return json.dumps({"id": "x", "object": "chat.completion", "model": "raw", "choices": [
+        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}],
+        "usage": usage}).encode()
+
+
+def chunk_event(delta: dict, finish: str | None = None, sep: bytes = b"\n\n") -> bytes:
+    """One chat.completion.chunk SSE event, ending in ``sep``."""
+    return b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "model": "raw", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + sep

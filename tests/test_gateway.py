@@ -70,7 +70,7 @@ def test_key_is_stored_hashed_and_labels_the_audit_row(gw):
     rows = audit_rows(gw)
     assert [(r["key_id"], r["status"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == \
         [("test", 200, 2, 8)]
-    assert rows[0]["prompt"].startswith("sha256:")  # audit.prompt: hash (the default)
+    assert rows[0]["prompt"].startswith("hmac-sha256:")  # audit.prompt: hash (the default)
 
 
 # ---- error codes ---------------------------------------------------------------------------
@@ -130,17 +130,19 @@ def test_request_rate_limit_is_429_with_retry_after(fake, tmp_path):
         assert total(metrics(gw), "workbench_gateway_rate_limited_total", limit="requests") >= 1
 
 
-def test_token_rate_limit_counts_upstream_usage(fake, tmp_path):
-    # Each reply uses 2 prompt + 8 completion tokens (usage from the fake); 15 tokens per minute
-    # admit a second request on credit, and the debt then blocks the third.
-    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"tokens_per_minute": 15})
+def test_token_limit_reserves_max_tokens_and_settles_to_usage(fake, tmp_path):
+    # Each reply uses 2 prompt + 8 completion tokens (usage from the fake). A request reserves its
+    # prompt estimate (3) + max_tokens (12) = 15 and is charged 10 at the end: 25 tokens per
+    # minute admit two (the second streamed, usage from the stream), leave 5 and refuse a third.
+    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"tokens_per_minute": 25})
     with GatewayServer(cfg) as gw:
-        assert post(gw, "/chat/completions", CHAT).status_code == 200
-        stream = post(gw, "/chat/completions", {**CHAT, "stream": True})  # usage from the stream
-        assert stream.status_code == 200
-        r = post(gw, "/chat/completions", CHAT)
+        body = {**CHAT, "max_tokens": 12}
+        assert post(gw, "/chat/completions", body).status_code == 200
+        assert post(gw, "/chat/completions", {**body, "stream": True}).status_code == 200
+        r = post(gw, "/chat/completions", body)
         assert_openai_error(r, 429, "rate_limit_exceeded")
         assert int(r.headers["retry-after"]) >= 1
+        assert 5 <= gw.app.keys.lookup(f"Bearer {KEY}".encode()).tokens.level < 7  # + refill, 0.4/s
 
 
 def test_upstream_down_is_503_after_one_retry(tmp_path):

@@ -84,3 +84,90 @@ def test_gzip_stream_is_decodable_after_every_chunk():
     for i in range(5):
         assert d.decompress(gz.chunk(_chunk(f"t{i}"))) == _chunk(f"t{i}")
     assert d.decompress(gz.end(b"data: [DONE]\n\n")) == b"data: [DONE]\n\n" and d.eof
+
+
+# ---- Unicode evasion (issue 14, finding 9) ----------------------------------------------------
+EVASIONS = [
+    ("a ｂａｄｗｏｒｄ here", "a *** here"),  # full-width letters
+    ("a bad\u200bword here", "a *** here"),  # zero-width space
+    ("a bad\u00adword here", "a *** here"),  # soft hyphen
+    ("a b\u200da\u2060d\ufeffword here", "a *** here"),  # joiners, word joiner, BOM
+    ("a bаdwоrd here", "a *** here"),  # Cyrillic а and о
+    ("a ΒΑDWORD here", "a *** here"),  # Greek capitals
+    ("a 𝐛𝐚𝐝𝐰𝐨𝐫𝐝 here", "a *** here"),  # mathematical bold (astral characters)
+    ("a b\u0336a\u0336d\u0336word here", "a *** here"),  # combining strike-through overlay
+    ("a bádwörd here", "a *** here"),  # accents
+    ("这是敏 感 词吗", "这是***吗"),  # spaced Chinese
+    ("这是敏\u3000感\n词吗", "这是***吗"),  # ideographic space, newline
+    ("这是敏感詞吗", "这是***吗"),  # traditional 詞
+    ("買違禁品", "買***"),  # traditional 違 inside, a traditional character outside stays
+    ("請勿製作炸彈", "請勿***"),  # 製作炸彈 -> 制作炸弹
+]
+
+
+@pytest.mark.parametrize("text,masked", EVASIONS)
+def test_look_alike_spellings_are_caught_and_masked_in_place(words, text, masked):
+    assert words.hits(text)
+    assert words.apply_mask(text) == (masked, 1)
+
+
+@pytest.mark.parametrize("text", ["was sad", "a bad word", "bad-word", "敏感 的词", "它很敏感，词语"])
+def test_folding_adds_no_match_across_english_word_boundaries(words, text):
+    assert not words.hits(text)
+
+
+def test_any_split_of_an_evasive_stream_masks_like_the_whole_text(words):
+    rng = random.Random(1)
+    text = "".join(t for t, _ in EVASIONS)
+    expect, n = words.apply_mask(text)
+    assert n == len(EVASIONS)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 40)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        sf = words.stream()
+        out = "".join(sf.feed(p) for p in pieces) + sf.flush()
+        assert out == expect, pieces
+
+
+def test_cjk_space_insensitivity_can_be_turned_off():
+    f = WordFilter(["敏感词"], cjk_ignore_spaces=False)
+    assert not f.hits("敏 感 词") and f.hits("敏感詞")
+
+
+def test_folding_keeps_kana_voicing_apart():
+    f = WordFilter(["がん"])  # NFKD splits off the voicing mark; it is kept, not dropped
+    assert f.hits("これはがんです") and not f.hits("これはかんです")
+
+
+# ---- SSE framing (finding 10) -------------------------------------------------------------------
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_event_splitter_cuts_any_split_of_any_line_ending_into_the_same_events(eol):
+    from workbench.gateway.sse import EventSplitter
+
+    events = [_chunk("a"), b": keep-alive\n\n", b"event: x\nid: 7\n" + _chunk("b"), _chunk("c", "stop")]
+    lf = b"".join(events)
+    data = lf.replace(b"\n", eol)
+    rng = random.Random(2)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 30)))
+        sp = EventSplitter()
+        out = b"".join(sp.feed(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)])) + sp.rest()
+        assert out == lf
+
+
+def test_relay_reads_an_event_with_fields_before_its_data(words):
+    relay = StreamRelay("chat", words, block=False, strip_usage=False, collect=False)
+    out = relay.process(b"event: message\nid: 1\n" + _chunk("a badword") + _chunk(None, "stop"))
+    assert b"badword" not in out and b"a ***" in out and out.startswith(b"event: message\nid: 1\ndata: ")
+
+
+def test_characters_folded_at_c_speed_are_those_that_fold_to_themselves():
+    import re
+
+    from workbench.gateway.normalize import _stable_class, fold, fold_char
+
+    stable = re.compile(f"[{_stable_class()}]")
+    chars = [chr(o) for o in range(0x10000) if stable.match(chr(o))]
+    assert len(chars) > 20000 and all(fold_char(c) == c for c in chars)
+    text = "這是ＡＢＣ，敏感詞！bad\u200bword"
+    assert fold(text) == "".join(fold_char(c) for c in text) == "这是abc,敏感词!badword"

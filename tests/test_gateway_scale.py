@@ -176,6 +176,33 @@ def test_redis_store_tokens_debited_by_one_gateway_refuse_at_the_other(redis_url
     assert third.limit == "revoked"
 
 
+def test_token_reservations_are_shared_across_gateways_and_settled_back(redis_url):
+    """The data path's reserve-then-settle (max_tokens taken at admission, the unused part given
+    back) holds across gateways in Redis mode, as it does in one process (MemoryStore)."""
+    limits = GatewayConfig.model_validate({"limits": redis_limits(redis_url)}).limits
+
+    async def run(a, b):
+        key = _key(tpm=60)
+        first = await a.reserve(key, 40)
+        second = await b.reserve(key, 40)  # 20 left: refused, nothing taken
+        await a.debit(key, -30)  # the first used 10 of its 40
+        third = await b.reserve(key, 40)  # 50 left
+        return first, second, third
+
+    async def redis_run():
+        a, b = RedisStore(limits), RedisStore(limits)
+        try:
+            return await run(a, b)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    mem = MemoryStore()
+    for first, second, third in (asyncio.run(redis_run()), asyncio.run(run(mem, mem))):
+        assert first.limit is None and third.limit is None
+        assert second.limit == "tokens" and second.wait_s == pytest.approx(20 * 60 / 60, rel=0.05)
+
+
 # ---- configuration ---------------------------------------------------------------------------
 def test_workers_above_one_without_redis_is_a_clear_config_error(tmp_path):
     path = tmp_path / "gw.yaml"

@@ -21,7 +21,7 @@ import time
 
 import fastjsonschema
 
-from workbench.gateway.audit import AuditLog, prompt_field
+from workbench.gateway.audit import AuditCollector, AuditLog
 from workbench.gateway.config import GatewayConfig, load_config
 from workbench.gateway.filter import WordFilter
 from workbench.gateway.http import REFUSED
@@ -29,7 +29,7 @@ from workbench.gateway.keys import KeyStore, watch_keys
 from workbench.gateway.metrics import Metrics
 from workbench.gateway.moderation import Verdict, build_policy
 from workbench.gateway.openapi import compile_validators, document
-from workbench.gateway.relay import Ctx, Replies, respond
+from workbench.gateway.relay import Ctx, Replies, media_url_allowed, respond, settle, stream_tokens
 from workbench.gateway.sse import dumps, loads
 from workbench.gateway.store import StoreUnavailable, build_store
 from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
@@ -83,6 +83,7 @@ class Gateway(Replies):
         self.routes = cfg.model_routes()
         self.keys = KeyStore(cfg.all_keys())
         self.store = build_store(cfg.limits)  # buckets: this process, or Redis (shared)
+        self._settling: set[asyncio.Task] = set()  # Redis token settlements in flight
         if not len(self.keys):
             log.warning("gateway has no API keys: every request but /health gets 401 "
                         "(add one: workbench gateway add-key ID)")
@@ -90,10 +91,12 @@ class Gateway(Replies):
         self._children: dict[tuple, object] = {}  # see _child
         self.validators = compile_validators()
         f = cfg.filter
-        self.filter = WordFilter.from_files(f.word_lists, f.mask) if f.enabled else None
+        self.filter = WordFilter.from_files(f.word_lists, f.mask, f.cjk_ignore_spaces) if f.enabled else None
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
         self.audit = AuditLog(cfg.audit) if cfg.audit.enabled else None
+        if self.audit:
+            self.metrics.registry.register(AuditCollector(self.audit))
         self.openapi = dumps(document(sorted(self.routes)))
         self._key_watch: asyncio.Task | None = None
 
@@ -131,7 +134,13 @@ class Gateway(Replies):
         path = scope["path"]
         if path == "/health":
             return await respond(send, 200, b'{"status":"ok"}')
+        if path == "/ready":  # readiness: 503 while audit rows cannot be written
+            problem = self.audit.problem() if self.audit else None
+            return await respond(send, 503 if problem else 200,
+                                 dumps({"status": "unavailable", "reason": problem} if problem else {"status": "ok"}))
         ctx = Ctx(path)
+        client = scope.get("client")
+        ctx.client = client[0] if client else None
         try:
             auth, length, gzip = self._headers(scope["headers"])
             key = self.keys.lookup(auth)
@@ -151,12 +160,13 @@ class Gateway(Replies):
                 raise GatewayError(404, f"Unknown path {path}", code="unknown_url")
             if (method != "POST") if route else (method not in ("GET", "HEAD")):
                 raise GatewayError(405, f"Method {method} not allowed on {path}", code="method_not_allowed")
+            if route and self.cfg.audit.fail_closed and self.audit and not self.audit.ok:
+                raise GatewayError(503, "Requests are refused while the audit log cannot be written.",
+                                   "server_error", "audit_unavailable")
             if route or path == "/v1/models":  # limits guard the upstreams (/v1/models asks them all)
                 await self._rate_limit(key)
             if route:
-                await self._proxy(ctx, route, receive, send, length, gzip)
-                if key.tokens is not None:
-                    await self.store.debit(key, (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
+                await self._proxy(ctx, route, receive, send, length, gzip, key)
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))
@@ -258,7 +268,7 @@ class Gateway(Replies):
                                param=param) from None
         return req
 
-    async def _proxy(self, ctx: Ctx, route: str, receive, send, length: int, gzip: bool) -> None:
+    async def _proxy(self, ctx: Ctx, route: str, receive, send, length: int, gzip: bool, key) -> None:
         body = await self._read_body(receive, length)
         req = self._parse(route, ctx.path, body)
         model = req["model"]
@@ -269,9 +279,13 @@ class Gateway(Replies):
                                code="model_not_found", param="model")
         stream = route != "embeddings" and req.get("stream") is True
         ctx.stream = stream
+        if route == "chat" and self.cfg.limits.media_hosts is not None:
+            self._check_media(req)
         changed = self._check_prompt(ctx, route, req)
         if self.policy and self.cfg.moderation.before:
             await self._moderate(ctx, ctx.prompt, "input")
+        if key.tokens is not None:
+            await self._reserve_tokens(ctx, key, route, req)
         strip_usage = False
         if stream:
             opts = req.get("stream_options") or {}
@@ -285,6 +299,7 @@ class Gateway(Replies):
         me = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive, me, ctx))
         try:
+            ctx.upstream_called = True
             resp = await self.upstreams.post(upstream, ctx.path, body)
             try:
                 if resp.status >= 400:
@@ -299,6 +314,42 @@ class Gateway(Replies):
         finally:
             ctx.done = True
             watcher.cancel()
+
+    async def _reserve_tokens(self, ctx: Ctx, key, route: str, req: dict) -> None:
+        """Take the prompt (estimated) plus max_tokens from the key's token bucket now, so that
+        concurrent requests cannot overdraw it; ``settle`` turns this into the real usage."""
+        ctx.prompt_estimate = len(ctx.prompt.encode("utf-8", "replace")) // 4 + 1 if ctx.prompt else 1
+        out = 0
+        if route != "embeddings":
+            out = req.get("max_completion_tokens") or req.get("max_tokens") or self.cfg.limits.assumed_max_tokens
+            out *= req.get("n") or 1
+        n = min(ctx.prompt_estimate + out, key.tokens.capacity)
+        store = self.store  # memory: no await; redis: one atomic script, shared by every gateway
+        adm = store.reserve_now(key, n) if store.backend == "memory" else await store.reserve(key, n)
+        if adm.limit == "store":
+            raise GatewayError(503, "Rate limits cannot be checked right now; retry shortly.",
+                               "server_error", "limits_unavailable", headers=((b"retry-after", b"1"),))
+        if adm.limit is not None:
+            self.metrics.rate_limited.labels(key.id, "tokens").inc()
+            retry = max(1, math.ceil(adm.wait_s))
+            raise GatewayError(429, f"Rate limit reached for tokens per minute on key '{key.id}': this request "
+                               f"reserves {n:g} tokens; retry in {retry} s.", "rate_limit_error",
+                               "rate_limit_exceeded", headers=((b"retry-after", str(retry).encode()),))
+        ctx.reserved, ctx.charged = n, key
+
+    def _check_media(self, req: dict) -> None:
+        """Media URLs in content parts must name a host of limits.media_hosts (no SSRF through
+        the upstream's media fetcher, e.g. to http://169.254.169.254/)."""
+        hosts = self.cfg.limits.media_hosts
+        for i, m in enumerate(req["messages"]):
+            parts = m.get("content")
+            for j, part in enumerate(parts if isinstance(parts, list) else ()):
+                for name, v in part.items() if isinstance(part, dict) else ():
+                    url = v.get("url") if isinstance(v, dict) else v if name.endswith("_url") else None
+                    if url is not None and not media_url_allowed(url, hosts):
+                        raise GatewayError(400, "A media URL in the request names a host this gateway does "
+                                           "not fetch from.", code="media_url_not_allowed",
+                                           param=f"messages.{i}.content.{j}.{name}")
 
     async def _watch(self, receive, task: asyncio.Task, ctx: Ctx) -> None:
         """Cancel the request's task when the client goes away (uvicorn's send() is silent then)."""
@@ -362,8 +413,29 @@ class Gateway(Replies):
             child = self._children[metric, labels] = metric.labels(*labels)
             return child
 
+    def _settle(self, key, tokens: float) -> None:
+        if not tokens:
+            return
+        if self.store.backend == "memory":
+            key.tokens.debit(tokens)
+        else:  # one script call to Redis, off the reply's path; kept referenced until it is done
+            task = asyncio.ensure_future(self.store.debit(key, tokens))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
     def _finish(self, ctx: Ctx) -> None:
         latency = time.perf_counter() - ctx.t0
+        if ctx.relay is not None:
+            stream_tokens(ctx)
+        if self.audit:  # first: nothing below can cost the request its row
+            self.audit.record((
+                ctx.ts, ctx.request_id, ctx.key_id, ctx.path[:200], ctx.model, ctx.status,
+                ctx.prompt_tokens, ctx.completion_tokens, latency * 1000,
+                ctx.ttft_s * 1000 if ctx.ttft_s is not None else None, int(ctx.stream),
+                " ".join(ctx.moderation) or None, " ".join(ctx.filter) or None,
+                self.audit.prompt_value(ctx.prompt), ctx.error, ctx.client))
+        if ctx.charged is not None:
+            self._settle(ctx.charged, settle(ctx))
         route = ctx.path if ctx.path in ROUTES or ctx.path in OTHER else "other"
         model = ctx.model if ctx.model in self.routes else ""  # no label per unknown model name
         m, c = self.metrics, self._child
@@ -375,13 +447,6 @@ class Gateway(Replies):
             c(m.tokens, model, "prompt").inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
             c(m.tokens, model, "completion").inc(ctx.completion_tokens)
-        if self.audit:
-            self.audit.record((
-                ctx.ts, ctx.request_id, ctx.key_id, ctx.path[:200], ctx.model, ctx.status,
-                ctx.prompt_tokens, ctx.completion_tokens, latency * 1000,
-                ctx.ttft_s * 1000 if ctx.ttft_s is not None else None, int(ctx.stream),
-                " ".join(ctx.moderation) or None, " ".join(ctx.filter) or None,
-                prompt_field(ctx.prompt, self.cfg.audit.prompt), ctx.error))
 
 
 def create_app(cfg: GatewayConfig) -> Gateway:

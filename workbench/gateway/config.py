@@ -85,6 +85,15 @@ class LimitsConfig(Section):
     # without limits (true: availability first).
     redis_fail_open: bool = False
 
+    # Token limits reserve prompt (estimated: UTF-8 bytes / 4) + max_tokens at admission and
+    # settle to the real usage at the end; this many completion tokens are reserved when a
+    # request sets no max_tokens (the reservation is capped at the key's tokens_per_minute).
+    assumed_max_tokens: int = Field(default=1024, ge=1)
+    # Hosts that chat content parts may name in media URLs (image_url, audio_url, video_url, any
+    # {"url": ...}); "*.example.com" covers subdomains. None: any host; []: none. data: URLs
+    # (inline content) always pass; anything else than http(s) is refused when a list is set.
+    media_hosts: list[str] | None = None
+
 
 class HttpConfig(Section):
     """The client-facing HTTP server (uvicorn + httptools, with workbench/gateway/http.py's limits).
@@ -100,7 +109,9 @@ class HttpConfig(Section):
 
 
 class FilterConfig(Section):
-    """Sensitive-word filter (Aho-Corasick over every word list; ASCII letters matched caselessly)."""
+    """Sensitive-word filter (Aho-Corasick over every word list), matched after folding the text:
+    NFKD, zero-width and format characters dropped, look-alike letters and traditional Chinese
+    folded, lowercase (workbench/gateway/normalize.py)."""
 
     enabled: bool = True
     word_lists: list[str] = ["data/gateway/sensitive_words.en.txt",
@@ -108,7 +119,9 @@ class FilterConfig(Section):
     action: Literal["block", "mask"] = "block"  # block: 400 (prompt) / 403 or final error event (output)
     mask: str = "***"
     prompts: bool = True
-    output: bool = True
+    output: bool = True  # every text field: content, reasoning, refusal, tool-call arguments
+    # Han, kana and Hangul words also match with the text's whitespace removed (敏 感 词).
+    cjk_ignore_spaces: bool = True
 
 
 class LLMModerationConfig(Section):
@@ -139,9 +152,24 @@ class AuditConfig(Section):
     # FULL: each batch is on disk before the next; the single writer thread batches, so a burst
     # costs one fsync per batch, not per request.
     synchronous: Literal["full", "normal"] = "full"
-    prompt: Literal["store", "hash", "omit"] = "hash"  # hash: SHA-256 of the prompt text
+    prompt: Literal["store", "hash", "omit"] = "hash"  # hash: HMAC-SHA-256 of the prompt text
+    # The HMAC key: this environment variable if set, else hash_secret_file (default: the
+    # database's path + ".key"), created with 256 random bits (mode 0600) on first start.
+    hash_secret_env: str | None = "WORKBENCH_GATEWAY_AUDIT_SECRET"
+    hash_secret_file: str | None = None
     retention_days: float = Field(default=180, gt=0)  # enforced by `workbench gateway prune`
     batch_size: int = Field(default=500, ge=1)
+    # Refuse requests (503 audit_unavailable) while rows cannot be written, instead of serving
+    # them unaudited. Either way /ready fails and /metrics shows it.
+    fail_closed: bool = False
+    min_free_mb: float = Field(default=64, ge=0)  # below: refuse to start; at run time, /ready fails
+    # Rows of failed writes held in memory for a retry (every retry_s); beyond, the oldest are lost.
+    max_pending_rows: int = Field(default=100_000, ge=1)
+    retry_s: float = Field(default=1.0, gt=0)
+
+    @property
+    def secret_file(self) -> str:
+        return self.hash_secret_file or self.path + ".key"
 
 
 class GatewayConfig(Section):

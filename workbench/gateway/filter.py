@@ -5,10 +5,14 @@ pyahocorasick looks a node's children up linearly, so with a Chinese list (thous
 first characters under the root) a 1,000-character prompt took ~0.9 ms for 5,000 words, against
 ~5 us here (benchmarks/gateway_overhead.py measures both sizes).
 
-Words are matched as substrings, caselessly for cased scripts (the text is lowercased with its
-length kept, so match offsets index the original). Chinese has no word boundaries, so substring
-matching is what Chinese lists expect; keep English entries specific enough not to hit inside
-innocent words.
+Words are matched as substrings in the text as ``normalize.fold`` spells it (NFKD, format
+characters and combining marks dropped, Cyrillic and Greek look-alikes and traditional Chinese
+folded, lowercase), and each match maps back to the span of the original text it came from, so
+mask mode masks ``ｂａｄ\\u200bword`` whole and keeps everything around it. Chinese has no word
+boundaries, so substring matching is what Chinese lists expect; keep English entries specific
+enough not to hit inside innocent words. Words written wholly in Han, kana or Hangul are also
+matched with the whitespace of the text removed (``cjk_ignore_spaces``): ``敏 感 词`` matches
+``敏感词``; English words are not, so ``was sad`` never matches ``ass``.
 
 Streams: ``StreamFilter`` holds back the tail of what it has seen that could still grow into a
 word (at most ``max_word_len - 1`` characters: the longest tail that is a prefix of some word), so
@@ -21,6 +25,9 @@ import logging
 from pathlib import Path
 
 import ahocorasick_rs
+
+from workbench.gateway.normalize import (FOLD, drop_spaces, fold, index_map, nonspace_positions,
+                                         unspaced_script)
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +42,6 @@ def read_word_list(path: str | Path) -> list[str]:
     return words
 
 
-def _lower(text: str) -> str:
-    low = text.lower()
-    if len(low) == len(text):
-        return low
-    # A few characters change length when lowercased ('İ' -> 'i̇'); keep those as they are so
-    # offsets still index the original text.
-    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
-
-
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in sorted(spans):
@@ -55,28 +53,49 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class WordFilter:
-    def __init__(self, words: list[str], mask: str = "***"):
+    def __init__(self, words: list[str], mask: str = "***", cjk_ignore_spaces: bool = True):
         self.mask = mask
-        self.words = sorted({_lower(w) for w in words if w})
+        self.words = sorted({" ".join(fold(w).split()) for w in words if w} - {""})
         self.size = len(self.words)
         self.max_len = max((len(w) for w in self.words), default=0)
         self.automaton = ahocorasick_rs.AhoCorasick(self.words) if self.words else None
         # Every proper prefix of every word: what a stream must hold back (see StreamFilter).
         self.prefixes = frozenset(w[:k] for w in self.words for k in range(1, len(w)))
+        # Han / kana / Hangul words, matched again in the text with its whitespace removed.
+        unspaced = [w for w in self.words if len(w) > 1 and unspaced_script(w)] if cjk_ignore_spaces else []
+        self.unspaced = ahocorasick_rs.AhoCorasick(unspaced) if unspaced else None
+        self.unspaced_prefixes = frozenset(w[:k] for w in unspaced for k in range(1, len(w)))
+        self.unspaced_max_len = max((len(w) for w in unspaced), default=0)
 
     @classmethod
-    def from_files(cls, paths: list[str], mask: str = "***") -> "WordFilter":
+    def from_files(cls, paths: list[str], mask: str = "***", cjk_ignore_spaces: bool = True) -> "WordFilter":
         words = [w for p in paths for w in read_word_list(p)]
-        f = cls(words, mask)
+        f = cls(words, mask, cjk_ignore_spaces)
         log.info("sensitive-word filter: %d words from %d lists", f.size, len(paths))
         return f
 
     def spans(self, text: str) -> list[tuple[int, int]]:
-        """[start, end) of every match, merged where they overlap."""
+        """[start, end) of every match in ``text``, merged where they overlap."""
         if not self.size or not text:
             return []
-        return _merge([(s, e) for _, s, e in
-                       self.automaton.find_matches_as_indexes(_lower(text), overlapping=True)])
+        if text.isascii():  # folding is lower() here, and no Han word can match
+            return _merge([(s, e) for _, s, e in
+                           self.automaton.find_matches_as_indexes(text.lower(), overlapping=True)])
+        folded = fold(text)
+        found = self.automaton.find_matches_as_indexes(folded, overlapping=True)
+        unspaced = []
+        if self.unspaced is not None:
+            squeezed = drop_spaces(folded)
+            if len(squeezed) != len(folded):  # no whitespace: the first pass found them all
+                unspaced = self.unspaced.find_matches_as_indexes(squeezed, overlapping=True)
+        if not found and not unspaced:
+            return []
+        idx = index_map(text)
+        spans = [(idx[s], idx[e - 1] + 1) for _, s, e in found]
+        if unspaced:
+            pos = nonspace_positions(folded)
+            spans += [(idx[pos[s]], idx[pos[e - 1]] + 1) for _, s, e in unspaced]
+        return _merge(spans)
 
     def hits(self, text: str) -> bool:
         return bool(self.spans(text))
@@ -96,13 +115,49 @@ class WordFilter:
     def stream(self) -> "StreamFilter":
         return StreamFilter(self)
 
+    def held_tail(self, buf: str) -> int:
+        """How many characters at the end of ``buf`` fold to the start of some word (so a word
+        that ends in text not yet seen may begin there): what a stream must hold back."""
+        if buf.isascii():
+            tail = buf[-(self.max_len - 1):].lower() if self.max_len > 1 else ""
+            for k in range(len(tail), 0, -1):
+                if tail[-k:] in self.prefixes:
+                    return k
+            return 0
+        folded = fold(buf)
+        held = _suffix_in(folded, self.prefixes, self.max_len - 1)
+        hold = _chars_for(buf, held, False) if held else 0
+        if self.unspaced is not None:
+            held = _suffix_in(drop_spaces(folded), self.unspaced_prefixes, self.unspaced_max_len - 1)
+            if held:
+                hold = max(hold, _chars_for(buf, held, True))
+        return hold
+
+
+def _suffix_in(folded: str, prefixes: frozenset, longest: int) -> int:
+    for k in range(min(len(folded), longest), 0, -1):
+        if folded[-k:] in prefixes:
+            return k
+    return 0
+
+
+def _chars_for(buf: str, n: int, nonspace: bool) -> int:
+    """The fewest characters at the end of ``buf`` whose folds hold ``n`` folded characters
+    (non-space ones when ``nonspace``), with the characters that fold to nothing before them."""
+    i, got = len(buf), 0
+    while i > 0 and got < n:
+        i -= 1
+        f = FOLD[ord(buf[i])]
+        got += len(drop_spaces(f)) if nonspace else len(f)
+    return len(buf) - i
+
 
 class StreamFilter:
     """Filter text that arrives in pieces. ``feed`` returns what may be emitted now; ``flush``
     the held-back rest at the end. ``hits`` counts matches; with block, the caller stops at the
     first (the matched word itself is never emitted: it is still in the held-back tail)."""
 
-    __slots__ = ("f", "buf", "base", "pending", "hits", "_hold")
+    __slots__ = ("f", "buf", "base", "pending", "hits")
 
     def __init__(self, f: WordFilter):
         self.f = f
@@ -110,21 +165,16 @@ class StreamFilter:
         self.base = 0  # stream offset of buf[0]
         self.pending: list[tuple[int, int]] = []  # matches (stream offsets) reaching into buf
         self.hits = 0
-        self._hold = max(0, f.max_len - 1)
 
     def feed(self, text: str) -> str:
         self.buf += text
         return self._emit(len(self.buf) - self._prefix_len())
 
     def _prefix_len(self) -> int:
-        """Length of the longest tail of buf that starts a word: all that must be held back (a
-        word that ends later starts inside it). Usually 0 or 1, so the filter delays text by at
-        most a few characters, not by ``max_word_len - 1``."""
-        prefixes, tail = self.f.prefixes, _lower(self.buf[-self._hold:]) if self._hold else ""
-        for k in range(len(tail), 0, -1):
-            if tail[-k:] in prefixes:
-                return k
-        return 0
+        """Length of the tail of buf that folds to the start of a word: all that must be held
+        back (a word that ends later starts inside it). Usually 0 or 1, so the filter delays
+        text by a few characters at most, not by ``max_word_len - 1``."""
+        return self.f.held_tail(self.buf)
 
     def flush(self) -> str:
         return self._emit(len(self.buf))

@@ -59,14 +59,16 @@ class TokenBucket:
         return (n - self.level) / self.rate_per_s
 
     def wait_s(self) -> float:
-        """Seconds until the level is positive again (0: admit). Used for tokens, which are only
-        known after the reply, so a request is admitted on credit and debited afterwards."""
+        """Seconds until the level is positive again (0: admit): the cheap check before the
+        body is read. Tokens are then reserved (``take``) and settled (``debit``) by the app."""
         self._refill()
         return 0.0 if self.level > 0 else (-self.level + 1e-9) / self.rate_per_s
 
     def debit(self, n: float) -> None:
+        """Take n more (a request used more than it reserved) or, n < 0, give back what it did
+        not use. The level may go negative (the next requests wait it off), never above capacity."""
         self._refill()
-        self.level -= n  # may go negative: the next requests wait it off
+        self.level = min(self.capacity, self.level - n)
 
 
 @dataclass

@@ -54,7 +54,8 @@ def _error_responses(*codes: int) -> dict:
             403: "Output blocked by the filter, or a key of the wrong role (metrics or client)",
             404: "Unknown model or path",
             413: "Body or headers too large", 429: "Rate limited (see Retry-After)",
-            502: "Upstream broke the connection", 503: "Upstream unavailable",
+            502: "Upstream broke the connection or sent an unreadable reply",
+            503: "Upstream unavailable, or the audit log cannot be written (audit.fail_closed)",
             504: "Upstream timed out"}
     return {str(c): {"description": text[c], "content": ref} for c in codes}
 
@@ -84,6 +85,11 @@ def document(models: list[str]) -> dict:
         **_error_responses(401, 403)}}}
     paths["/health"] = {"get": {"operationId": "health", "security": [], "responses": {
         "200": {"description": "The gateway is up", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+    paths["/ready"] = {"get": {"operationId": "ready", "security": [], "responses": {
+        "200": {"description": "Ready: audit rows are being written",
+                "content": {"application/json": {"schema": {"type": "object"}}}},
+        "503": {"description": "Not ready, with the reason (e.g. the audit log cannot be written)",
+                "content": {"application/json": {"schema": {"type": "object"}}}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM Workbench gateway", "version": "1"},

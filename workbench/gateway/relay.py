@@ -1,6 +1,13 @@
 """Replies: relaying what an upstream answered (an error, a JSON body, an SSE stream) to the
 client, with output filtering, after-generation moderation, usage capture and gzip for streams.
-A mixin of the gateway app (workbench/gateway/app.py), split out to keep each file readable."""
+A mixin of the gateway app (workbench/gateway/app.py), split out to keep each file readable.
+
+Token accounting: a key with a token limit reserves prompt + max_tokens at admission (app.py);
+``settle`` replaces the reservation with what the request used when it ends, however it ends:
+the upstream's usage, or for a stream the client dropped (499), the text events relayed until
+then plus the prompt estimate. Usage values are checked (a count is an int in [0, 2**31)); a
+bad one is recorded as unknown and never raises after the reply has started.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,17 @@ import logging
 import os
 import re
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from workbench.gateway.sse import DONE, GzipStream, StreamRelay, dumps, error_event, loads
+from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
+                                   message_slots)
 from workbench.gateway.upstream import GatewayError
 
-_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-_JSON = b"application/json"
 log = logging.getLogger(__name__)
+_JSON = b"application/json"
+_MAX_COUNT = 2 ** 31
 
 
 class Ctx:
@@ -26,7 +34,8 @@ class Ctx:
 
     __slots__ = ("t0", "ts", "path", "request_id", "key_id", "model", "status", "prompt_tokens",
                  "completion_tokens", "ttft_s", "stream", "moderation", "filter", "prompt",
-                 "error", "started", "client_gone", "done")
+                 "error", "started", "client_gone", "done", "client", "charged", "reserved",
+                 "prompt_estimate", "upstream_called", "relay", "output_estimate")
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
@@ -36,6 +45,56 @@ class Ctx:
         self.status, self.stream, self.started, self.client_gone, self.done = 0, False, False, False, False
         self.moderation: list[str] = []
         self.filter: list[str] = []
+        self.client = self.charged = self.relay = None
+        self.reserved, self.prompt_estimate, self.output_estimate, self.upstream_called = 0, 0, 0, False
+
+
+def settle(ctx: Ctx) -> float:
+    """What to charge the key's token bucket (negative: give back) so that it holds what the
+    request used instead of what it reserved (the app's limits store applies it)."""
+    if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
+        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
+        used = prompt + (ctx.completion_tokens or 0)
+    elif ctx.started and ctx.status == 200:  # a reply without usage: estimated from its size
+        used = min(ctx.reserved, ctx.prompt_estimate + ctx.output_estimate)
+    else:
+        used = ctx.prompt_estimate if ctx.upstream_called and ctx.status in (499, 504) else 0
+    return used - ctx.reserved
+
+
+def stream_tokens(ctx: Ctx) -> None:
+    """A stream's tokens, however it ended: its usage chunk, else the text events relayed."""
+    relay = ctx.relay
+    ctx.prompt_tokens = count(ctx, relay.usage, "prompt_tokens")
+    completion = count(ctx, relay.usage, "completion_tokens")
+    ctx.completion_tokens = relay.streamed if completion is None else completion
+
+
+def count(ctx: Ctx, usage, field: str) -> int | None:
+    """A token count from an upstream's usage, or None (logged, noted in the audit row's error)."""
+    v = usage.get(field) if isinstance(usage, dict) else None
+    if v is None or type(v) is int and 0 <= v < _MAX_COUNT:
+        return v
+    note = f"upstream usage.{field} is not a token count: {str(v)[:40]!r}"
+    log.warning("%s (request %s)", note, ctx.request_id)
+    ctx.error = ctx.error or note
+    return None
+
+
+def media_url_allowed(url, hosts: list[str]) -> bool:
+    """http(s) URLs of a listed host ("*.example.com": its subdomains), and inline data: URLs."""
+    if not isinstance(url, str):
+        return False
+    if url[:5].lower() == "data:":
+        return True
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    if parts.scheme.lower() not in ("http", "https") or "@" in parts.netloc or "\\" in url or not host:
+        return False
+    return any(host == h.lower() or (h.startswith("*.") and host.endswith(h[1:].lower())) for h in hosts)
 
 
 async def respond(send, status: int, body: bytes, content_type: bytes = _JSON, headers=()) -> None:
@@ -65,29 +124,41 @@ class Replies:
     async def _relay_body(self, ctx: Ctx, route: str, resp: aiohttp.ClientResponse, send) -> None:
         name = self.routes[ctx.model]
         body = await self.upstreams.read(name, resp)
+        try:
+            obj = loads(body)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):  # never a 500, nor a 200 the client cannot parse
+            self.metrics.upstream_errors.labels(name, "bad_reply").inc()
+            log.warning("upstream %s answered %d with a body that is not a JSON object: %r",
+                        name, resp.status, body[:200])
+            raise GatewayError(502, "The upstream's reply could not be read.", "upstream_error", "bad_gateway")
+        usage = obj.get("usage")
+        ctx.prompt_tokens = count(ctx, usage, "prompt_tokens")
+        ctx.completion_tokens = count(ctx, usage, "completion_tokens")
+        if ctx.prompt_tokens is not None and ctx.completion_tokens is None:
+            ctx.completion_tokens = 0  # embeddings
+        ctx.output_estimate = len(body) // 4  # for settle() when usage is missing (~4 bytes a token)
         f, after = self.filter, self.policy and self.cfg.moderation.after
         if route != "embeddings" and ((f and f.size and self.cfg.filter.output) or after):
-            body = await self._check_output(ctx, route, body)
-        else:
-            i = body.rfind(b'"usage"')
-            if i >= 0:
-                tail = body[i:i + 300]
-                m1, m2 = _PROMPT_TOKENS.search(tail), _COMPLETION_TOKENS.search(tail)
-                ctx.prompt_tokens = int(m1.group(1)) if m1 else None
-                ctx.completion_tokens = int(m2.group(1)) if m2 else (0 if m1 else None)
+            body = await self._check_output(ctx, route, obj, body)
         ctx.status, ctx.started = resp.status, True
         await respond(send, resp.status, body, resp.headers.get("Content-Type", "application/json").encode(),
-                    ((b"x-request-id", ctx.request_id.encode()),))
+                      ((b"x-request-id", ctx.request_id.encode()),))
 
-    async def _check_output(self, ctx: Ctx, route: str, body: bytes) -> bytes:
-        obj = loads(body)
-        usage = obj.get("usage") or {}
-        ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    async def _check_output(self, ctx: Ctx, route: str, obj: dict, body: bytes) -> bytes:
+        """Filter every text field of every choice (content, reasoning, refusal, tool-call
+        arguments; a completion's text), then after-generation moderation over all of it."""
         slots = []
-        for ch in obj.get("choices") or ():
-            holder, key = (ch.get("message"), "content") if route == "chat" else (ch, "text")
-            if isinstance(holder, dict) and isinstance(holder.get(key), str):
-                slots.append((holder, key))
+        choices = obj.get("choices")
+        for ch in choices if isinstance(choices, list) else ():
+            if not isinstance(ch, dict):
+                continue
+            if route == "chat":
+                msg = ch.get("message")
+                slots += [(c, k) for c, k, _ in message_slots(msg)] if isinstance(msg, dict) else []
+            elif isinstance(ch.get("text"), str):
+                slots.append((ch, "text"))
         f = self.filter
         if f and f.size and self.cfg.filter.output:
             total = 0
@@ -122,15 +193,14 @@ class Replies:
             headers += [(b"content-encoding", b"gzip"), (b"vary", b"accept-encoding")]
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         ctx.status, ctx.started = resp.status, True
-        buf, tail = b"", b""
+        frames, tail = EventSplitter(), b""
+        ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
         try:
             async for chunk in resp.content.iter_any():
-                buf += chunk
-                cut = buf.rfind(b"\n\n")
-                if cut < 0:
+                data = frames.feed(chunk)
+                if not data:
                     continue
-                out = relay.process(buf[:cut + 2])
-                buf = buf[cut + 2:]
+                out = relay.process(data)
                 if relay.blocked:
                     tail = out
                     break
@@ -140,8 +210,9 @@ class Replies:
                     await send({"type": "http.response.body", "body": gz.chunk(out) if gz else out,
                                 "more_body": True})
             else:
-                if buf.strip():
-                    tail = relay.process(buf + b"\n\n")
+                rest = frames.rest()
+                if rest:
+                    tail = relay.process(rest)
                 if not relay.blocked:
                     tail += relay.finish()
         except asyncio.TimeoutError:
@@ -170,7 +241,5 @@ class Replies:
                                         "invalid_request_error", "content_moderation")
             if relay.done:
                 tail += DONE
-        usage = relay.usage or {}
-        ctx.prompt_tokens, ctx.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
         ctx.done = True
         await send({"type": "http.response.body", "body": gz.end(tail) if gz else tail, "more_body": False})

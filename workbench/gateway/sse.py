@@ -1,9 +1,16 @@
 """Relaying an upstream SSE stream: usage capture, output filtering, optional gzip.
 
-The app reads whatever bytes arrive, cuts them at the last blank line (``\\n\\n``: vLLM ends
-every event so), and hands the complete events to ``StreamRelay.process`` at once, so an event
-never waits for the next one. Without output filtering or moderation the bytes pass unchanged
-and only events mentioning ``"usage"`` are parsed.
+The app reads whatever bytes arrive, cuts them at the last blank line (``EventSplitter``: SSE
+lines end in LF, CRLF or CR; vLLM uses LF, and CR / CRLF are turned into LF so every event is
+cut out, filtered and sent as soon as it is complete), and hands the complete events to
+``StreamRelay.process`` at once, so an event never waits for the next one. Without output
+filtering or moderation the bytes pass unchanged and only events mentioning ``"usage"`` are
+parsed. Either way the relay counts the events that carry generated text (``streamed``), so a
+stream the client drops still has a token count to charge and audit.
+
+Every text field of a choice is filtered: ``content``, ``reasoning_content`` / ``reasoning``,
+``refusal`` and ``tool_calls[].function.arguments`` (one ``StreamFilter`` each), and ``text``
+of a completion.
 
 ``GzipStream`` compresses with one gzip member for the whole response and a ``Z_SYNC_FLUSH``
 after every batch of complete events (in a token-by-token stream: every event), so the client
@@ -12,6 +19,7 @@ can decode each event as soon as it arrives; compression does not add a token of
 
 from __future__ import annotations
 
+import re
 import zlib
 
 from workbench.gateway.filter import StreamFilter, WordFilter
@@ -29,6 +37,65 @@ except ImportError:  # pragma: no cover
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 DONE = b"data: [DONE]\n\n"
+# A text field with a non-empty value: one generated token (vLLM sends a chunk per token; a chunk
+# holding several, as with speculative decoding, counts once, so this can only undercount).
+_TEXT_VALUE = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"(?!")')
+TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def message_slots(holder: dict) -> list[tuple[dict, str, tuple]]:
+    """(container, key, name) of every text string in a chat message or delta: the content,
+    reasoning and refusal, and each tool call's (or the legacy function_call's) arguments."""
+    slots = [(holder, k, (k,)) for k in TEXT_FIELDS if isinstance(holder.get(k), str)]
+    calls = holder.get("tool_calls")
+    for j, tc in enumerate(calls if isinstance(calls, list) else ()):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            i = tc.get("index", j)
+            slots.append((fn, "arguments", ("tool", i if isinstance(i, int) else j)))
+    fc = holder.get("function_call")
+    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+        slots.append((fc, "arguments", ("function_call",)))
+    return slots
+
+
+def _inject(holder: dict, name: tuple, text: str) -> None:
+    """Put held-back text of the field ``name`` into a delta that may not carry that field."""
+    if name[0] == "tool":
+        holder.setdefault("tool_calls", []).append({"index": name[1], "function": {"arguments": text}})
+    elif name[0] == "function_call":
+        holder.setdefault("function_call", {})["arguments"] = text
+    else:
+        holder[name[0]] = (holder.get(name[0]) or "") + text
+
+
+class EventSplitter:
+    """Cuts a byte stream into complete SSE events, LF-terminated. A CR ending a chunk ends its
+    line at once; an LF starting the next chunk is then the rest of that CRLF, and dropped."""
+
+    __slots__ = ("buf", "cr")
+
+    def __init__(self):
+        self.buf, self.cr = b"", False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self.cr = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self.buf + chunk if self.buf else chunk
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = buf
+            return b""
+        self.buf = buf[cut + 2:]
+        return buf[:cut + 2]
+
+    def rest(self) -> bytes:
+        """What is left when the stream ends: a last event without its blank line, or b""."""
+        rest, self.buf = self.buf, b""
+        return rest + b"\n\n" if rest.strip() else b""
 
 
 def error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -62,11 +129,12 @@ class StreamRelay:
         self.strip_usage = strip_usage  # the client did not ask for usage; we did, to count tokens
         self.collect = collect
         self.parse_all = bool(self.filter) or collect
-        self.streams: dict[int, StreamFilter] = {}
+        self.streams: dict[tuple, StreamFilter] = {}  # (choice index, field name...) -> filter
         self.texts: list[str] = []
         self.usage: dict | None = None
         self.blocked = False
         self.done = False  # upstream sent [DONE] (held back in parse_all mode; the app sends it)
+        self.streamed = 0  # events passed on that carried generated text (~ completion tokens)
         self._template: dict | None = None
 
     @property
@@ -75,6 +143,7 @@ class StreamRelay:
 
     def process(self, data: bytes) -> bytes:
         if not self.parse_all:  # pass-through: only an event that mentions usage is parsed
+            self.streamed += len(_TEXT_VALUE.findall(data))
             if b'"usage"' not in data:
                 return data
             return b"".join(self._event(ev) if b'"usage"' in ev else ev + b"\n\n"
@@ -89,9 +158,18 @@ class StreamRelay:
 
     def _event(self, ev: bytes) -> bytes:
         raw = ev + b"\n\n"
-        if not ev.startswith(b"data:"):
-            return raw  # comments, keep-alives
-        payload = ev[5:].strip()
+        if ev.startswith(b"data:"):
+            head, payload = b"", ev[5:]
+        else:  # "event:" / "id:" lines or a comment before the data
+            i = ev.find(b"\ndata:")
+            if i < 0:
+                return raw  # comments, keep-alives
+            head, payload = ev[:i + 1], ev[i + 6:]
+        if b"\ndata:" in payload:  # several data lines: one value, joined by LF (the SSE spec)
+            first, *more = payload.split(b"\n")
+            payload = b"\n".join([first] + [ln[5:] for ln in more if ln.startswith(b"data:")])
+            head += b"".join(ln + b"\n" for ln in more if not ln.startswith(b"data:"))
+        payload = payload.strip()
         if payload == b"[DONE]":
             if not self.parse_all:
                 return raw
@@ -110,40 +188,62 @@ class StreamRelay:
                 return b""
         if not self.parse_all:
             return raw
-        changed = False
-        for ch in obj.get("choices") or ():
+        changed, texts = False, 0
+        choices = obj.get("choices")
+        for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
+            idx = ch.get("index", 0)
+            idx = idx if isinstance(idx, int) else 0
             holder = ch.get("delta") if self.chat else ch
-            key = "content" if self.chat else "text"
             if not isinstance(holder, dict):
                 continue
-            text = holder.get(key)
-            text = text if isinstance(text, str) else ""
-            if self.filter:
-                sf = self.streams.get(ch.get("index", 0))
-                if sf is None:
-                    sf = self.streams[ch.get("index", 0)] = self.filter.stream()
-                out = sf.feed(text) if text else ""
-                if ch.get("finish_reason") is not None:
-                    out += sf.flush()
-                if sf.hits and self.block:
-                    self.blocked = True
-                    return b""
-                if out != text:
-                    holder[key] = out
-                    changed = True
-                text = out
-            if self.collect and text:
-                self.texts.append(text)
+            slots = message_slots(holder) if self.chat else \
+                ([(ch, "text", ("text",))] if isinstance(ch.get("text"), str) else [])
+            finished = ch.get("finish_reason") is not None
+            seen = set()
+            for box, key, name in slots:
+                text = box[key]
+                texts += bool(text)
+                if self.filter:
+                    skey = (idx, *name)
+                    seen.add(skey)
+                    sf = self.streams.get(skey)
+                    if sf is None:
+                        sf = self.streams[skey] = self.filter.stream()
+                    out = sf.feed(text) if text else ""
+                    if finished:
+                        out += sf.flush()
+                    if sf.hits and self.block:
+                        self.blocked = True
+                        return b""
+                    if out != text:
+                        box[key] = out
+                        changed = True
+                    text = out
+                if self.collect and text:
+                    self.texts.append(text)
+            if finished and self.filter:  # fields this chunk does not carry may still hold text
+                for skey, sf in self.streams.items():
+                    if skey[0] == idx and skey not in seen:
+                        rest = sf.flush()
+                        if sf.hits and self.block:
+                            self.blocked = True
+                            return b""
+                        if rest:
+                            _inject(holder, skey[1:], rest)
+                            changed = True
+                            if self.collect:
+                                self.texts.append(rest)
+        self.streamed += texts
         if self._template is None:
             self._template = {k: obj.get(k) for k in ("id", "object", "created", "model")}
-        return b"data: " + dumps(obj) + b"\n\n" if changed else raw
+        return head + b"data: " + dumps(obj) + b"\n\n" if changed else raw
 
     def finish(self) -> bytes:
         """Text still held back when the stream ended without a finish_reason, as one event."""
         out = []
-        for idx, sf in self.streams.items():
+        for skey, sf in self.streams.items():
             rest = sf.flush()
             if sf.hits and self.block:
                 self.blocked = True
@@ -151,8 +251,12 @@ class StreamRelay:
             if rest:
                 if self.collect:
                     self.texts.append(rest)
-                delta = {"content": rest} if self.chat else None
-                choice = {"index": idx, "delta": delta} if self.chat else {"index": idx, "text": rest}
+                if self.chat:
+                    delta: dict = {}
+                    _inject(delta, skey[1:], rest)
+                    choice = {"index": skey[0], "delta": delta}
+                else:
+                    choice = {"index": skey[0], "text": rest}
                 out.append(b"data: " + dumps({**(self._template or {}), "choices": [
                     {**choice, "finish_reason": None}]}) + b"\n\n")
         return b"".join(out)

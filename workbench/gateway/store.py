@@ -78,6 +78,14 @@ class MemoryStore:
     async def admit(self, key, reserve: float = 0.0) -> Admission:
         return self.admit_now(key, reserve)
 
+    def reserve_now(self, key, tokens: float) -> Admission:
+        """Take ``tokens`` from the key's token bucket if it holds them (no request unit)."""
+        wait = key.tokens.take(tokens) if key.tokens is not None else 0.0
+        return ADMIT if wait <= 0 else Admission("tokens", wait)
+
+    async def reserve(self, key, tokens: float) -> Admission:
+        return self.reserve_now(key, tokens)
+
     async def debit(self, key, tokens: float) -> None:
         """Charge ``tokens`` (negative: give back a reservation) to the key's token bucket."""
         if key.tokens is not None and tokens:
@@ -192,6 +200,18 @@ class RedisStore:
         tpm = key.tokens.capacity if key.tokens is not None else 0
         try:
             code, wait = await self._admit(keys=self._keys(key.id), args=[key.id, rpm, tpm, reserve])
+        except self._errors as err:
+            return self._unavailable(err)
+        return ADMIT if code == 0 else Admission(_CODES[int(code)], float(wait))
+
+    async def reserve(self, key, tokens: float) -> Admission:
+        """Take ``tokens`` from the shared token bucket if it holds them (the admission script
+        with no request limit), atomically across every gateway."""
+        if key.tokens is None:
+            return ADMIT
+        try:
+            code, wait = await self._admit(keys=self._keys(key.id),
+                                           args=[key.id, 0, key.tokens.capacity, tokens])
         except self._errors as err:
             return self._unavailable(err)
         return ADMIT if code == 0 else Admission(_CODES[int(code)], float(wait))
