@@ -1,4 +1,4 @@
-"""Gateway behaviour against fake upstreams (workbench.fakeserver and scripted ones): keys, every
+"""Gateway behaviour against fake upstreams (workbench.testing.fakeserver and scripted ones): keys, every
 error code with OpenAI's error shape, rate limits, streaming, gzip, disconnects, filter, moderation.
 The same calls against real vLLM servers are in test_gateway_integration.py."""
 
@@ -14,9 +14,9 @@ import pytest
 
 from gateway_helpers import (AUTH, KEY, ClosingUpstream, ScriptedUpstream, assert_openai_error,
                              make_cfg, sse_events, stream_text)
-from workbench.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
+from workbench.testing.fakeserver import FakeServer
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}
 

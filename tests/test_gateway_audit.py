@@ -12,11 +12,11 @@ import yaml
 
 from gateway_helpers import KEY, make_cfg
 from workbench.cli import main as workbench
-from workbench.fakeserver import FakeServer
 from workbench.gateway.app import Gateway
 from workbench.gateway.audit import AuditLog, export_jsonl, prune
 from workbench.gateway.config import load_config
 from workbench.gateway.keys import KeyStore
+from workbench.testing.fakeserver import FakeServer
 
 
 async def asgi_call(app, path: str, body: bytes, key: str = KEY) -> int:
