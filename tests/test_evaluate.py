@@ -568,7 +568,7 @@ def test_offline_flags_hold_for_a_run_on_local_data_and_are_restored_after(fake_
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     seen = []
-    monkeypatch.setattr(evaluate, "_run", lambda cfg: seen.append(
+    monkeypatch.setattr(evaluate.stage, "_run", lambda cfg: seen.append(
         (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))))
     evaluate.run(fake_stage())  # every suite reads a local folder
     assert seen == [("1", "1")]

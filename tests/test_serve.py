@@ -260,3 +260,42 @@ def test_engine_core_nice_is_applied_to_the_engine_core_process_only(tmp_path):
             p.kill()
         parent.kill()
         parent.wait()
+
+
+def test_in_process_engines_of_evaluate_and_shard_take_the_servers_engine_arguments(monkeypatch, tmp_path):
+    """evaluate's in-process vLLM (lm-eval's model args) and shard's vllm.LLM(...) are built from
+    serve.engine_args: every keyword is a vLLM engine argument, and the server config's options
+    reach them (shard keeps the checkpoint's dtype)."""
+    import contextlib
+
+    pytest.importorskip("vllm")
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    from workbench import shard
+    from workbench.config import EvaluateConfig, ShardConfig
+    from workbench.evaluate import backends, lmeval_vllm
+
+    server = {"max_model_len": 1024, "seed": 3, "max_num_seqs": 8, "dtype": "bfloat16"}
+    monkeypatch.setattr(lmeval_vllm, "register", lambda: "not-loaded")  # no lm-eval model class
+    args = dict(backends.BACKENDS["vllm"](EvaluateConfig(model_dir="m", dtype="float32", seed=5, server=server),
+                                          contextlib.ExitStack()).model_args)
+    engine = EngineArgs(model=args.pop("pretrained"), **args)  # lm-eval hands the rest to vllm.LLM
+    assert (engine.model, engine.dtype, engine.seed, engine.max_model_len, engine.max_num_seqs) == (
+        "m", "float32", 5, 1024, 8)  # the stage's dtype and seed, the server's engine options
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def llm(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", llm)
+    with pytest.raises(Stop):
+        shard.save_sharded(ShardConfig(tensor_parallel_size=3, server=server), tmp_path, tmp_path / "out")
+    engine = EngineArgs(**seen)
+    assert (engine.model, engine.tensor_parallel_size, engine.dtype, engine.max_model_len, engine.seed,
+            engine.max_num_seqs, engine.enforce_eager) == (str(tmp_path), 3, "bfloat16", 1024, 3, 8, True)
