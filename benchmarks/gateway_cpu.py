@@ -7,7 +7,7 @@ process's own CPU time, so the figure holds on a busy machine (latency would not
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
 httptools) with everything on: key check, word filter on prompt and output (the shipped lists),
 keyword moderation, metrics and the audit log (SQLite WAL). The upstream is the fake server
-(workbench/fakeserver.py), its own process. Clients keep ``--concurrency`` requests in flight.
+(workbench/testing/fakeserver.py), its own process. Clients keep ``--concurrency`` requests in flight.
 
 One repeat = three closed-loop phases of ``--requests`` requests each, the CPU seconds of the
 gateway (and of the fake upstream) read with psutil before and after each phase:
@@ -48,7 +48,8 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench.fakeserver import FakeServerProcess, _free_port  # noqa: E402
+from workbench.net import free_port as _free_port  # noqa: E402
+from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 from workbench.gateway.keys import hash_key  # noqa: E402
 
 KEY = "wb-bench-key"

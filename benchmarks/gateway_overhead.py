@@ -3,8 +3,8 @@
     flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/gateway_overhead.py          # ~3 min
     .venv/bin/python benchmarks/gateway_overhead.py --requests 300 --seconds 3 --profiles bare
 
-The upstream is the fake server (workbench/fakeserver.py, its own process, TTFT = ITL = 0, 16
-output tokens), so everything beyond the direct numbers is the gateway's. The gateway runs as
+The upstream is the fake server (workbench/testing/fakeserver.py, its own process, TTFT = ITL =
+0, 16 output tokens), so everything beyond the direct numbers is the gateway's. The gateway runs as
 its own process (`python -m workbench.gateway`, uvicorn + uvloop + httptools), once per profile:
 
 - full: the defaults: key check, word filter on prompt and output (shipped lists), keyword
@@ -46,8 +46,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench.fakeserver import FakeServerProcess, _free_port  # noqa: E402
 from workbench.gateway.keys import hash_key  # noqa: E402
+from workbench.net import free_port, stop, wait_http_ok  # noqa: E402
+from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 
 KEY = "wb-bench-key"
 BODY = {"model": "fake-model", "max_tokens": 16,
@@ -80,24 +81,15 @@ class Gateway:
     def __enter__(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.config)],
                                      cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        import httpx
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    self.ps = psutil.Process(self.proc.pid)
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        if wait_http_ok(f"http://127.0.0.1:{self.port}/health", 30, self.proc, interval_s=0.05,
+                        request_timeout_s=1):
+            self.ps = psutil.Process(self.proc.pid)
+            return self
         self.__exit__()
         raise RuntimeError("gateway did not start")
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, 15)
 
     def cpu_s(self) -> float:
         t = self.ps.cpu_times()
@@ -247,7 +239,7 @@ async def main_async(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(
             output_tokens=16, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms) as fake:
         for prof in a.profiles.split(","):
-            port = _free_port("127.0.0.1")
+            port = free_port("127.0.0.1")
             with Gateway(gateway_config(prof, fake.base_url, Path(tmp), port), port) as gw:
                 via = f"http://127.0.0.1:{port}/v1/chat/completions"
                 direct = fake.base_url + "/chat/completions"

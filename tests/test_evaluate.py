@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench import evalsets, evaluate, stats
+from workbench import evaluate, stats
 from workbench.config import ConfigError, EvaluateConfig, load_params
+from workbench.evaluate import sets as evalsets
 from workbench.reports import read_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -546,7 +547,7 @@ def _env_probe() -> str:
 def test_a_second_run_with_another_kv_cache_gib_gives_the_engine_the_new_value(fake_stage, monkeypatch):
     import dataclasses
 
-    from workbench import lmeval_vllm
+    from workbench.evaluate import lmeval_vllm
 
     monkeypatch.setattr(lmeval_vllm, "register", lambda: "not-loaded")  # no vLLM import
     real, probe = evaluate.BACKENDS["vllm"], _env_probe()
@@ -567,14 +568,14 @@ def test_offline_flags_hold_for_a_run_on_local_data_and_are_restored_after(fake_
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     seen = []
-    monkeypatch.setattr(evaluate, "_run", lambda cfg: seen.append(
+    monkeypatch.setattr(evaluate.stage, "_run", lambda cfg: seen.append(
         (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))))
     evaluate.run(fake_stage())  # every suite reads a local folder
     assert seen == [("1", "1")]
     assert os.environ["HF_HUB_OFFLINE"] == "0" and "HF_DATASETS_OFFLINE" not in os.environ
 
 
-# --- the in-process vLLM model (workbench.lmeval_vllm) --------------------------------------------
+# --- the in-process vLLM model (workbench.evaluate.lmeval_vllm) ----------------------------------
 
 class _FakeEngine:
     """Stands in for vllm.LLM.generate: records prompts, answers a fixed log-prob per token id."""
@@ -596,7 +597,7 @@ class _FakeEngine:
 
 
 def test_in_process_vllm_scores_a_multiple_choice_question_in_one_request(monkeypatch):
-    from workbench import lmeval_vllm
+    from workbench.evaluate import lmeval_vllm
 
     lmeval_vllm.register()
     from lm_eval.api.registry import get_model

@@ -24,13 +24,14 @@ import yaml
 
 from gateway_helpers import AUTH, KEY, METRICS_AUTH, METRICS_KEY, ROOT, WORD_LISTS, make_cfg
 from workbench.cli import main as workbench
-from workbench.fakeserver import FakeServer, _free_port
+from workbench.net import free_port as _free_port
 from workbench.gateway.app import Gateway
 from workbench.gateway.audit import COLUMNS, SCHEMA, AuditLog, export_jsonl, prune
 from workbench.gateway.config import load_config
 from workbench.gateway.keys import KeyStore, hash_key
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
+from workbench.testing.fakeserver import FakeServer
 
 
 async def asgi_call(app, path: str, body: bytes, key: str = KEY) -> int:
@@ -321,7 +322,7 @@ def test_1000_concurrent_requests_with_100_dropped_streams_leave_one_row_each_ov
     it was sent (at least what the client read, less than the whole reply), never NULL."""
     import aiohttp
 
-    from workbench.fakeserver import FakeServerProcess
+    from workbench.testing.fakeserver import FakeServerProcess
 
     async def burst(base: str) -> list[tuple]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from workbench.fakeserver import FakeServer
+from workbench.net import free_port
+from workbench.testing.fakeserver import FakeServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_ONLY = ("vllm", "torch", "lm_eval", "transformers", "mlflow", "dvc")
@@ -52,12 +52,6 @@ def _index_reachable(url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _install(tmp: Path) -> Path:
@@ -106,7 +100,7 @@ def test_gateway_imports_nothing_of_the_pipeline(tmp_path):
     heavy = {*PIPELINE_ONLY, "pandas", "matplotlib", "numpy", "openai", "httpx"}
     code = ("import sys, workbench.gateway.server, workbench.gateway.cli, workbench.gateway.__main__\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(heavy)!r}\n"
-            "             or m.startswith('workbench.') and not m.startswith('workbench.gateway')))")
+            "             or m.startswith('workbench.') and not m.startswith('workbench.gateway') and m != 'workbench.net'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
@@ -134,7 +128,7 @@ def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
     assert Path(where).is_relative_to(tmp_path / "venv"), where
     assert found == "[]", f"the gateway extra pulled in pipeline packages: {found}"
 
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "gateway.yaml"
     with FakeServer(ttft_ms=0, output_tokens=3, model="fake-model") as fake:
         cfg.write_text(yaml.safe_dump({

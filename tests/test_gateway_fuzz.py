@@ -15,8 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from gateway_helpers import AUTH, make_cfg
-from workbench.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
+from workbench.testing.fakeserver import FakeServer
 
 
 @pytest.fixture(scope="module")

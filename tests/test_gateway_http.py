@@ -1,6 +1,6 @@
 """The gateway's HTTP layer (workbench/gateway/http.py) against real sockets and the real server
 process (``python -m workbench.gateway``, run outside the repository root, with
-workbench.fakeserver behind it): header, body and keep-alive timeouts, the connection cap, the
+workbench.testing.fakeserver behind it): header, body and keep-alive timeouts, the connection cap, the
 head size limit, the server's own 400s in OpenAI's shape, SIGTERM, and keys reloaded while it runs."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 
 from gateway_helpers import AUTH, KEY, ROOT, WORD_LISTS
 from workbench.cli import main as workbench
-from workbench.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.keys import hash_key
 
 # Small timeouts keep the tests short; the defaults are 10 / 30 / 5 s.

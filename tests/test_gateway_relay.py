@@ -13,7 +13,7 @@ import pytest
 
 from gateway_helpers import (AUTH, RawUpstream, ScriptedUpstream, assert_openai_error, chat_reply,
                              chunk_event, make_cfg, sse_events)
-from workbench.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 
 CHAT = {"model": "raw", "messages": [{"role": "user", "content": "hello there"}]}

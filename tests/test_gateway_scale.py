@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from gateway_helpers import AUTH, KEY, METRICS_AUTH, ROOT, make_cfg
-from workbench.fakeserver import FakeServer, FakeServerProcess
+from workbench.net import free_port
+from workbench.testing.fakeserver import FakeServer, FakeServerProcess
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, load_config
 from workbench.gateway.keys import KeyStore, hash_key
 from workbench.gateway.pool import Pool
@@ -33,19 +34,13 @@ from workbench.promscrape import parse, total
 CHAT = {"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server of our own on a free port (no persistence), for the whole session."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; ./setup.sh does it)")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -79,7 +74,7 @@ class GatewayProcess:
     """``python -m workbench.gateway`` with a config file, ready (GET /health) on enter."""
 
     def __init__(self, cfg: GatewayConfig, tmp_path: Path, name: str = "gw"):
-        self.port = cfg.port if cfg.port != 8080 else _free_port()
+        self.port = cfg.port if cfg.port != 8080 else free_port()
         self.path = tmp_path / f"{name}.yaml"
         self.path.write_text(yaml.safe_dump(cfg.model_copy(update={"port": self.port}).model_dump(mode="json")))
         self.root_url = f"http://127.0.0.1:{self.port}"
@@ -240,7 +235,7 @@ def test_two_gateway_processes_enforce_one_keys_rpm_jointly(fake, redis_url, tmp
 
 
 def test_redis_down_refuses_with_503_unless_fail_open(fake, tmp_path):
-    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"requests_per_minute": 10},
                    limits={"backend": "redis", "redis_url": dead, "redis_timeout_s": 0.2})
     with pytest.raises(RuntimeError, match="did not start"):  # it says so at start
@@ -358,7 +353,7 @@ class Load:
 
 
 def test_pool_survives_a_replica_killed_mid_load_and_takes_it_back(tmp_path):
-    port_a = _free_port()
+    port_a = free_port()
     with FakeServerProcess(port=port_a, ttft_ms=20, output_tokens=4) as a, \
             FakeServerProcess(ttft_ms=20, output_tokens=4) as b:
         cfg = make_cfg(tmp_path, {"fake-model": [a.base_url, b.base_url]})

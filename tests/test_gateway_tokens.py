@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from gateway_helpers import AUTH, KEY, make_cfg
-from workbench.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}

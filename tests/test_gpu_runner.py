@@ -17,9 +17,9 @@ import yaml
 from pipelines.gpu import gpu_run, import_results
 from workbench import loadtest, stats
 from workbench.config import load_params
-from workbench.fakeserver import FakeServer
 from workbench.loadgen.knee import KneeResult, Probe
 from workbench.reports import read_report
+from workbench.testing.fakeserver import FakeServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")

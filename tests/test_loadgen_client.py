@@ -10,12 +10,12 @@ import pytest
 from aiohttp import web
 
 from workbench import promscrape
-from workbench.fakeserver import FakeServer, FakeServerProcess
 from workbench.loadgen import arrivals
 from workbench.loadgen.client import Target, build_payload, make_session, run_step
 from workbench.loadgen.probes import server_metrics
 from workbench.loadgen.runner import run_async
 from workbench.loadgen.workloads import RequestSpec
+from workbench.testing.fakeserver import FakeServer, FakeServerProcess
 
 SPEC = RequestSpec("hello there", 4, 2)
 
@@ -92,7 +92,7 @@ class _serve:
         self.handler = handler
 
     def __enter__(self):
-        from workbench.serve import free_port
+        from workbench.net import free_port
 
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -144,7 +144,7 @@ def test_http_503_is_a_record_not_an_exception():
 
 
 def test_refused_connection_is_a_connection_error_record():
-    from workbench.serve import free_port
+    from workbench.net import free_port
 
     [r] = step(f"http://127.0.0.1:{free_port()}/v1", [0.0])
     assert not r.success and r.error == "connection" and r.end_s is not None

@@ -10,14 +10,14 @@ import pytest
 
 from workbench import loadtest
 from workbench.config import ConfigError, LoadtestConfig, load_params
-from workbench.fakeserver import FakeServer
 from workbench.reports import read_report
+from workbench.testing.fakeserver import FakeServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_loadtest_imports_no_vllm_torch_or_lm_eval():
-    code = ("import sys, workbench.loadtest, workbench.loadgen.__main__, workbench.fakeserver; "
+    code = ("import sys, workbench.loadtest, workbench.loadgen.__main__, workbench.testing.fakeserver; "
             "bad = [m for m in ('vllm', 'torch', 'lm_eval', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

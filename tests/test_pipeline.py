@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workbench.serve import free_port, wait_http_ok
+from workbench.net import free_port, stop, wait_http_ok
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +42,7 @@ def mlflow_server(project):
         proc.kill()
         pytest.fail("mlflow server did not answer /health in 180 s")
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc, 30)
 
 def test_dvc_repro_prepares_tracks_and_is_idempotent(project):
     first = dvc(project, "repro", "prepare")

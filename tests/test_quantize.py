@@ -96,7 +96,7 @@ def test_configured_dampening_frac_reaches_llm_compressors_gptq_modifier():
     if not QUANT_PYTHON.exists():
         pytest.skip(f"no {QUANT_PYTHON} (./setup.sh creates it; or set WORKBENCH_QUANT_PYTHON)")
     code = ("import json, sys; from workbench.config import QuantVariantConfig; "
-            "from workbench.quant_methods import gptq_recipe; "
+            "from workbench.quantize.methods import gptq_recipe; "
             "r = gptq_recipe(QuantVariantConfig.model_validate(json.loads(sys.argv[1]))); "
             "print(json.dumps([type(r).__module__, r.dampening_frac]))")
     v = {"method": "gptq", "bits": 4, "group_size": 64, "dampening_frac": dampening_frac}

@@ -20,9 +20,9 @@ import pytest
 
 from workbench import evaluate, loadtest, report as report_stage
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
-from workbench.fakeserver import FakeServer
+from workbench.net import free_port, stop, wait_http_ok
 from workbench.reports import Report, write_report
-from workbench.serve import free_port, wait_http_ok
+from workbench.testing.fakeserver import FakeServer
 
 RNG = np.random.default_rng(3)
 WORDS = RNG.integers(60, 140, size=25).astype(float)
@@ -41,8 +41,8 @@ def write_eval(variant: str, scale: float, correct: int, noise_seed: int) -> Non
     mcq = [{"doc_id": i, "acc": float(i < correct)} for i in range(30)]
     docs = [{"doc_id": i, "word_perplexity": [float(BASE_LL[i] * (scale + jitter[i])), float(WORDS[i])]}
             for i in range(25)]
-    evaluate._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
-    evaluate._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
+    evaluate.stage._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
+    evaluate.stage._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
     ll, w = zip(*(d["word_perplexity"] for d in docs))
     write_report(Report(stage="evaluate", variant=variant, config={}, outputs={"samples": str(samples)},
                         metrics={"mmlu_acc": correct / 30, "ppl_word": float(np.exp(-sum(ll) / sum(w)))}))
@@ -206,5 +206,4 @@ def browse_mlflow_ui(project: Path, env: dict) -> None:
         assert "variant:base" in body and "variant:gptq-int4" in body
         assert "2 matching runs" in body  # only the two variants carry both metrics
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server, 30)

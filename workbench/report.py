@@ -214,14 +214,12 @@ def draw(cands: list[Candidate], rates: list[RateSummary], cfg: ReportConfig, ou
         [(c.variant, c.bytes / 1e6, c.accuracy[acc_key]) for c in cands if c.bytes and acc_key in c.accuracy],
         out / "accuracy_vs_size.png", cfg.accuracy_metric)}
     if rates:
-        paths["latency_vs_rate"] = plots.latency_vs_rate(rates, out / "latency_vs_rate.png")
         ttft = {}
         for c in cands:
             lt = _load("loadtest", c.variant)
             if lt is not None and c.load is not None:
                 ttft[c.variant] = latencies_at(lt, c.load.offered_req_per_s)["ttft"]
-        paths["ttft_cdf"] = plots.ttft_cdf(ttft, out / "ttft_cdf.png",
-                                           f"TTFT at {cfg.target_rate_req_per_s:g} req/s (CDF)")
+        paths.update(plots.latency(rates, ttft, out, f"TTFT at {cfg.target_rate_req_per_s:g} req/s (CDF)"))
     return paths
 
 

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +25,12 @@ import time
 from collections import deque
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-import httpx
 import psutil
 
 from workbench.config import ServeConfig, ServerConfig
+from workbench.net import LocalServer, free_port, wait_http_ok
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -89,33 +89,12 @@ def resolve_dtype(requested: str, device: str, model_dir: str | Path | None = No
     return "auto"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def tail(path: Path, lines: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:
             return "".join(deque(f, maxlen=lines))
     except OSError:
         return "(no server log)"
-
-
-def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> bool:
-    """Poll ``url`` until it answers 200; False on timeout or when ``proc`` exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
 
 
 def _die_with_parent() -> None:
@@ -136,48 +115,69 @@ def api_server_count(cfg: ServerConfig, device: str) -> int | None:
     return max(2, min(4, (os.cpu_count() or 1) // 16))
 
 
+def engine_args(cfg: ServerConfig, device: str) -> dict[str, Any]:
+    """The vLLM engine that ``cfg`` describes on ``device``, as vLLM's own engine arguments
+    (``vllm.engine.arg_utils.EngineArgs`` field names): the one place a server config becomes engine
+    settings. ``build_command`` writes them as the server's flags (``max_model_len`` ->
+    ``--max-model-len``); the in-process engines (evaluate's ``vllm`` backend, shard) pass them to
+    ``vllm.LLM(**engine_args(cfg, device))``. Options left unset (None; parallel sizes of 1; the
+    default runner) are left out, so vLLM's defaults apply on both paths alike. The server's front
+    end (host, port, API key, tool parser, API servers) is not the engine: ``build_command`` adds it,
+    and ``extra_args`` / ``env`` reach the server process only."""
+    args: dict[str, Any] = {
+        "model": str(cfg.model_dir), "served_model_name": cfg.served_name,
+        "dtype": resolve_dtype(cfg.dtype, device, cfg.model_dir), "max_model_len": cfg.max_model_len,
+        "seed": cfg.seed,
+    }
+    if cfg.runner != "generate":
+        args["runner"] = cfg.runner
+    if device == "cuda":
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(cfg, key) != 1:
+            args[key] = getattr(cfg, key)
+    for key in ("quantization", "load_format", "max_num_seqs", "max_num_batched_tokens",
+                "stream_interval", "async_scheduling"):
+        if getattr(cfg, key) is not None:
+            args[key] = getattr(cfg, key)
+    if cfg.enable_expert_parallel:
+        args["enable_expert_parallel"] = True
+    return args
+
+
+def cli_flags(args: dict[str, Any]) -> list[str]:
+    """vLLM's command-line spelling of arguments: ``--max-model-len 2048``; a bool is the bare flag
+    (``--enable-expert-parallel``) or its ``--no-`` form."""
+    flags: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
+    """The server's command line: ``engine_args`` as flags, then the front end's."""
     api_servers = api_server_count(cfg, device)
     multi = (api_servers or 1) > 1 or cfg.data_parallel_size > 1
-    head = [CLI_ENTRYPOINT, "serve", str(cfg.model_dir)] if multi else [ENTRYPOINT, "--model", str(cfg.model_dir)]
-    cmd = [cfg.python or sys.executable, "-m", *head, "--served-model-name", cfg.served_name,
-           "--host", cfg.host, "--port", str(port),
-           "--dtype", resolve_dtype(cfg.dtype, device, cfg.model_dir), "--max-model-len", str(cfg.max_model_len),
-           "--seed", str(cfg.seed)]
-    if cfg.runner != "generate":
-        cmd += ["--runner", cfg.runner]
-    if device == "cuda":
-        cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
-    for flag, value in (
-        ("--tensor-parallel-size", cfg.tensor_parallel_size),
-        ("--pipeline-parallel-size", cfg.pipeline_parallel_size),
-        ("--data-parallel-size", cfg.data_parallel_size),
-    ):
-        if value != 1:
-            cmd += [flag, str(value)]
-    optional = {
-        "--api-server-count": api_servers,
-        "--quantization": cfg.quantization,
-        "--load-format": cfg.load_format,
-        "--tool-call-parser": cfg.tool_call_parser,
-        "--chat-template": cfg.chat_template,
-        "--api-key": cfg.api_key,
-        "--max-num-seqs": cfg.max_num_seqs,
-        "--max-num-batched-tokens": cfg.max_num_batched_tokens,
-        "--stream-interval": cfg.stream_interval,
+    engine = engine_args(cfg, device)
+    model = engine.pop("model")
+    head = [CLI_ENTRYPOINT, "serve", model] if multi else [ENTRYPOINT, "--model", model]
+    front_end = {
+        "host": cfg.host, "port": port,
+        "api_server_count": api_servers,
+        "tool_call_parser": cfg.tool_call_parser,
+        "enable_auto_tool_choice": cfg.enable_auto_tool_choice or None,
+        "chat_template": cfg.chat_template,
+        "api_key": cfg.api_key,
+        "enable_log_requests": False if cfg.disable_log_requests else None,
     }
-    for flag, value in optional.items():
-        if value is not None:
-            cmd += [flag, str(value)]
-    if cfg.enable_expert_parallel:
-        cmd.append("--enable-expert-parallel")
-    if cfg.enable_auto_tool_choice:
-        cmd.append("--enable-auto-tool-choice")
-    if cfg.async_scheduling is not None:
-        cmd.append("--async-scheduling" if cfg.async_scheduling else "--no-async-scheduling")
-    if cfg.disable_log_requests:
-        cmd.append("--no-enable-log-requests")
-    return cmd + list(cfg.extra_args)
+    return [cfg.python or sys.executable, "-m", *head, *cli_flags(engine),
+            *cli_flags({k: v for k, v in front_end.items() if v is not None}), *cfg.extra_args]
 
 
 def build_env(cfg: ServerConfig, device: str) -> dict[str, str]:
@@ -193,12 +193,13 @@ def build_env(cfg: ServerConfig, device: str) -> dict[str, str]:
     return env
 
 
-class VLLMServer:
+class VLLMServer(LocalServer):
     """One vLLM OpenAI server process (and its engine workers) in its own process group."""
 
     def __init__(self, cfg: ServerConfig, log_path: Path | None = None):
         self.cfg = cfg
         self.device = detect_device() if cfg.device == "auto" else cfg.device
+        self.host = cfg.host
         self.port = cfg.port or free_port(cfg.host)
         self.log_path = Path(log_path) if log_path else Path(
             tempfile.mkstemp(prefix=f"vllm-{cfg.served_name}-", suffix=".log")[1])
@@ -208,14 +209,6 @@ class VLLMServer:
     @property
     def api_key(self) -> str | None:
         return self.cfg.api_key
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.cfg.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root_url}/v1"
 
     def command(self) -> list[str]:
         return build_command(self.cfg, self.port, self.device)
@@ -236,31 +229,17 @@ class VLLMServer:
 
     def wait_ready(self, timeout_s: float | None = None) -> "VLLMServer":
         timeout_s = timeout_s or self.cfg.startup_timeout_s
-        deadline = time.monotonic() + timeout_s
-        last_note = time.monotonic()
-        with httpx.Client(timeout=5) as http:
-            while True:
-                code = self.proc.poll()
-                if code is not None:
-                    self.stop()
-                    raise ServerError(
-                        f"vLLM exited with code {code} while starting {self.cfg.model_dir}.\n"
-                        f"--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
-                try:
-                    if http.get(f"{self.root_url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerError(
-                        f"vLLM not ready after {timeout_s:.0f} s ({self.cfg.model_dir}).\n"
-                        f"--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
-                if time.monotonic() - last_note > 30:
-                    log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.served_name,
-                             time.perf_counter() - self._t0)
-                    last_note = time.monotonic()
-                time.sleep(0.5)
+
+        def note() -> None:  # a cold start on 2 cores takes minutes
+            log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.served_name, time.perf_counter() - self._t0)
+
+        ready = wait_http_ok(f"{self.root_url}/health", timeout_s, self.proc, interval_s=0.5, progress=note)
+        if not ready:
+            code = self.proc.poll()
+            self.stop()
+            why = (f"vLLM exited with code {code} while starting {self.cfg.model_dir}" if code is not None
+                   else f"vLLM not ready after {timeout_s:.0f} s ({self.cfg.model_dir})")
+            raise ServerError(f"{why}.\n--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
         self.startup_s = time.perf_counter() - self._t0
         log.info("vLLM %s ready at %s after %.1f s", self.cfg.served_name, self.base_url, self.startup_s)
         if self.cfg.engine_core_nice is not None:

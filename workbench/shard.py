@@ -40,10 +40,16 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
     """Load ``src`` with TP=N in this process's vLLM engine and write each rank's tensors to ``out``."""
     from vllm import LLM
 
-    from workbench.serve import detect_device
+    from workbench.serve import detect_device, engine_args
 
-    env, kwargs = cpu_env(cfg), {}
-    in_process = detect_device() == "cpu" and cfg.tensor_parallel_size == 1
+    device = detect_device()
+    # The engine the reload server runs (workbench.serve.engine_args) but for its dtype: shards keep
+    # the checkpoint's ("auto" is vLLM's: the config's); the reload server resolves its own compute
+    # dtype (workbench.serve.resolve_dtype) and casts on load.
+    scfg = cfg.server.model_copy(update={"model_dir": str(src), "tensor_parallel_size": cfg.tensor_parallel_size})
+    kwargs = {**engine_args(scfg, device), "dtype": cfg.server.dtype, "enforce_eager": True}
+    env = cpu_env(cfg)
+    in_process = device == "cpu" and cfg.tensor_parallel_size == 1
     if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine and worker in this process
         kwargs["distributed_executor_backend"] = "uni"
@@ -54,11 +60,7 @@ def save_sharded(cfg: ShardConfig, src: Path, out: Path) -> float:
         scope.enter_context(compat.scoped_env(env))
         if in_process:
             scope.enter_context(compat.vllm_cpu_keep_linear_weights())
-        # Shards keep the checkpoint's dtype ("auto" is vLLM's: the config's); the reload server
-        # resolves its own compute dtype (workbench.serve.resolve_dtype) and casts on load.
-        llm = LLM(model=str(src), tensor_parallel_size=cfg.tensor_parallel_size,
-                  dtype=cfg.server.dtype, max_model_len=cfg.server.max_model_len,
-                  seed=cfg.server.seed, enforce_eager=True, **kwargs)
+        llm = LLM(**kwargs)
         try:
             llm.llm_engine.engine_core.save_sharded_state(path=str(out), max_size=cfg.max_file_bytes)
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 
 import uvicorn
@@ -18,14 +17,9 @@ import uvicorn
 from workbench.gateway.app import Gateway
 from workbench.gateway.config import GatewayConfig
 from workbench.gateway.http import GatewayHttpProtocol, raise_fd_limit
+from workbench.net import LocalServer, free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def uvicorn_config(app: Gateway | str, host: str, port: int,
@@ -59,23 +53,15 @@ def serve(cfg: GatewayConfig) -> None:
             app.audit.close()
 
 
-class GatewayServer:
+class GatewayServer(LocalServer):
     """The gateway on a free port in a background thread of this process."""
 
     def __init__(self, cfg: GatewayConfig, port: int | None = None):
         self.cfg = cfg
         self.host = cfg.host
-        self.port = port or _free_port(self.host)
+        self.port = port or free_port(self.host)
         self.app = Gateway(cfg)
         self._server = uvicorn.Server(uvicorn_config(self.app, self.host, self.port))
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root_url}/v1"
 
     def __enter__(self) -> "GatewayServer":
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)

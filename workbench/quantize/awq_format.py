@@ -1,6 +1,6 @@
 """Read AutoAWQ "GEMM" checkpoints without AutoAWQ: unpack, dequantize, or load into transformers.
 
-    python -m workbench.awq_format models/autoawq-int4 --compare models/base   # per-layer errors
+    python -m workbench.quantize.awq_format models/autoawq-int4 --compare models/base   # per-layer errors
 
 transformers asks for ``gptqmodel`` to load an AWQ folder and AutoAWQ's own CPU inference needs
 intel-extension-for-pytorch (torch 2.6-2.8 only), so neither runs here. The format is small enough

@@ -1,6 +1,8 @@
-"""A fake OpenAI-compatible server with a chosen TTFT, inter-token delay and reply length.
+"""A fake OpenAI-compatible server (a test double) with a chosen TTFT, inter-token delay and length.
 
-    python -m workbench.fakeserver --port 8099 --ttft-ms 50 --itl-ms 5 --output-tokens 32
+For tests and benchmarks only: no model is behind it, and nothing in the pipeline uses it.
+
+    python -m workbench.testing.fakeserver --port 8099 --ttft-ms 50 --itl-ms 5 --output-tokens 32
 
 Serves /v1/models, /v1/chat/completions and /v1/completions (SSE with ``stream_options.
 include_usage`` like vLLM: a role-only first chat chunk, one chunk per token, a finish chunk, a
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from aiohttp import web
+
+from workbench.net import LocalServer, free_port, stop, wait_http_ok
 
 try:
     import orjson
@@ -215,29 +218,15 @@ class Fake:
                             content_type="application/json")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class FakeServer:
+class FakeServer(LocalServer):
     """The fake server on a free port in a background thread of this process (tests)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, **opts):
         self.opts = FakeOptions(**opts)
-        self.host, self.port = host, port or _free_port(host)
+        self.host, self.port = host, port or free_port(host)
         self.fake = Fake(self.opts)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root_url}/v1"
 
     def _serve(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -261,44 +250,29 @@ class FakeServer:
         self._thread.join(timeout=10)
 
 
-class FakeServerProcess:
-    """The fake server as a subprocess (``python -m workbench.fakeserver``), ready on enter."""
+class FakeServerProcess(LocalServer):
+    """The fake server as a subprocess (``python -m workbench.testing.fakeserver``), ready on enter."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, **opts):
         self.opts = FakeOptions(**opts)
-        self.host, self.port = host, port or _free_port(host)
+        self.host, self.port = host, port or free_port(host)
         self.proc: subprocess.Popen | None = None
 
-    root_url = FakeServer.root_url
-    base_url = FakeServer.base_url
-
     def __enter__(self) -> "FakeServerProcess":
-        import httpx
-
-        args = [sys.executable, "-m", "workbench.fakeserver", "--host", self.host, "--port", str(self.port)]
+        args = [sys.executable, "-m", "workbench.testing.fakeserver", "--host", self.host, "--port", str(self.port)]
         for key, value in asdict(self.opts).items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fake server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.root_url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        if wait_http_ok(f"{self.root_url}/health", 20, self.proc, interval_s=0.05, request_timeout_s=1):
+            return self
+        code = self.proc.poll()
         self.__exit__()
-        raise RuntimeError("fake server not ready after 20 s")
+        raise RuntimeError(f"fake server exited with {code}" if code is not None
+                           else "fake server not ready after 20 s")
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop(self.proc)
 
 
 def main(argv: list[str] | None = None) -> None:
