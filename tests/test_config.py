@@ -181,3 +181,11 @@ def test_a_server_built_outside_params_yaml_serves_under_its_folder_name():
     cfg = ServerConfig(model_dir="models/gptq-int4")
     assert "--served-model-name gptq-int4" in " ".join(build_command(cfg, 8000, "cpu"))
     assert VLLMServer(cfg, log_path=Path("unused.log")).cfg.served_name == "gptq-int4"
+
+
+def test_gateway_example_routes_the_served_names_params_yaml_derives():
+    import yaml
+
+    params = load_params("params.yaml")
+    gateway = yaml.safe_load((Path(__file__).parents[1] / "deploy/gateway.yaml").read_text())
+    assert {params.serve.chat.served_name, params.serve.embedding.served_name} <= set(gateway["upstreams"])
