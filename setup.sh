@@ -74,6 +74,17 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 
+# redis-server for the gateway's shared limits (limits.backend: redis); its tests start their own
+# on a free port. Debian/Ubuntu package; skipped where apt or root is missing (the tests then skip).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing redis-server (apt) for the gateway's Redis tests"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    say "note: no redis-server found; the gateway's Redis tests will be skipped"
+  fi
+fi
+
 "$VENV/bin/python" - <<'EOF'
 import importlib, importlib.util
 for mod in ("vllm", "lm_eval", "mlflow", "dvc", "papermill", "workbench"):

@@ -1,6 +1,6 @@
 """Same model, same data, one run: lm-eval through the served vLLM, in-process vLLM and transformers.
 
-    python benchmarks/eval_backends.py                                   # models/base
+    python benchmarks/eval_backends.py --num-fewshot 5                   # models/base, 5-shot as the pipeline
     python benchmarks/eval_backends.py --model-dir /tmp/wb/base --limit 10 --backends vllm-server hf
     python benchmarks/eval_backends.py --backends vllm hf hf:1           # BACKEND[:BATCH_SIZE]
 
@@ -9,6 +9,7 @@ with identical settings, in a scratch folder (no report in the project is touche
 backend: start-up (server cold start / model load), scoring time (the lm-eval calls), total wall
 time, and the numbers, so a speed difference is never a quality difference in disguise. Ratios
 are hf's time over each backend's (above 1: faster than hf), for scoring and for the whole run. A backend that fails is a row with its error.
+The rows, the settings and the machine go to --json (default results/benchmarks/eval_backends.json).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
         "perplexity": {"data_dir": str(data / "ppl_corpus")}, "baseline": None,
     })
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]  # on a shared machine, what else was running shows here
     try:
         report = evaluate.run(cfg)
     except Exception as err:  # a failed backend is a row, not the end of the comparison
@@ -48,6 +52,10 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
     return {"backend": spec, "batch_size": report.details["backend"]["batch_size"],
             "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
             "wall_s": round(time.perf_counter() - t0, 2), "timings": t,
+            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "dtype": report.details["backend"]["model_args"].get("dtype"),
+            "mmlu_questions": report.metrics.get("mmlu_n"), "ceval_questions": report.metrics.get("ceval_n"),
+            "ppl_documents": report.details["suites"].get("perplexity", {}).get("documents"),
             **{k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "bits_per_byte")}}
 
 
@@ -57,11 +65,13 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=10, help="questions per subject")
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=["vllm-server", "vllm", "hf"])
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--json", default=str(ROOT / "results/benchmarks/eval_backends.json"),
+                   help="the rows, settings and machine, rewritten after every backend")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model_dir = Path(args.model_dir).resolve()
     rows = []
+    out = Path(args.json).resolve()
     with tempfile.TemporaryDirectory(prefix="wb-bench-eval-") as scratch:
         cwd = os.getcwd()
         os.chdir(scratch)  # reports/ and runs/ of the benchmark stay out of the project
@@ -69,6 +79,7 @@ def main() -> None:
             for backend in args.backends:
                 rows.append(measure(backend, model_dir, args.limit, args.num_fewshot))
                 print(json.dumps(rows[-1]), flush=True)
+                write(out, args, rows)  # after every backend: an interrupted run keeps its rows
         finally:
             os.chdir(cwd)
     # Speed-ups are relative to lm-eval's hf backend (the first hf row): >1 means faster than hf.
@@ -84,8 +95,34 @@ def main() -> None:
         print(f"{r['backend']:<14} {str(r['batch_size']):>6} {r['start_s']:>8.1f} {r['scoring_s']:>10.1f} "
               f"{r['wall_s']:>8.1f} {sx:>12} {wx:>9} {r['mmlu_acc']:>6.3f} {r['ceval_acc']:>6.3f} "
               f"{r['ppl_word']:>9.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"\nwritten to {out}")
+
+
+def write(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows so far, with the settings, the machine and the code version."""
+    doc = {"schema_version": 1, "benchmark": "eval_backends",
+           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": _git_sha(),
+           "config": {**vars(args), "json": os.path.relpath(path, ROOT)}, "platform": _platform(),
+           "complete": len(rows) == len(args.backends), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _platform() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor())
+    flags = info.split()
+    return {"python": platform.python_version(), "machine": platform.machine(), "processor": cpu,
+            "cpus": os.cpu_count(), "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 if __name__ == "__main__":

@@ -210,6 +210,21 @@ def filter_cost() -> dict:
     return out
 
 
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def table(results: dict) -> str:
     lines = ["| profile | mode | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 / p99 ms | "
              "direct req/s | gateway req/s | ratio | gw CPU ms/req |", "|---" * 9 + "|"]
@@ -224,9 +239,11 @@ def table(results: dict) -> str:
 
 
 async def main_async(a) -> dict:
-    results = {"schema_version": 1, "benchmark": "gateway_overhead", "config": vars(a),
+    config = {**vars(a), "out": os.path.relpath(a.out, ROOT)}
+    results = {"schema_version": 1, "benchmark": "gateway_overhead", "config": config,
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(),
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
-                            "cpus": os.cpu_count()}, "profiles": {}}
+                            "processor": cpu_model(), "cpus": os.cpu_count()}, "profiles": {}}
     with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(
             output_tokens=16, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms) as fake:
         for prof in a.profiles.split(","):
@@ -254,7 +271,7 @@ def main() -> None:
     p.add_argument("--profiles", default="full,bare")
     p.add_argument("--ttft-ms", type=float, default=0.0, help="fake upstream TTFT (default 0: worst case)")
     p.add_argument("--itl-ms", type=float, default=0.0, help="fake upstream inter-token delay")
-    p.add_argument("--out", default=str(ROOT / "runs/benchmarks/gateway_overhead.json"))
+    p.add_argument("--out", default=str(ROOT / "results/benchmarks/gateway_overhead.json"))
     a = p.parse_args()
     try:
         import uvloop

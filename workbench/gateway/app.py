@@ -30,6 +30,7 @@ from workbench.gateway.moderation import Verdict, build_policy
 from workbench.gateway.openapi import compile_validators, document
 from workbench.gateway.relay import Ctx, Replies, respond
 from workbench.gateway.sse import dumps, loads
+from workbench.gateway.store import StoreUnavailable, build_store
 from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,12 @@ class Gateway(Replies):
         self.cfg = cfg
         self.routes = cfg.model_routes()
         self.keys = KeyStore(cfg.all_keys())
+        self.store = build_store(cfg.limits)  # buckets: this process, or Redis (shared)
         if not len(self.keys):
             log.warning("gateway has no API keys: every request but /health gets 401 "
                         "(add one: workbench gateway add-key ID)")
         self.metrics = metrics or Metrics()
+        self._children: dict[tuple, object] = {}  # see _child
         self.validators = compile_validators()
         f = cfg.filter
         self.filter = WordFilter.from_files(f.word_lists, f.mask) if f.enabled else None
@@ -79,6 +82,7 @@ class Gateway(Replies):
     # ---- lifecycle -------------------------------------------------------------------------
     async def aclose(self) -> None:
         await self.upstreams.aclose()
+        await self.store.aclose()
         if self.audit:
             await asyncio.to_thread(self.audit.close)
 
@@ -89,7 +93,12 @@ class Gateway(Replies):
             while True:
                 msg = await receive()
                 if msg["type"] == "lifespan.startup":
-                    self.upstreams.session  # noqa: B018  (opens the pool on the server's loop)
+                    try:
+                        await self.store.start()
+                    except StoreUnavailable as err:
+                        await send({"type": "lifespan.startup.failed", "message": str(err)})
+                        return
+                    await self.upstreams.start()  # the pool and health checks, on the server's loop
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
                     await self.aclose()
@@ -116,10 +125,10 @@ class Gateway(Replies):
             if (method != "POST") if route else (method not in ("GET", "HEAD")):
                 raise GatewayError(405, f"Method {method} not allowed on {path}", code="method_not_allowed")
             if route:  # limits guard the upstreams; /metrics and /v1/models are not counted
-                self._rate_limit(key)
+                await self._rate_limit(key)
                 await self._proxy(ctx, route, receive, send, length, gzip)
                 if key.tokens is not None:
-                    key.tokens.debit((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
+                    await self.store.debit(key, (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))
@@ -164,17 +173,23 @@ class Gateway(Replies):
                                f"{self.cfg.limits.max_header_bytes}", code="headers_too_large")
         return auth, length, gzip
 
-    def _rate_limit(self, key) -> None:
-        for bucket, kind in ((key.requests, "requests"), (key.tokens, "tokens")):
-            if bucket is None:
-                continue
-            wait = bucket.take(1) if kind == "requests" else bucket.wait_s()
-            if wait > 0:
-                self.metrics.rate_limited.labels(key.id, kind).inc()
-                retry = max(1, math.ceil(wait))
-                raise GatewayError(429, f"Rate limit reached for {kind} per minute on key '{key.id}'; "
-                                   f"retry in {retry} s.", "rate_limit_error", "rate_limit_exceeded",
-                                   headers=((b"retry-after", str(retry).encode()),))
+    async def _rate_limit(self, key, reserve: float = 0.0) -> None:
+        store = self.store  # memory: no await on the hot path; redis: one atomic script
+        adm = store.admit_now(key, reserve) if store.backend == "memory" else await store.admit(key, reserve)
+        kind = adm.limit
+        if kind is None:
+            return
+        if kind == "revoked":
+            raise GatewayError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                               "invalid_request_error", "invalid_api_key")
+        if kind == "store":
+            raise GatewayError(503, "Rate limits cannot be checked right now; retry shortly.",
+                               "server_error", "limits_unavailable", headers=((b"retry-after", b"1"),))
+        self.metrics.rate_limited.labels(key.id, kind).inc()
+        retry = max(1, math.ceil(adm.wait_s))
+        raise GatewayError(429, f"Rate limit reached for {kind} per minute on key '{key.id}'; "
+                           f"retry in {retry} s.", "rate_limit_error", "rate_limit_exceeded",
+                           headers=((b"retry-after", str(retry).encode()),))
 
     async def _read_body(self, receive, length: int) -> bytes:
         limit = self.cfg.limits.max_body_bytes
@@ -230,7 +245,7 @@ class Gateway(Replies):
                 strip_usage = changed = True
         if changed:
             body = dumps(req)
-        self.metrics.overhead.labels(route).observe(time.perf_counter() - ctx.t0)
+        self._child(self.metrics.overhead, route).observe(time.perf_counter() - ctx.t0)
 
         me = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive, me, ctx))
@@ -303,19 +318,28 @@ class Gateway(Replies):
         return verdict
 
     # ---- after every request -------------------------------------------------------------
+    def _child(self, metric, *labels):
+        """``metric.labels(*labels)``, cached: prometheus_client's labels() costs ~5 us a call,
+        and a request makes six (benchmarks/gateway_cpu.py). Bounded: routes x models x statuses."""
+        try:
+            return self._children[metric, labels]
+        except KeyError:
+            child = self._children[metric, labels] = metric.labels(*labels)
+            return child
+
     def _finish(self, ctx: Ctx) -> None:
         latency = time.perf_counter() - ctx.t0
         route = ctx.path if ctx.path in ROUTES or ctx.path in OTHER else "other"
         model = ctx.model if ctx.model in self.routes else ""  # no label per unknown model name
-        m = self.metrics
-        m.requests.labels(route, model, str(ctx.status)).inc()
-        m.latency.labels(route, model).observe(latency)
+        m, c = self.metrics, self._child
+        c(m.requests, route, model, str(ctx.status)).inc()
+        c(m.latency, route, model).observe(latency)
         if ctx.ttft_s is not None:
-            m.ttft.labels(route, model).observe(ctx.ttft_s)
+            c(m.ttft, route, model).observe(ctx.ttft_s)
         if ctx.prompt_tokens:
-            m.tokens.labels(model, "prompt").inc(ctx.prompt_tokens)
+            c(m.tokens, model, "prompt").inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
-            m.tokens.labels(model, "completion").inc(ctx.completion_tokens)
+            c(m.tokens, model, "completion").inc(ctx.completion_tokens)
         if self.audit:
             self.audit.record((
                 ctx.ts, ctx.request_id, ctx.key_id, ctx.path[:200], ctx.model, ctx.status,

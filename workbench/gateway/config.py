@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 CONFIG_FILE = "deploy/gateway.yaml"
 
@@ -30,9 +31,24 @@ class Section(BaseModel):
 class UpstreamConfig(Section):
     """One OpenAI-compatible server (vLLM). Requests go here by their ``model`` field."""
 
-    base_url: str  # http://host:port/v1
+    # http://host:port/v1, or a list of replicas serving the same models (a pool: least
+    # outstanding requests, health-checked, ejected on failure; see workbench/gateway/pool.py)
+    base_url: str | list[str] = Field(min_length=1)
     api_key: str | None = None  # sent upstream as Bearer (vLLM's --api-key); clients never see it
     models: list[str] = []  # model names served here; empty: the upstream's own name only
+    # Pools (base_url a list): GET <replica root>/health every health_interval_s (0: never; only
+    # failed connections eject then); a replica leaves after unhealthy_after failed checks or
+    # one refused connection, and returns after healthy_after passing checks in a row.
+    health_interval_s: float = Field(default=2.0, ge=0)
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    unhealthy_after: int = Field(default=2, ge=1)
+    healthy_after: int = Field(default=2, ge=1)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every replica's base URL (one for a plain upstream), without a trailing slash."""
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        return [u.rstrip("/") for u in urls]
 
 
 class KeyConfig(Section):
@@ -55,6 +71,16 @@ class LimitsConfig(Section):
     # Generous: a long prefill on a CPU server can take a minute before the first byte.
     read_timeout_s: float = Field(default=300, gt=0)
     max_connections: int = Field(default=1024, ge=1)  # upstream pool size, all upstreams together
+    # Where request and token buckets (and revoked keys) live. memory: this process only (one
+    # worker, no Redis). redis: shared by every worker and gateway instance on redis_url, each
+    # admission one atomic Lua script (workbench/gateway/store.py).
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "wb:gw:"  # key prefix, so several gateways can share one Redis
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    # Redis unreachable: refuse with 503 (false, the default: limits always hold) or admit
+    # without limits (true: availability first).
+    redis_fail_open: bool = False
 
 
 class FilterConfig(Section):
@@ -112,6 +138,18 @@ class GatewayConfig(Section):
     filter: FilterConfig = FilterConfig()
     moderation: ModerationConfig = ModerationConfig()
     audit: AuditConfig = AuditConfig()
+    # Processes serving one port (uvicorn's workers). Above 1 the limits must be shared, so
+    # limits.backend must be redis.
+    workers: int = Field(default=1, ge=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_share_limits(cls, workers: int, info: ValidationInfo) -> int:
+        limits = info.data.get("limits")  # validated before workers (field order)
+        if workers > 1 and limits is not None and limits.backend != "redis":
+            raise ValueError(f"workers: {workers} needs limits.backend: redis (with limits.redis_url): "
+                             "with the in-process store every worker would enforce each limit on its own")
+        return workers
 
     def model_routes(self) -> dict[str, str]:
         """Model name -> upstream name."""

@@ -5,9 +5,9 @@ A mixin of the gateway app (workbench/gateway/app.py), split out to keep each fi
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 
 import aiohttp
 
@@ -28,7 +28,7 @@ class Ctx:
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
-        self.request_id = uuid.uuid4().hex
+        self.request_id = os.urandom(16).hex()  # as random as uuid4().hex, a quarter of its cost
         self.key_id = self.model = self.ttft_s = self.prompt = self.error = None
         self.prompt_tokens = self.completion_tokens = None
         self.status, self.stream, self.started, self.client_gone, self.done = 0, False, False, False, False

@@ -35,6 +35,11 @@ def uvicorn_config(app: Gateway, host: str, port: int) -> uvicorn.Config:
 
 
 def serve(cfg: GatewayConfig) -> None:
+    if cfg.workers > 1:  # N processes on one port, limits in Redis (workers.py)
+        from workbench.gateway.workers import serve_workers
+
+        print(f"gateway on http://{cfg.host}:{cfg.port}/v1  workers: {cfg.workers}  (Ctrl-C stops them)")
+        return serve_workers(cfg, uvicorn_config)
     app = Gateway(cfg)
     print(f"gateway on http://{cfg.host}:{cfg.port}/v1  models: {', '.join(sorted(app.routes)) or '(none)'}"
           f"  keys: {len(app.keys)}  (Ctrl-C stops it)")

@@ -11,6 +11,7 @@ import aiohttp
 
 from workbench.gateway.config import GatewayConfig
 from workbench.gateway.metrics import Metrics
+from workbench.gateway.pool import Pool, PoolMetrics, Replica
 from workbench.gateway.sse import dumps, loads
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,27 @@ class ClientGone(Exception):
     pass
 
 
+class PooledResponse(aiohttp.ClientResponse):
+    """A reply that tells its pool when it is over (released or closed, whichever comes first),
+    so the replica's outstanding count covers the whole relay, streams included."""
+
+    _pool: Pool | None = None
+    _replica: Replica | None = None
+
+    def _done(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.done(self._replica)
+
+    def release(self):
+        self._done()
+        return super().release()
+
+    def close(self) -> None:
+        self._done()
+        super().close()
+
+
 class Upstreams:
     def __init__(self, cfg: GatewayConfig, metrics: Metrics, routes: dict[str, str]):
         self.cfg, self.metrics, self.routes = cfg, metrics, routes
@@ -43,6 +65,8 @@ class Upstreams:
                    **({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})}
             for name, u in cfg.upstreams.items()}
         self._session: aiohttp.ClientSession | None = None
+        pm = PoolMetrics(metrics.registry)
+        self.pools = {name: Pool(name, u, pm) for name, u in cfg.upstreams.items()}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -50,31 +74,42 @@ class Upstreams:
             conn = aiohttp.TCPConnector(limit=self.cfg.limits.max_connections, ttl_dns_cache=300,
                                         keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=conn, auto_decompress=False,
-                                                  skip_auto_headers=("User-Agent",))
+                                                  skip_auto_headers=("User-Agent",),
+                                                  response_class=PooledResponse)
         return self._session
 
+    async def start(self) -> None:
+        """On the server's loop: open the connection pool, start the replicas' health checks."""
+        for name, pool in self.pools.items():
+            pool.start(self.session, self.headers[name])
+
     async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.stop()
         if self._session is not None:
             await self._session.close()
 
     async def post(self, name: str, path: str, body: bytes) -> aiohttp.ClientResponse:
-        url = self.cfg.upstreams[name].base_url.rstrip("/") + path[3:]  # base_url ends in /v1
-        for attempt in (1, 2):
+        pool = self.pools[name]
+        tries = 2 if len(pool) == 1 else len(pool) + 1  # a refused replica is ejected: the next is another
+        replica = None
+        for attempt in range(1, tries + 1):
+            last = attempt == tries
+            replica = pool.pick(exclude=replica)
             try:
-                return await self.session.post(url, data=body, headers=self.headers[name],
-                                               timeout=self.timeout)
+                return await self._send(name, pool, replica, path, body)
             except asyncio.TimeoutError:
                 self.metrics.upstream_errors.labels(name, "timeout").inc()
                 raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error",
                                    "upstream_timeout") from None
             except aiohttp.ClientConnectorError as err:
                 self.metrics.upstream_errors.labels(name, "connect").inc()
-                if attempt == 2:
+                if last:
                     raise GatewayError(503, f"Upstream '{name}' is unavailable: {err}", "upstream_error",
                                        "upstream_unavailable") from None
             except aiohttp.ServerDisconnectedError as err:  # also a stale keep-alive: retry once
                 self.metrics.upstream_errors.labels(name, "disconnect").inc()
-                if attempt == 2:
+                if last:
                     raise GatewayError(502, f"Upstream '{name}' closed the connection: {err}",
                                        "upstream_error", "upstream_disconnected") from None
             except aiohttp.ClientError as err:
@@ -82,6 +117,21 @@ class Upstreams:
                 raise GatewayError(502, f"Bad response from upstream '{name}': {err}", "upstream_error",
                                    "bad_gateway") from None
         raise AssertionError("unreachable")
+
+    async def _send(self, name: str, pool: Pool, replica: Replica, path: str, body: bytes) -> PooledResponse:
+        """One POST to one replica, counted as outstanding until its reply is released."""
+        pool.begin(replica)
+        try:
+            resp = await self.session.post(replica.url + path[3:], data=body,  # base_url ends in /v1
+                                           headers=self.headers[name], timeout=self.timeout)
+        except BaseException as err:
+            pool.done(replica)
+            if isinstance(err, aiohttp.ClientConnectorError):
+                pool.connect_failed(replica)
+                log.warning("upstream %s: %s refused the connection: %s", name, replica.url, err)
+            raise
+        resp._pool, resp._replica = pool, replica
+        return resp
 
     async def read(self, name: str, resp: aiohttp.ClientResponse) -> bytes:
         try:
@@ -97,7 +147,7 @@ class Upstreams:
     async def models(self) -> list[dict]:
         """Every upstream's /v1/models, merged; only models this gateway routes are listed."""
         async def one(name: str) -> list[dict]:
-            url = self.cfg.upstreams[name].base_url.rstrip("/") + "/models"
+            url = self.pools[name].pick().url + "/models"
             try:
                 async with self.session.get(url, headers=self.headers[name], timeout=self.timeout) as r:
                     return (await r.json(loads=loads)).get("data") or [] if r.status == 200 else []
@@ -117,7 +167,7 @@ class Upstreams:
     async def chat(self, model: str, messages: list[dict], max_tokens: int, timeout_s: float) -> str:
         """One non-streaming chat call through our own routes (the ``llm`` moderation policy)."""
         name = self.routes[model]
-        url = self.cfg.upstreams[name].base_url.rstrip("/") + "/chat/completions"
+        url = self.pools[name].pick().url + "/chat/completions"
         body = dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
         async with self.session.post(url, data=body, headers=self.headers[name],
                                      timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:

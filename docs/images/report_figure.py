@@ -1,0 +1,51 @@
+"""The README's picture of the report, drawn from the committed metrics.json (the report stage's
+headline numbers of the embedded default's `dvc repro`), with workbench.plots' interval helpers:
+
+    python docs/images/report_figure.py          # writes docs/images/report.png
+
+Left: MMLU-smoke accuracy per variant (Wilson intervals, 30 questions), as the report's
+accuracy-vs-size view has it. Right: each variant's perplexity change against base on the same 20
+documents (paired bootstrap intervals), the criterion that decided.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workbench import plots
+from workbench.stats import Estimate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(metrics: Path = ROOT / "metrics.json", out: Path = ROOT / "docs/images/report.png") -> str:
+    m = json.loads(metrics.read_text())
+    variants = [v for v, d in m.items() if isinstance(d, dict) and "mmlu_acc" in d]
+    labels = [f"{v}\n{m[v]['mb']:.0f} MB" for v in variants]
+    plt = plots._plt()
+    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(9, 3.3))
+    for i, v in enumerate(variants):
+        d = m[v]
+        ys, yerr = plots._err([Estimate(value=d["mmlu_acc"], lo=d["mmlu_acc_ci_lo"], hi=d["mmlu_acc_ci_hi"])])
+        acc.errorbar([i], ys, yerr=yerr, fmt="o", color=f"C{i}", capsize=4)
+        if "ppl_change_pct" in d:  # the baseline has no change to itself
+            ys, yerr = plots._err([Estimate(value=d["ppl_change_pct"], lo=d["ppl_change_pct_ci_lo"],
+                                            hi=d["ppl_change_pct_ci_hi"])])
+            ppl.errorbar([i], ys, yerr=yerr, fmt="o", color=f"C{i}", capsize=4)
+    ppl.axhline(0, color="C0", lw=1, ls="--")
+    acc.set(ylabel="accuracy, 95 % interval", title="MMLU-smoke accuracy (30 questions)\nhigher is better")
+    ppl.set(ylabel="% vs base, 95 % interval",
+            title="Perplexity change vs base (same 20 documents)\n"
+                  f"lower is better; recommended: {m.get('recommended')}")
+    for ax in (acc, ppl):
+        ax.set_xticks(range(len(variants)), labels, fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return str(out)
+
+
+if __name__ == "__main__":
+    print(main())

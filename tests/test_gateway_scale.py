@@ -1,0 +1,367 @@
+"""Gateway scale-out: limits shared through a real redis-server (across gateway processes and
+across the workers of one), `workers: N`, and upstream pools (least outstanding requests,
+health checks, ejection and return) with real fake-server processes killed and restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from gateway_helpers import AUTH, KEY, ROOT, make_cfg
+from workbench.fakeserver import FakeServer, FakeServerProcess
+from workbench.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, load_config
+from workbench.gateway.keys import KeyStore, hash_key
+from workbench.gateway.pool import Pool
+from workbench.gateway.server import GatewayServer
+from workbench.gateway.store import MemoryStore, RedisStore
+from workbench.promscrape import parse, total
+
+CHAT = {"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server of our own on a free port (no persistence), for the whole session."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; ./setup.sh does it)")
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+_prefixes = iter(range(10**6))
+
+
+def redis_limits(redis_url: str) -> dict:
+    """A limits section on the test Redis, under a prefix of its own (tests share one server)."""
+    return {"backend": "redis", "redis_url": redis_url, "redis_prefix": f"t{next(_prefixes)}-{os.getpid()}:"}
+
+
+class GatewayProcess:
+    """``python -m workbench.gateway`` with a config file, ready (GET /health) on enter."""
+
+    def __init__(self, cfg: GatewayConfig, tmp_path: Path, name: str = "gw"):
+        self.port = cfg.port if cfg.port != 8080 else _free_port()
+        self.path = tmp_path / f"{name}.yaml"
+        self.path.write_text(yaml.safe_dump(cfg.model_copy(update={"port": self.port}).model_dump(mode="json")))
+        self.root_url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.path)],
+                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"gateway exited with {self.proc.returncode}"
+            try:
+                if httpx.get(self.root_url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("gateway did not start")
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def chat(self) -> int:
+        return httpx.post(self.root_url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=30).status_code
+
+
+# ---- the store seam, in-process and Redis ----------------------------------------------------
+def _key(rpm=None, tpm=None):
+    cfg = {"id": "k", "sha256": hash_key(KEY)}
+    if rpm:
+        cfg["requests_per_minute"] = rpm
+    if tpm:
+        cfg["tokens_per_minute"] = tpm
+    return KeyStore([make_cfg(Path("/nonexistent"), {}, cfg).keys[0]]).lookup(f"Bearer {KEY}".encode())
+
+
+def test_memory_store_refusal_takes_nothing_from_the_other_bucket():
+    store, key = MemoryStore(), _key(rpm=5, tpm=100)
+    asyncio.run(store.debit(key, 150))  # tokens overdrawn: refused on tokens ...
+    adm = store.admit_now(key)
+    assert adm.limit == "tokens" and adm.wait_s == pytest.approx(50 * 60 / 100 / 1, rel=0.05)
+    assert key.requests.level == pytest.approx(5, abs=0.01)  # ... and no request unit was spent
+
+
+def test_memory_store_reservation_is_taken_at_admission():
+    store, key = MemoryStore(), _key(tpm=100)
+    assert store.admit_now(key, reserve=60).limit is None
+    assert store.admit_now(key, reserve=60).limit == "tokens"  # 40 left: the second cannot reserve 60
+    asyncio.run(store.debit(key, -60))  # the first used nothing: its reservation comes back
+    assert store.admit_now(key, reserve=60).limit is None
+
+
+def test_redis_store_admits_exactly_rpm_across_two_clients_under_concurrency(redis_url):
+    limits = GatewayConfig.model_validate({"limits": redis_limits(redis_url)}).limits
+    key = _key(rpm=10)
+
+    async def run():
+        a, b = RedisStore(limits), RedisStore(limits)  # two gateways' connections
+        await a.start()
+        res = await asyncio.gather(*((a if i % 2 else b).admit(key) for i in range(40)))
+        await a.aclose()
+        await b.aclose()
+        return res
+
+    res = asyncio.run(run())
+    assert sum(r.limit is None for r in res) == 10
+    refused = [r for r in res if r.limit is not None]
+    assert {r.limit for r in refused} == {"requests"} and all(0 < r.wait_s <= 6 for r in refused)
+
+
+def test_redis_store_tokens_debited_by_one_gateway_refuse_at_the_other(redis_url):
+    limits = GatewayConfig.model_validate({"limits": redis_limits(redis_url)}).limits
+    key = _key(tpm=100)
+
+    async def run():
+        a, b = RedisStore(limits), RedisStore(limits)
+        first = await a.admit(key, reserve=30)
+        await a.debit(key, 90)  # settled: 30 reserved + 90 used = 120 of 100
+        second = await b.admit(key)
+        await b.revoke("k")
+        third = await a.admit(_key(rpm=1000))
+        await b.unrevoke("k")
+        await a.aclose()
+        await b.aclose()
+        return first, second, third
+
+    first, second, third = asyncio.run(run())
+    assert first.limit is None
+    assert second.limit == "tokens" and second.wait_s == pytest.approx(20 * 60 / 100, rel=0.05)
+    assert third.limit == "revoked"
+
+
+# ---- configuration ---------------------------------------------------------------------------
+def test_workers_above_one_without_redis_is_a_clear_config_error(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({"workers": 2}))
+    with pytest.raises(GatewayConfigError, match="workers: 2 needs limits.backend: redis"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"workers": 2, "limits": {"backend": "redis"}}))
+    assert load_config(path).workers == 2
+
+
+def test_a_pool_is_a_list_of_base_urls():
+    up = UpstreamConfig(base_url=["http://a:8000/v1/", "http://b:8000/v1"])
+    assert up.urls == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert UpstreamConfig(base_url="http://a:8000/v1").urls == ["http://a:8000/v1"]
+    with pytest.raises(ValueError):
+        UpstreamConfig(base_url=[])
+
+
+# ---- gateways sharing Redis ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fake():
+    with FakeServer(output_tokens=4) as f:
+        yield f
+
+
+def test_two_gateway_processes_enforce_one_keys_rpm_jointly(fake, redis_url, tmp_path):
+    limits = redis_limits(redis_url)
+    cfgs = [make_cfg(tmp_path / n, {"fake-model": fake.base_url}, key={"requests_per_minute": 10},
+                     limits=limits, audit={"path": str(tmp_path / f"audit-{n}.sqlite")}) for n in "ab"]
+    with GatewayProcess(cfgs[0], tmp_path, "a") as a, GatewayProcess(cfgs[1], tmp_path, "b") as b:
+        t0 = time.monotonic()
+        codes = [(a if i % 2 else b).chat() for i in range(20)]
+        refilled = (time.monotonic() - t0) * 10 / 60  # the bucket refills as the requests go
+    assert set(codes) == {200, 429} and 10 <= codes.count(200) <= 10 + refilled, codes
+
+
+def test_redis_down_refuses_with_503_unless_fail_open(fake, tmp_path):
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"requests_per_minute": 10},
+                   limits={"backend": "redis", "redis_url": dead, "redis_timeout_s": 0.2})
+    with pytest.raises(RuntimeError, match="did not start"):  # it says so at start
+        with GatewayServer(cfg):
+            pass
+    gw = GatewayServer(cfg)
+    gw.app.store.start = _noop  # Redis goes away after a good start
+    with gw:
+        r = httpx.post(gw.base_url + "/chat/completions", json=CHAT, headers=AUTH, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "limits_unavailable"
+    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"requests_per_minute": 10},
+                   limits={"backend": "redis", "redis_url": dead, "redis_timeout_s": 0.2, "redis_fail_open": True})
+    gw = GatewayServer(cfg)
+    gw.app.store.start = _noop
+    with gw:
+        assert httpx.post(gw.base_url + "/chat/completions", json=CHAT, headers=AUTH, timeout=30).status_code == 200
+
+
+async def _noop():
+    pass
+
+
+def test_two_workers_on_one_port_share_the_limit_through_redis(fake, redis_url, tmp_path):
+    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"requests_per_minute": 12},
+                   limits=redis_limits(redis_url)).model_copy(update={"workers": 2})
+    with GatewayProcess(cfg, tmp_path) as gw:
+        workers = [w for w in psutil.Process(gw.proc.pid).children()  # not multiprocessing's tracker
+                   if "spawn_main" in " ".join(w.cmdline())]
+        assert len(workers) == 2
+        cpu0 = [sum(w.cpu_times()[:2]) for w in workers]
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(8) as ex:  # fresh connections, several at once: both workers accept
+            codes = list(ex.map(lambda _: gw.chat(), range(36)))
+        refilled = (time.monotonic() - t0) * 12 / 60
+        busy = sum(sum(w.cpu_times()[:2]) - c0 > 0.02 for w, c0 in zip(workers, cpu0))
+    assert set(codes) == {200, 429} and 12 <= codes.count(200) <= 12 + refilled, codes  # not 2 x 12
+    assert busy >= 2  # both workers served requests
+
+
+# ---- upstream pools --------------------------------------------------------------------------
+def _pool(n=3, **kw):
+    return Pool("m", UpstreamConfig(base_url=[f"http://r{i}:8000/v1" for i in range(n)], **kw))
+
+
+def test_pool_sends_to_the_replica_with_fewest_outstanding_requests():
+    pool = _pool()
+    a, b, c = pool.replicas
+    for _ in range(3):
+        pool.begin(a)
+    pool.begin(b)
+    assert pool.pick() is c
+    pool.begin(c)
+    pool.begin(c)
+    assert pool.pick() is b
+    pool.done(a)
+    pool.done(a)  # a: 1, b: 1, c: 2
+    assert {pool.pick().url for _ in range(4)} == {a.url, b.url}
+
+
+def test_pool_ties_rotate_and_ejected_replicas_get_nothing_until_they_pass_checks():
+    pool = _pool(unhealthy_after=2, healthy_after=2)
+    a, b, c = pool.replicas
+    assert {pool.pick().url for _ in range(3)} == {a.url, b.url, c.url}
+    pool.observe(a, False)
+    assert a.healthy  # one failed check is not enough
+    pool.observe(a, False)
+    pool.connect_failed(b)  # a refused connection ejects at once
+    assert not a.healthy and not b.healthy and {pool.pick().url for _ in range(6)} == {c.url}
+    pool.observe(a, True)
+    assert not a.healthy
+    pool.observe(a, True)
+    assert a.healthy and a.url in {pool.pick().url for _ in range(6)}
+    pool.observe(c, False)
+    pool.observe(c, False)
+    pool.observe(a, False)
+    pool.observe(a, False)  # all ejected: all are tried again rather than refusing
+    assert {pool.pick().url for _ in range(6)} == {a.url, b.url, c.url}
+
+
+class Load:
+    """A closed loop of chat requests in threads until stopped: (send time, status) of each; a
+    broken connection is status 0."""
+
+    def __init__(self, url: str, concurrency: int):
+        self.url, self.results = url, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
+
+    def _worker(self):
+        with httpx.Client(timeout=30) as c:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                try:
+                    self.results.append((t, c.post(self.url, json=CHAT, headers=AUTH).status_code))
+                except httpx.HTTPError:
+                    self.results.append((t, 0))
+
+    def sent_after(self, t: float) -> int:
+        return sum(1 for ts, _ in list(self.results) if ts > t)
+
+    def wait_for(self, n: int, after: float = 0.0, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.sent_after(after) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def test_pool_survives_a_replica_killed_mid_load_and_takes_it_back(tmp_path):
+    port_a = _free_port()
+    with FakeServerProcess(port=port_a, ttft_ms=20, output_tokens=4) as a, \
+            FakeServerProcess(ttft_ms=20, output_tokens=4) as b:
+        cfg = make_cfg(tmp_path, {"fake-model": [a.base_url, b.base_url]})
+        pool = cfg.upstreams["fake-model"].model_copy(update={"health_interval_s": 0.2})
+        cfg = cfg.model_copy(update={"upstreams": {"fake-model": pool}})
+        with GatewayServer(cfg) as gw:
+            url = gw.base_url + "/chat/completions"
+            grace_s = 0.5  # requests in flight on the killed replica may fail
+            with Load(url, 6) as load:
+                load.wait_for(30)
+                killed_at = time.monotonic()
+                a.proc.kill()  # SIGKILL: no goodbye, connections just break
+                a.proc.wait()
+                load.wait_for(60, after=killed_at + grace_s)
+            before = [s for t, s in load.results if t < killed_at]
+            after = [s for t, s in load.results if t > killed_at + grace_s]
+            assert before.count(200) >= 30
+            assert len(after) >= 60 and after.count(200) == len(after), \
+                [(round(t - killed_at, 3), s) for t, s in load.results if s != 200]
+            m = parse(httpx.get(gw.root_url + "/metrics", headers=AUTH).text)
+            assert total(m, "workbench_gateway_upstream_replica_healthy", replica=a.base_url) == 0
+
+            with FakeServerProcess(port=port_a, ttft_ms=20, output_tokens=4) as a2:  # back on its port
+                replica_a = gw.app.upstreams.pools["fake-model"].replicas[0]
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not replica_a.healthy:
+                    time.sleep(0.1)
+                assert replica_a.healthy
+                with Load(url, 4) as load:
+                    load.wait_for(40)
+                assert all(s == 200 for _, s in load.results)
+                served = parse(httpx.get(a2.root_url + "/metrics").text)
+                assert total(served, "vllm:request_success_total") > 0  # it gets traffic again
