@@ -30,11 +30,11 @@ def measure(cfg: ServerConfig, requests: int) -> dict:
         e2e, ttft = [], []
         for _ in range(requests):
             t0 = time.perf_counter()
-            client.chat.completions.create(model=cfg.served_name, messages=PROMPT, temperature=0,
+            client.chat.completions.create(model=cfg.model_name, messages=PROMPT, temperature=0,
                                            max_tokens=32)
             e2e.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            for chunk in client.chat.completions.create(model=cfg.served_name, messages=PROMPT,
+            for chunk in client.chat.completions.create(model=cfg.model_name, messages=PROMPT,
                                                         temperature=0, max_tokens=32, stream=True):
                 if chunk.choices and chunk.choices[0].delta.content:
                     ttft.append(time.perf_counter() - t0)

@@ -122,7 +122,7 @@ def test_defaults_check_notices_a_changed_value_in_any_section(tmp_path):
     data = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     data["evaluate"]["mmlu"]["num_fewshot"] = 0
     data["report"]["variants"] = ["base"]
-    p = write(tmp_path, yaml.safe_dump(data))
+    p = write(tmp_path, yaml.safe_dump(data, sort_keys=False))  # quantize.variants order is the variant order
     assert set(_differences(load_params(p))) == {"evaluate.mmlu.num_fewshot", "report.variants"}
 
 
@@ -132,3 +132,60 @@ def test_every_section_is_compared():
     leaves = {k.split(".")[0] for k, _ in _leaves(load_params("params.yaml").model_dump(mode="json"))}
     assert leaves == set(Params.model_fields) == {
         "project", "prepare", "serve", "loadtest", "evaluate", "quantize", "shard", "report"}
+
+
+# --- your model in one place: the served name and the variant lists have one home each ----------
+
+def test_served_name_follows_prepare_model_name_unless_a_section_sets_its_own():
+    params = load_params("params.yaml", ["prepare.model.name=my-llm", "prepare.embedding.name=my-embed"])
+    assert {params.serve.chat.served_name, params.evaluate.server.served_name,
+            params.shard.server.served_name, params.loadtest.server.served_name} == {"my-llm"}
+    assert params.serve.embedding.served_name == "my-embed"
+    own = load_params("params.yaml", ["prepare.model.name=my-llm", "evaluate.server.served_name=other"])
+    assert own.evaluate.server.served_name == "other" and own.serve.chat.served_name == "my-llm"
+    # the notebook gets the section alone: the derived name travels in it
+    section = stage_config("shard", params.shard.model_dump(mode="json"))
+    assert section.server.served_name == "my-llm"
+
+
+def test_params_yaml_holds_no_copy_of_the_model_name_or_the_variant_lists():
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    assert data["serve"]["chat"]["served_name"] is None
+    assert data["evaluate"]["server"]["served_name"] is None and data["shard"]["server"]["served_name"] is None
+    assert data["evaluate"]["variants"] is None and data["loadtest"]["variants"] is None
+    assert data["report"]["variants"] is None
+
+
+def test_variant_lists_follow_quantize_variants_and_their_serve_flag(tmp_path):
+    p = write(tmp_path, "quantize:\n  variants:\n    q8: {method: gptq, bits: 8}\n"
+                        "    q2: {method: gptq, bits: 2, serve: false}\n    q4: {method: gptq}\n")
+    params = load_params(p)
+    assert params.evaluate.variants == ["q8", "q4"]
+    assert params.loadtest.variants == ["base", "q8", "q4"]  # the order of quantize.variants
+    assert params.report.variants == ["base", "q8", "q2", "q4"]
+    assert load_params(p, ["loadtest.variants=[q4, base]"]).loadtest.variants == ["q4", "base"]
+
+
+def test_evaluate_variant_outside_quantize_variants_is_an_error_naming_the_list(tmp_path):
+    p = write(tmp_path, "quantize:\n  variants:\n    q8: {method: gptq, bits: 8}\n")
+    with pytest.raises(ConfigError, match=r"evaluate.variants \['q4'\].*quantize.variants \['q8'\]"):
+        load_params(p, ["evaluate.variants=[q4]"])
+
+
+def test_a_server_built_outside_params_yaml_serves_under_its_folder_name():
+    from workbench.config import ServerConfig
+    from workbench.serve import VLLMServer, build_command
+
+    cfg = ServerConfig(model_dir="models/gptq-int4")
+    assert "--served-model-name gptq-int4" in " ".join(build_command(cfg, 8000, "cpu"))
+    assert VLLMServer(cfg, log_path=Path("unused.log")).cfg.served_name == "gptq-int4"
+
+
+def test_gateway_example_routes_the_served_names_params_yaml_derives():
+    import yaml
+
+    params = load_params("params.yaml")
+    gateway = yaml.safe_load((Path(__file__).parents[1] / "deploy/gateway.yaml").read_text())
+    assert {params.serve.chat.served_name, params.serve.embedding.served_name} <= set(gateway["upstreams"])

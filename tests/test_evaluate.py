@@ -516,6 +516,17 @@ def test_variant_nothing_can_load_gets_a_not_evaluated_report_not_a_crash(fake_s
     assert evaluate.summary(report).empty and evaluate.subject_table(report).empty
 
 
+def test_variant_left_out_of_evaluate_variants_gets_a_not_evaluated_report_without_loading(fake_stage,
+                                                                                      monkeypatch):
+    # dvc.yaml has an evaluate stage per quantize.variants key; serve: false leaves one out here
+    monkeypatch.setitem(evaluate.BACKENDS, "hf", lambda cfg, stack: pytest.fail("the model was loaded"))
+    report = evaluate.run(fake_stage(variant="int3", model_dir="models/int3", variants=["int4"]))
+    assert "not in evaluate.variants" in report.details["not_evaluated"]
+    assert read_report(Path("reports/evaluate/int3.json")).details["not_evaluated"]
+    assert Path("runs/evaluate/int3").is_dir()  # the stage's declared output exists for DVC
+    assert evaluate.summary(report).empty and evaluate.subject_table(report).empty
+
+
 def test_without_a_fallback_vllm_failing_stops_the_stage(fake_stage, monkeypatch):
     from workbench.serve import ServerError
 

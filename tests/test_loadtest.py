@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from workbench import loadtest
-from workbench.config import ConfigError, LoadtestConfig, load_params
+from workbench.config import ConfigError, LoadtestConfig, Params, load_params
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer
 
@@ -211,7 +211,7 @@ def test_default_loadtest_is_small_enough_for_two_cpu_cores():
     assert max(cfg.rates) <= 2 and cfg.requests_per_step <= 15 and cfg.warmup_requests == 2
     assert cfg.workload.max_tokens == 32 and cfg.base_url is None  # a managed vLLM by default
     assert cfg.slo.ttft_ms == 300 and cfg.slo.e2el_ms == 1500
-    assert cfg == LoadtestConfig()  # params.yaml restates the defaults
+    assert cfg == Params().loadtest  # params.yaml restates the defaults (variants, served name derived)
 
 
 def test_unknown_loadtest_key_names_the_key():

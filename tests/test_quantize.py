@@ -109,7 +109,7 @@ def test_configured_dampening_frac_reaches_llm_compressors_gptq_modifier():
 
 def test_awq_unpack_inverts_autoawq_packing_order():
     torch = pytest.importorskip("torch")
-    from workbench import awq_format
+    from workbench.quantize import awq_format
 
     codes = torch.randint(0, 16, (64, 32), dtype=torch.int32)
     packed = awq_format.pack_awq(codes)
@@ -125,7 +125,7 @@ def test_awq_unpack_inverts_autoawq_packing_order():
 
 def test_awq_dequantize_is_q_minus_zero_times_scale():
     torch = pytest.importorskip("torch")
-    from workbench import awq_format
+    from workbench.quantize import awq_format
 
     k, n, g = 128, 16, 64
     q = torch.randint(0, 16, (k, n), dtype=torch.int32)
@@ -148,7 +148,7 @@ def test_dvc_quantize_stage_reads_only_its_own_variant_params():
 def test_variants_vllm_cpu_cannot_serve_are_kept_out_of_the_load_test_and_evaluation():
     params = load_params(ROOT / "params.yaml")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert stages["evaluate"]["foreach"] == "${evaluate.variants}"
+    assert stages["evaluate"]["foreach"] == "${quantize.variants}"  # not served: a not-evaluated report
     variants = params.quantize.variants
     for name in {*params.loadtest.variants, *params.evaluate.variants} - {"base"}:
         v = variants[name]

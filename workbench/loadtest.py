@@ -46,7 +46,7 @@ VARIANT = "all"  # a compared run's own report (order, drift check); each varian
 
 
 def _target(cfg: LoadtestConfig, base_url: str) -> Target:
-    return Target(base_url=base_url, model=cfg.model or cfg.server.served_name,
+    return Target(base_url=base_url, model=cfg.model or cfg.server.model_name,
                   endpoint=cfg.endpoint, stream=cfg.stream,
                   api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
 
@@ -329,6 +329,9 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
     if variant:
         cfg = cfg.model_copy(update={"variant": variant})
     variant = cfg.variant
+    if not variant and cfg.variants is None:
+        raise ValueError("loadtest.variants is null: list the variants to compare, or read the config "
+                         "through params.yaml (null there = base and every quantize.variants entry with serve: true)")
     variants = [variant] if variant else list(dict.fromkeys(cfg.variants))
     if cfg.base_url and len(variants) > 1:
         raise ValueError(f"loadtest.base_url names one endpoint; compare {variants} with managed servers "

@@ -180,7 +180,7 @@ def _by_speed(cands: list[Candidate], drifted: bool) -> Step:
 def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, seed: int = 0) -> dict:
     """The decision: ``variant`` (None when nothing qualifies), ``reason``, ``rejected`` (ineligible,
     with why), ``steps`` (each criterion: kept, dropped with evidence, ties with evidence)."""
-    order = {v: i for i, v in enumerate(cfg.variants)}
+    order = {v: i for i, v in enumerate(cfg.variants or [])}
     rejected = {c.variant: w for c in cands if (w := eligibility(c, cfg))}
     pool = sorted((c for c in cands if c.variant not in rejected), key=lambda c: order.get(c.variant, 1e9))
     if not pool:

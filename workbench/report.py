@@ -159,6 +159,9 @@ def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
 
 
 def run(cfg: ReportConfig) -> Report:
+    if cfg.variants is None:
+        raise ValueError("report.variants is null: list the variants, or read the config through "
+                         "params.yaml (null there = base and every quantize.variants key)")
     out = OUT_DIR
     (out / "plots").mkdir(parents=True, exist_ok=True)
     prep = _load("prepare", "base")

@@ -125,7 +125,7 @@ def engine_args(cfg: ServerConfig, device: str) -> dict[str, Any]:
     end (host, port, API key, tool parser, API servers) is not the engine: ``build_command`` adds it,
     and ``extra_args`` / ``env`` reach the server process only."""
     args: dict[str, Any] = {
-        "model": str(cfg.model_dir), "served_model_name": cfg.served_name,
+        "model": str(cfg.model_dir), "served_model_name": cfg.model_name,
         "dtype": resolve_dtype(cfg.dtype, device, cfg.model_dir), "max_model_len": cfg.max_model_len,
         "seed": cfg.seed,
     }
@@ -197,12 +197,13 @@ class VLLMServer(LocalServer):
     """One vLLM OpenAI server process (and its engine workers) in its own process group."""
 
     def __init__(self, cfg: ServerConfig, log_path: Path | None = None):
-        self.cfg = cfg
+        # served_name null outside params.yaml: the folder's name, so self.cfg names what is served
+        self.cfg = cfg if cfg.served_name else cfg.model_copy(update={"served_name": cfg.model_name})
         self.device = detect_device() if cfg.device == "auto" else cfg.device
         self.host = cfg.host
         self.port = cfg.port or free_port(cfg.host)
         self.log_path = Path(log_path) if log_path else Path(
-            tempfile.mkstemp(prefix=f"vllm-{cfg.served_name}-", suffix=".log")[1])
+            tempfile.mkstemp(prefix=f"vllm-{cfg.model_name}-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -231,7 +232,7 @@ class VLLMServer(LocalServer):
         timeout_s = timeout_s or self.cfg.startup_timeout_s
 
         def note() -> None:  # a cold start on 2 cores takes minutes
-            log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.served_name, time.perf_counter() - self._t0)
+            log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.model_name, time.perf_counter() - self._t0)
 
         ready = wait_http_ok(f"{self.root_url}/health", timeout_s, self.proc, interval_s=0.5, progress=note)
         if not ready:
@@ -241,7 +242,7 @@ class VLLMServer(LocalServer):
                    else f"vLLM not ready after {timeout_s:.0f} s ({self.cfg.model_dir})")
             raise ServerError(f"{why}.\n--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
         self.startup_s = time.perf_counter() - self._t0
-        log.info("vLLM %s ready at %s after %.1f s", self.cfg.served_name, self.base_url, self.startup_s)
+        log.info("vLLM %s ready at %s after %.1f s", self.cfg.model_name, self.base_url, self.startup_s)
         if self.cfg.engine_core_nice is not None:
             self._renice_engine_core(self.cfg.engine_core_nice)
         return self
@@ -317,9 +318,9 @@ print(reply.choices[0].message.content)"""
 
 def serve_forever(cfg: ServeConfig, log_dir: Path = Path("runs/logs")) -> None:
     """``workbench serve``: bring up chat (+ embeddings), print how to call them, wait for Ctrl-C."""
-    servers = [VLLMServer(cfg.chat, log_dir / f"vllm-{cfg.chat.served_name}.log")]
+    servers = [VLLMServer(cfg.chat, log_dir / f"vllm-{cfg.chat.model_name}.log")]
     if cfg.embedding is not None:
-        servers.append(VLLMServer(cfg.embedding, log_dir / f"vllm-{cfg.embedding.served_name}.log"))
+        servers.append(VLLMServer(cfg.embedding, log_dir / f"vllm-{cfg.embedding.model_name}.log"))
 
     def on_term(signum, frame):  # `kill` behaves like Ctrl-C: servers go down with us
         raise KeyboardInterrupt
@@ -330,17 +331,17 @@ def serve_forever(cfg: ServeConfig, log_dir: Path = Path("runs/logs")) -> None:
             server.start()
             server.wait_ready()
         chat = servers[0]
-        print(f"\nchat       {chat.base_url}   model={cfg.chat.served_name}")
+        print(f"\nchat       {chat.base_url}   model={cfg.chat.model_name}")
         if len(servers) > 1:
-            print(f"embeddings {servers[1].base_url}   model={cfg.embedding.served_name}")
+            print(f"embeddings {servers[1].base_url}   model={cfg.embedding.model_name}")
         print(f"metrics    {chat.root_url}/metrics\n")
         print(SNIPPET.format(base_url=chat.base_url, api_key=cfg.chat.api_key or "none",
-                             model=cfg.chat.served_name))
+                             model=cfg.chat.model_name))
         print("\nCtrl-C stops the servers.", flush=True)
         while all(s.proc and s.proc.poll() is None for s in servers):
             time.sleep(1)
         dead = [s for s in servers if not s.proc or s.proc.poll() is not None]
-        raise ServerError(f"vLLM {dead[0].cfg.served_name} exited:\n{tail(dead[0].log_path)}")
+        raise ServerError(f"vLLM {dead[0].cfg.model_name} exited:\n{tail(dead[0].log_path)}")
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:

@@ -97,7 +97,7 @@ def reload_and_ask(cfg: ShardConfig, folder: Path, log_path: Path) -> dict:
         with VLLMServer(scfg, log_path=log_path) as server:
             client = openai.OpenAI(base_url=server.base_url, api_key=scfg.api_key or "none", max_retries=0)
             reply = client.chat.completions.create(
-                model=scfg.served_name, temperature=0, max_tokens=24,
+                model=scfg.model_name, temperature=0, max_tokens=24,
                 messages=[{"role": "user", "content": PROMPT}])
             return {"success": True, "startup_s": round(server.startup_s, 1), "prompt": PROMPT,
                     "answer": reply.choices[0].message.content, "error": None}

@@ -230,7 +230,7 @@ def phase_crosscheck(plan, params) -> dict:
         for rate in cc["rates"]:
             dest = Path(f"runs/benchmarks/gpu_crosscheck_rate{rate:g}.json")
             cmd = [sys.executable, "benchmarks/loadgen_crosscheck.py", "--base-url", server.root_url,
-                   "--model", srv.served_name, "--tokenizer", plan["model_dir"], "--rate", str(rate),
+                   "--model", srv.model_name, "--tokenizer", plan["model_dir"], "--rate", str(rate),
                    "--arrival", "poisson", "--requests", str(cc["requests"]), "--input-tokens", "256",
                    "--output-tokens", "128", "--timeout", "300", "--out", str(dest)]
             log.info("crosscheck at %s req/s: %s", rate, " ".join(cmd))

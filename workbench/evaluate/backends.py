@@ -52,7 +52,7 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     from workbench.serve import VLLMServer
 
     server_cfg = cfg.server.model_copy(update={"model_dir": cfg.model_path})
-    info: dict[str, Any] = {"served_name": server_cfg.served_name}
+    info: dict[str, Any] = {"served_name": server_cfg.model_name}
     if cfg.endpoint:
         root = cfg.endpoint.rstrip("/").removesuffix("/v1")
         info["endpoint"] = root
@@ -63,7 +63,7 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
                     server_command=" ".join(server.command()))
     args = {
         "base_url": f"{root}/v1/completions",
-        "model": server_cfg.served_name,
+        "model": server_cfg.model_name,
         # Token ids go over the wire (tokenized_requests), so the server scores exactly the
         # tokens the hf backend scores; the tokenizer is the variant's own folder.
         "tokenizer": cfg.model_path,

