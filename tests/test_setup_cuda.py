@@ -17,11 +17,12 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
+BASH = shutil.which("bash") or "/bin/bash"
 
 
 def plan(*args: str, path: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PATH": path or os.environ["PATH"]}
-    out = subprocess.run(["bash", str(ROOT / "setup.sh"), *args, "--print-plan"], env=env, cwd=ROOT,
+    out = subprocess.run([BASH, str(ROOT / "setup.sh"), *args, "--print-plan"], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     return dict(line.split(": ", 1) for line in out.splitlines())
 
@@ -67,7 +68,7 @@ def test_wheelhouse_and_system_site_packages(tmp_path):
     p = plan("--cuda", "--wheelhouse", str(tmp_path), "--system-site-packages")
     assert p["source"] == str(tmp_path.resolve())
     assert p["system-site-packages"] == "yes"
-    bad = subprocess.run(["bash", str(ROOT / "setup.sh"), "--wheelhouse", str(tmp_path / "none"), "--print-plan"],
+    bad = subprocess.run([BASH, str(ROOT / "setup.sh"), "--wheelhouse", str(tmp_path / "none"), "--print-plan"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no folder" in bad.stderr
 

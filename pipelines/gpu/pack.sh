@@ -27,9 +27,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 mkdir -p "$out/wheels"
-# The pins to fetch: the union of the locks, less those the host has (same name and version).
-python3 - "$have" $locks > "$out/requirements.txt" <<'PY'
+# The pins to fetch, one requirements file per lock (two locks may pin one package differently, and
+# pip takes one version of a name per call), less those the host has (same name and version).
+rm -f "$out"/requirements-*.txt
+python3 - "$have" "$out" $locks <<'PY'
 import re, sys
+from pathlib import Path
 def norm(name): return re.sub(r"[-_.]+", "-", name).lower()
 def pins(path):
     for line in open(path):
@@ -38,17 +41,16 @@ def pins(path):
             name, ver = line.split("==", 1)
             yield norm(name.split("[")[0]), ver.split(";")[0].strip()
 have = set(pins(sys.argv[1])) if sys.argv[1] else set()
-want = sorted({p for lock in sys.argv[2:] for p in pins(lock)})
-skipped = [p for p in want if p in have]
-for name, ver in want:
-    if (name, ver) not in have:
-        print(f"{name}=={ver}")
-# setup.sh --wheelhouse installs these first (the editable install's build backend)
-for extra in ("setuptools", "wheel"):
-    if not any(n == extra for n, _ in want) and not any(n == extra for n, _ in have):
-        print(extra)
-print(f"pack: {len(want)} pins in the locks, {len(skipped)} already on the host, {len(want) - len(skipped)} to fetch",
-      file=sys.stderr)
+out, locks = Path(sys.argv[2]), sys.argv[3:]
+fetched = set()
+for i, lock in enumerate(locks):
+    want = sorted(set(pins(lock)))
+    lines = [f"{n}=={v}" for n, v in want if (n, v) not in have and (n, v) not in fetched]
+    fetched.update(p for p in want if p not in have)
+    if i == 0:  # setup.sh --wheelhouse installs these first (the editable install's build backend)
+        lines += [x for x in ("setuptools", "wheel") if not any(n == x for n, _ in want + sorted(have))]
+    (out / f"requirements-{i}.txt").write_text("".join(f"{line}\n" for line in lines))
+    print(f"pack: {lock}: {len(want)} pins, {len(lines)} to fetch", file=sys.stderr)
 PY
 plats=(--platform any --platform linux_x86_64 --platform manylinux1_x86_64 --platform manylinux2010_x86_64
        --platform manylinux2014_x86_64)
@@ -56,8 +58,10 @@ for n in $(seq 5 39); do plats+=(--platform "manylinux_2_${n}_x86_64"); done
 abi=cp${py/./}
 # --no-deps: the locks are complete. --prefer-binary (not --only-binary) lets an sdist-only pin come
 # as its source archive, built into a wheel below.
-python3 -m pip download -q --no-deps --prefer-binary --python-version "$py" --implementation cp \
-  --abi "$abi" --abi abi3 --abi none "${plats[@]}" -d "$out/wheels" -r "$out/requirements.txt"
+for req in "$out"/requirements-*.txt; do
+  python3 -m pip download -q --no-deps --prefer-binary --python-version "$py" --implementation cp \
+    --abi "$abi" --abi abi3 --abi none "${plats[@]}" -d "$out/wheels" -r "$req"
+done
 shopt -s nullglob
 sdists=("$out"/wheels/*.tar.gz "$out"/wheels/*.zip)
 if [ ${#sdists[@]} -gt 0 ]; then
@@ -68,7 +72,7 @@ fi
 du -sh "$out/wheels" >&2
 if [ -n "$split" ]; then
   rm -f "$out"/c[0-9][0-9]
-  (cd "$out" && tar cf - wheels requirements.txt) | split -b "${split}m" -d -a 2 - "$out/c"
+  (cd "$out" && tar cf - wheels) | split -b "${split}m" -d -a 2 - "$out/c"
   ls -la "$out"/c[0-9][0-9] >&2
   cat "$out"/c[0-9][0-9] | md5sum >&2
 fi
