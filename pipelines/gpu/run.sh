@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the device machine, from the repo root (see pipelines/gpu/README.md):
-#   bash pipelines/gpu/run.sh start [PHASE...]   unpack the carried chunks (once), start the GPU run
+#   bash pipelines/gpu/run.sh start [PHASE...]   start the GPU run (in .venv of ./setup.sh --cuda)
 #                                                 detached, follow it for up to WAIT_S seconds; PHASE:
 #                                                 prepare loadtest crosscheck shard evaluate (default all)
 #   bash pipelines/gpu/run.sh wait                follow a started run for up to WAIT_S more seconds
@@ -13,18 +13,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_O
        VLLM_NO_USAGE_STATS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export WORKBENCH_GIT_SHA=${WORKBENCH_GIT_SHA:-unknown}  # the commit that was run: pass it in
 out=${OUT:-runs/gpu/out}
+PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 if [ "$cmd" = start ]; then
-  if ! python3 -c "import vllm" 2>/dev/null; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    mkdir -p /tmp/pack && cat /tmp/ch/c[0-9][0-9] | tar xf - -C /tmp/pack || exit 1
-    # Into the image's own Python (the machine is thrown away after): subprocesses such as the
-    # crosscheck's clients then see the same packages as the runner.
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      /tmp/pack/wheels/*.whl || exit 1
-    python3 -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))" || exit 1
-  fi
+  # The environment comes from ./setup.sh --cuda (offline: --wheelhouse DIR; pipelines/gpu/README.md).
+  "$PY" -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))" \
+    || { echo "no CUDA vLLM for $PY: run ./setup.sh --cuda first (pipelines/gpu/README.md)" >&2; exit 1; }
   only=(); [ $# -gt 0 ] && only=(--only "$@")
-  setsid nohup python3 pipelines/gpu/gpu_run.py --out runs/gpu/out "${only[@]}" >/tmp/gpu_run.log 2>&1 &
+  setsid nohup "$PY" pipelines/gpu/gpu_run.py --out runs/gpu/out "${only[@]}" >/tmp/gpu_run.log 2>&1 &
   echo $! >/tmp/gpu_run.pid
 fi
 pid=$(cat /tmp/gpu_run.pid)

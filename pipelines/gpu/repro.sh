@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole pipeline on a GPU host, detached from the shell that starts it (a remote session may
+# drop; `dvc repro` takes longer than one SSH command should). From the repo root:
+#
+#   bash pipelines/gpu/repro.sh start [SETUP OPTIONS...]   ./setup.sh --cuda SETUP OPTIONS (e.g.
+#       --wheelhouse DIR --system-site-packages), the GPU profile merged into params.yaml
+#       (pipelines/gpu/params-gpu.yaml; PROFILE=none skips it), then `dvc repro`, all under setsid;
+#       follows the log for up to WAIT_S (540) seconds
+#   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
+#
+# Each call ends by copying the results to $RESULTS (default runs/gpu-repro): metrics.json,
+# all.json, report.html, results.tar.gz (every stage report, dvc.lock, params.yaml, the MLflow run
+# list) and the logs. A folder that is not a git repository gets one (DVC needs it), with one commit.
+set -u
+cmd=${1:?start|wait}; shift
+WAIT_S=${WAIT_S:-540}
+RESULTS=${RESULTS:-runs/gpu-repro}
+PROFILE=${PROFILE:-pipelines/gpu/params-gpu.yaml}
+state=runs/gpu-repro-state; mkdir -p "$state" "$RESULTS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# NVLink multicast off (harmless on one GPU; on shared multi-GPU hosts it can take GPUs down).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if [ "$cmd" = start ]; then
+  cat > "$state/run.sh" <<'INNER'
+set -x
+t0=$SECONDS
+./setup.sh --cuda "$@" > runs/gpu-repro-state/setup.log 2>&1 || { echo "SETUP FAILED rc=$?"; tail -n 40 runs/gpu-repro-state/setup.log; exit 1; }
+tail -n 3 runs/gpu-repro-state/setup.log
+echo "setup_s=$((SECONDS - t0))"
+. .venv/bin/activate
+if ! git rev-parse --git-dir >/dev/null 2>&1; then
+  git init -q && git add -A && git -c user.name=workbench -c user.email=workbench@localhost commit -qm "GPU run" || exit 1
+fi
+[ "$PROFILE" = none ] || python -m pipelines.gpu.overlay "$PROFILE" || exit 1
+python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+t1=$SECONDS
+dvc repro; rc=$?
+echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
+dvc status
+exit $rc
+INNER
+  PROFILE=$PROFILE setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
+  echo $! > "$state/pid"
+fi
+pid=$(cat "$state/pid")
+end=$((SECONDS + WAIT_S))
+while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+if kill -0 "$pid" 2>/dev/null; then echo "RUNNING (pid $pid): call 'repro.sh wait' next"; else echo "FINISHED"; fi
+# What came out so far.
+cp "$state"/*.log "$RESULTS"/ 2>/dev/null
+[ -f metrics.json ] && cp metrics.json "$RESULTS"/
+[ -f reports/report/all.json ] && cp reports/report/all.json "$RESULTS"/
+[ -f reports/report/report.html ] && cp reports/report/report.html "$RESULTS"/
+if [ -x .venv/bin/python ]; then
+  .venv/bin/python - > "$state/mlflow-runs.json" 2>/dev/null <<'PY'
+import json
+import mlflow
+from workbench import tracking
+mlflow.set_tracking_uri(tracking.tracking_uri())
+runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+print(json.dumps([{"name": r.info.run_name, "status": r.info.status, "metrics": len(r.data.metrics),
+                   "params": len(r.data.params)} for r in runs], indent=1))
+PY
+fi
+tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
+  "$state/mlflow-runs.json" runs/failed 2>/dev/null
+grep -E "^(Running stage|Stage '|ERROR|setup_s|dvc_repro|torch |SETUP)|Traceback|Error:" "$state/repro.log" | tail -n 60
