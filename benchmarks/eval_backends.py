@@ -19,13 +19,13 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from workbench import evaluate
 from workbench.config import EvaluateConfig
+from workbench.reports import cpu_info, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,28 +101,11 @@ def main() -> None:
 def write(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     """The rows so far, with the settings, the machine and the code version."""
     doc = {"schema_version": 1, "benchmark": "eval_backends",
-           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": _git_sha(),
-           "config": {**vars(args), "json": os.path.relpath(path, ROOT)}, "platform": _platform(),
+           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": provenance().git_sha,
+           "config": {**vars(args), "json": os.path.relpath(path, ROOT)}, "platform": {"python": platform.python_version(), "machine": platform.machine(), **cpu_info()},
            "complete": len(rows) == len(args.backends), "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _platform() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor())
-    flags = info.split()
-    return {"python": platform.python_version(), "machine": platform.machine(), "processor": cpu,
-            "cpus": os.cpu_count(), "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench.net import free_port as _free_port  # noqa: E402
+from workbench.net import free_port as _free_port, stop, wait_http_ok  # noqa: E402
 from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 from workbench.gateway.keys import hash_key  # noqa: E402
 
@@ -76,29 +76,19 @@ class GatewayProc:
         self.config, self.port, self.code_root = config, port, code_root
 
     def __enter__(self) -> "GatewayProc":
-        import httpx
 
         env = {**os.environ, "PYTHONPATH": str(self.code_root)}
         self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.config)],
                                      cwd=self.code_root, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    self.ps = psutil.Process(self.proc.pid)
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        if wait_http_ok(f"http://127.0.0.1:{self.port}/health", 15, self.proc, interval_s=0.05):
+            self.ps = psutil.Process(self.proc.pid)
+            return self
         self.__exit__()
         raise RuntimeError(f"gateway from {self.code_root} did not start")
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, grace_s=20)
 
 
 def cpu_s(p: psutil.Process) -> float:

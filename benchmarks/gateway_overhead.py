@@ -47,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workbench.gateway.keys import hash_key  # noqa: E402
+from workbench.reports import cpu_info, provenance  # noqa: E402
 from workbench.net import free_port, stop, wait_http_ok  # noqa: E402
 from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 
@@ -202,21 +203,6 @@ def filter_cost() -> dict:
     return out
 
 
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def table(results: dict) -> str:
     lines = ["| profile | mode | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 / p99 ms | "
              "direct req/s | gateway req/s | ratio | gw CPU ms/req |", "|---" * 9 + "|"]
@@ -233,9 +219,9 @@ def table(results: dict) -> str:
 async def main_async(a) -> dict:
     config = {**vars(a), "out": os.path.relpath(a.out, ROOT)}
     results = {"schema_version": 1, "benchmark": "gateway_overhead", "config": config,
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(),
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": provenance().git_sha,
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
-                            "processor": cpu_model(), "cpus": os.cpu_count()}, "profiles": {}}
+                            **cpu_info()}, "profiles": {}}
     with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(
             output_tokens=16, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms) as fake:
         for prof in a.profiles.split(","):

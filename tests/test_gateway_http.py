@@ -24,6 +24,7 @@ import yaml
 
 from gateway_helpers import AUTH, KEY, ROOT, WORD_LISTS
 from workbench.cli import main as workbench
+from workbench.net import stop, wait_http_ok
 from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.keys import hash_key
 
@@ -67,24 +68,13 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.config)],
                                      cwd=self.tmp, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=limit_fds)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        if wait_http_ok(self.url + "/health", 60, self.proc, interval_s=0.1):
+            return self
         self.__exit__()
         raise RuntimeError(f"gateway did not start:\n{(self.tmp / 'gateway.log').read_text()}")
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, grace_s=15)
         self.log.close()
 
     def connect(self, timeout: float = 10) -> socket.socket:

