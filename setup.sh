@@ -181,16 +181,19 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 
-# redis-server for the gateway's shared limits (limits.backend: redis); its tests start their own
-# on a free port. Debian/Ubuntu package; skipped where apt or root is missing (the tests then skip).
-if ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    say "installing redis-server (apt) for the gateway's Redis tests"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+# Servers the gateway's tests start themselves, from Debian/Ubuntu packages: redis-server (shared
+# limits, limits.backend: redis) and promtool (checks deploy/prometheus). Skipped offline or where
+# apt or root is missing; those tests then skip and say why.
+for tool in redis-server:redis-server promtool:prometheus; do
+  cmd=${tool%%:*} pkg=${tool##*:}
+  command -v "$cmd" >/dev/null 2>&1 && continue
+  if [ -z "$wheelhouse" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    say "installing $pkg (apt) for the gateway's tests"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
   else
-    say "note: no redis-server found; the gateway's Redis tests will be skipped"
+    say "note: no $cmd found; the gateway tests that need it will be skipped"
   fi
-fi
+done
 
 "$VENV/bin/python" - <<'EOF'
 import importlib, importlib.util
