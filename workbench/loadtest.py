@@ -235,7 +235,7 @@ def flat_metrics(rates: list[RateSummary], knee: KneeResult | None) -> dict[str,
 
 
 def table_rows(rates: list[RateSummary]) -> list[dict]:
-    """The seed's table 6.2 as text: every figure with its 95 % interval. A view, never read back."""
+    """The load table as text: every figure with its 95 % interval. A view, never read back."""
     rows = []
     for r in rates:
         lat = r.latency

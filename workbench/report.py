@@ -1,5 +1,6 @@
-"""Stage ``report``: every variant's reports side by side, the seed's two tables with an interval
-on every figure, and a recommendation decided on evidence (``workbench.recommend``).
+"""Stage ``report``: every variant's reports side by side, the two comparison tables
+(quantization, load) with an interval on every figure, and a recommendation decided on evidence
+(``workbench.recommend``).
 
     python -m pipelines.run_stage report         # as DVC runs it (also exports the notebook to HTML)
     workbench report                             # the same run(cfg), without the notebook
@@ -10,9 +11,9 @@ variants) and the load test's per-request records (for speed at the target rate)
 reports/report/all.json (the result), metrics.json (for ``dvc metrics show``: headline numbers
 with ``_ci_lo``/``_ci_hi``), plot data under reports/report/plots/ and PNG plots with error bars.
 
-Seed table 4.2 (quantization): size, compression, decode speed (TPOT p50 at the lowest offered
+The quantization table: size, compression, decode speed (TPOT p50 at the lowest offered
 rate), perplexity and its paired change to base, accuracy and its paired difference to base.
-Seed table 6.2 (load): per variant and offered rate, achieved rate, TTFT / E2EL percentiles,
+The load table: per variant and offered rate, achieved rate, TTFT / E2EL percentiles,
 goodput and the SLO verdict, utilization. Intervals are 95 %; see README "Reading the report".
 """
 
@@ -104,7 +105,7 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
 
 
 def quant_row(c: Candidate, extra: dict, base: Candidate | None, base_bytes: float | None) -> dict:
-    """One row of seed table 4.2, typed: Estimates and Comparisons as dicts."""
+    """One row of the quantization table, typed: Estimates and Comparisons as dicts."""
     row = {"variant": c.variant, "method": extra.get("method"), "bytes": c.bytes,
            "compression": base_bytes / c.bytes if base_bytes and c.bytes else None, "broken": c.broken,
            "tpot_ms_p50_low_load": _dump(extra.get("tpot_low_load")), "ppl_word": _dump(c.ppl),
