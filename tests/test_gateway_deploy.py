@@ -69,9 +69,11 @@ def test_team_config_binds_all_interfaces_and_points_at_vllm_host():
         "smollm2-135m-instruct": "http://vllm-host:8000/v1",
         "all-minilm-l6-v2": "http://vllm-host:8001/v1",
     }
-    # the served names are the pipeline's (params.yaml serve.*.served_name)
-    serve = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
-    assert set(cfg.upstreams) == {serve["chat"]["served_name"], serve["embedding"]["served_name"]}
+    # the served names are the pipeline's (derived from params.yaml prepare.*.name)
+    from workbench.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    assert set(cfg.upstreams) == {params.serve.chat.model_name, params.serve.embedding.model_name}
     for words in cfg.filter.word_lists:  # relative to the unit's WorkingDirectory, the checkout
         assert (ROOT / words).is_file(), words
 
