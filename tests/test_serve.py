@@ -166,8 +166,18 @@ ENGINE_CONFIGS = {  # every engine option set, on each device and entry point
 }
 
 
+@pytest.fixture
+def hub_online_flag_off(monkeypatch):
+    """EngineArgs looks a model path that does not exist up in the hub cache when
+    huggingface_hub read HF_HUB_OFFLINE=1 at its import (an earlier test in the session can have
+    made it so): these configs name no real folder, so keep the flag as a fresh process has it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.mark.parametrize("name", ENGINE_CONFIGS)
-def test_server_flags_and_in_process_engine_arguments_give_the_same_engine(name):
+def test_server_flags_and_in_process_engine_arguments_give_the_same_engine(name, hub_online_flag_off):
     """What the server's command line sets (parsed by vLLM's own parser) and what the in-process
     engines get (vllm.LLM(**engine_args)) are the same vLLM EngineArgs, field by field."""
     import dataclasses
@@ -262,7 +272,8 @@ def test_engine_core_nice_is_applied_to_the_engine_core_process_only(tmp_path):
         parent.wait()
 
 
-def test_in_process_engines_of_evaluate_and_shard_take_the_servers_engine_arguments(monkeypatch, tmp_path):
+def test_in_process_engines_of_evaluate_and_shard_take_the_servers_engine_arguments(monkeypatch, tmp_path,
+                                                                                    hub_online_flag_off):
     """evaluate's in-process vLLM (lm-eval's model args) and shard's vllm.LLM(...) are built from
     serve.engine_args: every keyword is a vLLM engine argument, and the server config's options
     reach them (shard keeps the checkpoint's dtype)."""
