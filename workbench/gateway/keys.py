@@ -58,11 +58,12 @@ class TokenBucket:
             return 0.0
         return (n - self.level) / self.rate_per_s
 
-    def wait_s(self) -> float:
-        """Seconds until the level is positive again (0: admit): the cheap check before the
-        body is read. Tokens are then reserved (``take``) and settled (``debit``) by the app."""
+    def available(self) -> float:
+        """The level now (negative while a request that used more than it reserved is paid off).
+        The limits store checks it at admission; tokens are then reserved (``take``) and settled
+        (``debit``) by the app."""
         self._refill()
-        return 0.0 if self.level > 0 else (-self.level + 1e-9) / self.rate_per_s
+        return self.level
 
     def debit(self, n: float) -> None:
         """Take n more (a request used more than it reserved) or, n < 0, give back what it did

@@ -63,10 +63,9 @@ class MemoryStore:
             return Admission("revoked")
         tokens, requests = key.tokens, key.requests
         if tokens is not None:
-            need = min(reserve, tokens.capacity)
-            tokens._refill()
-            if tokens.level <= 0 or tokens.level < need:
-                return Admission("tokens", max(need - tokens.level, 1e-9) / tokens.rate_per_s)
+            need, level = min(reserve, tokens.capacity), tokens.available()
+            if level <= 0 or level < need:
+                return Admission("tokens", max(need - level, 1e-9) / tokens.rate_per_s)
         if requests is not None:
             wait = requests.take(1)
             if wait > 0:
