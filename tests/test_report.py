@@ -97,14 +97,20 @@ def test_quality_first_recommends_base_when_every_variant_is_significantly_worse
     change = q["gptq-int4"]["ppl_change_vs_base"]
     assert change["significant"] and 30 < change["diff"]["lo"] < change["diff"]["value"] < change["diff"]["hi"] < 40
     assert q["gptq-int4"]["mmlu_vs_base"]["p_value"] == 1.0  # same count of right answers
-    metrics = json.loads(Path("metrics.json").read_text())
-    assert metrics["recommended"] == "base" and metrics["drift_detected"] in (0.0, 1.0)
     for v in VARIANTS:
-        m = metrics[v]
+        m = {k.split(".", 1)[1]: x for k, x in r.metrics.items() if k.startswith(f"{v}.")}
         assert m["mmlu_acc_ci_lo"] < m["mmlu_acc"] < m["mmlu_acc_ci_hi"]
         assert m["ppl_word_ci_lo"] < m["ppl_word"] < m["ppl_word_ci_hi"]
         assert m["goodput_at_target_ci_lo"] <= m["goodput_at_target"] <= m["goodput_at_target_ci_hi"]
         assert "ttft_ms_p99_at_target_ci_hi" not in m  # 20 requests cannot bound a p99 from above
+    metrics = json.loads(Path("metrics.json").read_text())  # the recommended variant's, for dvc metrics show
+    base = r.metrics
+    assert metrics == {"recommended": "base", "mb": 270.0,
+                       "acc": round(base["base.mmlu_acc"], 4), "acc_lo": pytest.approx(base["base.mmlu_acc_ci_lo"], rel=1e-3),
+                       "acc_hi": pytest.approx(base["base.mmlu_acc_ci_hi"], rel=1e-3),
+                       "ttft_p99": pytest.approx(base["base.ttft_ms_p99_at_target"], rel=1e-3),
+                       "ttft_p99_lo": pytest.approx(base["base.ttft_ms_p99_at_target_ci_lo"], rel=1e-3),
+                       "slo": base["base.slo_at_target"], "drift": 0.0}
     quant, load, _ = report_stage.tables(r)
     assert quant["perplexity vs base"].str.contains(r"\[").sum() == 2 and load["TTFT p50 ms"].str.contains(r"\[").all()
     for name in ("accuracy_vs_size.png", "latency_vs_rate.png", "ttft_cdf.png"):
@@ -117,6 +123,9 @@ def test_within_a_memory_budget_perplexity_decides_and_one_question_is_a_tie(in_
     rec = r.details["recommendation"]
     assert rec["variant"] == "awq-int4" and "exceeds the 200 MB budget" in rec["rejected"]["base"]
     assert "gptq-int4" in rec["steps"][0]["dropped"]  # +15 % perplexity vs awq, outside the noise
+    metrics = json.loads(Path("metrics.json").read_text())
+    assert metrics["recommended"] == "awq-int4" and metrics["mb"] == r.metrics["awq-int4.mb"]
+    assert metrics["ppl_pct_lo"] < metrics["ppl_pct"] < metrics["ppl_pct_hi"]  # its change against base
 
 
 def test_a_one_question_difference_in_thirty_does_not_decide(in_tmp, monkeypatch):
@@ -162,7 +171,8 @@ def test_report_notebook_html_has_both_tables_and_plots_and_mlflow_ui_shows_vari
     assert "Recommendation" in html and "gptq-int4" in html and "95 % intervals" in html
     metrics = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "metrics.json"],
                              cwd=project, env=env, capture_output=True, text=True, timeout=120)
-    assert "mmlu_acc_ci_lo" in metrics.stdout, metrics.stdout + metrics.stderr
+    assert "gptq-int4" in metrics.stdout and "acc_lo" in metrics.stdout, metrics.stdout + metrics.stderr
+    assert max(map(len, metrics.stdout.splitlines())) <= 130, metrics.stdout  # one screen wide
     browse_mlflow_ui(project, env)
 
 

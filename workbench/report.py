@@ -8,8 +8,10 @@
 Reads only other stages' reports (reports/<stage>/<variant>.json) and the raw records they point
 at: per-question and per-document records of evaluate (for paired comparisons between any two
 variants) and the load test's per-request records (for speed at the target rate). Writes
-reports/report/all.json (the result), metrics.json (for ``dvc metrics show``: headline numbers
-with ``_ci_lo``/``_ci_hi``), plot data under reports/report/plots/ and PNG plots with error bars.
+reports/report/all.json (the result; its ``metrics`` hold every variant's headline numbers with
+``_ci_lo``/``_ci_hi``), metrics.json (for ``dvc metrics show``: the recommended variant's few
+deciding numbers, one screen wide; see ``metrics_file``), plot data under reports/report/plots/
+and PNG plots with error bars.
 
 The quantization table: size, compression, decode speed (TPOT p50 at the lowest offered
 rate), perplexity and its paired change to base, accuracy and its paired difference to base.
@@ -159,6 +161,39 @@ def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
     return out
 
 
+# metrics.json's columns: short name -> the key of ``headline``. Only the recommended variant's, so
+# that ``dvc metrics show`` (one column per key) fits on a screen; every variant's numbers are in
+# all.json's ``metrics``, in MLflow and in the report's tables.
+# (The SLO verdict stands for goodput: it is the binomial test of it.)
+_METRICS_COLUMNS = {"mb": "mb", "ppl_pct": "ppl_change_pct", "acc": "{acc}", "ttft_p99": "ttft_ms_p99_at_target"}
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def metrics_file(variant: str | None, numbers: dict[str, float], drifted: bool,
+                 cfg: ReportConfig) -> dict[str, object]:
+    """The content of metrics.json: which variant was recommended and the numbers it was chosen on,
+    each value with its interval as ``_lo``/``_hi`` (4 significant digits): size in MB, perplexity
+    change against base in % (absent when base is chosen), ``report.accuracy_metric`` as ``acc``,
+    TTFT p99 in ms at the target rate; then the SLO verdict there (1 pass, 0 fail, 0.5 undecided)
+    and whether the load test's drift control fired."""
+    out: dict[str, object] = {"recommended": variant or "none"}
+    for short, key in _METRICS_COLUMNS.items():
+        key = key.format(acc=cfg.accuracy_metric)
+        if key not in numbers:
+            continue
+        out[short] = _sig(numbers[key])
+        for side in ("lo", "hi"):
+            if f"{key}_ci_{side}" in numbers:
+                out[f"{short}_{side}"] = _sig(numbers[f"{key}_ci_{side}"])
+    if "slo_at_target" in numbers:
+        out["slo"] = numbers["slo_at_target"]
+    out["drift"] = float(drifted)
+    return out
+
+
 def run(cfg: ReportConfig) -> Report:
     if cfg.variants is None:
         raise ValueError("report.variants is null: list the variants, or read the config through "
@@ -178,7 +213,7 @@ def run(cfg: ReportConfig) -> Report:
     rows = [quant_row(c, x, base, base_bytes) for c, x in evidence.values()]
     load_rates = [r for _, x in evidence.values() for r in x.get("rates", [])]
     per_variant = {c.variant: headline(row, c.load) for c, row in zip(cands, rows)}
-    metrics_json = {"recommended": decision["variant"], "drift_detected": float(drifted), **per_variant}
+    metrics_json = metrics_file(decision["variant"], per_variant.get(decision["variant"], {}), drifted, cfg)
 
     write_json_atomic(out / "plots" / "latency_vs_rate.json", [
         {"variant": r.variant, "offered_req_per_s": r.offered_req_per_s,

@@ -1,5 +1,5 @@
-"""The README's picture of the report, drawn from the committed metrics.json (the report stage's
-headline numbers of the embedded default's `dvc repro`), with workbench.plots' interval helpers:
+"""The README's picture of the report, drawn from reports/report/all.json (every variant's headline
+numbers, after `dvc repro` of the embedded default), with workbench.plots' interval helpers:
 
     python docs/images/report_figure.py          # writes docs/images/report.png
 
@@ -19,9 +19,20 @@ from workbench.stats import Estimate
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(metrics: Path = ROOT / "metrics.json", out: Path = ROOT / "docs/images/report.png") -> str:
-    m = json.loads(metrics.read_text())
-    variants = [v for v, d in m.items() if isinstance(d, dict) and "mmlu_acc" in d]
+def per_variant(report: dict) -> dict[str, dict[str, float]]:
+    """all.json's ``metrics`` ("<variant>.<key>": value) as {variant: {key: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, value in report["metrics"].items():
+        variant, key = name.split(".", 1)
+        out.setdefault(variant, {})[key] = value
+    return out
+
+
+def main(report: Path = ROOT / "reports/report/all.json", out: Path = ROOT / "docs/images/report.png") -> str:
+    r = json.loads(report.read_text())
+    m = per_variant(r)
+    recommended = r["details"]["recommendation"]["variant"]
+    variants = [v for v, d in m.items() if "mmlu_acc" in d]
     labels = [f"{v}\n{m[v]['mb']:.0f} MB" for v in variants]
     plt = plots._plt()
     fig, (acc, ppl) = plt.subplots(1, 2, figsize=(9, 3.3))
@@ -37,7 +48,7 @@ def main(metrics: Path = ROOT / "metrics.json", out: Path = ROOT / "docs/images/
     acc.set(ylabel="accuracy, 95 % interval", title="MMLU-smoke accuracy (30 questions)\nhigher is better")
     ppl.set(ylabel="% vs base, 95 % interval",
             title="Perplexity change vs base (same 20 documents)\n"
-                  f"lower is better; recommended: {m.get('recommended')}")
+                  f"lower is better; recommended: {recommended}")
     for ax in (acc, ppl):
         ax.set_xticks(range(len(variants)), labels, fontsize=8)
         ax.grid(alpha=0.3)
