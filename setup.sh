@@ -181,17 +181,19 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   fi
 fi
 
-# Servers the gateway's tests start themselves, from Debian/Ubuntu packages: redis-server (shared
-# limits, limits.backend: redis) and promtool (checks deploy/prometheus). Skipped offline or where
-# apt or root is missing; those tests then skip and say why.
-for tool in redis-server:redis-server promtool:prometheus; do
+# Servers the tests start themselves, from Debian/Ubuntu packages: redis-server (the gateway's shared
+# limits, limits.backend: redis), promtool (checks deploy/prometheus) and PostgreSQL's initdb (the
+# team MLflow server, `workbench ui --team`; Debian keeps it in /usr/lib/postgresql/<N>/bin, off PATH).
+# Skipped offline or where apt or root is missing; those tests then skip and say why.
+for tool in redis-server:redis-server promtool:prometheus "/usr/lib/postgresql/*/bin/initdb:postgresql"; do
   cmd=${tool%%:*} pkg=${tool##*:}
   command -v "$cmd" >/dev/null 2>&1 && continue
+  case $cmd in /*) compgen -G "$cmd" >/dev/null && continue ;; esac
   if [ -z "$wheelhouse" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    say "installing $pkg (apt) for the gateway's tests"
+    say "installing $pkg (apt) for the tests that start it"
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
   else
-    say "note: no $cmd found; the gateway tests that need it will be skipped"
+    say "note: no ${cmd##*/} found; the tests that need it will be skipped"
   fi
 done
 

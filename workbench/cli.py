@@ -5,6 +5,7 @@
     workbench quantize --variant gptq-int4   # in .venv-quant (llm-compressor)
     workbench serve                   # vLLM chat + embeddings until Ctrl-C
     workbench ui                      # MLflow UI on the project's store
+    workbench ui --team               # a team's MLflow server: PostgreSQL, proxied artifacts (docs/team.md)
     workbench check                   # validate params.yaml and stop
     workbench gateway                 # the API gateway (see workbench/gateway/cli.py)
 """
@@ -70,6 +71,18 @@ def track(args: argparse.Namespace) -> int:
 
 
 def ui(args: argparse.Namespace) -> int:
+    if args.team:
+        from workbench.team import TeamServerConfig, TeamServerError, serve_forever
+
+        try:
+            given = dict(db=args.db, artifacts=args.artifacts, workers=args.workers,
+                         allowed_hosts=args.allowed_hosts)
+            return serve_forever(TeamServerConfig(
+                dir=Path(args.dir), host=args.host, port=args.port,
+                **{k: v for k, v in given.items() if v is not None}))
+        except TeamServerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from workbench.tracking import ARTIFACT_DIR, tracking_uri
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
@@ -102,9 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("reports", nargs="+", help="reports/<stage>/<variant>.json ...")
     p.add_argument("--variant-prefix", default="", help="e.g. gpu- to keep another machine's runs apart")
-    p = sub.add_parser("ui", help="open the MLflow UI on the project store")
+    p = sub.add_parser("ui", help="open the MLflow UI on the project store, or run the team server (--team)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--team", action="store_true",
+                   help="the team's tracking server: MLflow on PostgreSQL, artifacts proxied (docs/team.md)")
+    team = p.add_argument_group("--team")
+    team.add_argument("--dir", default="mlflow-team",
+                      help="holds the PostgreSQL cluster (postgres/) and the artifacts (artifacts/) (default: %(default)s)")
+    team.add_argument("--db", default=None, metavar="URI",
+                      help="an existing PostgreSQL, postgresql://user@host/db (default: $MLFLOW_BACKEND_STORE_URI, "
+                           "else a cluster in --dir)")
+    team.add_argument("--artifacts", default=None, metavar="DIR_OR_URI",
+                      help="where the server stores artifacts: a directory or s3://bucket/prefix (default: <dir>/artifacts)")
+    team.add_argument("--workers", type=int, default=None, help="MLflow server workers (default: MLflow's 4)")
+    team.add_argument("--allowed-hosts", default=None,
+                      help="Host headers to accept beyond localhost, e.g. mlflow.lab:5000 (with --host 0.0.0.0)")
     from workbench.gateway.cli import add_parser as add_gateway_parser
 
     add_gateway_parser(sub)

@@ -2,7 +2,7 @@
 
 Default store: ``mlflow.db`` (SQLite) and ``mlartifacts/`` in the project root, which
 ``workbench ui`` / ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` read. Set
-``MLFLOW_TRACKING_URI`` to use a team server instead.
+``MLFLOW_TRACKING_URI`` to use a team server instead (``workbench ui --team``, docs/team.md).
 
 Runs: one parent run per model variant (``variant:<name>``), and under it one run per stage
 execution (``<stage>:<variant>``) with the stage's config as params, its metrics, the report and
