@@ -7,6 +7,7 @@
     workbench ui                      # MLflow UI on the project's store
     workbench ui --team               # a team's MLflow server: PostgreSQL, proxied artifacts (docs/team.md)
     workbench check                   # validate params.yaml and stop
+    workbench deploy                  # Kubernetes manifests for the report's recommended variant
     workbench gateway                 # the API gateway (see workbench/gateway/cli.py)
 """
 
@@ -99,6 +100,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy(args: argparse.Namespace) -> int:
+    from workbench import deploy as deploy_
+
+    result = deploy_.run(load_params(args.params, args.set), args.variant, args.out)
+    print(f"{result.out_dir}  ({result.variant}: {'LeaderWorkerSet' if result.multi_node else 'Deployment'}, "
+          f"{len(result.files)} files)  kubectl apply -k {result.out_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="LLM Workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("reports", nargs="+", help="reports/<stage>/<variant>.json ...")
     p.add_argument("--variant-prefix", default="", help="e.g. gpu- to keep another machine's runs apart")
+    p = sub.add_parser("deploy", help="render Kubernetes manifests (Kustomize) for the recommended variant")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param, e.g. deploy.gpus_per_node=4 (repeatable)")
+    p.add_argument("--variant", default=None,
+                   help="variant to deploy (default: deploy.variant, else reports/report/all.json's recommendation)")
+    p.add_argument("--out", default=None, help="folder for the manifests (default: <deploy.out_dir>/<variant>)")
     p = sub.add_parser("ui", help="open the MLflow UI on the project store, or run the team server (--team)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -149,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return track(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "deploy":
+            return deploy(args)
         if args.command == "gateway":
             from workbench.gateway.cli import run as run_gateway
 

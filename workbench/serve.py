@@ -106,13 +106,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def api_server_count(cfg: ServerConfig, device: str) -> int | None:
+def api_server_count(cfg: ServerConfig, device: str, cpus: int | None = None) -> int | None:
     """``cfg.api_server_count``, or on CUDA one front-end process per 16 CPUs (2..4): on an H200
     one API server was pegged at 150 req/s of a 135M model while four carried 200 (results/gpu).
-    None on CPU: vLLM's default (one), where the model, not the front end, is the limit."""
+    None on CPU: vLLM's default (one), where the model, not the front end, is the limit.
+    ``cpus``: the CPUs of the machine that will run it (a Kubernetes pod's request); default this one's."""
     if cfg.api_server_count is not None or device != "cuda" or cfg.data_parallel_size > 1:
         return cfg.api_server_count
-    return max(2, min(4, (os.cpu_count() or 1) // 16))
+    return max(2, min(4, (cpus or os.cpu_count() or 1) // 16))
 
 
 def engine_args(cfg: ServerConfig, device: str) -> dict[str, Any]:
@@ -180,8 +181,9 @@ def build_command(cfg: ServerConfig, port: int, device: str) -> list[str]:
             *cli_flags({k: v for k, v in front_end.items() if v is not None}), *cfg.extra_args]
 
 
-def build_env(cfg: ServerConfig, device: str) -> dict[str, str]:
-    env = dict(os.environ)
+def build_env(cfg: ServerConfig, device: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ``base`` (default: this process's) with the server's own on top."""
+    env = dict(os.environ if base is None else base)
     if device == "cpu":
         # KV cache on the CPU backend is a fixed pool in GiB, not a fraction of device memory.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
