@@ -1,7 +1,11 @@
-"""The README's picture of the report, drawn from reports/report/all.json (every variant's headline
-numbers, after `dvc repro` of the embedded default), with workbench.plots' interval helpers:
+"""The README's picture of the report, drawn from every variant's headline numbers, with
+workbench.plots' interval helpers:
 
-    python docs/images/report_figure.py          # writes docs/images/report.png
+    python docs/images/report_figure.py                          # the committed AVX-512 run's
+    python docs/images/report_figure.py reports/report/all.json  # your own `dvc repro`'s
+
+Input: a report stage's all.json, or results/cpu-avx512/metrics.json (the same numbers as the
+report stage wrote them into metrics.json before it held the recommended variant's alone).
 
 Left: MMLU-smoke accuracy per variant (Wilson intervals, 30 questions), as the report's
 accuracy-vs-size view has it. Right: each variant's perplexity change against base on the same 20
@@ -19,19 +23,20 @@ from workbench.stats import Estimate
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def per_variant(report: dict) -> dict[str, dict[str, float]]:
-    """all.json's ``metrics`` ("<variant>.<key>": value) as {variant: {key: value}}."""
+def per_variant(doc: dict) -> tuple[dict[str, dict[str, float]], str | None]:
+    """({variant: {key: value}}, the recommended variant) of an all.json ("<variant>.<key>" in its
+    ``metrics``) or of the earlier per-variant metrics.json."""
+    if "metrics" not in doc:
+        return {v: d for v, d in doc.items() if isinstance(d, dict)}, doc.get("recommended")
     out: dict[str, dict[str, float]] = {}
-    for name, value in report["metrics"].items():
+    for name, value in doc["metrics"].items():
         variant, key = name.split(".", 1)
         out.setdefault(variant, {})[key] = value
-    return out
+    return out, doc["details"]["recommendation"]["variant"]
 
 
-def main(report: Path = ROOT / "reports/report/all.json", out: Path = ROOT / "docs/images/report.png") -> str:
-    r = json.loads(report.read_text())
-    m = per_variant(r)
-    recommended = r["details"]["recommendation"]["variant"]
+def main(report: Path = ROOT / "results/cpu-avx512/metrics.json", out: Path = ROOT / "docs/images/report.png") -> str:
+    m, recommended = per_variant(json.loads(Path(report).read_text()))
     variants = [v for v, d in m.items() if "mmlu_acc" in d]
     labels = [f"{v}\n{m[v]['mb']:.0f} MB" for v in variants]
     plt = plots._plt()
@@ -59,4 +64,6 @@ def main(report: Path = ROOT / "reports/report/all.json", out: Path = ROOT / "do
 
 
 if __name__ == "__main__":
-    print(main())
+    import sys
+
+    print(main(*sys.argv[1:2]))
