@@ -77,7 +77,7 @@ def _server_account() -> pwd.struct_passwd | None:
 class LocalPostgres:
     """A PostgreSQL cluster in ``data_dir``, created if missing, running while the block runs.
 
-    ``uri`` is the SQLAlchemy URI MLflow takes (psycopg2 over the cluster's Unix socket)."""
+    ``uri`` is the SQLAlchemy URI MLflow takes (psycopg 3 over the cluster's Unix socket)."""
 
     def __init__(self, data_dir: Path, database: str = DATABASE):
         self.data_dir = Path(data_dir).resolve()
