@@ -218,6 +218,37 @@ def next_token_candidates(model_dir: Path, log: Path, top: int = 5) -> dict[str,
     return out
 
 
+TRANSFORMERS_CANDIDATES = """
+import json, sys
+import torch
+from transformers import AutoTokenizer
+from workbench.quantize.stage import load_for_check
+folder, fmt, top, facts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(folder)
+model, _ = load_for_check(folder, fmt)
+out = {}
+for country in facts:
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": f"Which city is the capital of {country}?"},
+         {"role": "assistant", "content": f"The capital of {country} is"}],
+        continue_final_message=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    out[country] = [tok.decode([i]) for i in torch.topk(logits, top).indices.tolist()]
+print(json.dumps(out))
+"""
+
+
+def next_token_candidates_transformers(model_dir: Path, fmt: str, top: int = 5) -> dict[str, list[str]]:
+    """``next_token_candidates`` through transformers in .venv-quant (the stage's own check path),
+    for a variant vLLM-CPU cannot serve on this CPU."""
+    proc = subprocess.run([str(QUANT_PYTHON), "-c", TRANSFORMERS_CANDIDATES, str(model_dir), fmt,
+                           str(top), json.dumps([c for c, _ in FACTS])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def cpu_has_avx512() -> bool:
     """vLLM-CPU 0.32's 4-bit op (torch.ops._C.cpu_gemm_wna16) is in its AVX-512 build only: on an
     AVX2-only CPU (seen: AMD EPYC, 2026-11-28) a 4-bit variant fails at engine start with
@@ -240,19 +271,19 @@ def _served_variant(prepared, quant_root, variant, *overrides):
     if cpu_has_avx512():
         # served by vLLM-CPU's 4-bit kernel: every capital among the top 5 next tokens (pass rate 3/3)
         candidates = next_token_candidates(quant_root / variant, log)
-        for country, capital in FACTS:
-            assert f" {capital}" in candidates[country], (country, candidates[country])
-        return report
     else:
         # vLLM-CPU's AVX2 build has no 4-bit op: the server must fail with that reason, and the
-        # variant answers through transformers instead (the stage's check, in .venv-quant).
+        # variant is asked through transformers instead (the stage's check path, in .venv-quant).
+        # Not its greedy sentence: with 8 calibration samples that drifted on an AVX2 host
+        # ("The answer lies in the French language...") while the capital stayed a top-5 token.
         from workbench.serve import ServerError
 
         with pytest.raises(ServerError):
             ask_capital_of_france(quant_root / variant, log)
         assert "cpu_gemm_wna16" in log.read_text(), log.read_text()[-3000:]
-        answer = report["details"]["check"]["smoke"]["answer"]
-    assert "Paris" in answer, answer
+        candidates = next_token_candidates_transformers(quant_root / variant, report["details"]["format"])
+    for country, capital in FACTS:
+        assert f" {capital}" in candidates[country], (country, candidates[country])
     return report
 
 

@@ -139,3 +139,23 @@ def test_gpu_overlay_merges_into_params_keeping_comments(tmp_path):
     before = (ROOT / "params.yaml").read_text().splitlines()
     changed = [line for line in text.splitlines() if line not in before]
     assert 0 < len(changed) <= sum(1 for _ in overlay.leaves(gpu))
+
+
+def test_gpu_overlay_keeps_only_the_variants_asked_for_and_names_an_unknown_one(tmp_path):
+    pytest.importorskip("ruamel.yaml")
+    from pipelines.gpu import overlay
+    from workbench.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(SystemExit, match="gptq-int9 not in quantize.variants"):
+        overlay.main([str(ROOT / "pipelines/gpu/params-gpu.yaml"), "--params", str(params),
+                      "--variants", "gptq-int4,gptq-int9"])
+    assert params.read_text() == (ROOT / "params.yaml").read_text()  # nothing written
+    assert overlay.main([str(ROOT / "pipelines/gpu/params-gpu.yaml"), "--params", str(params),
+                         "--variants", "gptq-int4"]) == 0
+    merged = load_params(params)
+    assert list(merged.quantize.variants) == ["gptq-int4"]
+    assert merged.loadtest.rates == yaml.safe_load(
+        (ROOT / "pipelines/gpu/params-gpu.yaml").read_text())["loadtest"]["rates"]
+    assert "# THE variant list" in params.read_text()  # comments kept

@@ -3,6 +3,8 @@
     python -m pipelines.gpu.overlay pipelines/gpu/params-gpu.yaml            # merge into params.yaml
     python -m pipelines.gpu.overlay pipelines/gpu/params-gpu.yaml --check    # only list the changes
     python -m pipelines.gpu.overlay pipelines/gpu/params-gpu.yaml --set-args # as `dvc exp run` -S args
+    python -m pipelines.gpu.overlay pipelines/gpu/params-gpu.yaml --variants gptq-int4  # and keep only
+        these of quantize.variants (a shorter run: fewer quantize, evaluate and load-test stages)
 
 DVC reads params.yaml, so a profile (a GPU host's memory share, load and batch sizes) is merged into
 it: mappings key by key, anything else (lists, scalars) replaced whole. The merged file is validated
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="list the keys the overlay sets; write nothing")
     mode.add_argument("--set-args", action="store_true", help="print `-S key=value` arguments for dvc exp run")
+    ap.add_argument("--variants", help="comma-separated quantize.variants keys to keep (the others are "
+                    "removed from params.yaml; base always stays)")
     args = ap.parse_args(argv)
 
     overlay = yaml.safe_load(Path(args.overlay).read_text()) or {}
@@ -76,15 +80,30 @@ def main(argv: list[str] | None = None) -> int:
     doc = rt.load(params_path.read_text())
     plain = yaml.safe_load(params_path.read_text())
     merge(plain, overlay)
+    drop = []
+    if args.variants is not None:
+        keep = [v for v in args.variants.split(",") if v]
+        have = list(plain["quantize"]["variants"])
+        unknown = [v for v in keep if v not in have]
+        if unknown:
+            raise SystemExit(f"--variants: {', '.join(unknown)} not in quantize.variants of {params_path} "
+                             f"({', '.join(have)})")
+        drop = [v for v in have if v not in keep]
+        for name in drop:
+            del plain["quantize"]["variants"][name]
     try:
         Params.model_validate(plain)
     except Exception as err:  # pydantic's ValidationError, named by the config module's wording
         raise SystemExit(f"{args.overlay} over {params_path}: {err}") from None
     for key, value in leaves(overlay):
         print(f"{key} = {json.dumps(value)}")
+    for name in drop:
+        print(f"quantize.variants.{name} removed")
     if args.check:
         return 0
     merge(doc, overlay, flow)
+    for name in drop:
+        del doc["quantize"]["variants"][name]
     buf = io.StringIO()
     rt.dump(doc, buf)
     params_path.write_text(buf.getvalue())

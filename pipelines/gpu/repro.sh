@@ -5,7 +5,8 @@
 #   bash pipelines/gpu/repro.sh start [SETUP OPTIONS...]   ./setup.sh --cuda SETUP OPTIONS (e.g.
 #       --wheelhouse DIR --system-site-packages), the GPU profile merged into params.yaml
 #       (pipelines/gpu/params-gpu.yaml; PROFILE=none skips it), then `dvc repro`, all under setsid;
-#       follows the log for up to WAIT_S (540) seconds
+#       follows the log for up to WAIT_S (540) seconds; VARIANTS=a,b keeps only those of
+#       quantize.variants (a shorter run)
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
 # Each call ends by copying the results to $RESULTS (default runs/gpu-repro): metrics.json,
@@ -32,7 +33,7 @@ echo "setup_s=$((SECONDS - t0))"
 if ! git rev-parse --git-dir >/dev/null 2>&1; then
   git init -q && git add -A && git -c user.name=workbench -c user.email=workbench@localhost commit -qm "GPU run" || exit 1
 fi
-[ "$PROFILE" = none ] || python -m pipelines.gpu.overlay "$PROFILE" || exit 1
+[ "$PROFILE" = none ] || python -m pipelines.gpu.overlay "$PROFILE" ${VARIANTS:+--variants "$VARIANTS"} || exit 1
 python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t1=$SECONDS
@@ -41,7 +42,7 @@ echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
 dvc status
 exit $rc
 INNER
-  PROFILE=$PROFILE setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
+  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
 fi
 pid=$(cat "$state/pid")
