@@ -24,6 +24,7 @@ from workbench.net import free_port, stop, wait_http_ok
 from workbench.reports import Report, write_report
 from workbench.testing.fakeserver import FakeServer
 
+ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(3)
 WORDS = RNG.integers(60, 140, size=25).astype(float)
 BASE_LL = -WORDS * RNG.normal(3.0, 0.3, size=25)
@@ -48,7 +49,7 @@ def write_eval(variant: str, scale: float, correct: int, noise_seed: int) -> Non
                         metrics={"mmlu_acc": correct / 30, "ppl_word": float(np.exp(-sum(ll) / sum(w)))}))
 
 
-def write_loadtests(monkeypatch, variants: dict) -> None:
+def write_loadtests(monkeypatch, variants: dict, gateway_arms=()) -> None:
     """The real load-test stage, interleaved, against one fake server per variant."""
     fakes = {v: FakeServer(ttft_ms=x[3], itl_ms=2, output_tokens=4, model="fake", fail_every=x[4])
              for v, x in variants.items()}
@@ -61,17 +62,18 @@ def write_loadtests(monkeypatch, variants: dict) -> None:
     monkeypatch.setattr(loadtest, "endpoint", endpoint)
     loadtest.run(LoadtestConfig(model="fake", variants=list(variants), rates=[20, 40], requests_per_step=10,
                                 warmup_requests=1, repeats=2, scrape_metrics=False, workload=WorkloadConfig(
-                                    kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4)))
+                                    kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4),
+                                gateway_arms=list(gateway_arms), gateway_config=str(ROOT / "deploy/gateway.yaml")))
 
 
-def write_stage_reports(monkeypatch, variants=VARIANTS, broken=()):
+def write_stage_reports(monkeypatch, variants=VARIANTS, broken=(), gateway_arms=()):
     write_report(Report(stage="prepare", variant="base", config={}, metrics={"model_bytes": 270e6}))
     for i, (v, (mb, scale, correct, _, _)) in enumerate(variants.items()):
         write_eval(v, scale, correct, i)
         if v != "base":
             write_report(Report(stage="quantize", variant=v, config={}, details={"method": "gptq"},
                                 metrics={"model_bytes": mb * 1e6, "broken": float(v in broken)}))
-    write_loadtests(monkeypatch, variants)
+    write_loadtests(monkeypatch, variants, gateway_arms)
 
 
 @pytest.fixture
@@ -149,6 +151,22 @@ def test_a_variant_shown_to_fail_the_slo_or_broken_is_never_recommended(in_tmp, 
     assert "fail the SLO" in rec["rejected"]["base"] and "broken" in rec["rejected"]["awq-int4"]
     q = {row["variant"]: row for row in r.details["quantization_table"]}
     assert q["awq-int4"]["broken"] and not q["gptq-int4"]["broken"]
+
+
+def test_a_gateway_arm_in_the_load_test_is_shown_and_never_a_candidate(in_tmp, monkeypatch):
+    for rel in ("data/gateway/sensitive_words.en.txt", "data/gateway/sensitive_words.zh.txt"):
+        (in_tmp / rel).parent.mkdir(parents=True, exist_ok=True)  # deploy/gateway.yaml names them relatively
+        shutil.copy(ROOT / rel, in_tmp / rel)
+    write_stage_reports(monkeypatch, gateway_arms=("awq-int4",))
+    assert (in_tmp / "reports/loadtest/awq-int4@gateway.json").exists()
+    r = report_stage.run(CFG)
+    assert r.details["recommendation"]["variant"] == "base"  # as without the gateway arm
+    assert [row["variant"] for row in r.details["quantization_table"]] == list(VARIANTS)
+    assert {row["variant"] for row in r.details["load_table"]} == set(VARIANTS)
+    assert not any("@" in k for k in r.metrics) and "awq-int4@gateway" not in r.details["missing"]
+    gw = r.details["gateway"]["awq-int4@gateway"]  # shown beside the tables, from loadtest's all.json
+    assert gw["variant"] == "awq-int4" and [x["offered_req_per_s"] for x in gw["per_rate"]] == [20, 40]
+    assert report_stage.tables(r)[1]["variant"].isin(list(VARIANTS)).all()
 
 
 @pytest.mark.integration

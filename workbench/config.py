@@ -242,6 +242,12 @@ class LoadtestConfig(Section):
     # the report then shows what keys, filter, moderation and audit cost. Server /metrics and
     # utilization are still read from the endpoint itself.
     via_gateway: bool = False
+    # Variants (each one of the compared variants) also measured through the gateway on the SAME
+    # server: each gets a second arm, "<variant>@gateway" (its own report and runs/ folder), with
+    # the gateway (`gateway_config`) in front of that variant's endpoint, interleaved with the
+    # direct arm on the same requests; all.json compares the two (sustained-rate ratio in knee
+    # mode, TTFT/E2EL ratios per rate). Exclusive with via_gateway (which fronts every arm).
+    gateway_arms: list[str] = []
     gateway_config: str = "deploy/gateway.yaml"
 
     @field_validator("server_overrides")
@@ -574,6 +580,11 @@ class Params(Section):
                 "variants": self.report.variants if self.report.variants is not None
                 else [BASE_VARIANT, *quantized]}),
         }
+        lt_variants = derived["loadtest"].variants
+        unknown = [v for v in self.loadtest.gateway_arms if v not in lt_variants]
+        if unknown:
+            raise ValueError(f"loadtest.gateway_arms {unknown} are not among the compared loadtest.variants "
+                             f"{lt_variants}: a gateway arm shares its variant's server")
         unknown = [v for v in derived["evaluate"].variants if v not in {*quantized, BASE_VARIANT}]
         if unknown:
             raise ValueError(f"evaluate.variants {unknown} are not keys of quantize.variants {quantized} "

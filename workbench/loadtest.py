@@ -43,6 +43,12 @@ from workbench.reports import Report, sha256_file, write_report
 log = logging.getLogger(__name__)
 STAGE = "loadtest"
 VARIANT = "all"  # a compared run's own report (order, drift check); each variant has its own too
+GATEWAY_SUFFIX = "@gateway"  # loadtest.gateway_arms: "<variant>@gateway", the variant's server through the gateway
+
+
+def gateway_arm(variant: str) -> str:
+    """The name of ``variant``'s gateway arm (its report: reports/loadtest/<variant>@gateway.json)."""
+    return variant + GATEWAY_SUFFIX
 
 
 def _target(cfg: LoadtestConfig, base_url: str) -> Target:
@@ -75,8 +81,10 @@ def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
 
 
 @contextlib.contextmanager
-def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir: Path):
-    """The gateway as its own process in front of ``upstream_url``; yields (base_url, api_key)."""
+def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir: Path,
+                     upstream_key: str | None = None):
+    """The gateway as its own process in front of ``upstream_url`` (``upstream_key``: the server's
+    own --api-key, sent upstream by the gateway); yields (base_url, api_key)."""
     import secrets
     import subprocess
     import sys
@@ -89,7 +97,8 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
 
     key = "wb-" + secrets.token_urlsafe(24)
     gw = yaml.safe_load(Path(cfg.gateway_config).read_text())
-    gw.update(upstreams={model: {"base_url": upstream_url}}, keys=[{"id": "loadtest", "sha256": hash_key(key)}],
+    upstream = {"base_url": upstream_url, **({"api_key": upstream_key} if upstream_key else {})}
+    gw.update(upstreams={model: upstream}, keys=[{"id": "loadtest", "sha256": hash_key(key)}],
               keys_file=None)
     gw["audit"] = {**gw.get("audit", {}), "path": str(log_dir / "gateway-audit.sqlite")}
     conf = log_dir / "gateway.yaml"
@@ -325,7 +334,10 @@ def rates_of(report: Report) -> list[RateSummary]:
 def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
     """Load-test ``variant``, or, with None, compare ``cfg.variants`` interleaved (a report per
     variant, and ``reports/loadtest/all.json`` with the run's order and its drift check).
-    ``variant`` is ``cfg.variant`` given here: the report's config records it."""
+    ``variant`` is ``cfg.variant`` given here: the report's config records it. Each variant in
+    ``cfg.gateway_arms`` gets a second arm on its server, ``<variant>@gateway``, through the gateway:
+    an arm like any other (its own report and records), compared with the direct one in all.json
+    (``details.gateway``; written then even for one ``variant``, whose report is returned)."""
     if variant:
         cfg = cfg.model_copy(update={"variant": variant})
     variant = cfg.variant
@@ -336,9 +348,18 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
     if cfg.base_url and len(variants) > 1:
         raise ValueError(f"loadtest.base_url names one endpoint; compare {variants} with managed servers "
                          "(base_url: null) or load-test one variant at a time")
+    via = list(dict.fromkeys(cfg.gateway_arms))
+    unknown = [g for g in via if g not in variants]
+    if unknown:
+        raise ValueError(f"loadtest.gateway_arms names {', '.join(map(repr, unknown))}, not among the variants "
+                         f"of this run {variants}: a gateway arm shares its variant's server")
+    if via and cfg.via_gateway:
+        raise ValueError("loadtest.via_gateway puts the gateway in front of every arm, gateway_arms adds a "
+                         "gateway arm beside a direct one: set one of them")
+    names = [n for v in variants for n in ([v, gateway_arm(v)] if v in via else [v])]  # the arms' order
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    outputs: dict[str, dict[str, str]] = {v: {} for v in variants}
-    for v in variants:
+    outputs: dict[str, dict[str, str]] = {v: {} for v in names}
+    for v in names:
         d = Path(cfg.out_dir) / v
         d.mkdir(parents=True, exist_ok=True)
         for stale in d.glob("step-*.jsonl"):  # a previous run's steps must not linger beside ours
@@ -360,6 +381,8 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
                 base_url, info = stack.enter_context(endpoint(cfg, v, out_dir))
             except ServerError as err:  # the variant cannot be served here: say so, measure the rest
                 unservable[v] = not_servable(cfg, v, err)
+                if v in via:
+                    unservable[gateway_arm(v)] = not_servable(cfg, gateway_arm(v), err)
                 continue
             root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
             target = _target(cfg, base_url)
@@ -369,15 +392,22 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
                 info = {**info, "via_gateway": gw_url}
             infos[v] = info
             arms.append(Arm(v, target, root_url, info.get("pid")))
+            if v in via:  # a second arm on the same server, through its own gateway
+                name = gateway_arm(v)
+                gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model,
+                                                                   Path(cfg.out_dir) / name, target.api_key))
+                infos[name] = {**info, "via_gateway": gw_url, "direct_arm": v}
+                arms.append(Arm(name, dataclasses.replace(target, base_url=gw_url, api_key=key), root_url,
+                                info.get("pid")))
         done, knees = run_async(interleaved(cfg, arms, on_step)) if arms else ([], {})
 
     fingerprint = {}
     if cfg.workload.path and Path(cfg.workload.path).is_file():
         fingerprint["workload"] = {"path": cfg.workload.path, "sha256": sha256_file(Path(cfg.workload.path))}
     reports = {v: _variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], fingerprint, run_id)
-               for v in variants if v in infos}
+               for v in names if v in infos}
     reports.update(unservable)
-    if variant:
+    if variant and not via:
         return reports[variant]
 
     control = [d for d in done if d.role in ("control-start", "control-end")]
@@ -387,17 +417,69 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
         drift = summary.drift_check(start, *(summary.columns(d.result.records, cfg.slo) for d in control),
                                     tolerance=cfg.drift_tolerance)
         log.info("%s", drift.verdict)
+    gateway = {gateway_arm(v): gateway_comparison(cfg, v, done, knees, infos) for v in via if v in infos}
+    gateway_metrics = {}
+    for g in gateway.values():
+        est = stats.Estimate.model_validate(g["sustained_ratio"]) if g["sustained_ratio"] else None
+        if est is not None and est.value is not None:
+            key = f"{g['variant']}.gateway_sustained_ratio"  # no '@': MLflow metric names
+            gateway_metrics[key] = est.value
+            gateway_metrics.update({f"{key}_ci_{side}": getattr(est, side) for side in ("lo", "hi")
+                                    if getattr(est, side) is not None})
     report = Report(
         stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), data_fingerprint=fingerprint,
         metrics={**({"drift_ttft_ratio": drift.ttft.diff.value, "drift_detected": float(drift.drifted)}
-                    if drift and drift.ttft.diff.value is not None else {})},
-        details={"run": run_id, "variants": variants, "not_servable": sorted(unservable),
+                    if drift and drift.ttft.diff.value is not None else {}), **gateway_metrics},
+        details={"run": run_id, "variants": variants, "arms": names, "not_servable": sorted(unservable),
                  "order": [{"position": d.position, "variant": d.arm.variant, "label": d.result.label,
                             "repeat": d.repeat, "role": d.role} for d in done],
                  "drift": drift.model_dump(mode="json") if drift else None,
+                 "gateway": gateway,
                  "reports": {v: str(r.path) for v, r in reports.items()}})
     write_report(report)
-    return report
+    return reports[variant] if variant else report
+
+
+def gateway_comparison(cfg: LoadtestConfig, variant: str, done: list[Done], knees: dict[str, KneeResult],
+                       infos: dict[str, dict]) -> dict:
+    """``variant``'s gateway arm against its direct arm, both on one server and the same requests:
+    the ratio of their sustained rates (knee mode; its interval from the two knees' brackets), and
+    at every offered rate both measured, TTFT and E2EL gateway/direct (``stats.compare_samples``:
+    ratio of medians, Mann-Whitney U) beside each arm's SLO verdict. The drift control's repeat is
+    left out, as in the per-rate tables."""
+    name = gateway_arm(variant)
+    direct, gw = knees.get(variant), knees.get(name)
+    ratio = None
+    if direct is not None and gw is not None and direct.lo and gw.lo is not None:
+        ratio = stats.Estimate(
+            value=gw.lo / direct.lo, lo=gw.lo / direct.hi if direct.hi else None,
+            hi=gw.hi / direct.lo if gw.hi is not None else None, n=len(gw.probes) + len(direct.probes),
+            method="ratio of sustained rates",
+            note="value: the highest rates shown to meet the SLO, gateway / direct; interval: from the two "
+                 "knees' brackets [lo, hi), not a confidence level")
+
+    def pooled(arm: str) -> dict[float, summary.Columns]:
+        out: dict[float, summary.Columns] = {}
+        for d in done:
+            if d.arm.variant == arm and d.role != "control-end":
+                cols = summary.columns(d.result.records, cfg.slo)
+                out[d.result.rate] = out[d.result.rate] + cols if d.result.rate in out else cols
+        return out
+
+    a, b = pooled(name), pooled(variant)
+    per_rate = []
+    for rate in sorted(set(a) & set(b)):
+        per_rate.append({
+            "offered_req_per_s": rate,
+            "ttft_gateway_over_direct": stats.compare_samples(a[rate].ttft_ms, b[rate].ttft_ms).model_dump(mode="json"),
+            "e2el_gateway_over_direct": stats.compare_samples(a[rate].e2el_ms, b[rate].e2el_ms).model_dump(mode="json"),
+            "slo_direct": summary.slo_verdict(b[rate], cfg.slo).overall.value,
+            "slo_gateway": summary.slo_verdict(a[rate], cfg.slo).overall.value})
+    return {"variant": variant, "direct_arm": variant, "gateway_arm": name,
+            "gateway_url": infos.get(name, {}).get("via_gateway"),
+            "sustained_req_per_s": {"direct": direct.lo if direct else None, "gateway": gw.lo if gw else None},
+            "sustained_ratio": ratio.model_dump(mode="json") if ratio else None,
+            "per_rate": per_rate}
 
 
 def track(parent, report: Report) -> None:

@@ -233,6 +233,8 @@ def run(cfg: ReportConfig) -> Report:
         metrics={f"{v}.{k}": x for v, d in per_variant.items() for k, x in d.items()},
         details={"quantization_table": rows, "load_table": [r.model_dump(mode="json") for r in load_rates],
                  "recommendation": decision, "drift": drift, "level": stats.LEVEL,
+                 # loadtest.gateway_arms: "<variant>@gateway" arms, shown here, never candidates
+                 "gateway": (compared.details.get("gateway") or None) if compared else None,
                  "missing": {v: [s for s in ("evaluate", "loadtest") + (() if v == "base" else ("quantize",))
                                  if _load(s, v) is None] for v in cfg.variants}},
     )

@@ -1,0 +1,133 @@
+"""loadtest.gateway_arms: a variant measured direct and through the gateway on the SAME server,
+interleaved like two variants, against the fake server (the gateway is the real one, its own
+process)."""
+
+import contextlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from workbench import loadtest
+from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig, load_params
+from workbench.reports import read_report
+from workbench.testing.fakeserver import FakeServer
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY_FILES = ("deploy/gateway.yaml", "data/gateway/sensitive_words.en.txt", "data/gateway/sensitive_words.zh.txt")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """A project folder with the workload and the gateway's config (filter and audit on)."""
+    for rel in ("data/workloads/smoke.sharegpt.json", *GATEWAY_FILES):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def audited_chats(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("select count(*) from audit where route like '%chat/completions'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_arm(in_tmp, monkeypatch):
+    fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 20), ("b", 40))}
+    started = []
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        started.append(variant)
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
+                         warmup_requests=1, repeats=2, scrape_metrics=False)
+    report = loadtest.run(cfg)
+
+    assert started == ["a", "b"]  # one server per variant: the gateway arm brings up none of its own
+    assert fakes["b"].fake.requests == 4 * 7  # b's server saw b's steps only
+    assert fakes["a"].fake.requests == 2 * 4 * 7 + 7  # both of a's arms, and the drift control
+    order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
+    assert order == [("a", "rate_10", "control-start"), ("a@gateway", "rate_10", "measure"), ("b", "rate_10", "measure"),
+                     ("a", "rate_20", "measure"), ("a@gateway", "rate_20", "measure"), ("b", "rate_20", "measure"),
+                     ("a", "rate_10-r1", "measure"), ("a@gateway", "rate_10-r1", "measure"),
+                     ("b", "rate_10-r1", "measure"), ("a", "rate_20-r1", "measure"),
+                     ("a@gateway", "rate_20-r1", "measure"), ("b", "rate_20-r1", "measure"),
+                     ("a", "rate_10-control-end", "control-end")]
+    assert report.details["variants"] == ["a", "b"] and report.details["arms"] == ["a", "a@gateway", "b"]
+    assert set(report.details["reports"]) == {"a", "a@gateway", "b"}
+
+    direct, gw = (read_report(in_tmp / f"reports/loadtest/{n}.json") for n in ("a", "a@gateway"))
+    assert gw.variant == "a@gateway" and gw.details["server"]["base_url"] == direct.details["server"]["base_url"]
+    gw_url = gw.details["server"]["via_gateway"]
+    assert gw_url.endswith("/v1") and gw_url != direct.details["server"]["base_url"]
+    assert "via_gateway" not in direct.details["server"] and gw.details["server"]["direct_arm"] == "a"
+    sched = [[json.loads(line)["scheduled_s"] for line in Path(r.outputs["records_rate_10"]).read_text().splitlines()]
+             for r in (direct, gw)]
+    assert sched[0] == sched[1]  # the same requests at the same offsets
+    assert Path(gw.outputs["records_rate_10"]).parent == Path("runs/loadtest/a@gateway")
+    # every request of the gateway arm (warm-up included) went through the gateway, none of the direct arm's
+    assert audited_chats(in_tmp / "runs/loadtest/a@gateway/gateway-audit.sqlite") == 4 * 7
+    assert not (in_tmp / "runs/loadtest/a/gateway-audit.sqlite").exists()
+    assert all(s["completed"] == 6 and s["failed"] == 0 for s in gw.details["step_metrics"].values())
+
+    cmp = report.details["gateway"]["a@gateway"]
+    assert cmp["variant"] == "a" and cmp["gateway_url"] == gw_url and cmp["sustained_ratio"] is None  # sweep
+    assert [r["offered_req_per_s"] for r in cmp["per_rate"]] == [10, 20]
+    for r in cmp["per_rate"]:
+        ttft = r["ttft_gateway_over_direct"]
+        assert ttft["method"] == "mann-whitney u" and ttft["n"] == 24 and ttft["diff"]["value"] > 0
+        assert r["slo_direct"] in ("pass", "fail", "undecided") and r["slo_gateway"] in ("pass", "fail", "undecided")
+    assert report.details["drift"]["variant"] == "a"
+    assert not any("gateway" in k for k in report.metrics)  # no knee: no ratio of sustained rates
+    assert len(loadtest.table(report)) == 3 * 2  # every arm's rates in the notebook's table
+
+
+def test_knee_of_a_variant_direct_and_through_the_gateway_and_their_ratio(in_tmp):
+    # one request at a time, 10 ms each: ~100 req/s of capacity for both arms
+    with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
+                             warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=["v"],
+                             slo=SLOConfig(ttft_ms=60, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
+                             knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=6))
+        report = loadtest.run(cfg, variant="v")  # one variant: its report back, all.json beside it
+    assert report.variant == "v"
+    gw = read_report(in_tmp / "reports/loadtest/v@gateway.json")
+    compared = read_report(in_tmp / "reports/loadtest/all.json")
+    variants = [o["variant"] for o in compared.details["order"]]
+    assert variants[:4] == ["v", "v@gateway", "v", "v@gateway"]  # the two knee searches advance in turn
+    assert variants[-1] == "v" and compared.details["order"][-1]["role"] == "control-end"
+    assert gw.details["knee"]["probes"][0]["rate"] == 10 and report.details["knee"]["probes"][0]["rate"] == 10
+    lo_d, lo_g = report.metrics["sustained_req_per_s"], gw.metrics["sustained_req_per_s"]
+    cmp = compared.details["gateway"]["v@gateway"]
+    assert cmp["sustained_req_per_s"] == {"direct": lo_d, "gateway": lo_g}
+    ratio = cmp["sustained_ratio"]
+    assert ratio["value"] == pytest.approx(lo_g / lo_d) == compared.metrics["v.gateway_sustained_ratio"]
+    if ratio["lo"] is not None:
+        assert ratio["lo"] <= ratio["value"] and compared.metrics["v.gateway_sustained_ratio_ci_lo"] == ratio["lo"]
+    assert ratio["hi"] is None or ratio["value"] <= ratio["hi"]
+    assert {r["offered_req_per_s"] for r in cmp["per_rate"]} >= {10.0}  # the rates both searches probed
+    assert audited_chats(in_tmp / "runs/loadtest/v@gateway/gateway-audit.sqlite") == sum(
+        s["requests"] for s in gw.details["step_metrics"].values())
+
+
+def test_a_gateway_arm_of_a_variant_not_compared_is_named_in_the_error(in_tmp, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("no server may start")
+
+    monkeypatch.setattr(loadtest, "endpoint", never)
+    with pytest.raises(ValueError, match=r"gateway_arms names 'awq-int8'.*\['base', 'awq-int4'\]"):
+        loadtest.run(LoadtestConfig(variants=["base", "awq-int4"], gateway_arms=["awq-int4", "awq-int8"]))
+    with pytest.raises(ValueError, match="via_gateway"):
+        loadtest.run(LoadtestConfig(variants=["base"], gateway_arms=["base"], via_gateway=True))
+    with pytest.raises(ConfigError, match=r"gateway_arms \['nope'\]"):
+        load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[nope]"])
+    assert load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[base]"]).loadtest.gateway_arms == ["base"]
