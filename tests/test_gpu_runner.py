@@ -19,7 +19,7 @@ from workbench import loadtest, stats
 from workbench.config import load_params
 from workbench.loadgen.knee import KneeResult, Probe
 from workbench.reports import read_report
-from workbench.testing.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
@@ -39,15 +39,7 @@ def real_plan() -> dict:
 @contextlib.contextmanager
 def fake_servers(monkeypatch, fakes: dict[str, FakeServer]):
     """Each configuration's managed vLLM replaced by its fake (as tests/test_loadtest.py does)."""
-    started = []
-
-    @contextlib.contextmanager
-    def endpoint(cfg, variant, log_dir):
-        started.append(variant)
-        with fakes[variant] as fake:
-            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
-
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    started = fake_endpoints(monkeypatch, fakes)
     monkeypatch.setattr(gpu_run, "host_state", lambda: {"at": "test"})  # psutil's 2 s of sampling
     yield started
 

@@ -11,7 +11,7 @@ import pytest
 from workbench import loadtest
 from workbench.config import ConfigError, LoadtestConfig, Params, load_params
 from workbench.reports import read_report
-from workbench.testing.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,16 +85,8 @@ def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in
 
 
 def test_variants_compared_in_one_run_alternate_step_by_step_on_the_same_requests(in_tmp, monkeypatch):
-    import contextlib
-
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 30), ("b", 90))}
-
-    @contextlib.contextmanager
-    def endpoint(cfg, variant, log_dir):
-        with fakes[variant] as fake:
-            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
-
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    fake_endpoints(monkeypatch, fakes)
     cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
                          warmup_requests=1, repeats=2, scrape_metrics=False)
     report = loadtest.run(cfg)

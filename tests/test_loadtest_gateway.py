@@ -2,7 +2,6 @@
 interleaved like two variants, against the fake server (the gateway is the real one, its own
 process)."""
 
-import contextlib
 import json
 import shutil
 import sqlite3
@@ -13,7 +12,7 @@ import pytest
 from workbench import loadtest
 from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig, load_params
 from workbench.reports import read_report
-from workbench.testing.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_FILES = ("deploy/gateway.yaml", "data/gateway/sensitive_words.en.txt", "data/gateway/sensitive_words.zh.txt")
@@ -39,15 +38,7 @@ def audited_chats(path: Path) -> int:
 
 def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_arm(in_tmp, monkeypatch):
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 20), ("b", 40))}
-    started = []
-
-    @contextlib.contextmanager
-    def endpoint(cfg, variant, log_dir):
-        started.append(variant)
-        with fakes[variant] as fake:
-            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
-
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    started = fake_endpoints(monkeypatch, fakes)
     cfg = LoadtestConfig(model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
                          warmup_requests=1, repeats=2, scrape_metrics=False)
     report = loadtest.run(cfg)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import contextlib
 
 import httpx
 import numpy as np
@@ -22,7 +21,7 @@ from workbench import evaluate, loadtest, report as report_stage
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
 from workbench.net import free_port, stop, wait_http_ok
 from workbench.reports import Report, write_report
-from workbench.testing.fakeserver import FakeServer
+from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(3)
@@ -53,13 +52,7 @@ def write_loadtests(monkeypatch, variants: dict, gateway_arms=()) -> None:
     """The real load-test stage, interleaved, against one fake server per variant."""
     fakes = {v: FakeServer(ttft_ms=x[3], itl_ms=2, output_tokens=4, model="fake", fail_every=x[4])
              for v, x in variants.items()}
-
-    @contextlib.contextmanager
-    def endpoint(cfg, variant, log_dir):
-        with fakes[variant] as fake:
-            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
-
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    fake_endpoints(monkeypatch, fakes)
     loadtest.run(LoadtestConfig(model="fake", variants=list(variants), rates=[20, 40], requests_per_step=10,
                                 warmup_requests=1, repeats=2, scrape_metrics=False, workload=WorkloadConfig(
                                     kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4),

@@ -250,6 +250,26 @@ class FakeServer(LocalServer):
         self._thread.join(timeout=10)
 
 
+def fake_endpoints(monkeypatch, fakes: dict[str, FakeServer]) -> list[str]:
+    """The load test's managed vLLM servers (``workbench.loadtest.endpoint``) replaced, through
+    pytest's ``monkeypatch``, by ``fakes`` ({variant: FakeServer}); returns the list of variants
+    whose server was started, in order, as the run fills it."""
+    import contextlib
+
+    from workbench import loadtest
+
+    started: list[str] = []
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        started.append(variant)
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    return started
+
+
 class FakeServerProcess(LocalServer):
     """The fake server as a subprocess (``python -m workbench.testing.fakeserver``), ready on enter."""
 
