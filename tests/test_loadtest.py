@@ -144,6 +144,82 @@ def test_knee_search_brackets_then_bisects_to_the_servers_capacity(in_tmp):
     assert max(p["rate"] for p in passed) == knee["lo"]
 
 
+def test_knee_mode_low_load_step_comes_first_for_every_variant_and_is_the_drift_control(in_tmp, monkeypatch):
+    from workbench.config import KneeConfig, SLOConfig
+
+    fakes = {v: FakeServer(ttft_ms=5, itl_ms=t, output_tokens=6, model="fake") for v, t in (("a", 2), ("b", 8))}
+    fake_endpoints(monkeypatch, fakes)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+                         scrape_metrics=False, slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
+                         knee=KneeConfig(start_req_per_s=40, max_probes=2, low_load_req_per_s=5,
+                                         low_load_requests=6))
+    report = loadtest.run(cfg)
+    order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
+    assert order[:3] == [("a", "rate_5", "control-start"), ("b", "rate_5", "measure"), ("a", "rate_40", "knee")]
+    assert order[-1] == ("a", "rate_5-control-end", "control-end")
+    a, b = (read_report(in_tmp / f"reports/loadtest/{v}.json") for v in "ab")
+    for r in (a, b):  # low_load_requests measured, whatever size the probes have (0.5 s at 40 req/s: ~20)
+        assert r.metrics["rate_5.requests"] == 6 and r.metrics["rate_40.requests"] > 6
+    assert a.metrics["rate_5.tpot_ms_p50_ci_hi"] < b.metrics["rate_5.tpot_ms_p50_ci_lo"]  # decode speed, separated
+    assert [p["rate"] for p in a.details["knee"]["probes"]][0] == 40  # the search itself starts where it did
+    assert report.details["drift"]["variant"] == "a"
+
+
+def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone(in_tmp, monkeypatch):
+    import contextlib
+    import threading
+    import time
+
+    from workbench.serve import ServerError
+
+    fakes = {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") for v in "abc"}
+    windows, attempts, lock = {}, {v: 0 for v in fakes}, threading.Lock()
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        with lock:
+            attempts[variant] += 1
+            first = attempts[variant] == 1
+        t0 = time.monotonic()
+        time.sleep(0.4)  # a server's start
+        if variant == "b" and first:
+            raise ServerError("b: out of memory beside the others")
+        windows.setdefault(variant, (t0, time.monotonic()))
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b", "c"], rates=[10], requests_per_step=4,
+                         warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True)
+    report = loadtest.run(cfg)
+    assert attempts == {"a": 1, "b": 2, "c": 1}  # b failed beside the others, then started alone
+    assert windows["a"][0] < windows["c"][1] and windows["c"][0] < windows["a"][1]  # a and c overlapped
+    assert report.details["not_servable"] == []
+    assert [o["variant"] for o in report.details["order"]][:3] == ["a", "b", "c"]  # arms keep the variants' order
+
+
+def test_a_server_that_fails_alone_too_is_reported_not_servable_and_the_rest_measured(in_tmp, monkeypatch):
+    import contextlib
+
+    from workbench.serve import ServerError
+
+    fakes = {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake")}
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        if variant == "b":
+            raise ServerError("b: no kernel for this format")
+        with fakes[variant] as fake:
+            yield fake.base_url, {"managed": True, "base_url": fake.base_url}
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10], requests_per_step=4,
+                         warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True)
+    report = loadtest.run(cfg)
+    assert report.details["not_servable"] == ["b"]
+    assert "no kernel" in json.dumps(read_report(in_tmp / "reports/loadtest/b.json").details)
+
+
 def test_stage_runs_inside_a_running_event_loop_as_in_a_notebook(in_tmp):
     import asyncio
 

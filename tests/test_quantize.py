@@ -46,7 +46,7 @@ def test_every_configurable_method_is_registered_with_its_format():
     methods = QuantVariantConfig.model_fields["method"].annotation.__args__
     assert set(methods) == set(quantize.METHODS)
     assert {n: m.fmt for n, m in quantize.METHODS.items()} == {
-        "gptq": "compressed-tensors", "awq": "compressed-tensors", "autoawq": "awq"}
+        "gptq": "compressed-tensors", "awq": "compressed-tensors", "autoawq": "awq", "fp8": "compressed-tensors"}
 
 
 def test_params_yaml_variants_all_fit_smollm2_and_name_registered_methods():
@@ -67,6 +67,12 @@ def test_autoawq_refuses_settings_its_format_cannot_hold():
         QuantVariantConfig(method="autoawq", bits=3, symmetric=False)
     with pytest.raises(ValueError, match="symmetric: false"):
         QuantVariantConfig(method="autoawq", symmetric=True)
+
+
+def test_fp8_refuses_a_bit_width_other_than_8():
+    with pytest.raises(ValueError, match="bits: 8"):
+        QuantVariantConfig(method="fp8")  # the default bits (4) is an integer width
+    assert QuantVariantConfig(method="fp8", bits=8).bits == 8
 
 
 def test_calibration_texts_are_the_first_paragraphs_of_the_local_corpus():
@@ -291,6 +297,30 @@ def _served_variant(prepared, quant_root, variant, *overrides):
 def test_gptq_int4_is_served_by_vllm_cpu_and_answers(prepared, quant_root):
     report = _served_variant(prepared, quant_root, "gptq-int4")
     assert report["details"]["quant_method"] == "compressed-tensors"
+
+
+@pytest.mark.integration
+def test_fp8_variant_stores_e4m3_weights_with_a_scale_per_channel_and_keeps_perplexity(prepared, quant_root):
+    """The GPU profile's FP8 variant, made here on the CPU (vLLM-CPU has no FP8 kernel: a GPU with
+    FP8 units serves it). Round-to-nearest 8-bit floats barely move perplexity: a broken scale or
+    a layer left unquantized fails below."""
+    from safetensors import safe_open
+
+    report = quantize_in_quant_env(prepared["base"], quant_root, "fp8-dynamic",
+                                   "quantize.variants.fp8-dynamic.method=fp8",
+                                   "quantize.variants.fp8-dynamic.bits=8")
+    qcfg = report["details"]["quantization_config"]
+    assert qcfg["format"] == "float-quantized" and report["details"]["vllm_cpu_servable"] is False
+    weights = qcfg["config_groups"]["group_0"]["weights"]
+    assert (weights["type"], weights["num_bits"], weights["strategy"]) == ("float", 8, "channel")
+    assert qcfg["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+    with safe_open(quant_root / "fp8-dynamic" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    fp8 = [k for k, d in dtypes.items() if d == "F8_E4M3"]
+    assert len(fp8) == 30 * 7  # every linear of the 30 layers (q k v o gate up down), lm_head not
+    assert all(f"{k}_scale" in dtypes for k in fp8)
+    assert 0.55 < report["metrics"]["size_ratio_to_base"] < 0.7  # 8-bit linears, bf16 embedding
+    assert 1.0 <= report["metrics"]["perplexity_ratio"] < 1.05, report["metrics"]
 
 
 @pytest.mark.integration

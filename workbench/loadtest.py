@@ -118,6 +118,45 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
         stop(proc)
 
 
+def start_endpoints(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitStack) -> dict:
+    """Each variant's endpoint entered on ``stack``: {variant: (base_url, info)}, or the
+    ServerError that says why it cannot be served. One after another, or with
+    ``cfg.parallel_start`` all at once (a GPU host: minutes of server starts become one); a server
+    that fails to start beside the others is tried once more on its own before it is given up."""
+    from workbench.serve import ServerError
+
+    def one(v: str):
+        try:
+            return stack.enter_context(endpoint(cfg, v, Path(cfg.out_dir) / v))
+        except ServerError as err:
+            return err
+
+    if not cfg.parallel_start or len(variants) < 2:
+        return {v: one(v) for v in variants}
+    import concurrent.futures
+
+    managers = {v: endpoint(cfg, v, Path(cfg.out_dir) / v) for v in variants}
+    log.info("starting %d servers at once: %s", len(variants), ", ".join(variants))
+    with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
+        futures = {v: pool.submit(cm.__enter__) for v, cm in managers.items()}
+    started, unexpected = {}, None
+    for v, future in futures.items():  # every server that came up is stopped with the stack
+        try:
+            started[v] = future.result()
+            stack.push(managers[v].__exit__)
+        except ServerError as err:
+            started[v] = err
+        except BaseException as err:  # noqa: BLE001 - raised below, once the others are on the stack
+            unexpected = unexpected or err
+    if unexpected is not None:
+        raise unexpected
+    for v in [v for v in variants if isinstance(started[v], ServerError)]:
+        log.warning("%s did not start beside the others (%s); trying it alone", v,
+                    str(started[v]).splitlines()[0] if str(started[v]) else type(started[v]).__name__)
+        started[v] = one(v)
+    return started
+
+
 @dataclass
 class Done:
     """A step measured in this run: the arm, its result, and its place in the interleaved order."""
@@ -144,9 +183,10 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
     done: list[Done] = []
     knees: dict[str, KneeResult] = {}
     async with make_session(cfg.timeout_s) as session:
-        async def step(arm: Arm, rate: float, index: int, repeat: int, role: str) -> Done:
+        async def step(arm: Arm, rate: float, index: int, repeat: int, role: str,
+                       step_cfg: LoadtestConfig = cfg) -> Done:
             label = step_label(rate) + (f"-r{repeat}" if repeat else "") + ("-control-end" if role == "control-end" else "")
-            result = await measure_step(cfg, arm, session, specs, rate, index, repeat, label)
+            result = await measure_step(step_cfg, arm, session, specs, rate, index, repeat, label)
             d = Done(arm, result, repeat, role, len(done))
             done.append(d)
             on_step(d)
@@ -170,6 +210,10 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
                             log.info("%s saturated at %g req/s: its higher rates are skipped", arm.variant, rate)
                             saturated[arm.variant] = rate
         else:
+            low = low_load_config(cfg)
+            if low is not None:  # decode speed at low load, every arm, before the searches
+                for arm in arms:
+                    await step(arm, cfg.knee.low_load_req_per_s, 0, 0, first_role(), low)
             searches = {arm.variant: KneeSearch(cfg.knee) for arm in arms}
             pooled: dict[tuple[str, float], summary.Columns] = {}
             while any(s.next_rate() is not None for s in searches.values()):
@@ -188,9 +232,19 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
             knees = {v: s.result() for v, s in searches.items()}
         if controlled and len(done) > 1:
             first = done[0]
+            low = low_load_config(cfg)
+            first_cfg = low if low is not None and cfg.mode == "knee" else cfg  # the control's own step size
             await step(first.arm, first.result.rate, cfg.rates.index(first.result.rate)
-                       if cfg.mode == "sweep" else 0, first.repeat, "control-end")
+                       if cfg.mode == "sweep" else 0, first.repeat, "control-end", first_cfg)
     return done, knees
+
+
+def low_load_config(cfg: LoadtestConfig) -> LoadtestConfig | None:
+    """Knee mode's low-load step (``knee.low_load_req_per_s``): ``low_load_requests`` measured
+    requests, whatever size the probes have; None when not asked for."""
+    if cfg.mode != "knee" or cfg.knee.low_load_req_per_s is None:
+        return None
+    return cfg.model_copy(update={"requests_per_step": cfg.knee.low_load_requests, "duration_s": None})
 
 
 def write_records(result: StepResult, out_dir: Path) -> Path:
@@ -375,19 +429,18 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
     unservable: dict[str, Report] = {}
     with contextlib.ExitStack() as stack:
         arms = []
-        for v in variants:  # servers start one after another and stay up together
-            out_dir = Path(cfg.out_dir) / v
-            try:
-                base_url, info = stack.enter_context(endpoint(cfg, v, out_dir))
-            except ServerError as err:  # the variant cannot be served here: say so, measure the rest
-                unservable[v] = not_servable(cfg, v, err)
+        started = start_endpoints(cfg, variants, stack)  # the servers stay up together
+        for v in variants:
+            if isinstance(started[v], ServerError):  # the variant cannot be served here: say so, measure the rest
+                unservable[v] = not_servable(cfg, v, started[v])
                 if v in via:
-                    unservable[gateway_arm(v)] = not_servable(cfg, gateway_arm(v), err)
+                    unservable[gateway_arm(v)] = not_servable(cfg, gateway_arm(v), started[v])
                 continue
+            base_url, info = started[v]
             root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
             target = _target(cfg, base_url)
             if cfg.via_gateway:
-                gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, out_dir))
+                gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, target.model, Path(cfg.out_dir) / v))
                 target = dataclasses.replace(target, base_url=gw_url, api_key=key)
                 info = {**info, "via_gateway": gw_url}
             infos[v] = info

@@ -6,7 +6,8 @@
 #       --wheelhouse DIR --system-site-packages), the GPU profile merged into params.yaml
 #       (pipelines/gpu/params-gpu.yaml; PROFILE=none skips it), then `dvc repro`, all under setsid;
 #       follows the log for up to WAIT_S (540) seconds; VARIANTS=a,b keeps only those of
-#       quantize.variants (a shorter run)
+#       quantize.variants (a shorter run); PROFILE="a.yaml b.yaml" merges several profiles in order;
+#       TARGETS=report runs `dvc repro report` (only what the report needs: no shard stage)
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
 # Each call ends by copying the results to $RESULTS (default runs/gpu-repro): metrics.json,
@@ -33,16 +34,19 @@ echo "setup_s=$((SECONDS - t0))"
 if ! git rev-parse --git-dir >/dev/null 2>&1; then
   git init -q && git add -A && git -c user.name=workbench -c user.email=workbench@localhost commit -qm "GPU run" || exit 1
 fi
-[ "$PROFILE" = none ] || python -m pipelines.gpu.overlay "$PROFILE" ${VARIANTS:+--variants "$VARIANTS"} || exit 1
+if [ "$PROFILE" != none ]; then
+  for profile in $PROFILE; do python -m pipelines.gpu.overlay "$profile" || exit 1; done
+  [ -z "$VARIANTS" ] || python -m pipelines.gpu.overlay "$profile" --variants "$VARIANTS" || exit 1
+fi
 python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t1=$SECONDS
-dvc repro; rc=$?
+dvc repro $TARGETS; rc=$?
 echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
 dvc status
 exit $rc
 INNER
-  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
+  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
 fi
 pid=$(cat "$state/pid")
@@ -66,5 +70,8 @@ print(json.dumps([{"name": r.info.run_name, "status": r.info.status, "metrics": 
 PY
 fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
-  "$state/mlflow-runs.json" runs/failed 2>/dev/null
+  "$state/mlflow-runs.json" runs/failed runs/notebooks runs/loadtest/*/*.md runs/loadtest/*/*.png \
+  runs/loadtest/*/*.log 2>/dev/null
+# The load test's raw records (every request's timings), apart: large, for a re-analysis, not for git.
+tar czf "$RESULTS/loadtest-records.tar.gz" --ignore-failed-read runs/loadtest/*/step-*.jsonl 2>/dev/null
 grep -E "^(Running stage|Stage '|ERROR|setup_s|dvc_repro|torch |SETUP)|Traceback|Error:" "$state/repro.log" | tail -n 60

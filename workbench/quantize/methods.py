@@ -2,7 +2,10 @@
 
 Each method takes (base_dir, out_dir, variant_cfg, calibration texts, seq_len) and writes a folder
 that vLLM serves: llm-compressor's ``gptq`` and ``awq`` write compressed-tensors
-(``pack-quantized``), AutoAWQ's ``autoawq`` writes the AWQ GEMM format. They run in .venv-quant;
+(``pack-quantized``), AutoAWQ's ``autoawq`` writes the AWQ GEMM format, and ``fp8`` writes
+compressed-tensors ``float-quantized`` (FP8 E4M3 weights with a scale per output channel, activations
+quantized per token at run time: served natively by GPUs with FP8 units, Hopper and newer; vLLM-CPU
+has no FP8 kernel). They run in .venv-quant;
 the imports are inside the functions so that the stage's report code loads anywhere.
 
     @register("mymethod", "compressed-tensors")
@@ -79,6 +82,22 @@ def quantize_awq(base_dir, out, v, texts, seq_len):
                          ignore=["lm_head"])
     with compat.torch_cpu_unpinned():  # its activation cache pins memory CPU-only torch refuses
         _oneshot(base_dir, out, recipe, texts, seq_len)
+
+
+@register("fp8", "compressed-tensors")
+def quantize_fp8(base_dir, out, v, texts, seq_len):
+    """llm-compressor's FP8_DYNAMIC scheme: round-to-nearest weights, no calibration data (the
+    activation scales are computed per token when served), so ``texts`` are not used."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]))
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
 
 
 @register("autoawq", "awq")
