@@ -191,3 +191,21 @@ def test_importing_the_runner_leaves_the_working_directory_alone(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == tmp_path
+
+
+def test_gpu_tables_render_every_variant_and_the_recommended_steps_from_a_runs_reports(tmp_path):
+    """pipelines/gpu/tables.py on the reports of the committed CUDA run (results/gpu-cuda)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "results/gpu-cuda/reports", tmp_path / "reports")
+    out = subprocess.run([sys.executable, "-m", "pipelines.gpu.tables", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "| base | reference | 272.6 (1.000) | 12.24 [12.16, 12.33] |" in text
+    assert "| gptq-int4 | gptq | 116.7 (0.428) | n/a | n/a | n/a |" in text  # not evaluated in that run
+    assert "## Recommendation: base" in text
+    assert "| 80 | rate_80 (measure) | 83.4 | 45.7 [44.1, 47.0] |" in text
+    assert "changed between the start and the end" in text  # that run's drift verdict

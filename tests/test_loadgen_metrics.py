@@ -179,3 +179,35 @@ def test_limiting_factor_reads_the_slos_min_goodput_not_its_own():
     step = {"goodput_fraction": 0.85, "cpu_busiest_pct_worker": 97}
     assert limiting_factor(step, 0.8).startswith("none")  # kept up by an 80 % SLO
     assert limiting_factor(step, 0.9).startswith("model compute")  # not by a 90 % one
+
+
+def test_mean_latencies_carry_a_t_interval_that_brackets_them():
+    rs = [rec(i, send=float(i), chunks=(i + 0.1 + 0.01 * i, i + 0.3 + 0.02 * i)) for i in range(10)]
+    out = m.step_metrics(rs, 1.0, SLOConfig())
+    for name in ("ttft", "e2el"):
+        lo, mean, hi = (out[f"{name}_ms_mean{s}"] for s in ("_ci_lo", "", "_ci_hi"))
+        assert lo < mean < hi
+    ttft = [100 + 10 * i for i in range(10)]
+    half = 2.262 * np.std(ttft, ddof=1) / np.sqrt(10)  # t(0.975, 9)
+    assert out["ttft_ms_mean_ci_hi"] - out["ttft_ms_mean"] == pytest.approx(half, rel=1e-3)
+    assert "e2el_ms_mean_ci_lo" not in m.step_metrics(rs[:1], 1.0, SLOConfig())  # one request: no interval
+
+
+def test_utilization_mean_comes_with_its_interval_and_sample_count():
+    from workbench.loadgen.probes import StepProbe
+
+    class Meter:  # a GPU reading 40, 50, 60, then 50 percent
+        source = "gpu"
+
+        def __init__(self):
+            self.values = iter([50.0])  # what stop() samples last
+
+        def sample(self):
+            return next(self.values), None
+
+    probe = StepProbe(None, 10.0)  # no scrape; the loop would wait 10 s: samples come from stop()
+    probe._meter = Meter()
+    probe._util = [40.0, 50.0, 60.0]
+    out = probe.stop()
+    assert out["gpu_util_samples"] == 4 and out["gpu_util_pct_mean"] == pytest.approx(50.0)
+    assert out["gpu_util_pct_mean_ci_lo"] < 50.0 < out["gpu_util_pct_mean_ci_hi"]

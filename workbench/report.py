@@ -28,6 +28,7 @@ from pathlib import Path
 from workbench import evaluate, loadtest, plots, stats
 from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
 from workbench.loadgen import summary
+from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary
 from workbench.recommend import Candidate, accuracy_diff, ppl_change, recommend
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
@@ -303,6 +304,8 @@ def tables(report: Report):
         "perplexity vs base": _text(r.get("ppl_change_vs_base"), "+.1f", " %"),
         **{f"{s} acc": _text(r[f"{s}_acc"], ".3f") for s in SUITES},
         **{f"{s} vs base": _text(r.get(f"{s}_vs_base"), "+.3f") for s in SUITES},
+        "sustained req/s (SLO)": KneeResult.model_validate(r["sustained_req_per_s"]).text()
+        if r.get("sustained_req_per_s") else "",
         "broken": "yes" if r["broken"] else "",
     } for r in report.details["quantization_table"]])
     rates = [RateSummary.model_validate(r) for r in report.details["load_table"]]

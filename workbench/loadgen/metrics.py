@@ -25,6 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
+from workbench import stats
 from workbench.config import SLOConfig
 from workbench.loadgen.client import Record
 
@@ -145,6 +146,10 @@ def step_metrics(records: list[Record], offered_req_per_s: float, slo: SLOConfig
     out.update(distribution_ms("tpot", (tpot_s(r) for r in ok)))
     out.update(distribution_ms("itl", (g for r in ok for g in itl_s(r))))
     out.update(distribution_ms("e2el", (e2el_s(r) for r in ok)))
+    for name, values in (("ttft", [ttft_s(r) for r in ok]), ("e2el", [e2el_s(r) for r in ok])):
+        est = stats.mean([v * 1000 for v in values if v is not None])  # the mean's t interval
+        if est.lo is not None:  # (requests of one step share a queue: read it as approximate)
+            out[f"{name}_ms_mean_ci_lo"], out[f"{name}_ms_mean_ci_hi"] = est.lo, est.hi
     out["peak_concurrency"] = float(peak_concurrency(rs))
     for kind, n in errors_by_kind(rs).items():
         out[f"errors_{kind}"] = float(n)

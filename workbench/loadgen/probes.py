@@ -17,7 +17,7 @@ import math
 import threading
 from collections import defaultdict
 
-from workbench import promscrape
+from workbench import promscrape, stats
 
 log = logging.getLogger(__name__)
 HISTOGRAMS = {"server_ttft": "vllm:time_to_first_token_seconds",
@@ -247,6 +247,10 @@ class StepProbe:
         src = self._meter.source
         if self._util:
             out[f"{src}_util_pct_mean"] = sum(self._util) / len(self._util)
+            est = stats.mean(self._util)  # t interval over the samples (neighbours correlate: approximate)
+            if est.lo is not None:
+                out[f"{src}_util_pct_mean_ci_lo"], out[f"{src}_util_pct_mean_ci_hi"] = est.lo, est.hi
+            out[f"{src}_util_samples"] = float(len(self._util))
             out[f"{src}_util_pct_max"] = max(self._util)
         if self._mem:
             out["gpu_mem_gib_max"] = max(self._mem)
