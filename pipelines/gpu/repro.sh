@@ -7,7 +7,10 @@
 #       (pipelines/gpu/params-gpu.yaml; PROFILE=none skips it), then `dvc repro`, all under setsid;
 #       follows the log for up to WAIT_S (540) seconds; VARIANTS=a,b keeps only those of
 #       quantize.variants (a shorter run); PROFILE="a.yaml b.yaml" merges several profiles in order;
-#       TARGETS=report runs `dvc repro report` (only what the report needs: no shard stage)
+#       TARGETS=report runs `dvc repro report` (only what the report needs: no shard stage);
+#       CARRIED="prepare quantize": those stages' outputs and dvc.lock were made on another machine and
+#       carried here: `dvc commit` puts them in this cache, and the run stops if that would change the
+#       lock (outputs not made by this code and params)
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
 # Each call ends by copying the results to $RESULTS (default runs/gpu-repro): metrics.json,
@@ -40,13 +43,20 @@ if [ "$PROFILE" != none ]; then
 fi
 python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ -n "$CARRIED" ]; then
+  cp dvc.lock runs/gpu-repro-state/dvc.lock.carried
+  dvc commit -f $CARRIED || exit 1
+  cmp -s dvc.lock runs/gpu-repro-state/dvc.lock.carried || {
+    echo "CARRIED: the carried outputs do not match this code and params:"; diff runs/gpu-repro-state/dvc.lock.carried dvc.lock | head -n 40; exit 1; }
+  echo "carried: $CARRIED up to date"
+fi
 t1=$SECONDS
 dvc repro $TARGETS; rc=$?
 echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
 dvc status
 exit $rc
 INNER
-  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
+  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
 fi
 pid=$(cat "$state/pid")
