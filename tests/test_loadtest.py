@@ -198,6 +198,58 @@ def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone
     assert [o["variant"] for o in report.details["order"]][:3] == ["a", "b", "c"]  # arms keep the variants' order
 
 
+def test_parallel_start_keeps_servers_alive_that_die_with_the_thread_that_started_them(in_tmp, monkeypatch):
+    """A managed vLLM is spawned with PR_SET_PDEATHSIG (serve._die_with_parent), which Linux ties to
+    the spawning thread: the first GPU run started five servers from pool threads that then ended,
+    and every server got SIGTERM the moment it was ready (all requests: connection refused)."""
+    import contextlib
+    import subprocess
+    import time
+
+    from workbench.serve import _die_with_parent
+
+    procs = {}
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=_die_with_parent)
+        procs[variant] = proc
+        try:
+            yield "http://127.0.0.1:9/v1", {"managed": True, "pid": proc.pid}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], parallel_start=True)
+    with contextlib.ExitStack() as stack:
+        started = loadtest.start_endpoints(cfg, ["a", "b"], stack)
+        assert set(started) == {"a", "b"}
+        time.sleep(0.5)  # a thread's exit signals its children at once
+        assert all(p.poll() is None for p in procs.values()), {v: p.poll() for v, p in procs.items()}
+    assert all(p.poll() is not None for p in procs.values())  # stopped with the stack
+
+
+def test_a_server_that_died_after_its_start_stops_the_run_before_any_step(in_tmp, monkeypatch):
+    import contextlib
+
+    from workbench.serve import ServerError
+
+    @contextlib.contextmanager
+    def endpoint(cfg, variant, log_dir):
+        with FakeServer(model="fake") as fake:
+            url = fake.base_url
+        (log_dir / "vllm.log").write_text("EngineCore: trigger received signal=SIGTERM\n")
+        yield url, {"managed": True, "base_url": url, "log": str(log_dir / "vllm.log")}  # nothing listens now
+
+    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    monkeypatch.setattr(loadtest, "ALIVE_TIMEOUT_S", 1.0)
+    with pytest.raises(ServerError, match=r"stopped answering before the first step(.|\n)*SIGTERM"):
+        loadtest.run(LoadtestConfig(model="fake", variants=["a"], rates=[10], requests_per_step=4,
+                                    warmup_requests=0, repeats=1, scrape_metrics=False))
+    assert not list((in_tmp / "runs/loadtest/a").glob("step-*.jsonl"))  # no step was measured
+
+
 def test_a_server_that_fails_alone_too_is_reported_not_servable_and_the_rest_measured(in_tmp, monkeypatch):
     import contextlib
 

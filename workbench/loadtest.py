@@ -137,8 +137,12 @@ def start_endpoints(cfg: LoadtestConfig, variants: list[str], stack: contextlib.
 
     managers = {v: endpoint(cfg, v, Path(cfg.out_dir) / v) for v in variants}
     log.info("starting %d servers at once: %s", len(variants), ", ".join(variants))
-    with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
-        futures = {v: pool.submit(cm.__enter__) for v, cm in managers.items()}
+    # The pool's threads must outlive the servers they started: a managed server dies with the
+    # thread that spawned it (serve._die_with_parent, PR_SET_PDEATHSIG). Entered on the stack first,
+    # the pool shuts down after every server's exit (the stack unwinds last in, first out).
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(len(variants), "server-start"))
+    futures = {v: pool.submit(cm.__enter__) for v, cm in managers.items()}
+    concurrent.futures.wait(futures.values())
     started, unexpected = {}, None
     for v, future in futures.items():  # every server that came up is stopped with the stack
         try:
@@ -155,6 +159,25 @@ def start_endpoints(cfg: LoadtestConfig, variants: list[str], stack: contextlib.
                     str(started[v]).splitlines()[0] if str(started[v]) else type(started[v]).__name__)
         started[v] = one(v)
     return started
+
+
+ALIVE_TIMEOUT_S = 30.0  # how long check_alive waits for a server's /health
+
+
+def check_alive(arms: list[Arm], infos: dict[str, dict]) -> None:
+    """Every managed server still answers /health before the first step: one that died after its
+    start would otherwise turn the whole run into connection errors, measured and reported."""
+    from workbench.net import wait_http_ok
+    from workbench.serve import ServerError, tail
+
+    for arm in arms:
+        info = infos.get(arm.variant, {})
+        if not info.get("managed") or not arm.root_url:
+            continue
+        if not wait_http_ok(f"{arm.root_url}/health", ALIVE_TIMEOUT_S):
+            log_path = info.get("log")
+            raise ServerError(f"{arm.variant}: the server at {arm.root_url} stopped answering before the first "
+                              f"step" + (f"; its log ends:\n{tail(Path(log_path))}" if log_path else ""))
 
 
 @dataclass
@@ -452,6 +475,7 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
                 infos[name] = {**info, "via_gateway": gw_url, "direct_arm": v}
                 arms.append(Arm(name, dataclasses.replace(target, base_url=gw_url, api_key=key), root_url,
                                 info.get("pid")))
+        check_alive(arms, infos)
         done, knees = run_async(interleaved(cfg, arms, on_step)) if arms else ([], {})
 
     fingerprint = {}

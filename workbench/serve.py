@@ -98,7 +98,11 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: new process group, and SIGTERM if our process dies."""
+    """Runs in the child before exec: new process group, and SIGTERM if our process dies.
+
+    Linux ties PR_SET_PDEATHSIG to the *thread* that started the child: a server started from a
+    worker thread is killed when that thread ends (``loadtest.start_endpoints`` keeps its threads
+    alive as long as the servers for this reason)."""
     os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -80,7 +80,7 @@ print(json.dumps([{"name": r.info.run_name, "status": r.info.status, "metrics": 
 PY
 fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
-  "$state/mlflow-runs.json" runs/failed runs/notebooks runs/loadtest/*/*.md runs/loadtest/*/*.png \
+  "$state/mlflow-runs.json" runs/failed runs/notebooks runs/evaluate runs/loadtest/*/*.md runs/loadtest/*/*.png \
   runs/loadtest/*/*.log 2>/dev/null
 # The load test's raw records (every request's timings), apart: large, for a re-analysis, not for git.
 tar czf "$RESULTS/loadtest-records.tar.gz" --ignore-failed-read runs/loadtest/*/step-*.jsonl 2>/dev/null
