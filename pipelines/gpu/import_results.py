@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             (dest / rel.parent).mkdir(parents=True, exist_ok=True)
             scrub(path)
             shutil.copy(path, dest / rel)
-            if rel.parts[0] not in ("loadtest", "shard", "evaluate", "prepare", "quantize", "report"):
+            if rel.parts[0] not in ("loadtest", "shard", "evaluate", "prepare", "quantize", "report") \
+                    or "plots" in rel.parts:  # the report's plot data (DVC plots), not reports
                 continue
             report = read_report(path)
             if report.stage == loadtest.STAGE and report.variant == loadtest.VARIANT:

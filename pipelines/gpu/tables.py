@@ -78,9 +78,11 @@ def gateway_block(all_lt) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root", help="folder holding reports/ (a run's results, e.g. results/gpu-2)")
+    ap.add_argument("root", help="a run's folder holding reports/, or the reports themselves as "
+                    "import_results copies them (e.g. results/gpu-2)")
     a = ap.parse_args(argv)
-    reports = Path(a.root) / "reports"
+    root = Path(a.root)
+    reports = root / "reports" if (root / "reports").is_dir() else root  # a run's tree, or import_results' copy
     report = read_report(reports / "report/all.json")
     rec = report.details["recommendation"]
     out = ["## The variants (seed table 4.2)", "", variants_table(report), ""]
