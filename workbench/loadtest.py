@@ -205,6 +205,7 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
     specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
     done: list[Done] = []
     knees: dict[str, KneeResult] = {}
+    low = low_load_config(cfg)  # knee mode's low-load step, or None
     async with make_session(cfg.timeout_s) as session:
         async def step(arm: Arm, rate: float, index: int, repeat: int, role: str,
                        step_cfg: LoadtestConfig = cfg) -> Done:
@@ -233,7 +234,6 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
                             log.info("%s saturated at %g req/s: its higher rates are skipped", arm.variant, rate)
                             saturated[arm.variant] = rate
         else:
-            low = low_load_config(cfg)
             if low is not None:  # decode speed at low load, every arm, before the searches
                 for arm in arms:
                     await step(arm, cfg.knee.low_load_req_per_s, 0, 0, first_role(), low)
@@ -254,11 +254,9 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
                     search.observe(rate, summary.slo_verdict(pooled[key], cfg.slo).overall)
             knees = {v: s.result() for v, s in searches.items()}
         if controlled and len(done) > 1:
-            first = done[0]
-            low = low_load_config(cfg)
-            first_cfg = low if low is not None and cfg.mode == "knee" else cfg  # the control's own step size
+            first = done[0]  # measured again with its own step size (the low-load step's, when it came first)
             await step(first.arm, first.result.rate, cfg.rates.index(first.result.rate)
-                       if cfg.mode == "sweep" else 0, first.repeat, "control-end", first_cfg)
+                       if cfg.mode == "sweep" else 0, first.repeat, "control-end", low or cfg)
     return done, knees
 
 

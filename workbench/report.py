@@ -282,7 +282,8 @@ def track(run, report: Report) -> None:
         tracking.log_variant_summary(v, {k.split(".", 1)[1]: x for k, x in nums.items()})
 
 
-def _text(d: dict | None, fmt: str, unit: str = "") -> str:
+def cell_text(d: dict | None, fmt: str, unit: str = "") -> str:
+    """One table cell: an Estimate or Comparison (as dumped in a report) as text with its interval."""
     if d is None:
         return ""
     if "diff" in d:
@@ -299,11 +300,11 @@ def tables(report: Report):
         "variant": r["variant"], "method": r["method"],
         "MB": f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "",
         "compression": f"{r['compression']:.2f}x" if r["compression"] else "",
-        "TPOT p50 ms (low load)": _text(r["tpot_ms_p50_low_load"], ".1f"),
-        "perplexity": _text(r["ppl_word"], ".2f"),
-        "perplexity vs base": _text(r.get("ppl_change_vs_base"), "+.1f", " %"),
-        **{f"{s} acc": _text(r[f"{s}_acc"], ".3f") for s in SUITES},
-        **{f"{s} vs base": _text(r.get(f"{s}_vs_base"), "+.3f") for s in SUITES},
+        "TPOT p50 ms (low load)": cell_text(r["tpot_ms_p50_low_load"], ".1f"),
+        "perplexity": cell_text(r["ppl_word"], ".2f"),
+        "perplexity vs base": cell_text(r.get("ppl_change_vs_base"), "+.1f", " %"),
+        **{f"{s} acc": cell_text(r[f"{s}_acc"], ".3f") for s in SUITES},
+        **{f"{s} vs base": cell_text(r.get(f"{s}_vs_base"), "+.3f") for s in SUITES},
         "sustained req/s (SLO)": KneeResult.model_validate(r["sustained_req_per_s"]).text()
         if r.get("sustained_req_per_s") else "",
         "broken": "yes" if r["broken"] else "",

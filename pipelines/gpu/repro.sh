@@ -39,6 +39,7 @@ if ! git rev-parse --git-dir >/dev/null 2>&1; then
 fi
 if [ "$PROFILE" != none ]; then
   for profile in $PROFILE; do python -m pipelines.gpu.overlay "$profile" || exit 1; done
+  # --variants rides on the last profile (merging it again changes nothing)
   [ -z "$VARIANTS" ] || python -m pipelines.gpu.overlay "$profile" --variants "$VARIANTS" || exit 1
 fi
 python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from workbench import loadtest, stats
 from workbench.loadgen.knee import KneeResult
-from workbench.report import _text, tables
+from workbench.report import cell_text, tables
 from workbench.reports import read_report
 
 
@@ -38,9 +38,9 @@ def variants_table(report) -> str:
         size = f"{r['bytes'] / 1e6:.1f} ({r['bytes'] / base_bytes:.3f})" if r["bytes"] and base_bytes else "n/a"
         knee = KneeResult.model_validate(r["sustained_req_per_s"]).text() if r.get("sustained_req_per_s") else "n/a"
         blank = "(reference)" if r["variant"] == "base" else "n/a"
-        rows.append(f"| {r['variant']} | {r['method']} | {size} | {_text(r['tpot_ms_p50_low_load'], '.2f') or 'n/a'} "
-                    f"| {knee} | {_text(r.get('ppl_change_vs_base'), '+.1f', ' %') or blank} "
-                    f"| {_text(r.get('mmlu_vs_base'), '+.3f') or blank} | {_text(r.get('ceval_vs_base'), '+.3f') or blank} |")
+        rows.append(f"| {r['variant']} | {r['method']} | {size} | {cell_text(r['tpot_ms_p50_low_load'], '.2f') or 'n/a'} "
+                    f"| {knee} | {cell_text(r.get('ppl_change_vs_base'), '+.1f', ' %') or blank} "
+                    f"| {cell_text(r.get('mmlu_vs_base'), '+.3f') or blank} | {cell_text(r.get('ceval_vs_base'), '+.3f') or blank} |")
     return "\n".join(rows)
 
 

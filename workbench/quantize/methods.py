@@ -45,18 +45,24 @@ def _ct_scheme(bits: int, group_size: int, symmetric: bool) -> dict:
         "group_size": group_size}}}
 
 
-def _oneshot(base_dir: Path, out: Path, recipe, texts: list[str], seq_len: int) -> None:
+def _oneshot(base_dir: Path, out: Path, recipe, texts: list[str] | None, seq_len: int) -> None:
+    """llm-compressor's one-shot ``recipe`` on a float32 copy of base, saved compressed to ``out``;
+    ``texts``: the calibration data, or None for a recipe that needs none."""
     import torch
-    from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    enc = tok(texts, truncation=True, max_length=seq_len)
-    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq_len,
-            num_calibration_samples=len(texts))
+    if texts is None:
+        oneshot(model=model, recipe=recipe)
+    else:
+        from datasets import Dataset
+
+        enc = tok(texts, truncation=True, max_length=seq_len)
+        ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq_len,
+                num_calibration_samples=len(texts))
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
 
@@ -88,16 +94,10 @@ def quantize_awq(base_dir, out, v, texts, seq_len):
 def quantize_fp8(base_dir, out, v, texts, seq_len):
     """llm-compressor's FP8_DYNAMIC scheme: round-to-nearest weights, no calibration data (the
     activation scales are computed per token when served), so ``texts`` are not used."""
-    import torch
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]))
-    model.save_pretrained(out, save_compressed=True)
-    tok.save_pretrained(out)
+    _oneshot(base_dir, out, QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),
+             None, seq_len)
 
 
 @register("autoawq", "awq")
