@@ -393,8 +393,9 @@ def _variant_report(cfg: LoadtestConfig, variant: str, done: list[Done], knee: K
     except Exception as err:  # a plot is a view; the report stands without it
         log.warning("load-test plots failed (%s: %s)", type(err).__name__, err)
     write_report(report)
-    log.info("loadtest %s: %d steps, SLO met (supported) up to %.2f req/s -> %s", variant, len(steps),
-             report.metrics["slo_rate_req_per_s"], report.path)
+    met = f"sustained rate at the SLO {knee.text()}" if knee is not None else \
+        f"SLO met (supported) up to {report.metrics['slo_rate_req_per_s']:.2f} req/s"
+    log.info("loadtest %s: %d steps, %s -> %s", variant, len(steps), met, report.path)
     return report
 
 
