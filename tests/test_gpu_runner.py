@@ -209,3 +209,38 @@ def test_gpu_tables_render_every_variant_and_the_recommended_steps_from_a_runs_r
     assert "## Recommendation: base" in text
     assert "| 80 | rate_80 (measure) | 83.4 | 45.7 [44.1, 47.0] |" in text
     assert "changed between the start and the end" in text  # that run's drift verdict
+
+
+def test_repro_returns_its_results_as_files_a_leased_machine_can_send_back(tmp_path):
+    """repro.sh's results, also of a run that has not finished: few files, none over 16 MiB (what a
+    leased GPU machine returns), the load test's raw records in parts that rebuild the archive."""
+    run = tmp_path / "run"
+    state = run / "runs/gpu-repro-state"
+    state.mkdir(parents=True)
+    (state / "repro.log").write_text("Running stage 'loadtest':\n")
+    (state / "setup.log").write_text("[setup] ok\n")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    (state / "pid").write_text(f"{finished.pid}\n")
+    (run / "reports/quantize").mkdir(parents=True)
+    (run / "reports/quantize/a.json").write_text("{}")
+    records = run / "runs/loadtest/a/step-100.jsonl"
+    records.parent.mkdir(parents=True)
+    records.write_bytes(os.urandom(20 * 2**20))  # incompressible: 20 MiB, two parts
+    out = tmp_path / "out"
+    env = {**os.environ, "WAIT_S": "0", "RESULTS": str(out)}
+    res = subprocess.run(["bash", str(ROOT / "pipelines/gpu/repro.sh"), "wait"], cwd=run, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "FINISHED" in res.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["loadtest-records.tar.gz.part0", "loadtest-records.tar.gz.part1", "repro.log", "results.tar.gz"]
+    assert all((out / f).stat().st_size <= 15 * 2**20 for f in files)
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True).stdout
+    assert "reports/quantize/a.json" in listing and "runs/gpu-repro-state/setup.log" in listing
+    joined = tmp_path / "records.tar.gz"
+    joined.write_bytes(b"".join((out / f).read_bytes() for f in files if ".part" in f))
+    back = tmp_path / "back"
+    back.mkdir()
+    subprocess.run(["tar", "xzf", str(joined), "-C", str(back)], check=True)
+    assert (back / "runs/loadtest/a/step-100.jsonl").read_bytes() == records.read_bytes()

@@ -165,6 +165,40 @@ def test_knee_mode_low_load_step_comes_first_for_every_variant_and_is_the_drift_
     assert report.details["drift"]["variant"] == "a"
 
 
+def test_time_budget_stops_new_steps_keeps_the_drift_control_and_writes_every_report(in_tmp, monkeypatch):
+    from workbench.config import KneeConfig, SLOConfig
+
+    fakes = {v: FakeServer(ttft_ms=5, itl_ms=2, output_tokens=4, model="fake") for v in "ab"}
+    fake_endpoints(monkeypatch, fakes)
+    # each step takes >= 0.5 s: the budget runs out after the low-load steps and the first knee round
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+                         scrape_metrics=False, max_duration_s=1.2,
+                         slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
+                         knee=KneeConfig(start_req_per_s=20, max_probes=6, low_load_req_per_s=10,
+                                         low_load_requests=5))
+    report = loadtest.run(cfg)
+    order = [(o["variant"], o["role"]) for o in report.details["order"]]
+    assert len(order) < 2 + 2 * 6 + 1  # far fewer steps than the searches wanted
+    assert order[-1] == ("a", "control-end")  # the drift control is still measured
+    assert report.details["drift"] is not None
+    stopped = report.details["time_budget"]["stopped"]
+    assert stopped and "max_duration_s 1.2" in stopped
+    for v in "ab":  # every variant's report written, its knee marked unfinished with the reason
+        r = read_report(in_tmp / f"reports/loadtest/{v}.json")
+        assert r.details["knee"]["note"].startswith("not finished: the load test's time budget")
+        assert not r.details["knee"]["converged"]
+        assert r.details["time_budget_stopped"] == stopped
+
+
+def test_without_a_time_budget_the_run_says_nothing_stopped_it(in_tmp, monkeypatch):
+    fake_endpoints(monkeypatch, {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") for v in "ab"})
+    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[20], requests_per_step=3, repeats=1,
+                         warmup_requests=0, scrape_metrics=False)
+    report = loadtest.run(cfg)
+    assert report.details["time_budget"] == {"max_duration_s": None, "stopped": None}
+    assert len(report.details["order"]) == 3  # a, b, and the control again
+
+
 def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone(in_tmp, monkeypatch):
     import contextlib
     import threading

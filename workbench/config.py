@@ -233,6 +233,11 @@ class LoadtestConfig(Section):
     # achieved rate and throughput get a t interval over the repeats.
     repeats: int = Field(default=2, ge=1)
     drift_control: bool = True  # measure the first step again at the end of a compared run
+    # Time budget for the measuring, in seconds from the first step (None: none). Past it no new step
+    # starts: the sweep skips its remaining steps, each knee search ends "not finished" with the
+    # bracket it has, the drift control is still measured, and every report is written. For a
+    # leased GPU: an unfinished stage returns nothing, a budgeted one returns what it measured.
+    max_duration_s: float | None = Field(default=None, gt=0)
     # The control drifted when its TTFT or E2EL moved significantly (Mann-Whitney U) AND by more
     # than this share of its median: a 1 ms wobble on a 5 ms TTFT decides no deployment.
     drift_tolerance: float = Field(default=0.1, ge=0)

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -197,15 +198,25 @@ def _stop_after(cfg: LoadtestConfig, result: StepResult) -> bool:
 
 
 async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
-                      on_step: Callable[[Done], None]) -> tuple[list[Done], dict[str, KneeResult]]:
+                      on_step: Callable[[Done], None]) -> tuple[list[Done], dict[str, KneeResult], str | None]:
     """Every arm's steps, interleaved: for each repeat, for each rate, one step of each arm in turn
     (A B C A B C), all arms at one (rate, repeat) sent the same prompts at the same offsets. In
     ``knee`` mode each arm's knee search advances one probe per round. With ``drift_control``, the
-    first step is measured again, on the same requests, at the end."""
+    first step is measured again, on the same requests, at the end. Past ``max_duration_s`` no new
+    step starts (the drift control excepted); the third value then says so, else it is None."""
     specs = workloads.load(cfg.workload, np.random.default_rng(cfg.seed))
     done: list[Done] = []
     knees: dict[str, KneeResult] = {}
     low = low_load_config(cfg)  # knee mode's low-load step, or None
+    t0 = time.monotonic()
+    stopped: list[str] = []  # the time budget's note, once it ran out
+
+    def out_of_time() -> bool:
+        if not stopped and cfg.max_duration_s is not None and time.monotonic() - t0 >= cfg.max_duration_s:
+            stopped.append(f"the load test's time budget (max_duration_s {cfg.max_duration_s:g} s) ran out "
+                           f"after {len(done)} steps")
+            log.warning("%s: no new step starts", stopped[0])
+        return bool(stopped)
     async with make_session(cfg.timeout_s) as session:
         async def step(arm: Arm, rate: float, index: int, repeat: int, role: str,
                        step_cfg: LoadtestConfig = cfg) -> Done:
@@ -227,7 +238,7 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
             for repeat in range(cfg.repeats):
                 for index, rate in enumerate(cfg.rates):
                     for arm in arms:
-                        if rate > saturated.get(arm.variant, math.inf):
+                        if rate > saturated.get(arm.variant, math.inf) or out_of_time():
                             continue
                         d = await step(arm, rate, index, repeat, first_role())
                         if _stop_after(cfg, d.result):
@@ -236,12 +247,15 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
         else:
             if low is not None:  # decode speed at low load, every arm, before the searches
                 for arm in arms:
-                    await step(arm, cfg.knee.low_load_req_per_s, 0, 0, first_role(), low)
+                    if not out_of_time():
+                        await step(arm, cfg.knee.low_load_req_per_s, 0, 0, first_role(), low)
             searches = {arm.variant: KneeSearch(cfg.knee) for arm in arms}
             pooled: dict[tuple[str, float], summary.Columns] = {}
             while any(s.next_rate() is not None for s in searches.values()):
                 for arm in arms:
                     search = searches[arm.variant]
+                    if out_of_time():
+                        search.stop(stopped[0])
                     rate = search.next_rate()
                     if rate is None:
                         continue
@@ -257,7 +271,7 @@ async def interleaved(cfg: LoadtestConfig, arms: list[Arm],
             first = done[0]  # measured again with its own step size (the low-load step's, when it came first)
             await step(first.arm, first.result.rate, cfg.rates.index(first.result.rate)
                        if cfg.mode == "sweep" else 0, first.repeat, "control-end", low or cfg)
-    return done, knees
+    return done, knees, (stopped[0] if stopped else None)
 
 
 def low_load_config(cfg: LoadtestConfig) -> LoadtestConfig | None:
@@ -360,7 +374,8 @@ def not_servable(cfg: LoadtestConfig, variant: str, err: Exception) -> Report:
 
 
 def _variant_report(cfg: LoadtestConfig, variant: str, done: list[Done], knee: KneeResult | None,
-                    server_info: dict, outputs: dict[str, str], fingerprint: dict, run_id: str) -> Report:
+                    server_info: dict, outputs: dict[str, str], fingerprint: dict, run_id: str,
+                    stopped: str | None = None) -> Report:
     mine = [d for d in done if d.arm.variant == variant]
     cols = {d.position: summary.columns(d.result.records, cfg.slo) for d in mine}
     steps = [summary.step_summary(
@@ -375,7 +390,8 @@ def _variant_report(cfg: LoadtestConfig, variant: str, done: list[Done], knee: K
                  "steps": [s.model_dump(mode="json") for s in steps],
                  "rates": [r.model_dump(mode="json") for r in rates],
                  "knee": knee.model_dump(mode="json") if knee else None,
-                 "step_metrics": {d.result.label: d.result.metrics for d in mine}},
+                 "step_metrics": {d.result.label: d.result.metrics for d in mine},
+                 "time_budget_stopped": stopped},
         outputs=dict(outputs))
     write_report(report)  # the result; everything below is a view of it
     out_dir = Path(cfg.out_dir) / variant
@@ -475,12 +491,12 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
                 arms.append(Arm(name, dataclasses.replace(target, base_url=gw_url, api_key=key), root_url,
                                 info.get("pid")))
         check_alive(arms, infos)
-        done, knees = run_async(interleaved(cfg, arms, on_step)) if arms else ([], {})
+        done, knees, stopped = run_async(interleaved(cfg, arms, on_step)) if arms else ([], {}, None)
 
     fingerprint = {}
     if cfg.workload.path and Path(cfg.workload.path).is_file():
         fingerprint["workload"] = {"path": cfg.workload.path, "sha256": sha256_file(Path(cfg.workload.path))}
-    reports = {v: _variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], fingerprint, run_id)
+    reports = {v: _variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], fingerprint, run_id, stopped)
                for v in names if v in infos}
     reports.update(unservable)
     if variant and not via:
@@ -511,6 +527,7 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
                             "repeat": d.repeat, "role": d.role} for d in done],
                  "drift": drift.model_dump(mode="json") if drift else None,
                  "gateway": gateway,
+                 "time_budget": {"max_duration_s": cfg.max_duration_s, "stopped": stopped},
                  "reports": {v: str(r.path) for v, r in reports.items()}})
     write_report(report)
     return reports[variant] if variant else report

@@ -10,7 +10,9 @@
 #     --have FILE       a `pip freeze` of the GPU host's Python: pins it already has at the same version
 #                       are left out (use with ./setup.sh --system-site-packages there)
 #     --split MIB       also cut the bundle into tar chunks of MIB MiB (OUT_DIR/c00, c01, ...), for a
-#                       transfer with a size limit; there: cat c[0-9][0-9] | tar xf -
+#                       transfer with a size limit; there: cat c[0-9][0-9] | tar xf -. Where each chunk
+#                       travels with a copy of the repository, MIB plus the repository's size (printed
+#                       at the end) must stay under that limit
 #     --locks "A B"     the lock files (default: requirements/cuda.lock requirements/quant-cuda.lock)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -75,4 +77,5 @@ if [ -n "$split" ]; then
   (cd "$out" && tar cf - wheels) | split -b "${split}m" -d -a 2 - "$out/c"
   ls -la "$out"/c[0-9][0-9] >&2
   cat "$out"/c[0-9][0-9] | md5sum >&2
+  echo "pack: the repository's tracked files: $(cd "$root" && git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -n 1 | cut -f1) KiB (on disk); a chunk travels beside them" >&2
 fi

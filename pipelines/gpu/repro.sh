@@ -13,9 +13,12 @@
 #       lock (outputs not made by this code and params)
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
-# Each call ends by copying the results to $RESULTS (default runs/gpu-repro): metrics.json,
-# all.json, report.html, results.tar.gz (every stage report, dvc.lock, params.yaml, the MLflow run
-# list) and the logs. A folder that is not a git repository gets one (DVC needs it), with one commit.
+# Each call ends by copying the results to $RESULTS (default runs/gpu-repro), as few files as can
+# come back from a leased machine (there: at most 8 files of 16 MiB): repro.log, results.tar.gz
+# (every stage report, metrics.json, dvc.lock, params.yaml, the MLflow run list, the setup log, the
+# notebooks, the evaluation records, the load test's logs) and the load test's raw records in parts
+# of 15 MiB (loadtest-records.tar.gz.part0, part1, ...: cat them, then tar xzf). A folder that is not a
+# git repository gets one (DVC needs it), with one commit.
 set -u
 cmd=${1:?start|wait}; shift
 WAIT_S=${WAIT_S:-540}
@@ -65,10 +68,7 @@ end=$((SECONDS + WAIT_S))
 while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
 if kill -0 "$pid" 2>/dev/null; then echo "RUNNING (pid $pid): call 'repro.sh wait' next"; else echo "FINISHED"; fi
 # What came out so far.
-cp "$state"/*.log "$RESULTS"/ 2>/dev/null
-[ -f metrics.json ] && cp metrics.json "$RESULTS"/
-[ -f reports/report/all.json ] && cp reports/report/all.json "$RESULTS"/
-[ -f reports/report/report.html ] && cp reports/report/report.html "$RESULTS"/
+cp "$state/repro.log" "$RESULTS"/ 2>/dev/null
 if [ -x .venv/bin/python ]; then
   .venv/bin/python - > "$state/mlflow-runs.json" 2>/dev/null <<'PY'
 import json
@@ -81,8 +81,14 @@ print(json.dumps([{"name": r.info.run_name, "status": r.info.status, "metrics": 
 PY
 fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
-  "$state/mlflow-runs.json" runs/failed runs/notebooks runs/evaluate runs/loadtest/*/*.md runs/loadtest/*/*.png \
-  runs/loadtest/*/*.log 2>/dev/null
-# The load test's raw records (every request's timings), apart: large, for a re-analysis, not for git.
-tar czf "$RESULTS/loadtest-records.tar.gz" --ignore-failed-read runs/loadtest/*/step-*.jsonl 2>/dev/null
+  "$state/mlflow-runs.json" "$state/setup.log" runs/failed runs/notebooks runs/evaluate \
+  runs/loadtest/*/*.md runs/loadtest/*/*.png runs/loadtest/*/*.log 2>/dev/null
+# The load test's raw records (every request's timings; ~1 KB a request compressed), apart and in
+# parts that can come back: for a re-analysis of a run that did not finish, not for git.
+rm -f "$RESULTS"/loadtest-records.tar.gz*
+if ls runs/loadtest/*/step-*.jsonl >/dev/null 2>&1; then
+  tar czf - runs/loadtest/*/step-*.jsonl | split -b 15m -d -a 1 - "$RESULTS/loadtest-records.tar.gz.part"
+  n=$(ls "$RESULTS"/loadtest-records.tar.gz.part* | wc -l)
+  [ "$n" -le 4 ] || echo "WARNING: $n parts of load-test records; a leased machine returns 64 MiB in all"
+fi
 grep -E "^(Running stage|Stage '|ERROR|setup_s|dvc_repro|torch |SETUP)|Traceback|Error:" "$state/repro.log" | tail -n 60

@@ -48,6 +48,8 @@ class KneeResult(BaseModel):
     note: str
 
     def text(self) -> str:
+        if self.lo is None and self.hi is None:
+            return "not measured (no probe finished)"
         if self.lo is None:
             return f"< {self.hi:g} req/s (no rate tried passed)"
         hi = "∞" if self.hi is None else f"{self.hi:.3g}"
@@ -87,6 +89,14 @@ class KneeSearch:
             self.hi = rate
             self.hi_undecided = verdict is Verdict.undecided
         self._next = self._choose()
+
+    def stop(self, reason: str) -> None:
+        """End the search before it converged (e.g. the load test's time budget ran out): its
+        result keeps the bracket measured so far, and the note says why it stopped."""
+        if self._next is not None:
+            self._next = None
+            self._repeats = 0  # an undecided probe's repeats so far count for nothing
+            self._done_note = f"not finished: {reason}"
 
     def _probes_used(self) -> int:
         return sum(p.repeats for p in self.probes) + self._repeats
