@@ -244,3 +244,47 @@ def test_repro_returns_its_results_as_files_a_leased_machine_can_send_back(tmp_p
     back.mkdir()
     subprocess.run(["tar", "xzf", str(joined), "-C", str(back)], check=True)
     assert (back / "runs/loadtest/a/step-100.jsonl").read_bytes() == records.read_bytes()
+
+
+def test_redis_bundle_serves_with_the_libraries_it_carries(tmp_path):
+    """What pipelines/gpu/redis-bundle.sh packs for a GPU host without apt: redis-server whose every
+    library but the C library's is loaded from the bundle, started by its launcher, answering PING."""
+    import shutil
+    import socket
+    import time
+
+    from workbench.net import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; ./setup.sh does it)")
+    archive = tmp_path / "redis.tar.gz"
+    subprocess.run(["bash", str(ROOT / "pipelines/gpu/redis-bundle.sh"), str(archive)], check=True,
+                   capture_output=True, timeout=60)
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(host)], check=True)
+    lib = host / "redis/lib"
+    ldd = subprocess.run(["ldd", str(host / "redis/bin/redis-server")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(lib)}).stdout
+    resolved = [line.split()[:3] for line in ldd.splitlines() if "=>" in line and "/" in line]
+    assert resolved
+    for name, _, path in resolved:
+        if not name.startswith(("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux")):
+            assert path.startswith(str(lib)), f"{name} would load from {path}, not the bundle"
+    port = free_port()
+    proc = subprocess.Popen([str(host / "redis/run.sh"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], env={"PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline, answer = time.monotonic() + 10, b""
+        while not answer.startswith(b"+PONG") and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    answer = s.recv(16)
+            except OSError:
+                time.sleep(0.05)
+        assert answer.startswith(b"+PONG"), f"no PONG (exit code {proc.poll()})"
+    finally:
+        proc.terminate()
+        proc.wait(10)

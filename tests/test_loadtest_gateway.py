@@ -8,11 +8,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 
 from workbench import loadtest
 from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig, load_params
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
+
+from tests.test_gateway_scale import redis_url  # noqa: F401  (a real redis-server, for the workers' limits)
 
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_FILES = ("deploy/gateway.yaml", "data/gateway/sensitive_words.en.txt", "data/gateway/sensitive_words.zh.txt")
@@ -122,3 +125,30 @@ def test_a_gateway_arm_of_a_variant_not_compared_is_named_in_the_error(in_tmp, m
     with pytest.raises(ConfigError, match=r"gateway_arms \['nope'\]"):
         load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[nope]"])
     assert load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[base]"]).loadtest.gateway_arms == ["base"]
+
+
+def test_gateway_overrides_run_the_gateway_arm_as_workers_sharing_limits_in_redis(in_tmp, monkeypatch, redis_url):
+    """A GPU host's gateway: processes beside one another (limits in Redis), from overrides over
+    deploy/gateway.yaml, every request answered through them."""
+    fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake")})
+    over = {"workers": 2, "limits": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "lt-workers:"}}
+    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=12,
+                         warmup_requests=0, repeats=1, drift_control=False, scrape_metrics=False,
+                         gateway_overrides=over)
+    loadtest.run(cfg)
+    written = yaml.safe_load((in_tmp / "runs/loadtest/a@gateway/gateway.yaml").read_text())
+    assert written["workers"] == 2 and written["limits"]["backend"] == "redis"
+    assert written["filter"]["enabled"] and written["moderation"]["policy"] == "keyword"  # the rest kept
+    gw = read_report(in_tmp / "reports/loadtest/a@gateway.json")
+    assert gw.metrics["rate_20.requests"] == 12 and gw.metrics["rate_20.goodput"] == 1.0
+    assert "workers: 2" in (in_tmp / "runs/loadtest/a@gateway/gateway.log").read_text()
+
+
+def test_a_misspelled_gateway_override_is_named_before_any_step(in_tmp, monkeypatch):
+    from workbench.serve import ServerError
+
+    fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake")})
+    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=2,
+                         repeats=1, scrape_metrics=False, gateway_overrides={"worker": 2})
+    with pytest.raises(ServerError, match=r"gateway_overrides \{'worker': 2\}.*worker"):
+        loadtest.run(cfg)

@@ -24,6 +24,14 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: nested mappings key by key, anything else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the offending key."""
 
@@ -262,6 +270,10 @@ class LoadtestConfig(Section):
     # mode, TTFT/E2EL ratios per rate). Exclusive with via_gateway (which fronts every arm).
     gateway_arms: list[str] = []
     gateway_config: str = "deploy/gateway.yaml"
+    # Keys of the gateway config merged over `gateway_config` for this run's gateway(s), e.g. a GPU
+    # host's {workers: 4, limits: {backend: redis, redis_url: ...}} once one gateway process is the
+    # limit (pipelines/gpu/params-gateway-redis.yaml). Checked against the gateway's own schema.
+    gateway_overrides: dict[str, Any] = {}
 
     @field_validator("server_overrides")
     @classmethod

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from workbench import stats
-from workbench.config import LoadtestConfig
+from workbench.config import LoadtestConfig, deep_merge
 from workbench.loadgen import summary, workloads
 from workbench.loadgen.client import Record, Target, make_session, step_label
 from workbench.loadgen.knee import KneeResult, KneeSearch
@@ -97,13 +97,19 @@ def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir
     from workbench.serve import ServerError, tail
 
     key = "wb-" + secrets.token_urlsafe(24)
-    gw = yaml.safe_load(Path(cfg.gateway_config).read_text())
+    gw = deep_merge(yaml.safe_load(Path(cfg.gateway_config).read_text()), cfg.gateway_overrides)
     upstream = {"base_url": upstream_url, **({"api_key": upstream_key} if upstream_key else {})}
     gw.update(upstreams={model: upstream}, keys=[{"id": "loadtest", "sha256": hash_key(key)}],
               keys_file=None)
     gw["audit"] = {**gw.get("audit", {}), "path": str(log_dir / "gateway-audit.sqlite")}
     conf = log_dir / "gateway.yaml"
     conf.write_text(yaml.safe_dump(gw))
+    from workbench.gateway.config import GatewayConfigError, load_config
+    try:  # a misspelled override fails here, named, not as a gateway that never came up
+        load_config(conf)
+    except GatewayConfigError as err:
+        raise ServerError(f"the gateway config for {log_dir.name} ({cfg.gateway_config} with "
+                          f"loadtest.gateway_overrides {cfg.gateway_overrides}) is not valid: {err}") from None
     port = free_port()
     log_path = log_dir / "gateway.log"
     with open(log_path, "wb") as out:

@@ -36,7 +36,7 @@ if not __package__:  # run as a script (python3 pipelines/gpu/gpu_run.py): this 
     sys.path.insert(0, str(ROOT))
 
 from workbench import loadtest, logconfig  # noqa: E402
-from workbench.config import LoadtestConfig, ServerConfig, load_params  # noqa: E402
+from workbench.config import LoadtestConfig, ServerConfig, deep_merge, load_params  # noqa: E402
 from workbench.loadgen.knee import KneeResult  # noqa: E402
 from workbench.reports import Report, read_report  # noqa: E402
 from workbench.stages import STAGES  # noqa: E402
@@ -46,13 +46,6 @@ log = logging.getLogger("gpu_run")
 PLAN = Path(__file__).with_name("plan.yaml")
 STATE = Path("runs/gpu")  # relative to the checkout: main() works from ROOT
 PHASES = ("prepare", "loadtest", "crosscheck", "shard", "evaluate")
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def server_cfg(plan: dict, params, over: dict) -> ServerConfig:

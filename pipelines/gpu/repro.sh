@@ -10,7 +10,9 @@
 #       TARGETS=report runs `dvc repro report` (only what the report needs: no shard stage);
 #       CARRIED="prepare quantize": those stages' outputs and dvc.lock were made on another machine and
 #       carried here: `dvc commit` puts them in this cache, and the run stops if that would change the
-#       lock (outputs not made by this code and params)
+#       lock (outputs not made by this code and params); REDIS=DIR (pipelines/gpu/redis-bundle.sh's
+#       redis folder, unpacked there): a Redis on 127.0.0.1:6379 for the run, and the gateway arms as
+#       workers sharing their limits in it (params-gateway-redis.yaml); one worker if it does not answer
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
 # Each call ends by copying the results to $RESULTS (default runs/gpu-repro), as few files as can
@@ -45,6 +47,17 @@ if [ "$PROFILE" != none ]; then
   # --variants rides on the last profile (merging it again changes nothing)
   [ -z "$VARIANTS" ] || python -m pipelines.gpu.overlay "$profile" --variants "$VARIANTS" || exit 1
 fi
+if [ -n "$REDIS" ]; then
+  "$REDIS/run.sh" --port 6379 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --dir /tmp \
+    --logfile "$PWD/runs/gpu-repro-state/redis.log"
+  sleep 1
+  if python -c "import redis; redis.Redis(host='127.0.0.1', port=6379, socket_timeout=2).ping()"; then
+    python -m pipelines.gpu.overlay pipelines/gpu/params-gateway-redis.yaml || exit 1
+    echo "redis: up; the gateway arms run as workers sharing their limits in it"
+  else
+    echo "REDIS: not answering (runs/gpu-repro-state/redis.log): the gateway arms keep one worker"
+  fi
+fi
 python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -n "$CARRIED" ]; then
@@ -60,7 +73,8 @@ echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
 dvc status
 exit $rc
 INNER
-  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
+  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} REDIS=${REDIS:-} \
+    setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
 fi
 pid=$(cat "$state/pid")
@@ -81,7 +95,7 @@ print(json.dumps([{"name": r.info.run_name, "status": r.info.status, "metrics": 
 PY
 fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
-  "$state/mlflow-runs.json" "$state/setup.log" runs/failed runs/notebooks runs/evaluate \
+  "$state/mlflow-runs.json" "$state/setup.log" "$state/redis.log" runs/failed runs/notebooks runs/evaluate \
   runs/loadtest/*/*.md runs/loadtest/*/*.png runs/loadtest/*/*.log 2>/dev/null
 # The load test's raw records (every request's timings; ~1 KB a request compressed), apart and in
 # parts that can come back: for a re-analysis of a run that did not finish, not for git.
