@@ -270,6 +270,32 @@ def test_two_workers_on_one_port_share_the_limit_through_redis(fake, redis_url, 
     assert busy >= 2  # both workers served requests
 
 
+def test_workers_start_on_an_audit_database_already_made_and_in_wal_mode(redis_url, tmp_path, monkeypatch):
+    """Workers opening a fresh audit database at once: one could find it locked while another put
+    it in WAL mode, and die at start (seen: 3 of 80 such opens; a load test's gateway lost a worker).
+    The supervisor makes it once before it starts them."""
+    import sqlite3
+
+    from uvicorn.supervisors import Multiprocess
+
+    from workbench.gateway import workers
+    from workbench.gateway.server import uvicorn_config
+
+    cfg = make_cfg(tmp_path, {"fake-model": "http://127.0.0.1:9/v1"}, limits=redis_limits(redis_url))
+    cfg = cfg.model_copy(update={"workers": 3, "port": free_port()})
+    seen = {}
+
+    def run(self):  # where the workers would start: what the audit database is by then
+        path = Path(cfg.audit.path)
+        seen["exists"] = path.exists()
+        if path.exists():
+            seen["journal_mode"] = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+
+    monkeypatch.setattr(Multiprocess, "run", run)
+    workers.serve_workers(cfg, uvicorn_config)
+    assert seen == {"exists": True, "journal_mode": "wal"}
+
+
 # ---- upstream pools --------------------------------------------------------------------------
 def _pool(n=3, **kw):
     return Pool("m", UpstreamConfig(base_url=[f"http://r{i}:8000/v1" for i in range(n)], **kw))

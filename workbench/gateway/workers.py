@@ -49,6 +49,10 @@ def serve_workers(cfg: GatewayConfig, config_factory) -> None:
         redis.Redis.from_url(cfg.limits.redis_url, socket_connect_timeout=cfg.limits.redis_timeout_s).ping()
     except redis.exceptions.RedisError as err:
         raise GatewayConfigError(f"limits.backend redis: cannot reach {cfg.limits.redis_url}: {err}") from None
+    if cfg.audit.enabled:  # the database made (and put in WAL mode) once, before the workers open it
+        from workbench.gateway.audit import check
+
+        check(cfg.audit)  # N first opens at once: one can find it locked while another sets it up
     os.environ[ENV] = cfg.model_dump_json()
     config = config_factory("workbench.gateway.workers:worker_app", cfg.host, cfg.port, cfg)
     config.factory = True
