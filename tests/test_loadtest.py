@@ -10,6 +10,7 @@ import pytest
 
 from workbench import loadtest
 from workbench.config import ConfigError, LoadtestConfig, Params, load_params
+from workbench.loadgen.knee import KneeResult
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
@@ -186,6 +187,9 @@ def test_time_budget_stops_new_steps_keeps_the_drift_control_and_writes_every_re
     for v in "ab":  # every variant's report written, its knee marked unfinished with the reason
         r = read_report(in_tmp / f"reports/loadtest/{v}.json")
         assert r.details["knee"]["note"].startswith("not finished: the load test's time budget")
+        knee = KneeResult.model_validate(r.details["knee"])  # its text says it is no converged bracket
+        expected = "(search not finished)" if knee.lo is not None else "not measured (no probe finished)"
+        assert knee.text().endswith(expected)
         assert not r.details["knee"]["converged"]
         assert r.details["time_budget_stopped"] == stopped
 

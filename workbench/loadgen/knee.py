@@ -53,7 +53,8 @@ class KneeResult(BaseModel):
         if self.lo is None:
             return f"< {self.hi:g} req/s (no rate tried passed)"
         hi = "∞" if self.hi is None else f"{self.hi:.3g}"
-        return f"{self.lo:.3g} req/s [{self.lo:.3g}, {hi})"
+        unfinished = " (search not finished)" if self.note.startswith("not finished") else ""
+        return f"{self.lo:.3g} req/s [{self.lo:.3g}, {hi}){unfinished}"
 
 
 class KneeSearch:
