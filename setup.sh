@@ -15,12 +15,14 @@
 #   --system-site-packages     keep the interpreter's own packages visible in the venvs (those of the
 #                              venv it belongs to, too): lock pins they already satisfy, such as a
 #                              preinstalled CUDA torch, are not installed again
+#   --no-quant                 no quantization environment (.venv-quant): for a host that runs no
+#                              quantize stage, e.g. one given variants made elsewhere (repro.sh CARRIED)
 #   --print-plan               say what would be installed from where, and install nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
-variant=""; wheelhouse=""; system_site=0; print_plan=0
+variant=""; wheelhouse=""; system_site=0; print_plan=0; quant=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --cuda) variant=cuda ;;
@@ -28,8 +30,9 @@ while [ $# -gt 0 ]; do
     --wheelhouse) wheelhouse=${2:?--wheelhouse needs a folder}; shift ;;
     --wheelhouse=*) wheelhouse=${1#*=} ;;
     --system-site-packages) system_site=1 ;;
+    --no-quant) quant=0 ;;
     --print-plan) print_plan=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$1' (see ./setup.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -65,11 +68,12 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 if [ "$print_plan" = 1 ]; then
   echo "variant: $variant$detected"
   echo "main: $VENV <- $LOCK ($(grep -c '==' "$LOCK") pins)"
-  echo "quant: $QVENV <- $QLOCK ($(grep -c '==' "$QLOCK") pins)"
+  if [ "$quant" = 1 ]; then echo "quant: $QVENV <- $QLOCK ($(grep -c '==' "$QLOCK") pins)"; else echo "quant: none (--no-quant)"; fi
   echo "source: ${wheelhouse:-package index}"
   echo "system-site-packages: $([ "$system_site" = 1 ] && echo yes || echo no)"
   exit 0
 fi
+[ "$quant" = 1 ] || QLOCK="(no quantization environment)"
 say "variant: $variant$detected; locks $LOCK, $QLOCK${wheelhouse:+; offline from $wheelhouse}"
 
 # A new venv; with --system-site-packages, the packages of the interpreter's own venv stay visible
@@ -151,8 +155,10 @@ fi
 
 # Quantization environment (.venv-quant, kernel 'workbench-quant'): llm-compressor and AutoAWQ pin
 # transformers / compressed-tensors versions that vLLM (CPU and CUDA) refuses, so they live in a venv of their own.
-qwant=$( (cat "$QLOCK" pyproject.toml "$0"; echo "$variant $system_site") | sha256sum | cut -c1-16)
-if [ -f "$QSTAMP" ] && [ "$(cat "$QSTAMP")" = "$qwant" ] && "$QVENV/bin/python" -c "import workbench, llmcompressor, awq" 2>/dev/null; then
+qwant=$( (cat "$QLOCK" pyproject.toml "$0"; echo "$variant $system_site") 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$quant" = 0 ]; then
+  say "no quantization environment (--no-quant): the quantize stages cannot run here"
+elif [ -f "$QSTAMP" ] && [ "$(cat "$QSTAMP")" = "$qwant" ] && "$QVENV/bin/python" -c "import workbench, llmcompressor, awq" 2>/dev/null; then
   say "quantization environment up to date ($QVENV, lock $qwant)"
 else
   [ -x "$QVENV/bin/python" ] || { say "creating $QVENV"; make_venv "$QVENV"; }
@@ -163,7 +169,7 @@ else
   echo "$qwant" > "$QSTAMP"
 fi
 # Its kernel is registered into .venv's Jupyter path, where papermill (run from .venv) looks.
-if [ ! -f "$VENV/share/jupyter/kernels/workbench-quant/kernel.json" ]; then
+if [ "$quant" = 1 ] && [ ! -f "$VENV/share/jupyter/kernels/workbench-quant/kernel.json" ]; then
   say "registering Jupyter kernel 'workbench-quant'"
   "$QVENV/bin/python" -m ipykernel install --prefix "$VENV" --name workbench-quant \
     --display-name "Workbench quantize (llm-compressor, AutoAWQ)" >/dev/null 2>&1

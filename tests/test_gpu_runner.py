@@ -288,3 +288,52 @@ def test_redis_bundle_serves_with_the_libraries_it_carries(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def fake_gpu_host(run: Path) -> None:
+    """A repository folder whose setup and DVC only log what they are asked (repro.sh's seams):
+    enough to follow repro.sh's own order of steps without installing anything."""
+    (run / "runs/gpu-repro-state").mkdir(parents=True)
+    (run / "setup.sh").write_text("#!/bin/sh\necho \"[setup] ok $*\"\n")
+    (run / "setup.sh").chmod(0o755)
+    fakebin = run / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "dvc").write_text(f"#!/bin/sh\necho \"dvc $*\" >> {run}/dvc-calls.log\n")
+    (fakebin / "dvc").chmod(0o755)
+    (run / ".venv/bin").mkdir(parents=True)
+    (run / ".venv/bin/activate").write_text(f"export PATH={fakebin}:$PATH\n")
+    (run / "dvc.lock").write_text("schema: '2.0'\n")
+    (run / ".gitignore").write_text("fakebin/\n.venv/\nruns/\ndvc-calls.log\nready\n")
+
+
+def repro(run: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PROFILE": "none", "RESULTS": str(run / "out"), "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **env}
+    return subprocess.run(["bash", str(ROOT / "pipelines/gpu/repro.sh"), *args], cwd=run, env=full,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_repro_waits_after_setup_for_carried_outputs_still_arriving_and_commits_them_once_in_place(tmp_path):
+    """CARRIED_READY: setup starts while the carried outputs are still being copied to the host; the
+    run uses them (dvc commit, then dvc repro) only after the file that marks them complete appears."""
+    run = tmp_path / "run"
+    fake_gpu_host(run)
+    started = repro(run, "start", "--no-quant", WAIT_S="3", CARRIED="prepare quantize", CARRIED_READY="ready")
+    assert "RUNNING" in started.stdout, started.stdout + started.stderr
+    assert not (run / "dvc-calls.log").exists()  # set up, but waiting: nothing carried is used yet
+    (run / "ready").touch()
+    done = repro(run, "wait", WAIT_S="60")
+    assert "FINISHED" in done.stdout
+    log = (run / "runs/gpu-repro-state/repro.log").read_text()
+    assert "--no-quant" in (run / "runs/gpu-repro-state/setup.log").read_text()
+    assert "carried outputs in place" in log and "carried: prepare quantize up to date" in log
+    assert (run / "dvc-calls.log").read_text().splitlines()[:2] == ["dvc commit -f prepare quantize", "dvc repro"]
+
+
+def test_repro_stops_with_a_reason_when_carried_outputs_never_arrive(tmp_path):
+    run = tmp_path / "run"
+    fake_gpu_host(run)
+    done = repro(run, "start", WAIT_S="60", CARRIED="prepare", CARRIED_READY="ready", CARRIED_WAIT_S="2")
+    assert "FINISHED" in done.stdout
+    assert "CARRIED: ready did not appear within 2s" in done.stdout  # in the log excerpt it prints
+    assert not (run / "dvc-calls.log").exists()

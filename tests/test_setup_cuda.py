@@ -159,3 +159,11 @@ def test_gpu_overlay_keeps_only_the_variants_asked_for_and_names_an_unknown_one(
     assert merged.loadtest.rates == yaml.safe_load(
         (ROOT / "pipelines/gpu/params-gpu.yaml").read_text())["loadtest"]["rates"]
     assert "# THE variant list" in params.read_text()  # comments kept
+
+
+def test_no_quant_leaves_out_the_quantization_environment():
+    p = plan("--cuda", "--no-quant")
+    assert p["quant"] == "none (--no-quant)"
+    assert p["main"].startswith(".venv <- requirements/cuda.lock")
+    assert "quant: .venv-quant" in subprocess.run([BASH, str(ROOT / "setup.sh"), "--cuda", "--print-plan"],
+                                                  cwd=ROOT, capture_output=True, text=True).stdout

@@ -12,7 +12,10 @@
 #       carried here: `dvc commit` puts them in this cache, and the run stops if that would change the
 #       lock (outputs not made by this code and params); REDIS=DIR (pipelines/gpu/redis-bundle.sh's
 #       redis folder, unpacked there): a Redis on 127.0.0.1:6379 for the run, and the gateway arms as
-#       workers sharing their limits in it (params-gateway-redis.yaml); one worker if it does not answer
+#       workers sharing their limits in it (params-gateway-redis.yaml); one worker if it does not answer;
+#       CARRIED_READY=FILE: the carried outputs are still arriving while setup runs (a leased machine's
+#       transfers overlap its install): after setup, wait for FILE (up to CARRIED_WAIT_S, 900) before
+#       using them; whoever unpacks them creates FILE last
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
 # Each call ends by copying the results to $RESULTS (default runs/gpu-repro), as few files as can
@@ -38,6 +41,14 @@ t0=$SECONDS
 ./setup.sh --cuda "$@" > runs/gpu-repro-state/setup.log 2>&1 || { echo "SETUP FAILED rc=$?"; tail -n 40 runs/gpu-repro-state/setup.log; exit 1; }
 tail -n 3 runs/gpu-repro-state/setup.log
 echo "setup_s=$((SECONDS - t0))"
+if [ -n "$CARRIED_READY" ]; then
+  waited=0
+  while [ ! -e "$CARRIED_READY" ]; do
+    [ "$waited" -lt "${CARRIED_WAIT_S:-900}" ] || { echo "CARRIED: $CARRIED_READY did not appear within ${waited}s of setup's end; the carried outputs are not all here"; exit 1; }
+    sleep 2; waited=$((waited + 2))
+  done
+  echo "carried outputs in place (${waited}s waited after setup)"
+fi
 . .venv/bin/activate
 if ! git rev-parse --git-dir >/dev/null 2>&1; then
   git init -q && git add -A && git -c user.name=workbench -c user.email=workbench@localhost commit -qm "GPU run" || exit 1
@@ -74,6 +85,7 @@ dvc status
 exit $rc
 INNER
   PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} REDIS=${REDIS:-} \
+    CARRIED_READY=${CARRIED_READY:-} CARRIED_WAIT_S=${CARRIED_WAIT_S:-900} \
     setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
 fi
@@ -105,4 +117,4 @@ if ls runs/loadtest/*/step-*.jsonl >/dev/null 2>&1; then
   n=$(ls "$RESULTS"/loadtest-records.tar.gz.part* | wc -l)
   [ "$n" -le 4 ] || echo "WARNING: $n parts of load-test records; a leased machine returns 64 MiB in all"
 fi
-grep -E "^(Running stage|Stage '|ERROR|setup_s|dvc_repro|torch |SETUP)|Traceback|Error:" "$state/repro.log" | tail -n 60
+grep -E "^(Running stage|Stage '|ERROR|setup_s|dvc_repro|torch |SETUP|carried|CARRIED|redis|REDIS)|Traceback|Error:" "$state/repro.log" | tail -n 60
