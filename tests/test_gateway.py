@@ -255,7 +255,18 @@ def test_metrics_count_requests_tokens_and_latency(gw):
     assert total(m, "workbench_gateway_request_duration_seconds_count", model="fake-model") == 2
 
 
-def test_openapi_document_lists_the_routes_and_models(gw):
+def test_latency_series_of_every_route_and_model_are_exported_at_zero_before_the_first_request(gw):
+    """So that rate() over them starts from zero (a series born with its first request skews a
+    recorded quantile toward the next bucket up)."""
+    m = metrics(gw)
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        assert total(m, "workbench_gateway_request_duration_seconds_count", route=route, model="fake-model") == 0
+        assert total(m, "workbench_gateway_request_duration_seconds_bucket", route=route, model="fake-model",
+                     le="+Inf") == 0
+    assert total(m, "workbench_gateway_time_to_first_token_seconds_count", route="/v1/chat/completions",
+                 model="fake-model") == 0
+    assert not [s for s in m if s.name == "workbench_gateway_time_to_first_token_seconds_count"
+                and dict(s.labels).get("route") == "/v1/embeddings"]  # no first token there
     doc = httpx.get(gw.root_url + "/openapi.json", headers=AUTH).json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
     schema = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -337,3 +337,33 @@ def test_repro_stops_with_a_reason_when_carried_outputs_never_arrive(tmp_path):
     assert "FINISHED" in done.stdout
     assert "CARRIED: ready did not appear within 2s" in done.stdout  # in the log excerpt it prints
     assert not (run / "dvc-calls.log").exists()
+
+
+def test_import_of_a_pipeline_runs_archive_names_its_gpu_and_keeps_the_reports_plots(tmp_path, monkeypatch):
+    """repro.sh's results.tar.gz (stage reports, no runner summary): the summary names the GPU and vLLM
+    from the reports' provenance, and the report stage's plots are kept beside its report."""
+    import tarfile
+
+    src = ROOT / "results/gpu-2"
+    archive = tmp_path / "results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for stage in ("evaluate", "loadtest", "report"):
+            tar.add(src / stage, arcname=f"reports/{stage}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert import_results.main([str(archive), "--results", "out"]) == 0
+    assert (tmp_path / "out/summary.md").read_text().startswith("# GPU run: NVIDIA H200, 143771 MiB, vLLM 0.26.0\n")
+    assert (tmp_path / "out/report/latency_vs_rate.png").read_bytes() == (src / "report/latency_vs_rate.png").read_bytes()
+
+
+def test_gpu_tables_of_the_h200_run_show_every_variant_with_intervals_the_drift_and_the_gateway():
+    """The committed H200 run (results/gpu-2): the tables its README quotes, rebuilt from its reports."""
+    out = subprocess.run([sys.executable, "-m", "pipelines.gpu.tables", str(ROOT / "results/gpu-2")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == (ROOT / "results/gpu-2/tables.md").read_text()
+    assert "| fp8-dynamic | fp8 | 166.8 (0.612) | 2.74 [2.64, 2.88] | 200 req/s [200, 400) (search not finished) |" \
+        in out.stdout
+    assert "## Recommendation: base" in out.stdout
+    assert "| 200 | rate_200 (knee) | 194.2 | 144.0 [141.9, 147.7] | 225 [221, 229] |" in out.stdout
+    assert "ratio gateway / direct 1.00 [0.71, 1.41]" in out.stdout

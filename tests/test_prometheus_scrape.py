@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ PROM = ROOT / "deploy" / "prometheus"
 ROUTE = "/v1/chat/completions"
 GATEWAY_P99 = "route:workbench_gateway_request_duration_seconds:p99_5m"
 VLLM_P99 = "model_name:vllm_e2e_request_latency_seconds:p99_5m"
-REQUESTS = 5  # after the first, which only creates the gateway's series (rate() needs a baseline)
+REQUESTS = 5  # after the first, sent alone to see the gateway's counter reach Prometheus
 
 
 def _prometheus() -> str:
@@ -135,6 +136,20 @@ def recorded_matches_its_expr(prom: Prometheus, name: str, selector: str, expr: 
     return (got, want) if want is not None and math.isclose(got, want, rel_tol=0.01) else None
 
 
+def gateway_latencies_s(audit_path: str, route: str, n: int, timeout_s: float = 30) -> list[float]:
+    """The gateway's own latency of each request on route, oldest first, from its audit log (written
+    by a background thread: polled until n rows are there)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.closing(sqlite3.connect(audit_path)) as conn:
+            rows = [ms / 1000 for (ms,) in conn.execute(
+                "SELECT latency_ms FROM audit WHERE route = ? ORDER BY id", (route,))]
+        if len(rows) >= n or time.monotonic() > deadline:
+            assert len(rows) >= n, f"{len(rows)} audit rows for {route}, expected {n}"
+            return rows
+        time.sleep(0.1)
+
+
 def test_prometheus_scrapes_the_gateway_and_vllm_and_evaluates_the_rules(chat_server, tmp_path):
     model = chat_server.cfg.served_name
     rules = {r.get("alert") or r["record"]: r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
@@ -157,7 +172,7 @@ def test_prometheus_scrapes_the_gateway_and_vllm_and_evaluates_the_rules(chat_se
             for job in ("workbench-gateway", "vllm"):
                 prom.wait_for(f"up{{job={job!r}}} == 1", lambda: value(prom.query(f'up{{job="{job}"}}')) == 1)
 
-            # The gateway's series arrive with the count sent; the first is the baseline for rate().
+            # The gateway's counter reaches Prometheus with the first request (its latency series are there from the start).
             count = f'workbench_gateway_requests_total{{job="workbench-gateway",route="{ROUTE}",model="{model}",status="200"}}'
             vllm_count = f'vllm:e2e_request_latency_seconds_count{{job="vllm",model_name="{model}"}}'
             chat()
@@ -176,9 +191,12 @@ def test_prometheus_scrapes_the_gateway_and_vllm_and_evaluates_the_rules(chat_se
             got, _ = prom.wait_for(f"{GATEWAY_P99} equal to its expression", seen=seen, check=lambda: (
                 recorded_matches_its_expr(prom, GATEWAY_P99, f'route="{ROUTE}"', rules[GATEWAY_P99]["expr"], seen)))
             log.info("%s recorded vs direct, as polled: %s", GATEWAY_P99, seen)
-            # ... and within the bucket of the slowest request (the gateway's clock starts after ours)
-            upper = LATENCY_BUCKETS[bisect.bisect_left(LATENCY_BUCKETS, slowest_s)]
-            assert 0 < got <= upper, (got, slowest_s)
+            # ... and within the bucket of the slowest request as the gateway timed it (its audit rows
+            # hold the latencies it observed). Every request counts: the gateway's histogram series
+            # start at zero, before the first (a series born with a request would skew rate()).
+            gateway_s = gateway_latencies_s(cfg.audit.path, ROUTE, REQUESTS + 1)
+            upper = LATENCY_BUCKETS[bisect.bisect_left(LATENCY_BUCKETS, max(gateway_s))]
+            assert 0 < got <= upper, (got, gateway_s, slowest_s)
             seen = []
             vllm_p99, _ = prom.wait_for(f"{VLLM_P99} equal to its expression", seen=seen, check=lambda: (
                 recorded_matches_its_expr(prom, VLLM_P99, f'model_name="{model}"', rules[VLLM_P99]["expr"], seen)))

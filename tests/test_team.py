@@ -127,3 +127,27 @@ def test_stage_logs_to_the_team_server_runs_in_postgres_artifacts_through_its_pr
     assert stop(team_server.proc, 60) == 0
     assert not (team_server.dir / "postgres" / "postmaster.pid").exists()
     assert "database system is shut down" in (team_server.dir / "postgres" / "server.log").read_text()
+
+
+@pytest.mark.integration
+def test_stopping_workbench_ui_stops_every_process_mlflow_started(tmp_path):
+    """`workbench ui` (the local MLflow UI): a SIGTERM to it, as a supervisor or a test sends, ends
+    mlflow's uvicorn server and job consumers too, not only its first process."""
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_BACKEND_STORE_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_http_ok(f"http://127.0.0.1:{port}/health", 180, proc), "workbench ui did not answer /health"
+        started = psutil.Process(proc.pid).children(recursive=True)
+        cmds = {p.pid: " ".join(p.cmdline()[1:4]) for p in started}
+        assert len(started) >= 2  # mlflow ui and its server at the least
+    finally:
+        stop(proc, 30)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    leaked = [cmds[p.pid] for p in alive]
+    for p in alive:
+        p.kill()
+    assert leaked == []

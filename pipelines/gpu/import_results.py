@@ -9,8 +9,8 @@ parent, with a ``gpu-`` prefix on the variant. The load test comes back as one r
 configuration (``loadtest:gpu-<name>``: metrics with their ``_ci_lo``/``_ci_hi``, one nested run per
 step, the per-rate table and plots as artifacts) and the comparison's own report ``all.json``
 (``loadtest:gpu-all``: the interleaved order, the drift check and its metrics, and the rebuilt
-summary.md). The report JSONs and the summary are copied to ``results/gpu/`` (committed: the
-README cites them); the store is not.
+summary.md). The report JSONs, the report stage's plots and the summary are copied to
+``results/gpu/`` (committed: the README cites them); the store is not.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def write_summary(root: Path, dest: Path) -> None:
     if comparison.exists():
         rep = read_report(comparison)
         summary["loadtest"] = loadtest_summary(rep, comparison_reports(rep, root))
+        # A pipeline run (repro.sh) has no runner summary: the machine from the report's provenance.
+        summary.setdefault("gpu", ", ".join(rep.provenance.gpu or []) or "?")
+        summary.setdefault("vllm", (rep.provenance.packages or {}).get("vllm", "?"))
     if (root / "reports/gpu/crosscheck.json").exists():
         summary["crosscheck"] = json.loads((root / "reports/gpu/crosscheck.json").read_text())
     if (root / "reports/shard/base.json").exists():
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # The stage's outputs (tables, plots) as they came back in the archive, if they did.
             outputs = {k: str(root / v) for k, v in report.outputs.items() if (root / v).is_file()}
+            for v in report.outputs.values():  # its plots beside it, where they are a report's own
+                if (root / v).is_file() and Path(v).parts[0] == "reports" and Path(v).suffix == ".png":
+                    shutil.copy(root / v, dest / Path(v).relative_to("reports"))
             log_saved_report(report.model_copy(update={"outputs": outputs}), a.experiment,
                              variant_prefix="gpu-")  # GPU runs apart from this machine's
         write_summary(root, dest)

@@ -92,6 +92,14 @@ class Gateway(Replies):
         self.validators = compile_validators()
         f = cfg.filter
         self.filter = WordFilter.from_files(f.word_lists, f.mask, f.cjk_ignore_spaces) if f.enabled else None
+        # Each inference route's and model's latency series exist from the start, at zero (as
+        # Prometheus advises): a series that first appears with a request makes rate() extrapolate
+        # its buckets unevenly, which skews a recorded quantile toward the next bucket up.
+        for route in ROUTES:
+            for model in self.routes:
+                self._child(self.metrics.latency, route, model)
+                if route != "/v1/embeddings":  # no first token
+                    self._child(self.metrics.ttft, route, model)
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
         self.audit = AuditLog(cfg.audit) if cfg.audit.enabled else None
