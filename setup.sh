@@ -73,8 +73,7 @@ if [ "$print_plan" = 1 ]; then
   echo "system-site-packages: $([ "$system_site" = 1 ] && echo yes || echo no)"
   exit 0
 fi
-[ "$quant" = 1 ] || QLOCK="(no quantization environment)"
-say "variant: $variant$detected; locks $LOCK, $QLOCK${wheelhouse:+; offline from $wheelhouse}"
+say "variant: $variant$detected; locks $LOCK, $([ "$quant" = 1 ] && echo "$QLOCK" || echo "no quantization environment")${wheelhouse:+; offline from $wheelhouse}"
 
 # A new venv; with --system-site-packages, the packages of the interpreter's own venv stay visible
 # too (venv's flag covers only the base installation's): a .pth line after the venv's own folder.
@@ -155,7 +154,7 @@ fi
 
 # Quantization environment (.venv-quant, kernel 'workbench-quant'): llm-compressor and AutoAWQ pin
 # transformers / compressed-tensors versions that vLLM (CPU and CUDA) refuses, so they live in a venv of their own.
-qwant=$( (cat "$QLOCK" pyproject.toml "$0"; echo "$variant $system_site") 2>/dev/null | sha256sum | cut -c1-16)
+qwant=$( (cat "$QLOCK" pyproject.toml "$0"; echo "$variant $system_site") | sha256sum | cut -c1-16)
 if [ "$quant" = 0 ]; then
   say "no quantization environment (--no-quant): the quantize stages cannot run here"
 elif [ -f "$QSTAMP" ] && [ "$(cat "$QSTAMP")" = "$qwant" ] && "$QVENV/bin/python" -c "import workbench, llmcompressor, awq" 2>/dev/null; then

@@ -165,5 +165,4 @@ def test_no_quant_leaves_out_the_quantization_environment():
     p = plan("--cuda", "--no-quant")
     assert p["quant"] == "none (--no-quant)"
     assert p["main"].startswith(".venv <- requirements/cuda.lock")
-    assert "quant: .venv-quant" in subprocess.run([BASH, str(ROOT / "setup.sh"), "--cuda", "--print-plan"],
-                                                  cwd=ROOT, capture_output=True, text=True).stdout
+    assert plan("--cuda")["quant"].startswith(".venv-quant <- ")  # without it, the environment stays

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -90,26 +89,10 @@ def ui(args: argparse.Namespace) -> int:
            "--default-artifact-root", str(Path(ARTIFACT_DIR).resolve()),
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
-    return run_process_group(cmd)
-
-
-def run_process_group(cmd: list[str]) -> int:
-    """Run cmd in a process group of its own and wait for it; SIGTERM or SIGINT to this process goes to
-    the whole group. `mlflow ui` starts a uvicorn server, a job runner and its consumers: stopping only
-    its first process (what a supervisor or a test's terminate() does) would leave them running."""
-    import signal
-
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def forward(signum, _frame):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    return proc.wait()
+    sys.stdout.flush()
+    # mlflow in this process's place: a SIGTERM or Ctrl-C meant for `workbench ui` reaches mlflow,
+    # which stops the server and job consumers it started (a child here would outlive us with them).
+    os.execv(sys.executable, cmd)
 
 
 def serve(args: argparse.Namespace) -> int:

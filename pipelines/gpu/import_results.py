@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # The stage's outputs (tables, plots) as they came back in the archive, if they did.
             outputs = {k: str(root / v) for k, v in report.outputs.items() if (root / v).is_file()}
-            for v in report.outputs.values():  # its plots beside it, where they are a report's own
-                if (root / v).is_file() and Path(v).parts[0] == "reports" and Path(v).suffix == ".png":
-                    shutil.copy(root / v, dest / Path(v).relative_to("reports"))
+            for v in map(Path, report.outputs.values()):  # the plots that are a report's own, beside it
+                if str(root / v) in outputs.values() and v.parts[0] == "reports" and v.suffix == ".png":
+                    shutil.copy(root / v, dest / v.relative_to("reports"))
             log_saved_report(report.model_copy(update={"outputs": outputs}), a.experiment,
                              variant_prefix="gpu-")  # GPU runs apart from this machine's
         write_summary(root, dest)

@@ -95,10 +95,10 @@ class Gateway(Replies):
         # Each inference route's and model's latency series exist from the start, at zero (as
         # Prometheus advises): a series that first appears with a request makes rate() extrapolate
         # its buckets unevenly, which skews a recorded quantile toward the next bucket up.
-        for route in ROUTES:
+        for route, kind in ROUTES.items():
             for model in self.routes:
                 self._child(self.metrics.latency, route, model)
-                if route != "/v1/embeddings":  # no first token
+                if kind != "embeddings":  # no first token there
                     self._child(self.metrics.ttft, route, model)
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
