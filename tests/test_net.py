@@ -1,7 +1,6 @@
 """workbench/net.py: the one free-port helper, the one readiness poll and the one start-and-wait
 (ServerProcess: the gateway, Redis) every local server uses."""
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -87,12 +86,9 @@ def test_gateway_process_with_a_bad_config_names_the_key(tmp_path):
             pass
 
 
-def test_redis_server_answers_ping_until_stopped(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; ./setup.sh does it)")
+def test_redis_server_answers_ping_until_stopped(redis_exe, tmp_path):
     port = free_port()
     assert not redis_answers(port)
-    with redis_server(exe, port, tmp_path):
+    with redis_server(redis_exe, port, tmp_path):
         assert redis_answers(port)
     assert not redis_answers(port)

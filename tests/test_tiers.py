@@ -55,3 +55,35 @@ def test_every_slow_entry_names_a_test_that_exists(entry):
 def test_every_slow_fixture_exists():
     defined = set().union(*(_tests_defined(p) for p in TESTS.glob("*.py")))
     assert set(SLOW_FIXTURES) <= defined
+
+
+def test_leftover_check_counts_this_sessions_processes_only():
+    """Another session's vLLM on a shared machine is not a leftover of ours (that made the fast
+    tier fail on a busy host); a child with our marker, or one started with a bare environment, is."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from conftest import SESSION_ENV, _ours
+
+    code = "import time; time.sleep(30)"
+    env = {k: v for k, v in os.environ.items() if k != SESSION_ENV}
+    stranger = subprocess.Popen(["setsid", sys.executable, "-c", f"import os; os.fork() and exit(); {code}"],
+                                env=env)  # its fork is reparented away from us, with no marker
+    mine = subprocess.Popen([sys.executable, "-c", code])
+    bare = subprocess.Popen([sys.executable, "-c", code], env=env)
+    orphans = []
+    try:
+        stranger.wait(10)
+        orphans = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and
+                   p.info["cmdline"][-1].endswith(code) and p.pid not in (mine.pid, bare.pid)]
+        assert orphans and not any(_ours(p) for p in orphans)
+        assert _ours(psutil.Process(mine.pid)) and _ours(psutil.Process(bare.pid))
+    finally:
+        for p in (mine, bare):
+            p.kill()
+            p.wait()
+        for p in orphans:
+            p.kill()
