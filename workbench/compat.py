@@ -12,8 +12,8 @@ upstream changes what the patch relies on, or fixes the bug it works around.
 
 ``INTERNALS`` lists what is used without being patched: another library's private class, attribute,
 file layout or process title (uvicorn's HTTP protocol, vLLM's process names, ...). Each names the
-files that rely on it; tests/test_compat.py fails when an installed version or any lock's pin leaves
-its range, when upstream no longer has it, or when a file uses it without being listed here.
+files that rely on it; tests/test_compat_internals.py fails when an installed version or any lock's
+pin leaves its range, when upstream no longer has it, or when a file uses it without being listed.
 
 The patched libraries are imported inside each function: importing this module costs nothing, and
 the gateway and load generator never load vLLM, torch or lm-eval through it.
