@@ -443,6 +443,17 @@ def test_power_of_a_five_point_difference_is_low_on_30_questions_and_near_one_on
 
 # --- multiplicity ----------------------------------------------------------------------------------
 
+@FAST
+@given(p=st_.lists(st_.floats(0, 1), min_size=1, max_size=20), alpha=st_.sampled_from([0.05, 0.025, 0.01]))
+def test_holm_matches_statsmodels(p, alpha):
+    from statsmodels.stats.multitest import multipletests
+
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
+    mine = stats.holm(p, alpha)
+    assert mine[0] == [bool(r) for r in reject]
+    assert mine[1] == pytest.approx(list(adjusted), abs=1e-12)
+
+
 def test_holm_rejects_step_down():
     reject, adjusted = stats.holm([0.01, 0.04, 0.03])
     assert reject == [True, False, False]  # 0.01 <= 0.05/3; then 0.03 > 0.05/2 stops it
