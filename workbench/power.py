@@ -56,8 +56,13 @@ def accuracy_power(cands: list[Candidate], cfg: ReportConfig) -> str | None:
     p_here = stats.power_paired_accuracy(n, ACC_EFFECT, disc, alpha)
     full = "; ".join(f"on {name} ({size:,}), {stats.power_paired_accuracy(size, ACC_EFFECT, disc, alpha):.2f}"
                      for name, size in FULL_SIZES.get(suite, []))
-    where = (f"the variants disagreed on {seen:.0%} of the questions" if seen is not None
-             else f"assuming the variants disagree on {disc:.0%} of the questions")
+    if seen is None:
+        where = f"assuming the variants disagree on {disc:.0%} of the questions"
+    elif disc > seen:
+        where = (f"the variants disagreed on {seen:.0%} of the questions; computed at {disc:.0%}, "
+                 f"the least a {ACC_EFFECT * 100:.0f}-point difference needs")
+    else:
+        where = f"the variants disagreed on {seen:.0%} of the questions"
     return (f"A {ACC_EFFECT * 100:.0f}-point {cfg.accuracy_metric} difference would be detected with probability "
             f"{p_here:.2f} on these {n} questions" + (f"; {full}" if full else "") +
             f" ({where}; level {alpha:.2g} per pair).")

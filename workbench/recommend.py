@@ -57,7 +57,7 @@ class Candidate:
     broken: bool = False
     evaluated: bool = False
     questions: dict[str, dict[str, bool]] = field(default_factory=dict)  # suite -> question id -> correct
-    documents: dict[str, tuple] = field(default_factory=dict)  # doc id -> Document (or (loglik, words))
+    documents: dict[str, tuple] = field(default_factory=dict)  # doc id -> Document, or (loglik, words)
     ppl: stats.Estimate | None = None
     accuracy: dict[str, stats.Estimate] = field(default_factory=dict)  # suite -> share correct
     load: RateSummary | None = None  # the load test at the target rate
@@ -121,8 +121,6 @@ def eligibility(c: Candidate, cfg: ReportConfig) -> str | None:
         lat = c.load.latency["ttft"].at(99)
         return (f"shown to fail the SLO at {c.load.offered_req_per_s:g} req/s (goodput "
                 f"{c.load.goodput.text('.2f')}, TTFT p99 {lat.text('.0f', unit=' ms')}, n = {c.load.requests})")
-    if c.e2el_ms and not all(math.isfinite(x) for x in c.e2el_ms):
-        return "non-finite E2E latency in its load-test records"
     return None
 
 
@@ -215,7 +213,7 @@ def _mirror(cmp: stats.Comparison) -> stats.Comparison:
         f = lambda x: None if not x else 1 / x  # noqa: E731
         new = d.model_copy(update={"value": f(d.value), "lo": f(d.hi), "hi": f(d.lo)})
     else:
-        f = lambda x: None if x is None else -x  # noqa: E731
+        f = lambda x: None if x is None else 0.0 - x  # noqa: E731  (0.0 - 0.0 is 0.0, not -0.0)
         new = d.model_copy(update={"value": f(d.value), "lo": f(d.hi), "hi": f(d.lo)})
     return cmp.model_copy(update={"diff": new})
 
@@ -225,7 +223,10 @@ def _more(cmp: stats.Comparison, units: str) -> str:
 
 
 def _p(cmp: stats.Comparison, p_adj: float) -> str:
-    return f"p = {cmp.p_value:.2g}, Holm-adjusted {p_adj:.2g}"
+    def fmt(p: float) -> str:  # a bootstrap p of 0 means below 1 / resamples
+        return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+    return f"p {fmt(cmp.p_value)}, Holm-adjusted {fmt(p_adj).removeprefix('= ')}"
 
 
 def _by_perplexity(cands: list[Candidate], alpha: float, seed: int) -> Step:

@@ -30,7 +30,7 @@ from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
 from workbench.loadgen import summary
 from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary
-from workbench.recommend import Candidate, accuracy_diff, ppl_change, recommend
+from workbench.recommend import Candidate, Document, accuracy_diff, ppl_change, recommend
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
                 with contextlib.suppress(FileNotFoundError):
                     c.questions[s] = evaluate.question_records(samples, s)
             with contextlib.suppress(FileNotFoundError):
-                c.documents = evaluate.document_records(samples)
+                c.documents = {d: Document(*rec) for d, rec in evaluate.document_records(samples).items()}
         for s in SUITES:
             if c.questions.get(s):
                 rec = c.questions[s]
