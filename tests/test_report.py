@@ -112,6 +112,17 @@ def test_quality_first_recommends_base_when_every_variant_is_significantly_worse
         assert (in_tmp / "reports/report" / name).stat().st_size > 0
 
 
+def test_the_recommendation_states_its_error_rate_and_the_power_it_had(in_tmp, monkeypatch):
+    write_stage_reports(monkeypatch)
+    rec = report_stage.run(CFG).details["recommendation"]
+    assert "Holm" in rec["correction"] and "Bonferroni" in rec["correction"]
+    error, ppl, acc = rec["power"]
+    assert error.startswith("Error rate") and "at most 5%" in error
+    assert "On these 25 documents from 25 pages, a 2 % perplexity change with probability" in ppl
+    assert acc.startswith("A 5-point mmlu_acc difference would be detected with probability 0.")
+    assert "on these 30 questions; on the full MMLU test set (14,042), 1.00" in acc
+
+
 def test_within_a_memory_budget_perplexity_decides_and_one_question_is_a_tie(in_tmp, monkeypatch):
     write_stage_reports(monkeypatch)
     r = report_stage.run(CFG.model_copy(update={"memory_budget_bytes": 200e6}))
@@ -131,7 +142,7 @@ def test_a_one_question_difference_in_thirty_does_not_decide(in_tmp, monkeypatch
     rec = r.details["recommendation"]
     assert rec["variant"] == "awq-int4"
     acc = next(s for s in rec["steps"] if s["criterion"] == "mmlu accuracy")
-    assert acc["dropped"] == {} and "McNemar p = 1" in acc["ties"]["awq-int4"]
+    assert acc["dropped"] == {} and "Holm-adjusted" in acc["ties"]["awq-int4"]
     assert "size: gptq-int4 dropped" in rec["reason"]
 
 

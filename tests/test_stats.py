@@ -345,7 +345,7 @@ def test_mean_of_one_repeat_has_no_interval_and_skips_missing():
     assert stats.mean([]).value is None
 
 
-# --- mcnemar ---------------------------------------------------------------------------------------
+# --- paired accuracy -------------------------------------------------------------------------------
 
 def _pairs(a_only: int, b_only: int, both: int = 0, neither: int = 0):
     a = [True] * a_only + [False] * b_only + [True] * both + [False] * neither
@@ -353,71 +353,148 @@ def _pairs(a_only: int, b_only: int, both: int = 0, neither: int = 0):
     return a, b
 
 
-def test_mcnemar_one_against_nine_discordant_gives_exact_p_0_0215():
-    # exact McNemar: 2 * P(Binom(10, 1/2) <= 1) = 2 * 11 / 1024 = 0.021484375
-    a, b = _pairs(1, 9, both=30, neither=10)
-    c = stats.mcnemar(a, b)
-    assert c.p_value == pytest.approx(22 / 1024, rel=1e-12)
-    assert c.p_value == pytest.approx(ss.binomtest(1, 10, 0.5).pvalue, rel=1e-12)
-    assert round(c.p_value, 4) == 0.0215
-    assert c.significant and c.n == 50
-    assert c.diff.value == pytest.approx(-8 / 50)
-    assert c.details["a_only"] == 1 and c.details["b_only"] == 9
-    assert c.details["a_acc"] == pytest.approx(31 / 50) and c.details["b_acc"] == pytest.approx(39 / 50)
-    assert c.n_to_resolve is None
+@pytest.mark.parametrize("k1,k2,n", [(10, 10, 20), (12, 8, 20), (25, 5, 30), (3, 0, 9)])
+def test_newcombe_paired_is_statsmodels_newcombe_when_the_pairs_are_uncorrelated(k1, k2, n):
+    """With phi = 0 (a 2x2 table with n11 * n00 == n10 * n01), method 10 reduces to Newcombe's
+    hybrid score interval for two proportions, which statsmodels implements."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    # cells with the given margins and no correlation: n_ij = row_i * col_j / n
+    n11, n10, n01 = k1 * k2 / n, k1 * (n - k2) / n, (n - k1) * k2 / n
+    n00 = n - n11 - n10 - n01
+    lo, hi = stats.newcombe_paired(n11, n10, n01, n00, ss.norm.isf(0.025))
+    ref = confint_proportions_2indep(k1, n, k2, n, method="newcomb")
+    assert (lo, hi) == pytest.approx(ref, abs=1e-12)
 
 
-def test_mcnemar_few_discordant_is_not_significant_and_estimates_n_to_resolve():
-    a, b = _pairs(3, 0, neither=7)  # p = 2 * 0.5^3 = 0.25
-    c = stats.mcnemar(a, b)
-    assert c.p_value == pytest.approx(0.25) and not c.significant
-    # the same shares on ~2x the questions (6 vs 0: p = 0.031) resolve it
-    assert 15 <= c.n_to_resolve <= 25
-    assert stats.mcnemar(*_pairs(6, 0, neither=14)).significant
+def test_nine_against_one_discordant_of_thirty_is_significant_and_its_interval_excludes_zero():
+    # issue 28: exact McNemar gave p = 0.0215 with an interval [-0.0001, 0.473] around it
+    a, b = _pairs(9, 1, neither=20)
+    c = stats.paired_accuracy(a, b)
+    assert c.significant and c.p_value < 0.05 and c.diff.lo > 0
+    assert c.diff.value == pytest.approx(8 / 30) and c.details["a_only"] == 9 and c.n_to_resolve is None
+
+
+@FAST
+@given(cells=st_.tuples(*[st_.integers(0, 40)] * 4))
+def test_paired_accuracy_p_value_and_interval_never_disagree(cells):
+    n11, n10, n01, n00 = cells
+    assume(sum(cells) > 0)
+    a, b = _pairs(n10, n01, both=n11, neither=n00)
+    c = stats.paired_accuracy(a, b)
+    assume(abs(c.p_value - 0.05) > 1e-9)
+    assert c.significant == (c.p_value < 0.05) == (c.diff.lo > 0 or c.diff.hi < 0)
+    assert -1.0 <= c.diff.lo <= c.diff.value <= c.diff.hi <= 1.0
+
+
+def test_paired_accuracy_few_discordant_is_not_significant_and_estimates_n_to_resolve():
+    a, b = _pairs(3, 0, neither=7)
+    c = stats.paired_accuracy(a, b)
+    assert not c.significant and c.diff.lo < 0 < c.diff.hi
+    assert 10 < c.n_to_resolve < 60
+    scaled = stats.paired_accuracy(*_pairs(3 * c.n_to_resolve // 10 + 1, 0, neither=7 * c.n_to_resolve // 10 + 1))
+    assert scaled.significant
 
 
 @FAST
 @given(v=st_.lists(st_.booleans(), min_size=1, max_size=500))
-def test_mcnemar_of_identical_answers_is_not_significant_with_zero_difference(v):
-    c = stats.mcnemar(v, v)
+def test_paired_accuracy_of_identical_answers_is_not_significant_with_zero_difference(v):
+    c = stats.paired_accuracy(v, v)
     assert c.diff.value == 0.0 and c.p_value == 1.0 and not c.significant
-    assert c.diff.lo < 0.0 < c.diff.hi
+    assert c.diff.lo <= 0.0 <= c.diff.hi
     assert c.n_to_resolve is None
 
 
 @FAST
 @given(pairs=st_.lists(st_.tuples(st_.booleans(), st_.booleans()), min_size=1, max_size=150))
-def test_mcnemar_of_b_against_a_mirrors_a_against_b(pairs):
+def test_paired_accuracy_of_b_against_a_mirrors_a_against_b(pairs):
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    ab, ba = stats.mcnemar(a, b), stats.mcnemar(b, a)
+    ab, ba = stats.paired_accuracy(a, b), stats.paired_accuracy(b, a)
     assert ba.diff.value == -ab.diff.value
-    assert ba.diff.lo == pytest.approx(-ab.diff.hi, abs=1e-15)
-    assert ba.diff.hi == pytest.approx(-ab.diff.lo, abs=1e-15)
+    assert ba.diff.lo == pytest.approx(-ab.diff.hi, abs=1e-12)
+    assert ba.diff.hi == pytest.approx(-ab.diff.lo, abs=1e-12)
     assert ba.p_value == pytest.approx(ab.p_value, rel=1e-9)
     assert ba.significant == ab.significant
 
 
-@FAST
-@given(pairs=st_.lists(st_.tuples(st_.booleans(), st_.booleans()), min_size=1, max_size=150))
-def test_mcnemar_matches_binomtest_and_its_interval_contains_the_difference(pairs):
-    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    c = stats.mcnemar(a, b)
-    a_only = sum(x and not y for x, y in pairs)
-    b_only = sum(y and not x for x, y in pairs)
-    n = len(pairs)
-    assert c.diff.value == pytest.approx((a_only - b_only) / n)
-    assert c.diff.value == pytest.approx(np.mean(a) - np.mean(b))
-    expected_p = ss.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
-    assert c.p_value == pytest.approx(expected_p, rel=1e-12)
-    assert c.significant == (expected_p < 0.05)
-    assert -1.0 <= c.diff.lo <= c.diff.value <= c.diff.hi <= 1.0
+def test_paired_accuracy_covers_the_true_difference_near_95_percent():
+    rng = np.random.default_rng(1)
+    hits, reps = 0, 1500
+    cells = rng.multinomial(60, [0.4, 0.15, 0.05, 0.4], size=reps)  # true difference 0.10
+    for n11, n10, n01, n00 in cells:
+        lo, hi = stats.newcombe_paired(n11, n10, n01, n00, ss.norm.isf(0.025))
+        hits += lo <= 0.10 <= hi
+    assert 0.92 <= hits / reps <= 0.98
 
 
-def test_mcnemar_rejects_unpaired_and_handles_empty():
+def test_paired_accuracy_rejects_unpaired_and_handles_empty():
     with pytest.raises(ValueError):
-        stats.mcnemar([True, False], [True])
-    c = stats.mcnemar([], [])
+        stats.paired_accuracy([True, False], [True])
+    c = stats.paired_accuracy([], [])
     assert c.diff.value is None and not c.significant and c.n == 0
+
+
+def test_power_of_a_five_point_difference_is_low_on_30_questions_and_near_one_on_full_mmlu():
+    small = stats.power_paired_accuracy(30, 0.05, 0.2)
+    assert small < 0.3
+    assert stats.power_paired_accuracy(14_042, 0.05, 0.2) > 0.99
+    assert stats.power_paired_accuracy(300, 0.05, 0.2) > small
+
+
+# --- multiplicity ----------------------------------------------------------------------------------
+
+@FAST
+@given(p=st_.lists(st_.floats(0, 1), min_size=1, max_size=20), alpha=st_.sampled_from([0.05, 0.025, 0.01]))
+def test_holm_matches_statsmodels(p, alpha):
+    from statsmodels.stats.multitest import multipletests
+
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
+    mine = stats.holm(p, alpha)
+    assert mine[0] == [bool(r) for r in reject]
+    assert mine[1] == pytest.approx(list(adjusted), abs=1e-12)
+
+
+def test_holm_rejects_step_down():
+    reject, adjusted = stats.holm([0.01, 0.04, 0.03])
+    assert reject == [True, False, False]  # 0.01 <= 0.05/3; then 0.03 > 0.05/2 stops it
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([]) == ([], [])
+
+
+def _false_pass_rate(requests_per_look: int, looks: int, alpha: float, p: float = 99) -> float:
+    """Exact chance that a knee probe re-measured while undecided (its requests pooled, up to
+    ``looks`` times) passes "p-th percentile <= limit" when the percentile sits exactly at the
+    limit: a dynamic program over the count of requests over the limit, each state judged by the
+    real ``stats.quantile_within``."""
+    tail = 1 - p / 100
+    states = {0: 1.0}  # requests over the limit so far -> probability, still undecided
+    passed = 0.0
+    for look in range(1, looks + 1):
+        step = ss.binom(requests_per_look, tail)
+        ks = np.arange(requests_per_look + 1)
+        probs = step.pmf(ks)
+        nxt: dict[int, float] = {}
+        for over, pr in states.items():
+            for k in ks[probs > 1e-12]:
+                nxt[over + int(k)] = nxt.get(over + int(k), 0.0) + pr * probs[k]
+        n = requests_per_look * look
+        states = {}
+        for over, pr in nxt.items():
+            values = np.r_[np.full(over, 2.0), np.zeros(n - over)]  # limit 1.0: over or under
+            verdict = stats.quantile_within(values, 1.0, p, alpha)
+            if verdict is Verdict.passed:
+                passed += pr
+            elif verdict is Verdict.undecided:
+                states[over] = pr
+    return passed
+
+
+@pytest.mark.parametrize("requests", [300, 400, 1000])
+def test_a_knee_probe_repeated_three_times_passes_a_p99_at_the_limit_at_most_5_percent(requests):
+    # issue 28: at 0.05 per look the pooled repeats passed it 6.7-6.9 % of the time
+    assert _false_pass_rate(requests, 3, stats.ALPHA) > 0.055
+    assert _false_pass_rate(requests, 3, stats.look_alpha(3)) <= 0.05
+    assert stats.look_alpha(1) == stats.ALPHA
 
 
 # --- perplexity ------------------------------------------------------------------------------------

@@ -1,35 +1,53 @@
 """The recommender: which variant to deploy, decided on evidence, never on noise.
 
 Pure: it takes each variant's evidence (raw per-question and per-document records, size, the
-load test's typed result at the target rate) and returns the decision with its reasons.
+load test's typed result at the target rate) and returns a typed ``Decision`` with its reasons.
 
-1. **Eligible**: evaluated, not flagged broken by the quantize stage, within the memory budget,
-   load-tested at the target rate and not shown to fail the SLO there (``undecided`` is eligible,
-   and the reason says so).
-2. **Ranked criterion by criterion**; at each, the best by point estimate stays, and so does every
-   candidate the evidence does not separate from it (a tie); a candidate significantly worse is
-   dropped, so a variant of significantly worse quality than an eligible alternative is never
-   recommended:
-   a. perplexity (paired bootstrap over the same documents),
-   b. accuracy (exact McNemar on the same questions),
+1. **Eligible**: evaluated, not flagged broken by the quantize stage, no non-finite measurement,
+   a known size within the memory budget (when one is set), load-tested at (not only below) the
+   target rate and not shown to fail the SLO there (``undecided`` is eligible, and the reason says
+   so). Anything else is ineligible with the reason named; nothing raises.
+2. **Ranked criterion by criterion**. On each quality criterion **every pair** of remaining
+   candidates is compared on the units both were scored on, and a candidate significantly worse
+   than **any** other is dropped:
+   a. perplexity (paired cluster bootstrap over source pages),
+   b. accuracy (Newcombe's paired interval, its p-value inverting it).
+   The family-wise error rate over both quality criteria is at most ``stats.ALPHA``: Holm's
+   step-down correction over the pairs of each criterion, at ALPHA split equally (Bonferroni)
+   over the quality criteria that have evidence. So a candidate as good as the best is dropped on
+   quality with probability <= 5 % (benchmarks/decision_rule.py measures it), and no kept
+   candidate is significantly worse than another kept one.
    c. size on disk (within ``size_tie_pct`` of the smallest is a tie),
-   d. speed at the target rate (E2E latency, Mann-Whitney U on the requests; skipped when the
-      load test's drift control moved, since then no speed comparison is reliable).
-3. Still tied after every criterion: the first in ``report.variants`` order, and the reason says
-   that the evidence does not separate them and how many more questions, documents or requests
-   would resolve the observed difference.
+   d. speed at the target rate (E2E latency, Mann-Whitney U, every pair, Holm at ALPHA; skipped
+      when the load test's drift control moved, since then no speed comparison is reliable).
+3. Still tied after every criterion: the first in ``report.variants`` order. This is the only
+   place the order counts: every comparison is made for every pair, so the kept sets are the same
+   for any order, and the reason says that no test separates the tied candidates and how many
+   more questions, documents or requests would resolve the observed difference.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from workbench import stats
 from workbench.config import ReportConfig
 from workbench.loadgen.summary import RateSummary
+
+
+class Document(NamedTuple):
+    """One perplexity document's record: log-likelihood (nats), words, and its source page (the
+    unit of independence; None: the document is its own page)."""
+
+    loglik: float
+    words: float
+    page: str | None = None
 
 
 @dataclass
@@ -39,23 +57,28 @@ class Candidate:
     broken: bool = False
     evaluated: bool = False
     questions: dict[str, dict[str, bool]] = field(default_factory=dict)  # suite -> question id -> correct
-    documents: dict[str, tuple[float, float]] = field(default_factory=dict)  # doc id -> (loglik, words)
+    documents: dict[str, tuple] = field(default_factory=dict)  # doc id -> Document, or (loglik, words)
     ppl: stats.Estimate | None = None
     accuracy: dict[str, stats.Estimate] = field(default_factory=dict)  # suite -> share correct
     load: RateSummary | None = None  # the load test at the target rate
     e2el_ms: list[float] = field(default_factory=list)  # its requests' E2E latencies
-    why_not: str | None = None  # set when not eligible
+
+
+def _page(doc_id: str, rec: tuple) -> str:
+    return str(rec[2]) if len(rec) > 2 and rec[2] is not None else doc_id
 
 
 def ppl_change(a: Candidate, b: Candidate, seed: int = 0) -> stats.Comparison | None:
-    """a's word perplexity as a % change over b's, on the documents both were scored on."""
+    """a's word perplexity as a % change over b's, on the documents both were scored on,
+    resampled by source page."""
     common = sorted(set(a.documents) & set(b.documents))
     if len(common) < 2:
         return None
     la = [a.documents[d][0] for d in common]
     lb = [b.documents[d][0] for d in common]
     words = [b.documents[d][1] for d in common]
-    return stats.perplexity_change(la, lb, words, seed=seed)
+    pages = [_page(d, b.documents[d]) for d in common]
+    return stats.perplexity_change(la, lb, words, seed=seed, clusters=pages)
 
 
 def accuracy_diff(a: Candidate, b: Candidate, suite: str) -> stats.Comparison | None:
@@ -63,19 +86,37 @@ def accuracy_diff(a: Candidate, b: Candidate, suite: str) -> stats.Comparison | 
     common = sorted(set(qa) & set(qb))
     if not common:
         return None
-    return stats.mcnemar([qa[q] for q in common], [qb[q] for q in common])
+    return stats.paired_accuracy([qa[q] for q in common], [qb[q] for q in common])
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def eligibility(c: Candidate, cfg: ReportConfig) -> str | None:
-    """Why ``c`` cannot be recommended, or None."""
+    """Why ``c`` cannot be recommended, or None. Fails closed: what cannot be checked is a reason."""
     if c.broken:
         return "flagged broken by the quantize stage's perplexity check"
     if not c.evaluated:
         return "not evaluated"
-    if cfg.memory_budget_bytes and (c.bytes or 0) > cfg.memory_budget_bytes:
-        return f"{(c.bytes or 0) / 1e6:.0f} MB exceeds the {cfg.memory_budget_bytes / 1e6:.0f} MB budget"
+    bad = [d for d, rec in c.documents.items() if not (_finite(rec[0]) and _finite(rec[1]) and rec[1] > 0)]
+    if bad:
+        return (f"{len(bad)} perplexity record(s) not finite (e.g. {bad[0]}: {c.documents[bad[0]][:2]}): "
+                "its perplexity cannot be trusted")
+    if c.ppl is not None and c.ppl.value is not None and not _finite(c.ppl.value):
+        return f"perplexity is {c.ppl.value}"
+    if c.bytes is not None and not (_finite(c.bytes) and c.bytes > 0):
+        return f"size on disk is {c.bytes}"
+    if cfg.memory_budget_bytes:
+        if c.bytes is None:
+            return f"size on disk unknown: cannot show it fits the {cfg.memory_budget_bytes / 1e6:.0f} MB budget"
+        if c.bytes > cfg.memory_budget_bytes:
+            return f"{c.bytes / 1e6:.0f} MB exceeds the {cfg.memory_budget_bytes / 1e6:.0f} MB budget"
     if c.load is None:
         return f"no load test at {cfg.target_rate_req_per_s:g} req/s"
+    if c.load.offered_req_per_s < cfg.target_rate_req_per_s * (1 - 1e-9):
+        return (f"load-tested only up to {c.load.offered_req_per_s:g} req/s, below the target "
+                f"{cfg.target_rate_req_per_s:g} req/s")
     if c.load.slo.overall is stats.Verdict.failed:
         lat = c.load.latency["ttft"].at(99)
         return (f"shown to fail the SLO at {c.load.offered_req_per_s:g} req/s (goodput "
@@ -83,64 +124,138 @@ def eligibility(c: Candidate, cfg: ReportConfig) -> str | None:
     return None
 
 
-@dataclass
-class Step:
+class Step(BaseModel):
+    """One criterion: who stayed, who was dropped (with the comparison that dropped it) and who
+    stayed without being separated (with the evidence)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     criterion: str
     kept: list[str]
-    dropped: dict[str, str]  # variant -> the evidence that dropped it
-    ties: dict[str, str]  # variant -> the evidence that it is not separated from the best
+    dropped: dict[str, str] = {}  # variant -> the evidence that dropped it
+    ties: dict[str, str] = {}  # variant -> the evidence that it is not separated from the best
+    method: str = ""  # the test and its correction, as the report names them
+    alpha: float | None = None  # the family-wise level of this criterion's comparisons
+    pairs: int = 0  # comparisons made (the Holm family's size)
 
 
-def _by_paired(cands: list[Candidate], criterion: str, score: Callable[[Candidate], float | None],
-               lower_is_better: bool, compare: Callable[[Candidate, Candidate], stats.Comparison | None],
-               worse: Callable[[stats.Comparison], str], tie: Callable[[stats.Comparison], str]) -> Step:
-    """One quality criterion: the best by point estimate stays; every other candidate is compared
-    with it on the same units (``compare(c, best)``) and dropped only when significantly worse."""
-    scored = [c for c in cands if score(c) is not None]
+class Decision(BaseModel):
+    """The recommendation: ``variant`` (None when nothing qualifies) and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str | None
+    reason: str
+    rejected: dict[str, str] = {}  # ineligible variant -> why
+    tied_with: list[str] = []  # candidates no test separated from the chosen one
+    slo_undecided: bool = False
+    steps: list[Step] = []
+    correction: str = ""  # the multiplicity correction, in words
+    power: list[str] = []  # what the data could detect (filled by the report stage)
+
+
+def _pairwise(cands: list[Candidate], criterion: str, score: Callable[[Candidate], float | None],
+              lower_is_better: bool, compare: Callable[[Candidate, Candidate], stats.Comparison | None],
+              alpha: float, method: str, text: Callable[[stats.Comparison, float], str],
+              a_is_worse: Callable[[stats.Comparison], bool]) -> Step:
+    """One criterion over every pair of candidates that have it. Each pair is compared once, in
+    a canonical order (by name), so the result does not depend on the candidates' order; Holm
+    over the family of pairs at ``alpha``; a candidate significantly worse than any other is
+    dropped."""
+    scored = sorted((c for c in cands if score(c) is not None), key=lambda c: c.variant)
     if len(scored) < 2:
-        return Step(criterion, [c.variant for c in cands], {}, {})
-    best = (min if lower_is_better else max)(scored, key=score)
-    kept, dropped, ties = [best.variant], {}, {}
+        return Step(criterion=criterion, kept=[c.variant for c in cands], method=method)
+    cmps = []
+    for a, b in itertools.combinations(scored, 2):
+        cmp = compare(a, b)
+        if cmp is not None and cmp.diff.value is not None and cmp.p_value is not None:
+            cmps.append((a, b, cmp))
+    reject, adjusted = stats.holm([c.p_value for _, _, c in cmps], alpha)
+    worse_than: dict[str, list[tuple[float, str]]] = {}
+    for (a, b, cmp), rej, p_adj in zip(cmps, reject, adjusted):
+        if rej:
+            a_worse = a_is_worse(cmp)
+            loser, winner = (a, b) if a_worse else (b, a)
+            worse_than.setdefault(loser.variant, []).append(
+                (p_adj, f"{text(cmp if a_worse else _mirror(cmp), p_adj)} vs {winner.variant}"))
+    dropped = {v: min(ev)[1] for v, ev in worse_than.items()}
+    if len(dropped) == len(cands):  # a cycle of significant differences: nothing to stand on
+        return Step(criterion=criterion, kept=[c.variant for c in cands], method=method, alpha=alpha,
+                    pairs=len(cmps), ties={v: f"not dropped: the comparisons contradict each other ({e})"
+                                           for v, e in dropped.items()})
+    kept = [c.variant for c in cands if c.variant not in dropped]
+    best = (min if lower_is_better else max)((c for c in scored if c.variant in kept), key=score, default=None)
+    ties = {}
     for c in cands:
-        if c is best:
+        if c.variant in dropped or best is None or c is best:
             continue
-        cmp = compare(c, best) if c in scored else None
-        if cmp is None or cmp.diff.value is None:
-            kept.append(c.variant)
+        if c not in scored:
+            ties[c.variant] = f"no {criterion} on the same units as the others"
+            continue
+        pair = next(((a, b, x, p) for (a, b, x), p in zip(cmps, adjusted) if {a.variant, b.variant}
+                     == {c.variant, best.variant}), None)
+        if pair is None:
             ties[c.variant] = f"no {criterion} on the same units as {best.variant}"
-        elif cmp.significant and (cmp.diff.value > 0) == lower_is_better:
-            dropped[c.variant] = f"{worse(cmp)} vs {best.variant}"
         else:
-            kept.append(c.variant)
-            ties[c.variant] = f"{tie(cmp)} vs {best.variant}: within noise"
-    return Step(criterion, kept, dropped, ties)
+            a, _, cmp, p_adj = pair
+            ties[c.variant] = f"{text(cmp if a is c else _mirror(cmp), p_adj)} vs {best.variant}: within noise"
+    return Step(criterion=criterion, kept=kept, dropped=dropped, ties=ties, method=method, alpha=alpha,
+                pairs=len(cmps))
+
+
+def _mirror(cmp: stats.Comparison) -> stats.Comparison:
+    """b against a from a against b (a difference changes sign; a % change or ratio inverts)."""
+    d = cmp.diff
+    if cmp.method.startswith("paired cluster bootstrap"):  # % change: (1+x/100)^-1
+        f = lambda x: None if x is None else 100 * (100 / (100 + x) - 1)  # noqa: E731
+        new = d.model_copy(update={"value": f(d.value), "lo": f(d.hi), "hi": f(d.lo)})
+    elif cmp.method == "mann-whitney u":  # ratio of medians
+        f = lambda x: None if not x else 1 / x  # noqa: E731
+        new = d.model_copy(update={"value": f(d.value), "lo": f(d.hi), "hi": f(d.lo)})
+    else:
+        f = lambda x: None if x is None else 0.0 - x  # noqa: E731  (0.0 - 0.0 is 0.0, not -0.0)
+        new = d.model_copy(update={"value": f(d.value), "lo": f(d.hi), "hi": f(d.lo)})
+    return cmp.model_copy(update={"diff": new})
 
 
 def _more(cmp: stats.Comparison, units: str) -> str:
     return f"; ~{cmp.n_to_resolve} {units} would resolve it" if cmp.n_to_resolve else ""
 
 
-def _by_perplexity(cands: list[Candidate], seed: int) -> Step:
-    return _by_paired(
-        cands, "perplexity", lambda c: c.ppl.value if c.ppl is not None and c.documents else None, True,
-        lambda c, best: ppl_change(c, best, seed),
-        lambda cmp: f"perplexity {cmp.diff.text('+.1f', unit=' %')} (n = {cmp.n} documents)",
-        lambda cmp: f"perplexity {cmp.diff.text('+.1f', unit=' %')} (n = {cmp.n} documents{_more(cmp, 'documents')})")
+def _p(cmp: stats.Comparison, p_adj: float) -> str:
+    def fmt(p: float) -> str:  # a bootstrap p of 0 means below 1 / resamples
+        return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+    return f"p {fmt(cmp.p_value)}, Holm-adjusted {fmt(p_adj).removeprefix('= ')}"
 
 
-def _by_accuracy(cands: list[Candidate], suite: str) -> Step:
-    return _by_paired(
-        cands, f"{suite} accuracy", lambda c: c.accuracy[suite].value if suite in c.accuracy else None, False,
-        lambda c, best: accuracy_diff(c, best, suite),
-        lambda cmp: f"{suite} accuracy {cmp.text('+.3f')}",
-        lambda cmp: (f"{suite} accuracy {cmp.diff.text('+.3f')} (McNemar p = {cmp.p_value:.2g}, "
-                     f"n = {cmp.n}{_more(cmp, 'questions')})"))
+def _by_perplexity(cands: list[Candidate], alpha: float, seed: int) -> Step:
+    def text(cmp: stats.Comparison, p_adj: float) -> str:
+        pages = cmp.details.get("pages")
+        return (f"perplexity {cmp.diff.text('+.1f', unit=' %')} ({_p(cmp, p_adj)}, n = {cmp.n} documents"
+                f"{f' from {pages} pages' if pages else ''}{_more(cmp, 'documents') if p_adj >= alpha else ''})")
+
+    return _pairwise(cands, "perplexity", lambda c: c.ppl.value if c.ppl is not None and c.documents else None,
+                     True, lambda a, b: ppl_change(a, b, seed), alpha,
+                     f"paired cluster bootstrap over pages, every pair, Holm at alpha = {alpha:.3g}", text,
+                     lambda cmp: cmp.diff.value > 0)
+
+
+def _by_accuracy(cands: list[Candidate], suite: str, alpha: float) -> Step:
+    def text(cmp: stats.Comparison, p_adj: float) -> str:
+        return (f"{suite} accuracy {cmp.diff.text('+.3f')} ({_p(cmp, p_adj)}, n = {cmp.n}"
+                f"{_more(cmp, 'questions') if p_adj >= alpha else ''})")
+
+    return _pairwise(cands, f"{suite} accuracy", lambda c: c.accuracy[suite].value if suite in c.accuracy else None,
+                     False, lambda a, b: accuracy_diff(a, b, suite), alpha,
+                     f"Newcombe paired interval (method 10), every pair, Holm at alpha = {alpha:.3g}", text,
+                     lambda cmp: cmp.diff.value < 0)
 
 
 def _by_size(cands: list[Candidate], tie_pct: float) -> Step:
     sized = [c for c in cands if c.bytes]
     if len(sized) < 2:
-        return Step("size", [c.variant for c in cands], {}, {})
+        return Step(criterion="size", kept=[c.variant for c in cands])
     smallest = min(c.bytes for c in sized)
     kept, dropped, ties = [], {}, {}
     for c in cands:
@@ -150,44 +265,54 @@ def _by_size(cands: list[Candidate], tie_pct: float) -> Step:
             kept.append(c.variant)
             if c.bytes and c.bytes != smallest:
                 ties[c.variant] = f"{c.bytes / 1e6:.1f} MB, within {tie_pct:g} % of the smallest ({smallest / 1e6:.1f} MB)"
-    return Step("size", kept, dropped, ties)
+    return Step(criterion="size", kept=kept, dropped=dropped, ties=ties, method=f"within {tie_pct:g} % is a tie")
 
 
 def _by_speed(cands: list[Candidate], drifted: bool) -> Step:
     timed = [c for c in cands if c.e2el_ms]
     if len(timed) < 2:
-        return Step("speed", [c.variant for c in cands], {}, {})
+        return Step(criterion="speed", kept=[c.variant for c in cands])
     if drifted:
-        return Step("speed", [c.variant for c in cands], {},
-                    {c.variant: "speed not compared: the load test's drift control moved" for c in cands})
-    best = min(timed, key=lambda c: float(np.median(c.e2el_ms)))
-    kept, dropped, ties = [best.variant], {}, {}
-    for c in cands:
-        if c is best:
-            continue
-        if not c.e2el_ms:
-            kept.append(c.variant)
-            continue
-        cmp = stats.compare_samples(c.e2el_ms, best.e2el_ms)
-        if cmp.significant and cmp.diff.value > 1:
-            dropped[c.variant] = f"E2E latency x{cmp.text('.2f')} vs {best.variant}"
-        else:
-            kept.append(c.variant)
-            ties[c.variant] = f"E2E latency x{cmp.text('.2f')} vs {best.variant}: within noise"
-    return Step("speed", kept, dropped, ties)
+        return Step(criterion="speed", kept=[c.variant for c in cands],
+                    ties={c.variant: "speed not compared: the load test's drift control moved" for c in cands})
+
+    def text(cmp: stats.Comparison, p_adj: float) -> str:
+        return f"E2E latency x{cmp.diff.text('.2f')} ({_p(cmp, p_adj)}, n = {cmp.n} requests)"
+
+    # Requests of one step are autocorrelated (DESIGN.md): this p-value is optimistic, which is why
+    # speed comes last, after every quality criterion and size.
+
+    return _pairwise(cands, "speed", lambda c: float(np.median(c.e2el_ms)) if c.e2el_ms else None, True,
+                     lambda a, b: stats.compare_samples(a.e2el_ms, b.e2el_ms), stats.ALPHA,
+                     f"Mann-Whitney U on E2E latency, every pair, Holm at alpha = {stats.ALPHA:.3g}", text,
+                     lambda cmp: cmp.diff.value > 1)
 
 
-def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, seed: int = 0) -> dict:
-    """The decision: ``variant`` (None when nothing qualifies), ``reason``, ``rejected`` (ineligible,
-    with why), ``steps`` (each criterion: kept, dropped with evidence, ties with evidence)."""
+def quality_alpha(cands: list[Candidate], suite: str) -> tuple[float, int]:
+    """ALPHA split (Bonferroni) over the quality criteria on which >= 2 candidates have evidence."""
+    with_ppl = sum(1 for c in cands if c.ppl is not None and c.ppl.value is not None and c.documents)
+    with_acc = sum(1 for c in cands if suite in c.accuracy and c.accuracy[suite].value is not None)
+    k = max(1, int(with_ppl >= 2) + int(with_acc >= 2))
+    return stats.ALPHA / k, k
+
+
+def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, seed: int = 0) -> Decision:
+    """The decision (see the module docstring): the same for every order of ``cands`` and of
+    ``cfg.variants``, except the final tie-break among candidates no test separates."""
     order = {v: i for i, v in enumerate(cfg.variants or [])}
-    rejected = {c.variant: w for c in cands if (w := eligibility(c, cfg))}
-    pool = sorted((c for c in cands if c.variant not in rejected), key=lambda c: order.get(c.variant, 1e9))
+    rank = lambda c: (order.get(c.variant, math.inf), c.variant)  # noqa: E731
+    rejected = {c.variant: w for c in sorted(cands, key=rank) if (w := eligibility(c, cfg))}
+    pool = sorted((c for c in cands if c.variant not in rejected), key=rank)
     if not pool:
-        return {"variant": None, "rejected": rejected, "steps": [], "tied_with": [],
-                "reason": "no variant qualifies: " + "; ".join(f"{v}: {w}" for v, w in rejected.items())}
+        return Decision(variant=None, rejected=rejected,
+                        reason="no variant qualifies: " + "; ".join(f"{v}: {w}" for v, w in rejected.items()))
+    suite = cfg.accuracy_metric.removesuffix("_acc")
+    alpha_q, k_q = quality_alpha(pool, suite)
+    correction = (f"Holm over every pair within each criterion; quality (perplexity, {cfg.accuracy_metric}) at "
+                  f"family-wise alpha = {stats.ALPHA:g}" + (f", split over {k_q} criteria (Bonferroni, "
+                                                             f"{alpha_q:.3g} each)" if k_q > 1 else ""))
     steps: list[Step] = []
-    criteria = [lambda p: _by_perplexity(p, seed), lambda p: _by_accuracy(p, cfg.accuracy_metric.removesuffix("_acc")),
+    criteria = [lambda p: _by_perplexity(p, alpha_q, seed), lambda p: _by_accuracy(p, suite, alpha_q),
                 lambda p: _by_size(p, cfg.size_tie_pct), lambda p: _by_speed(p, drifted)]
     for criterion in criteria:
         if len(pool) == 1:
@@ -199,7 +324,7 @@ def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, 
     reason = f"{chosen.variant}"
     if chosen.ppl is not None and chosen.ppl.value is not None:
         reason += f" (perplexity {chosen.ppl.text('.2f')}"
-        acc = chosen.accuracy.get(cfg.accuracy_metric.removesuffix("_acc"))
+        acc = chosen.accuracy.get(suite)
         reason += f", {cfg.accuracy_metric} {acc.text('.3f')}" if acc and acc.value is not None else ""
         reason += f", {chosen.bytes / 1e6:.0f} MB)" if chosen.bytes else ")"
     evidence = []
@@ -210,8 +335,8 @@ def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, 
     if evidence:
         reason += ". " + ". ".join(evidence)
     if tied:
-        reason += (f". Nothing in the evidence separates it from {', '.join(tied)}; "
-                   f"{chosen.variant} comes first in report.variants")
+        reason += (f". No test separates it from {', '.join(tied)}; "
+                   f"{chosen.variant} comes first in report.variants (the only use of that order)")
     elif not steps:
         reason += ". The only eligible variant"
     undecided = chosen.load is not None and chosen.load.slo.overall is stats.Verdict.undecided
@@ -220,7 +345,5 @@ def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, 
                    f"requests (goodput {chosen.load.goodput.text('.2f')}): not shown to fail, not shown to pass")
     if drifted:
         reason += ". The load test's drift control moved during the run, so speed was not compared"
-    return {"variant": chosen.variant, "reason": reason, "rejected": rejected, "tied_with": tied,
-            "slo_undecided": undecided,
-            "steps": [{"criterion": s.criterion, "kept": s.kept, "dropped": s.dropped, "ties": s.ties}
-                      for s in steps]}
+    return Decision(variant=chosen.variant, reason=reason, rejected=rejected, tied_with=tied,
+                    slo_undecided=undecided, steps=steps, correction=correction)

@@ -25,12 +25,12 @@ import contextlib
 import logging
 from pathlib import Path
 
-from workbench import evaluate, loadtest, plots, stats
+from workbench import evaluate, loadtest, plots, power, stats
 from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
 from workbench.loadgen import summary
 from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary
-from workbench.recommend import Candidate, accuracy_diff, ppl_change, recommend
+from workbench.recommend import Candidate, Document, accuracy_diff, ppl_change, recommend
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,14 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
                 with contextlib.suppress(FileNotFoundError):
                     c.questions[s] = evaluate.question_records(samples, s)
             with contextlib.suppress(FileNotFoundError):
-                c.documents = evaluate.document_records(samples)
+                c.documents = {d: Document(*rec) for d, rec in evaluate.document_records(samples).items()}
         for s in SUITES:
             if c.questions.get(s):
                 rec = c.questions[s]
                 c.accuracy[s] = stats.proportion(sum(rec.values()), len(rec))
         if c.documents:
-            ll, words = zip(*c.documents.values())
-            c.ppl = stats.perplexity(ll, words)
+            ll, words, pages = zip(*c.documents.values())
+            c.ppl = stats.perplexity(ll, words, clusters=pages)
         elif e.metrics.get("ppl_word") is not None:
             c.ppl = stats.Estimate(value=e.metrics["ppl_word"], n=0, note="no per-document records")
         extra["backend"] = e.details.get("backend", {}).get("name")
@@ -210,11 +210,12 @@ def run(cfg: ReportConfig) -> Report:
     drift = compared.details.get("drift") if compared else None
     drifted = bool(drift and drift.get("drifted"))
     decision = recommend(cands, cfg, drifted=drifted)
+    decision.power = power.statements([c for c in cands if c.variant not in decision.rejected], cfg)
 
     rows = [quant_row(c, x, base, base_bytes) for c, x in evidence.values()]
     load_rates = [r for _, x in evidence.values() for r in x.get("rates", [])]
     per_variant = {c.variant: headline(row, c.load) for c, row in zip(cands, rows)}
-    metrics_json = metrics_file(decision["variant"], per_variant.get(decision["variant"], {}), drifted, cfg)
+    metrics_json = metrics_file(decision.variant, per_variant.get(decision.variant, {}), drifted, cfg)
 
     write_json_atomic(out / "plots" / "latency_vs_rate.json", [
         {"variant": r.variant, "offered_req_per_s": r.offered_req_per_s,
@@ -233,7 +234,7 @@ def run(cfg: ReportConfig) -> Report:
                           for s in ("quantize", "evaluate", "loadtest")},
         metrics={f"{v}.{k}": x for v, d in per_variant.items() for k, x in d.items()},
         details={"quantization_table": rows, "load_table": [r.model_dump(mode="json") for r in load_rates],
-                 "recommendation": decision, "drift": drift, "level": stats.LEVEL,
+                 "recommendation": decision.model_dump(mode="json"), "drift": drift, "level": stats.LEVEL,
                  # loadtest.gateway_arms: "<variant>@gateway" arms, shown here, never candidates
                  "gateway": (compared.details.get("gateway") or None) if compared else None,
                  "missing": {v: [s for s in ("evaluate", "loadtest") + (() if v == "base" else ("quantize",))
@@ -246,7 +247,9 @@ def run(cfg: ReportConfig) -> Report:
         write_report(report)
     except Exception as err:  # plots are a view; the report stands without them
         log.warning("report plots failed (%s: %s)", type(err).__name__, err)
-    log.info("recommendation: %s", decision["reason"])
+    log.info("recommendation: %s", decision.reason)
+    for line in decision.power:
+        log.info("%s", line)
     return report
 
 

@@ -13,11 +13,11 @@ multiple-choice question in one request (``workbench.evaluate.lmeval_vllm``); ``
 (``mmlu``, ``ceval-valid``, ``wikitext``); ``workbench.evaluate.sets`` only points them at local files.
 
 The report (reports/evaluate/<variant>.json) holds overall / per-category / per-subject accuracy
-with standard errors and Wilson intervals, perplexities with a bootstrap interval over documents,
+with standard errors and Wilson intervals, perplexities with a bootstrap interval over source pages,
 the data's names and sha256, the backend and timings, and the difference to the ``baseline``
 variant's report when one exists and used the same data: the deltas of the headline numbers, and
-paired comparisons on the same questions and documents (exact McNemar per multiple-choice suite,
-a paired bootstrap of the word perplexity change) read from both variants' per-sample records.
+paired comparisons on the same questions and documents (Newcombe's paired interval per multiple-choice suite,
+a paired bootstrap over source pages of the word perplexity change) read from both variants' per-sample records.
 Those records go to runs/evaluate/<variant>/<suite>.jsonl; ``question_records`` and
 ``document_records`` read them back for other stages.
 

@@ -260,7 +260,10 @@ def prepare_perplexity(data_dir: str | None, include_dir: Path,
     if chunk_words is None:
         data_files, docs = [str(p) for p in files], len(pages)
     else:
-        chunks = [{"page": text, "title": row.get("title"), "source": f"{p.name}:{i}", "chunk": j}
+        # page_id: the page each chunk was cut from, carried into lm-eval's per-sample records
+        # (its "doc"), so intervals resample pages, not correlated chunks of one page.
+        chunks = [{"page": text, "title": row.get("title"), "source": f"{p.name}:{i}", "page_id": f"{p.name}:{i}",
+                   "chunk": j}
                   for p, i, row in pages for j, text in enumerate(chunk_page(row["page"], chunk_words))]
         derived = include_dir / CHUNKS_FILE
         derived.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks),

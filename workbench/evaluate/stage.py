@@ -117,12 +117,21 @@ def question_records(samples_dir: str | Path, suite: str) -> dict[str, bool]:
     return {_unit_id(r): bool(r["acc"]) for r in _records(samples_dir, suite)}
 
 
-def document_records(samples_dir: str | Path) -> dict[str, tuple[float, float]]:
+def _page_id(record: dict) -> str:
+    """The source page a perplexity document came from: the chunk's ``page_id`` (written by
+    ``sets.prepare_perplexity``), else the document itself (a whole page)."""
+    doc = record.get("doc")
+    page = doc.get("page_id") if isinstance(doc, dict) else None
+    return str(page) if page is not None else _unit_id(record)
+
+
+def document_records(samples_dir: str | Path) -> dict[str, tuple[float, float, str]]:
     """Per perplexity document (a chunk when ``chunk_words`` is set): (loglikelihood in nats,
-    words), lm-eval's ``word_perplexity`` pair, keyed by "<task>/<doc_id>". Word perplexity over
-    a set of documents is exp(-sum(loglikelihood) / sum(words)). Raises FileNotFoundError when the
-    variant has no perplexity records."""
-    return {_unit_id(r): (float(r["word_perplexity"][0]), float(r["word_perplexity"][1]))
+    words, source page), lm-eval's ``word_perplexity`` pair and the page the chunk was cut from
+    (the unit intervals resample: chunks of one page are correlated), keyed by "<task>/<doc_id>".
+    Word perplexity over a set of documents is exp(-sum(loglikelihood) / sum(words)). Raises
+    FileNotFoundError when the variant has no perplexity records."""
+    return {_unit_id(r): (float(r["word_perplexity"][0]), float(r["word_perplexity"][1]), _page_id(r))
             for r in _records(samples_dir, "perplexity")}
 
 
@@ -147,17 +156,18 @@ def accuracy_intervals(res: dict, correct: dict[str, bool], suite: str) -> None:
 
 def paired(samples_dir: str | Path, baseline_dir: str | Path, suite: str, seed: int = 0) -> stats.Comparison:
     """This variant (a) against the baseline (b) on the units both scored, from their per-sample
-    records: the exact McNemar test on the same questions, or for "perplexity" the word
-    perplexity's % change, by a paired bootstrap over the same documents (same id and word count).
+    records: Newcombe's paired interval on the same questions, or for "perplexity" the word
+    perplexity's % change, by a paired bootstrap over the source pages of the same documents
+    (same id and word count).
     Raises FileNotFoundError when either side has no records of the suite."""
     if suite == "perplexity":
         a, b = document_records(samples_dir), document_records(baseline_dir)
         ids = sorted(i for i in a.keys() & b.keys() if a[i][1] == b[i][1])
         return stats.perplexity_change([a[i][0] for i in ids], [b[i][0] for i in ids],
-                                       [a[i][1] for i in ids], seed=seed)
+                                       [a[i][1] for i in ids], seed=seed, clusters=[b[i][2] for i in ids])
     a, b = question_records(samples_dir, suite), question_records(baseline_dir, suite)
     ids = sorted(a.keys() & b.keys())
-    return stats.mcnemar([a[i] for i in ids], [b[i] for i in ids])
+    return stats.paired_accuracy([a[i] for i in ids], [b[i] for i in ids])
 
 
 def _paired_metrics(suite: str, c: stats.Comparison) -> dict[str, float | None]:
@@ -167,7 +177,7 @@ def _paired_metrics(suite: str, c: stats.Comparison) -> dict[str, float | None]:
         return {"ppl_word_change_pct": d.value, "ppl_word_change_pct_ci_lo": d.lo,
                 "ppl_word_change_pct_ci_hi": d.hi}
     return {f"{suite}_acc_delta_ci_lo": d.lo, f"{suite}_acc_delta_ci_hi": d.hi,
-            f"{suite}_mcnemar_p": c.p_value}
+            f"{suite}_acc_delta_p": c.p_value}
 
 
 def compare(metrics: dict[str, float], fingerprint: dict, baseline: Report,
@@ -255,8 +265,9 @@ def _evaluate_suite(lm, p: sets.PreparedSuite, scfg, cfg: EvaluateConfig, task_m
     if p.key == "perplexity":
         res = parse_perplexity(p, out)
         docs = list(document_records(samples_dir).values())
-        res["ppl_word_ci"] = stats.perplexity([ll for ll, _ in docs], [w for _, w in docs],
-                                              seed=cfg.seed).model_dump()
+        res["ppl_word_ci"] = stats.perplexity([d[0] for d in docs], [d[1] for d in docs], seed=cfg.seed,
+                                              clusters=[d[2] for d in docs]).model_dump()
+        res["pages"] = len({d[2] for d in docs})
     else:
         res = parse_mcq(p, out, sets.SUITES[p.key].metrics)
         accuracy_intervals(res, question_records(samples_dir, p.key), p.key)
@@ -427,7 +438,7 @@ def subject_table(report: Report):
 
 def summary(report: Report):
     """Headline numbers with their 95 % intervals and data, one row per suite, and the comparison
-    with the baseline (deltas; paired interval and McNemar p, perplexity % change). For notebooks."""
+    with the baseline (deltas; paired interval and its p, perplexity % change). For notebooks."""
     import pandas as pd
 
     deltas = report.details.get("vs_baseline", {}).get("deltas", {})
