@@ -22,7 +22,7 @@ import time
 import fastjsonschema
 
 from workbench.gateway.audit import AuditCollector, AuditLog
-from workbench.gateway.config import GatewayConfig, load_config
+from workbench.gateway.config import GatewayConfig, GatewayConfigError, load_config
 from workbench.gateway.filter import WordFilter
 from workbench.gateway.http import REFUSED
 from workbench.gateway.keys import KeyStore, watch_keys
@@ -32,6 +32,7 @@ from workbench.gateway.openapi import compile_validators, document
 from workbench.gateway.relay import Ctx, Replies, media_url_allowed, respond, settle, stream_tokens
 from workbench.gateway.sse import dumps, loads
 from workbench.gateway.store import StoreUnavailable, build_store
+from workbench.gateway.tokens import OFF_LOOP_CHARS, PromptCounter, load_tokenizer
 from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,21 @@ class Gateway(Replies):
                 if kind != "embeddings":  # no first token there
                     self._child(self.metrics.ttft, route, model)
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
+        self.counters = {name: self._counter(name, u.tokenizer) for name, u in cfg.upstreams.items()}
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
         self.audit = AuditLog(cfg.audit) if cfg.audit.enabled else None
         if self.audit:
             self.metrics.registry.register(AuditCollector(self.audit))
         self.openapi = dumps(document(sorted(self.routes)))
         self._key_watch: asyncio.Task | None = None
+
+    def _counter(self, name: str, path: str | None) -> PromptCounter:
+        lim = self.cfg.limits
+        try:
+            tok = load_tokenizer(path) if path else None
+        except Exception as err:  # a missing file or one tokenizers cannot read: say which key
+            raise GatewayConfigError(f"upstreams.{name}.tokenizer: cannot load {path}: {err}") from None
+        return PromptCounter(tok, lim.media_part_tokens, lim.template_tokens, lim.message_tokens)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -293,7 +303,7 @@ class Gateway(Replies):
         if self.policy and self.cfg.moderation.before:
             await self._moderate(ctx, ctx.prompt, "input")
         if key.tokens is not None:
-            await self._reserve_tokens(ctx, key, route, req)
+            await self._reserve_tokens(ctx, key, route, req, upstream)
         strip_usage = False
         if stream:
             opts = req.get("stream_options") or {}
@@ -323,15 +333,30 @@ class Gateway(Replies):
             ctx.done = True
             watcher.cancel()
 
-    async def _reserve_tokens(self, ctx: Ctx, key, route: str, req: dict) -> None:
-        """Take the prompt (estimated) plus max_tokens from the key's token bucket now, so that
-        concurrent requests cannot overdraw it; ``settle`` turns this into the real usage."""
-        ctx.prompt_estimate = len(ctx.prompt.encode("utf-8", "replace")) // 4 + 1 if ctx.prompt else 1
+    async def _reserve_tokens(self, ctx: Ctx, key, route: str, req: dict, upstream: str) -> None:
+        """Take the prompt (counted, tokens.py) plus max_tokens from the key's token bucket now, so
+        that concurrent requests cannot overdraw it; ``settle`` turns this into the real usage."""
+        counter = self.counters[upstream]
+        texts, fixed, media = counter.texts(route, req)
+        if counter.tokenizer is not None and sum(map(len, texts)) > OFF_LOOP_CHARS:
+            counted, exact = await asyncio.to_thread(counter.count_texts, texts)
+        else:
+            counted, exact = counter.count_texts(texts)
+        prompt = ctx.prompt_estimate = max(1, counted + fixed + media * counter.media)
+        cap = key.tokens.capacity
+        if exact and prompt > cap:  # it could never fit: no retry would help (OpenAI says 429 too)
+            self.metrics.rate_limited.labels(key.id, "tokens").inc()
+            raise GatewayError(429, f"Request too large for tokens per minute on key '{key.id}': its prompt "
+                               f"is {prompt} tokens, the limit {cap:g} a minute.", "rate_limit_error",
+                               "rate_limit_exceeded", param="messages" if route == "chat" else "prompt")
         out = 0
         if route != "embeddings":
             out = req.get("max_completion_tokens") or req.get("max_tokens") or self.cfg.limits.assumed_max_tokens
             out *= req.get("n") or 1
-        n = min(ctx.prompt_estimate + out, key.tokens.capacity)
+            p = req.get("prompt")
+            if route == "completions" and isinstance(p, list) and p and isinstance(p[0], str):
+                out *= len(p)  # a batch of prompts: a completion each
+        n = min(prompt + out, cap)
         store = self.store  # memory: no await; redis: one atomic script, shared by every gateway
         adm = store.reserve_now(key, n) if store.backend == "memory" else await store.reserve(key, n)
         if adm.limit == "store":

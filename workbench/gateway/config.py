@@ -36,6 +36,10 @@ class UpstreamConfig(Section):
     base_url: str | list[str] = Field(min_length=1)
     api_key: str | None = None  # sent upstream as Bearer (vLLM's --api-key); clients never see it
     models: list[str] = []  # model names served here; empty: the upstream's own name only
+    # The served model's tokenizer.json (or its folder, e.g. models/base): prompts are counted
+    # exactly for token limits, and token-ID prompts can be filtered. None: text is counted by an
+    # upper bound (UTF-8 bytes) and token-ID prompts are refused while the prompt filter is on.
+    tokenizer: str | None = None
     # Pools (base_url a list): GET <replica root>/health every health_interval_s (0: never; only
     # failed connections eject then); a replica leaves after unhealthy_after failed checks or
     # one refused connection, and returns after healthy_after passing checks in a row.
@@ -85,10 +89,17 @@ class LimitsConfig(Section):
     # without limits (true: availability first).
     redis_fail_open: bool = False
 
-    # Token limits reserve prompt (estimated: UTF-8 bytes / 4) + max_tokens at admission and
+    # Token limits reserve prompt (counted: workbench/gateway/tokens.py) + max_tokens at admission and
     # settle to the real usage at the end; this many completion tokens are reserved when a
     # request sets no max_tokens (the reservation is capped at the key's tokens_per_minute).
     assumed_max_tokens: int = Field(default=1024, ge=1)
+    # Prompt tokens no request field carries (workbench/gateway/tokens.py): the chat template's
+    # framing per request (a default system prompt: SmolLM2's is ~20 tokens) and per message
+    # (role markers: ~5 in ChatML), and each media part (vLLM's placeholders: model-dependent,
+    # e.g. up to ~1,300 for a LLaVA-NeXT image); upper bounds, settled to usage afterwards.
+    template_tokens: int = Field(default=32, ge=0)
+    message_tokens: int = Field(default=8, ge=0)
+    media_part_tokens: int = Field(default=4096, ge=0)
     # Hosts that chat content parts may name in media URLs (image_url, audio_url, video_url, any
     # {"url": ...}); "*.example.com" covers subdomains. None: any host; []: none. data: URLs
     # (inline content) always pass; anything else than http(s) is refused when a list is set.
