@@ -157,7 +157,7 @@ class StreamFilter:
     the held-back rest at the end. ``hits`` counts matches; with block, the caller stops at the
     first (the matched word itself is never emitted: it is still in the held-back tail)."""
 
-    __slots__ = ("f", "buf", "base", "pending", "hits")
+    __slots__ = ("f", "buf", "base", "pending", "hits", "masked")
 
     def __init__(self, f: WordFilter):
         self.f = f
@@ -165,6 +165,8 @@ class StreamFilter:
         self.base = 0  # stream offset of buf[0]
         self.pending: list[tuple[int, int]] = []  # matches (stream offsets) reaching into buf
         self.hits = 0
+        # spans (stream offsets) emitted as the mask, for logprobs.LogprobGuard (which prunes it)
+        self.masked: list[tuple[int, int]] = []
 
     def feed(self, text: str) -> str:
         self.buf += text
@@ -196,6 +198,8 @@ class StreamFilter:
                 parts.append(self.buf[pos - self.base:s - self.base])
             if s >= self.base:  # a match that started earlier was masked when it started
                 parts.append(self.f.mask)
+            if not self.masked or self.masked[-1] != (s, e):
+                self.masked.append((s, e))
             pos = max(pos, min(e, end))
         if pos < end:
             parts.append(self.buf[pos - self.base:cut])

@@ -21,6 +21,7 @@ import aiohttp
 
 from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
                                    message_slots)
+from workbench.gateway.logprobs import filter_choice_logprobs
 from workbench.gateway.upstream import GatewayError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,23 @@ def count(ctx: Ctx, usage, field: str) -> int | None:
     log.warning("%s (request %s)", note, ctx.request_id)
     ctx.error = ctx.error or note
     return None
+
+
+def _filter_logprobs(f, choices, chat: bool) -> bool:
+    """Filter every choice's logprobs against its original texts (logprobs.py); True if any."""
+    found = False
+    for ch in choices if isinstance(choices, list) else ():
+        lp = ch.get("logprobs") if isinstance(ch, dict) else None
+        if not isinstance(lp, dict):
+            continue
+        holder = ch.get("message") if chat else ch
+        if not isinstance(holder, dict):
+            continue
+        keys = ("content", "refusal") if chat else ("text",)
+        fields = {k: holder[k] for k in keys if isinstance(holder.get(k), str)}
+        ch["logprobs"] = filter_choice_logprobs(f, lp, fields, chat)
+        found = True
+    return found
 
 
 def media_url_allowed(url, hosts: list[str]) -> bool:
@@ -160,6 +178,7 @@ class Replies:
                 slots.append((ch, "text"))
         f = self.filter
         if f and f.size and self.cfg.filter.output:
+            relogged = _filter_logprobs(f, choices, route == "chat")  # before the texts are masked
             total = 0
             for holder, key in slots:
                 holder[key], n = f.apply_mask(holder[key])
@@ -170,6 +189,7 @@ class Replies:
                 self.metrics.filter_hits.labels("output", action).inc(total)
                 if action == "block":
                     raise GatewayError(403, "The completion contained blocked content.", code="content_filter")
+            if total or relogged:
                 body = dumps(obj)
         if self.policy and self.cfg.moderation.after:
             text = "\n".join(h[k] for h, k in slots)

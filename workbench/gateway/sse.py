@@ -23,6 +23,7 @@ import re
 import zlib
 
 from workbench.gateway.filter import StreamFilter, WordFilter
+from workbench.gateway.logprobs import LogprobGuard, completion_entries, completion_logprobs
 
 try:
     import orjson
@@ -67,6 +68,13 @@ def _inject(holder: dict, name: tuple, text: str) -> None:
         holder.setdefault("function_call", {})["arguments"] = text
     else:
         holder[name[0]] = (holder.get(name[0]) or "") + text
+
+
+def _with_logprobs(lp: dict, released: dict[str, list], chat: bool) -> dict:
+    """A choice's logprobs holding only the released (filtered) entries of each field."""
+    if chat:
+        return {**lp, **released}
+    return {**lp, **completion_logprobs(released.get("text", []))}
 
 
 class EventSplitter:
@@ -130,6 +138,7 @@ class StreamRelay:
         self.collect = collect
         self.parse_all = bool(self.filter) or collect
         self.streams: dict[tuple, StreamFilter] = {}  # (choice index, field name...) -> filter
+        self.guards: dict[tuple, LogprobGuard] = {}  # the same keys: logprobs of that field
         self.texts: list[str] = []
         self.usage: dict | None = None
         self.blocked = False
@@ -202,6 +211,14 @@ class StreamRelay:
                 ([(ch, "text", ("text",))] if isinstance(ch.get("text"), str) else [])
             finished = ch.get("finish_reason") is not None
             seen = set()
+            lp = ch.get("logprobs") if self.filter else None
+            lp_in: dict[str, list] = {}  # logprobs key -> this event's entries for that field
+            if isinstance(lp, dict):
+                if self.chat:
+                    lp_in = {k: lp[k] for k in ("content", "refusal") if isinstance(lp.get(k), list)}
+                elif isinstance(lp.get("tokens"), list):
+                    lp_in = {"text": completion_entries(lp)}
+            lp_out: dict[str, list] = {}
             for box, key, name in slots:
                 text = box[key]
                 texts += bool(text)
@@ -211,12 +228,19 @@ class StreamRelay:
                     sf = self.streams.get(skey)
                     if sf is None:
                         sf = self.streams[skey] = self.filter.stream()
+                    guard = self.guards.get(skey)
+                    if name[0] in lp_in or guard is not None:
+                        if guard is None:
+                            guard = self.guards[skey] = LogprobGuard(self.filter, sf)
+                        guard.add(text, lp_in.pop(name[0], []))
                     out = sf.feed(text) if text else ""
                     if finished:
                         out += sf.flush()
                     if sf.hits and self.block:
                         self.blocked = True
                         return b""
+                    if guard is not None:
+                        lp_out[name[0]] = guard.release()
                     if out != text:
                         box[key] = out
                         changed = True
@@ -230,11 +254,19 @@ class StreamRelay:
                         if sf.hits and self.block:
                             self.blocked = True
                             return b""
+                        guard = self.guards.get(skey)
+                        if guard is not None:
+                            lp_out[skey[1]] = lp_out.get(skey[1], []) + guard.release()
                         if rest:
                             _inject(holder, skey[1:], rest)
                             changed = True
                             if self.collect:
                                 self.texts.append(rest)
+            for k in lp_in:  # entries of a field without text here: nothing to place them on, dropped
+                lp_out.setdefault(k, [])
+            if lp_out:
+                ch["logprobs"] = _with_logprobs(lp if isinstance(lp, dict) else {}, lp_out, self.chat)
+                changed = True
         self.streamed += texts
         if self._template is None:
             self._template = {k: obj.get(k) for k in ("id", "object", "created", "model")}
@@ -248,7 +280,9 @@ class StreamRelay:
             if sf.hits and self.block:
                 self.blocked = True
                 return b""
-            if rest:
+            guard = self.guards.get(skey)
+            entries = guard.release() if guard is not None else []
+            if rest or entries:
                 if self.collect:
                     self.texts.append(rest)
                 if self.chat:
@@ -257,6 +291,8 @@ class StreamRelay:
                     choice = {"index": skey[0], "delta": delta}
                 else:
                     choice = {"index": skey[0], "text": rest}
+                if entries:
+                    choice["logprobs"] = _with_logprobs({}, {skey[1]: entries}, self.chat)
                 out.append(b"data: " + dumps({**(self._template or {}), "choices": [
                     {**choice, "finish_reason": None}]}) + b"\n\n")
         return b"".join(out)
