@@ -16,9 +16,11 @@ from workbench.gateway.server import GatewayServer
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def cfg_for(tmp_path, fake, key: dict, limits: dict | None = None, tokenizer: str | None = TOKENIZER):
+def cfg_for(tmp_path, fake, key: dict, limits: dict | None = None, tokenizer: str | None = TOKENIZER,
+            **sections):
     """Prompts counted exactly ("hello there": 2 tokens, as the fake server's usage says)."""
-    return counted(make_cfg(tmp_path, {"fake-model": fake.base_url}, key=key, limits=limits or {}), tokenizer)
+    return counted(make_cfg(tmp_path, {"fake-model": fake.base_url}, key=key, limits=limits or {}, **sections),
+                   tokenizer)
 
 
 def drop_after(gw, n_tokens: int, body: dict) -> tuple[int, str | None]:
@@ -98,7 +100,8 @@ def test_token_id_prompts_are_counted_by_their_length(tmp_path):
     # 600-tokens/min key were all admitted (30,030 tokens). 1,000 IDs can never fit: 429 each;
     # 500 IDs fit once (the fake server's usage counts them as 500 prompt tokens).
     with FakeServer(ttft_ms=200, output_tokens=1) as fake, GatewayServer(cfg_for(
-            tmp_path, fake, {"tokens_per_minute": 600}, tokenizer=None)) as gw:
+            tmp_path, fake, {"tokens_per_minute": 600}, tokenizer=None,
+            filter={"enabled": False}, moderation={"policy": None})) as gw:  # else IDs need a tokenizer
         big = _burst(gw, "/completions", {"model": "fake-model", "prompt": [17] * 1000, "max_tokens": 1}, 30)
         assert {r.status_code for r in big} == {429}
         assert "too large" in big[0].json()["error"]["message"]

@@ -23,12 +23,13 @@ import fastjsonschema
 
 from workbench.gateway.audit import AuditCollector, AuditLog
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, load_config
-from workbench.gateway.filter import WordFilter
+from workbench.gateway.filter import FilterWorker, WordFilter
 from workbench.gateway.http import REFUSED
 from workbench.gateway.keys import KeyStore, watch_keys
 from workbench.gateway.metrics import Metrics
 from workbench.gateway.moderation import Verdict, build_policy
 from workbench.gateway.openapi import compile_validators, document
+from workbench.gateway.prompt import UNREADABLE, text_slots
 from workbench.gateway.relay import Ctx, Replies, media_url_allowed, respond, settle, stream_tokens
 from workbench.gateway.sse import dumps, loads
 from workbench.gateway.store import StoreUnavailable, build_store
@@ -58,24 +59,13 @@ def accepts_gzip(accept_encoding: bytes) -> bool:
     return False
 
 
-def _text_slots(route: str, req: dict) -> list[tuple[object, object]]:
-    """(container, key) of every prompt string, so the filter can read and rewrite them."""
-    slots: list[tuple[object, object]] = []
-    if route == "chat":
-        for m in req["messages"]:
-            c = m.get("content")
-            if isinstance(c, str):
-                slots.append((m, "content"))
-            elif isinstance(c, list):
-                slots += [(p, "text") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    else:
-        field = "prompt" if route == "completions" else "input"
-        v = req[field]
-        if isinstance(v, str):
-            slots.append((req, field))
-        elif isinstance(v, list):
-            slots += [(v, i) for i, x in enumerate(v) if isinstance(x, str)]
-    return slots
+def _mask_slots(f: WordFilter, slots) -> int:
+    """Mask every slot's text in place; the number of matches."""
+    total = 0
+    for c, k in slots:
+        c[k], n = f.apply_mask(c[k])
+        total += n
+    return total
 
 
 class Gateway(Replies):
@@ -93,6 +83,8 @@ class Gateway(Replies):
         self.validators = compile_validators()
         f = cfg.filter
         self.filter = WordFilter.from_files(f.word_lists, f.mask, f.cjk_ignore_spaces) if f.enabled else None
+        # prompts over OFF_LOOP_CHARS are matched in a worker process (filter.FilterWorker)
+        self.filter_worker = FilterWorker(self.filter, f.word_lists, f.mask, f.cjk_ignore_spaces) if self.filter else None
         # Each inference route's and model's latency series exist from the start, at zero (as
         # Prometheus advises): a series that first appears with a request makes rate() extrapolate
         # its buckets unevenly, which skews a recorded quantile toward the next bucket up.
@@ -124,6 +116,8 @@ class Gateway(Replies):
             self._key_watch.cancel()
         await self.upstreams.aclose()
         await self.store.aclose()
+        if self.filter_worker is not None:
+            await asyncio.to_thread(self.filter_worker.close, True)
         if self.audit:
             await asyncio.to_thread(self.audit.close)
 
@@ -140,6 +134,8 @@ class Gateway(Replies):
                         await send({"type": "lifespan.startup.failed", "message": str(err)})
                         return
                     await self.upstreams.start()  # the pool and health checks, on the server's loop
+                    if self.filter_worker is not None:
+                        self.filter_worker.start()
                     self._key_watch = watch_keys(self)
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":
@@ -299,7 +295,7 @@ class Gateway(Replies):
         ctx.stream = stream
         if route == "chat" and self.cfg.limits.media_hosts is not None:
             self._check_media(req)
-        changed = self._check_prompt(ctx, route, req)
+        changed = await self._check_prompt(ctx, route, req, upstream)
         if self.policy and self.cfg.moderation.before:
             await self._moderate(ctx, ctx.prompt, "input")
         if key.tokens is not None:
@@ -394,30 +390,53 @@ class Gateway(Replies):
                     task.cancel()
                 return
 
-    def _check_prompt(self, ctx: Ctx, route: str, req: dict) -> bool:
-        """Sensitive words in the prompt: 400 (block) or masked in place. True if req changed."""
-        slots = _text_slots(route, req)
-        text = "\n".join(c[k] for c, k in slots)
-        ctx.prompt = text
+    async def _check_prompt(self, ctx: Ctx, route: str, req: dict, upstream: str) -> bool:
+        """Sensitive words in every prompt field (prompt.py): 400 (block) or masked in place.
+        True if req changed. A text over OFF_LOOP_CHARS is matched off the event loop."""
+        slots, keys, ids = text_slots(route, req)
         f = self.filter
-        if not (f and f.size and self.cfg.filter.prompts):
+        on = bool(f and f.size and self.cfg.filter.prompts)
+        param = "messages" if route == "chat" else "prompt" if route == "completions" else "input"
+        decoded = []
+        if ids and (on or (self.policy and self.cfg.moderation.before)):
+            counter = self.counters[upstream]
+            if counter.tokenizer is None:
+                raise GatewayError(400, "Token-ID prompts cannot be checked by this gateway's content filter "
+                                   f"(upstreams.{upstream}.tokenizer is not set); send text.",
+                                   code="unfilterable_field", param=param)
+            decoded = [counter.detokenize(x) for x in ids]
+        text = "\n".join([*(c[k] for c, k in slots), *keys, *decoded])
+        ctx.prompt = text
+        if not on:
             return False
+        for name in UNREADABLE:
+            if name in req:
+                raise GatewayError(400, f"'{name}' cannot be checked by this gateway's content filter; "
+                                   "leave it out.", code="unfilterable_field", param=name)
+        big = len(text) > OFF_LOOP_CHARS and self.filter_worker is not None
         if self.cfg.filter.action == "block":
-            if f.hits(text):
+            if await self.filter_worker.hits(text) if big else f.hits(text):
                 ctx.filter.append("prompt:block")
                 self.metrics.filter_hits.labels("prompt", "block").inc()
-                raise GatewayError(400, "The prompt contains blocked content.", code="content_filter",
-                                   param="messages" if route == "chat" else None)
+                raise GatewayError(400, "The prompt contains blocked content.", code="content_filter", param=param)
             return False
-        total = 0
-        for c, k in slots:
-            c[k], n = f.apply_mask(c[k])
-            total += n
-        if total:
-            ctx.filter.append(f"prompt:mask:{total}")
-            self.metrics.filter_hits.labels("prompt", "mask").inc(total)
-            ctx.prompt = "\n".join(c[k] for c, k in slots)
-        return bool(total)
+        unmaskable = "\n".join([*keys, *decoded])
+        if unmaskable and f.hits(unmaskable):
+            ctx.filter.append("prompt:block")
+            self.metrics.filter_hits.labels("prompt", "block").inc()
+            raise GatewayError(400, "The prompt contains blocked content where it cannot be masked "
+                               "(token IDs or a field name).", code="content_filter", param=param)
+        if big:
+            texts, masked = await self.filter_worker.mask([c[k] for c, k in slots])
+            for (c, k), t in zip(slots, texts):
+                c[k] = t
+        else:
+            masked = _mask_slots(f, slots)
+        if masked:
+            ctx.filter.append(f"prompt:mask:{masked}")
+            self.metrics.filter_hits.labels("prompt", "mask").inc(masked)
+            ctx.prompt = "\n".join([*(c[k] for c, k in slots), *keys, *decoded])
+        return bool(masked)
 
     async def _moderate(self, ctx: Ctx, text: str, stage: str, raise_: bool = True) -> Verdict:
         name = self.policy.name
