@@ -34,7 +34,11 @@ from workbench.gateway.relay import Ctx, Replies, media_url_allowed, respond, se
 from workbench.gateway.sse import dumps, loads
 from workbench.gateway.store import StoreUnavailable, build_store
 from workbench.gateway.tokens import OFF_LOOP_CHARS, PromptCounter, load_tokenizer
-from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
+from workbench.gateway.upstream import ClientGone, GatewayError, UpstreamBroke, Upstreams
+
+
+class RetryOther(Exception):
+    """A 5xx before any byte reached the client: the request goes to another replica."""
 
 log = logging.getLogger(__name__)
 
@@ -312,19 +316,45 @@ class Gateway(Replies):
 
         me = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive, me, ctx))
+        pool = self.upstreams.pools[upstream]
+        # one retry on another replica for a request that failed before any byte reached the client
+        tries, avoid = (2 if len(pool) > 1 else 1), None
         try:
             ctx.upstream_called = True
-            resp = await self.upstreams.post(upstream, ctx.path, body)
-            try:
-                if resp.status >= 400:
-                    await self._relay_error(ctx, upstream, resp, send)
-                elif stream and resp.content_type == "text/event-stream":
-                    await self._relay_stream(ctx, route, resp, send, gzip, strip_usage)
-                else:
-                    await self._relay_body(ctx, route, resp, send)
-                resp.release()
-            finally:
-                resp.close()  # no-op after release; on cancel it drops the connection: vLLM aborts
+            for attempt in range(tries):
+                resp = await self.upstreams.post(upstream, ctx.path, body, avoid=avoid)
+                replica, retry = resp._replica, attempt + 1 < tries
+                try:
+                    if resp.status >= 500:
+                        pool.request_failed(replica, f"HTTP {resp.status}")
+                    if resp.status >= 500 and retry:
+                        await self.upstreams.read(upstream, resp)  # drained: the connection is reused
+                        self.metrics.upstream_errors.labels(upstream, f"http_{resp.status}").inc()
+                        raise RetryOther(f"HTTP {resp.status}")
+                    if resp.status >= 400:
+                        await self._relay_error(ctx, upstream, resp, send)
+                    elif stream and resp.content_type == "text/event-stream":
+                        await self._relay_stream(ctx, route, resp, send, gzip, strip_usage)
+                    else:
+                        await self._relay_body(ctx, route, resp, send)
+                    if ctx.upstream_broke:  # a stream broken off after bytes reached the client
+                        pool.request_failed(replica, "stream broken off")
+                    elif resp.status < 500:
+                        pool.request_ok(replica)
+                    resp.release()
+                    break
+                except UpstreamBroke as err:  # unreadable reply, stream broken before any byte
+                    pool.request_failed(replica, err.message)
+                    if not retry or ctx.started:
+                        raise
+                    log.warning("upstream %s: %s on %s; retrying on another replica", upstream, err.message,
+                                replica.url)
+                except RetryOther as err:
+                    log.warning("upstream %s: %s from %s; retrying on another replica", upstream, err,
+                                replica.url)
+                finally:
+                    resp.close()  # no-op after release; on cancel it drops the connection: vLLM aborts
+                avoid = replica
         finally:
             ctx.done = True
             watcher.cancel()

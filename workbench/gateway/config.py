@@ -45,8 +45,11 @@ class UpstreamConfig(Section):
     # one refused connection, and returns after healthy_after passing checks in a row.
     health_interval_s: float = Field(default=2.0, ge=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
-    unhealthy_after: int = Field(default=2, ge=1)
+    unhealthy_after: int = Field(default=2, ge=1)  # failed checks, or failed requests, in a row
     healthy_after: int = Field(default=2, ge=1)
+    # An ejected replica stays out at least this x its ejections in a row (max 300 s), however
+    # its checks go (Envoy's base_ejection_time): /health can pass while requests fail.
+    eject_s: float = Field(default=10, ge=0)
 
     @property
     def urls(self) -> list[str]:

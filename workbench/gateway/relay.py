@@ -22,7 +22,7 @@ import aiohttp
 from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
                                    message_slots)
 from workbench.gateway.logprobs import filter_choice_logprobs
-from workbench.gateway.upstream import GatewayError
+from workbench.gateway.upstream import GatewayError, UpstreamBroke
 
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
@@ -35,7 +35,7 @@ class Ctx:
     __slots__ = ("t0", "ts", "path", "request_id", "key_id", "model", "status", "prompt_tokens",
                  "completion_tokens", "ttft_s", "stream", "moderation", "filter", "prompt",
                  "error", "started", "client_gone", "done", "client", "charged", "reserved",
-                 "prompt_estimate", "upstream_called", "relay", "output_estimate")
+                 "prompt_estimate", "upstream_called", "relay", "output_estimate", "upstream_broke")
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
@@ -47,6 +47,7 @@ class Ctx:
         self.filter: list[str] = []
         self.client = self.charged = self.relay = None
         self.reserved, self.prompt_estimate, self.output_estimate, self.upstream_called = 0, 0, 0, False
+        self.upstream_broke = False
 
 
 def settle(ctx: Ctx) -> float:
@@ -149,7 +150,7 @@ class Replies:
             self.metrics.upstream_errors.labels(name, "bad_reply").inc()
             log.warning("upstream %s answered %d with a body that is not a JSON object: %r",
                         name, resp.status, body[:200])
-            raise GatewayError(502, "The upstream's reply could not be read.", "upstream_error", "bad_gateway")
+            raise UpstreamBroke(502, "The upstream's reply could not be read.", "upstream_error", "bad_gateway")
         usage = obj.get("usage")
         ctx.prompt_tokens = count(ctx, usage, "prompt_tokens")
         ctx.completion_tokens = count(ctx, usage, "completion_tokens")
@@ -210,8 +211,9 @@ class Replies:
                    (b"x-accel-buffering", b"no"), (b"x-request-id", ctx.request_id.encode())]
         if gz:
             headers += [(b"content-encoding", b"gzip"), (b"vary", b"accept-encoding")]
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        ctx.status, ctx.started = resp.status, True
+        # The head goes with the first event, so a stream that breaks before it can be retried
+        # on another replica (app.py) with nothing sent to the client yet.
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         frames, tail = EventSplitter(), b""
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
         try:
@@ -226,6 +228,9 @@ class Replies:
                 if out:
                     if ctx.ttft_s is None:
                         ctx.ttft_s = time.perf_counter() - ctx.t0
+                    if not ctx.started:
+                        ctx.status, ctx.started = resp.status, True
+                        await send(start)
                     await send({"type": "http.response.body", "body": gz.chunk(out) if gz else out,
                                 "more_body": True})
             else:
@@ -240,6 +245,10 @@ class Replies:
             tail += error_event(f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout")
         except aiohttp.ClientError as err:
             self.metrics.upstream_errors.labels(name, "protocol").inc()
+            if not ctx.started:  # nothing relayed yet: another replica may answer it (app.py)
+                raise UpstreamBroke(502, f"Upstream '{name}' broke off the stream", "upstream_error",
+                                    "bad_gateway") from None
+            ctx.upstream_broke = True
             ctx.error = f"upstream broke off the stream: {err}"
             tail += error_event(f"Upstream '{name}' broke off the stream", "upstream_error", "bad_gateway")
         if relay.blocked:
@@ -261,4 +270,7 @@ class Replies:
             if relay.done:
                 tail += DONE
         ctx.done = True
+        if not ctx.started:
+            ctx.status, ctx.started = resp.status, True
+            await send(start)
         await send({"type": "http.response.body", "body": gz.end(tail) if gz else tail, "more_body": False})
