@@ -105,6 +105,8 @@ class Gateway(Replies):
             self.metrics.registry.register(AuditCollector(self.audit))
         self.openapi = dumps(document(sorted(self.routes)))
         self._key_watch: asyncio.Task | None = None
+        self.in_flight: dict[str, int] = {}  # key id -> its requests being served (http.max_key_share)
+        self.key_cap = max(1, int(cfg.http.max_client_connections * cfg.http.max_key_share))
 
     def _counter(self, name: str, path: str | None) -> PromptCounter:
         lim = self.cfg.limits
@@ -184,7 +186,21 @@ class Gateway(Replies):
             if route or path == "/v1/models":  # limits guard the upstreams (/v1/models asks them all)
                 await self._rate_limit(key)
             if route:
-                await self._proxy(ctx, route, receive, send, length, gzip, key)
+                held = self.in_flight.get(key.id, 0)
+                if held >= self.key_cap:
+                    self.metrics.rate_limited.labels(key.id, "connections").inc()
+                    raise GatewayError(429, f"Key '{key.id}' has {held} requests in flight, its share of this "
+                                       "gateway's connections; retry when one ends.", "rate_limit_error",
+                                       "too_many_requests_in_flight", headers=((b"retry-after", b"1"),))
+                self.in_flight[key.id] = held + 1
+                try:
+                    await self._proxy(ctx, route, receive, send, length, gzip, key)
+                finally:
+                    left = self.in_flight[key.id] - 1
+                    if left:
+                        self.in_flight[key.id] = left
+                    else:
+                        del self.in_flight[key.id]
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))

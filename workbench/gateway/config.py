@@ -120,6 +120,14 @@ class HttpConfig(Section):
     # room, or, if all are busy, the newcomer gets 503. Keep it below the file-descriptor limit.
     max_client_connections: int = Field(default=1024, ge=1)
     graceful_shutdown_s: float = Field(default=10, ge=0)  # SIGTERM: requests in flight get this long
+    # A reply the client does not read: once the socket's send buffer is full, the client has this
+    # long to take some of it, else the connection is dropped (its buffered reply freed) and the
+    # audit row says 408. Generous: a slow mobile link still reads something every few seconds.
+    send_timeout_s: float = Field(default=30, gt=0)
+    # Requests of one key in flight, as a share of max_client_connections (and each gateway
+    # process's): past it that key gets 429, so one key's slow bodies cannot fill the cap and
+    # starve other keys and /health.
+    max_key_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class FilterConfig(Section):

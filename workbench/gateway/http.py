@@ -14,6 +14,8 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
 - **connection cap**: past ``http.max_client_connections`` the connection idle the longest (no
   request in flight: a keep-alive or an unfinished head) is closed to make room, so half-open
   connections cannot lock out ``/health``; when every connection is busy the newcomer gets 503;
+- **send timeout**: a client that stops reading its reply (the send buffer stays full for
+  ``http.send_timeout_s``) is dropped with the reply it holds, rather than pinning it in memory;
 - the server's own refusals (bad framing such as Content-Length with Transfer-Encoding or a
   duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
 
@@ -58,17 +60,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     body_timeout_s = HttpConfig().body_timeout_s
     max_header_bytes = LimitsConfig().max_header_bytes
     max_connections = HttpConfig().max_client_connections
+    send_timeout_s = HttpConfig().send_timeout_s
 
     @classmethod
     def configured(cls, cfg: GatewayConfig) -> type["GatewayHttpProtocol"]:
         return type(cls.__name__, (cls,), {
             "header_timeout_s": cfg.http.header_timeout_s, "body_timeout_s": cfg.http.body_timeout_s,
             "max_header_bytes": cfg.limits.max_header_bytes,
-            "max_connections": cfg.http.max_client_connections})
+            "max_connections": cfg.http.max_client_connections, "send_timeout_s": cfg.http.send_timeout_s})
 
     # ---- connection --------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self._deadline: TimerHandle | None = None
+        self._send_timer: TimerHandle | None = None
         self._in_head = self._in_body = False
         self._head_bytes = 0
         self._idle_since = time.monotonic()
@@ -82,7 +86,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
+
+    # ---- a client that does not read its reply ----------------------------------------------
+    def pause_writing(self) -> None:
+        """The send buffer is full (the client is not reading): it has send_timeout_s to drain."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timeout(self) -> None:
+        self._send_timer = None
+        if self.cycle is not None and REFUSED not in self.cycle.scope:
+            self.cycle.scope[REFUSED] = (408, f"the client read none of the reply for {self.send_timeout_s:g} s")
+        log.warning("client %s read nothing for %g s: connection dropped", self.client, self.send_timeout_s)
+        self.transport.abort()  # close() would wait to flush what it is not reading
 
     def _idle(self) -> bool:
         """No request in flight: nothing is lost by closing this connection."""
