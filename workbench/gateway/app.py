@@ -154,8 +154,8 @@ class Gateway(Replies):
         path = scope["path"]
         if path == "/health":
             return await respond(send, 200, b'{"status":"ok"}')
-        if path == "/ready":  # readiness: 503 while audit rows cannot be written
-            problem = self.audit.problem() if self.audit else None
+        if path == "/ready":  # readiness: 503 while audit rows cannot be written or limits checked
+            problem = (self.audit.problem() if self.audit else None) or self.store.problem()
             return await respond(send, 503 if problem else 200,
                                  dumps({"status": "unavailable", "reason": problem} if problem else {"status": "ok"}))
         ctx = Ctx(path)
@@ -221,11 +221,14 @@ class Gateway(Replies):
         except asyncio.CancelledError:
             if not ctx.client_gone:  # the graceful-shutdown timeout ran out: say so, then stop
                 ctx.status, ctx.error = 503, "cancelled: the gateway is shutting down"
+                asyncio.current_task().uncancel()  # ended here, not re-raised: no traceback per request
                 if not ctx.started:
                     await respond(send, 503, GatewayError(503, "The gateway is shutting down; retry.",
                                                           "server_error", "shutting_down").body(),
                                   headers=((b"x-request-id", ctx.request_id.encode()),))
-                raise
+                else:  # a stream cut short: end the body, so the server does not call it a bug
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return  # (finally: its audit row)
             asyncio.current_task().uncancel()
             ctx.status, ctx.error = scope.get(REFUSED, (499, "client disconnected"))  # 499: nginx's code
         except Exception as err:  # a bug: still an OpenAI-shaped 500 and an audit row

@@ -233,7 +233,12 @@ class GatewayConfig(Section):
     def all_keys(self) -> list[KeyConfig]:
         keys = list(self.keys)
         if self.keys_file and Path(self.keys_file).exists():
-            raw = yaml.safe_load(Path(self.keys_file).read_text()) or []
+            raw = yaml.safe_load(Path(self.keys_file).read_text())
+            if raw is None:  # an empty file is a half-written one more often than an intent
+                raise GatewayConfigError(f"keys_file {self.keys_file} is empty (write [] for no keys)")
+            if not isinstance(raw, list):
+                raise GatewayConfigError(f"keys_file {self.keys_file} must hold a list of keys, "
+                                         f"got {type(raw).__name__}")
             try:
                 keys += [KeyConfig.model_validate(k) for k in raw]
             except ValidationError as err:

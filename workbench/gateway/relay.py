@@ -216,8 +216,15 @@ class Replies:
         start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         frames, tail = EventSplitter(), b""
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
+        keys_seen = self.keys.version  # a reload (revoke-key) is checked between events
+        revoked = False
         try:
             async for chunk in resp.content.iter_any():
+                if self.keys.version != keys_seen:
+                    keys_seen = self.keys.version
+                    if not self.keys.has_id(ctx.key_id):
+                        revoked = True
+                        break
                 data = frames.feed(chunk)
                 if not data:
                     continue
@@ -251,7 +258,10 @@ class Replies:
             ctx.upstream_broke = True
             ctx.error = f"upstream broke off the stream: {err}"
             tail += error_event(f"Upstream '{name}' broke off the stream", "upstream_error", "bad_gateway")
-        if relay.blocked:
+        if revoked:  # the rest of the stream is not this key's any more: end it, as an error
+            ctx.error = "the key was revoked during the stream"
+            tail += error_event("The API key was revoked.", "invalid_request_error", "invalid_api_key") + DONE
+        elif relay.blocked:
             ctx.filter.append(f"output:block:{relay.hits}")
             self.metrics.filter_hits.labels("output", "block").inc(relay.hits)
             ctx.error = "output blocked by the filter"

@@ -48,24 +48,34 @@ def message_slots(holder: dict) -> list[tuple[dict, str, tuple]]:
     """(container, key, name) of every text string in a chat message or delta: the content,
     reasoning and refusal, and each tool call's (or the legacy function_call's) arguments."""
     slots = [(holder, k, (k,)) for k in TEXT_FIELDS if isinstance(holder.get(k), str)]
+    content = holder.get("content")
+    if isinstance(content, list):  # content as parts: each text part is a field of its own
+        slots += [(p, "text", ("part", n)) for n, p in enumerate(content)
+                  if isinstance(p, dict) and isinstance(p.get("text"), str)]
     calls = holder.get("tool_calls")
     for j, tc in enumerate(calls if isinstance(calls, list) else ()):
         fn = tc.get("function") if isinstance(tc, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        if isinstance(fn, dict):
             i = tc.get("index", j)
-            slots.append((fn, "arguments", ("tool", i if isinstance(i, int) else j)))
+            i = i if isinstance(i, int) else j
+            slots += [(fn, k, ("tool", i) if k == "arguments" else ("tool_name", i))
+                      for k in ("arguments", "name") if isinstance(fn.get(k), str)]
     fc = holder.get("function_call")
-    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
-        slots.append((fc, "arguments", ("function_call",)))
+    if isinstance(fc, dict):
+        slots += [(fc, k, ("function_call",) if k == "arguments" else ("function_name",))
+                  for k in ("arguments", "name") if isinstance(fc.get(k), str)]
     return slots
 
 
 def _inject(holder: dict, name: tuple, text: str) -> None:
     """Put held-back text of the field ``name`` into a delta that may not carry that field."""
-    if name[0] == "tool":
-        holder.setdefault("tool_calls", []).append({"index": name[1], "function": {"arguments": text}})
-    elif name[0] == "function_call":
-        holder.setdefault("function_call", {})["arguments"] = text
+    if name[0] in ("tool", "tool_name"):
+        key = "arguments" if name[0] == "tool" else "name"
+        holder.setdefault("tool_calls", []).append({"index": name[1], "function": {key: text}})
+    elif name[0] in ("function_call", "function_name"):
+        holder.setdefault("function_call", {})["arguments" if name[0] == "function_call" else "name"] = text
+    elif name[0] == "part":
+        holder["content"] = [{"type": "text", "text": text}]
     else:
         holder[name[0]] = (holder.get(name[0]) or "") + text
 
@@ -81,12 +91,16 @@ class EventSplitter:
     """Cuts a byte stream into complete SSE events, LF-terminated. A CR ending a chunk ends its
     line at once; an LF starting the next chunk is then the rest of that CRLF, and dropped."""
 
-    __slots__ = ("buf", "cr")
+    __slots__ = ("buf", "cr", "first")
 
     def __init__(self):
-        self.buf, self.cr = b"", False
+        self.buf, self.cr, self.first = b"", False, True
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.first and chunk:  # the SSE spec: one UTF-8 BOM at the start of a stream is dropped
+            self.first = False
+            if chunk[:3] == b"\xef\xbb\xbf":
+                chunk = chunk[3:]
         if self.cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.cr = chunk[-1:] == b"\r"
@@ -187,9 +201,9 @@ class StreamRelay:
         try:
             obj = loads(payload)
         except ValueError:
-            return raw
+            return self._unparsed(head, payload, raw)
         if not isinstance(obj, dict):
-            return raw
+            return self._unparsed(head, payload, raw)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
@@ -271,6 +285,22 @@ class StreamRelay:
         if self._template is None:
             self._template = {k: obj.get(k) for k in ("id", "object", "created", "model")}
         return head + b"data: " + dumps(obj) + b"\n\n" if changed else raw
+
+    def _unparsed(self, head: bytes, payload: bytes, raw: bytes) -> bytes:
+        """An event that is not a JSON object passes as it is, unless the filter finds a word in
+        it: then block, or its text masked (its own word list hits counted as output hits)."""
+        if not self.filter:
+            return raw
+        text = payload.decode("utf-8", "replace")
+        masked, n = self.filter.apply_mask(text)
+        if not n:
+            return raw
+        sf = self.streams.setdefault(("raw",), self.filter.stream())
+        sf.hits += n
+        if self.block:
+            self.blocked = True
+            return b""
+        return head + b"data: " + masked.encode() + b"\n\n"
 
     def finish(self) -> bytes:
         """Text still held back when the stream ended without a finish_reason, as one event."""
