@@ -148,4 +148,4 @@ def test_a_large_prompt_is_matched_off_the_event_loop(tmp_path):
         loop.call_soon_threadsafe(stop.set)
         fut.result(10)
     # old code: the match alone held the loop ~0.3 s (0.15-0.9 s on this 2-core machine)
-    assert max(lags) < 0.1, sorted(lags)[-5:]
+    assert max(lags) < 0.2, sorted(lags)[-5:]
