@@ -120,6 +120,7 @@ _BOUNDARY = ",;:!?。、"
 _SPACE = re.compile(f"(?![{_BOUNDARY}])[\\W_]")
 _NONSPACE = re.compile(f"[^\\W_]|[{_BOUNDARY}]")
 _WS_RUN = re.compile(r"\s+")
+_ODD_SPACE = re.compile(r"\s\s|[^\S ]")
 _ODD_RUN = re.compile(r"\s{2,}|[^\S ]")  # a run of 2+ whitespace characters, or one not a space
 _OTHER_WS = [chr(o) for o in range(0x3001) if chr(o).isspace() and o != 32]  # \t \n .. U+3000
 _CJK = "\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff"
@@ -275,7 +276,10 @@ def unsqueeze(runs: list[tuple[int, int]]):
 
 def odd_spaces(text: str) -> bool:
     """Whether ``text`` holds whitespace other than single spaces (the matcher must squeeze it).
-    Substring tests (C, memchr-fast) rather than a regex: ~10x faster on a 2 MB prompt."""
+    A regex for short texts (a stream's chunks: ~0.3 us), substring tests (memchr-fast) for long
+    ones (~10x faster than the regex on a 2 MB prompt)."""
+    if len(text) < 4096:
+        return _ODD_SPACE.search(text) is not None
     return "  " in text or any(c in text for c in _OTHER_WS)
 
 
