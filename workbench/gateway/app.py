@@ -96,7 +96,7 @@ class Gateway(Replies, Checks):
             self.metrics.registry.register(AuditCollector(self.audit))
         self.openapi = dumps(document(sorted(self.routes)))
         self._key_watch: asyncio.Task | None = None
-        self.in_flight: dict[str, int] = {}  # key id -> its requests being served (http.max_key_share)
+        self.reading: dict[str, int] = {}  # key id -> its requests whose body is arriving (max_key_share)
         self.key_cap = max(1, int(cfg.http.max_client_connections * cfg.http.max_key_share))
 
     def _counter(self, name: str, path: str | None) -> PromptCounter:
@@ -177,21 +177,7 @@ class Gateway(Replies, Checks):
             if route or path == "/v1/models":  # limits guard the upstreams (/v1/models asks them all)
                 await self._rate_limit(key)
             if route:
-                held = self.in_flight.get(key.id, 0)
-                if held >= self.key_cap:
-                    self.metrics.rate_limited.labels(key.id, "connections").inc()
-                    raise GatewayError(429, f"Key '{key.id}' has {held} requests in flight, its share of this "
-                                       "gateway's connections; retry when one ends.", "rate_limit_error",
-                                       "too_many_requests_in_flight", headers=((b"retry-after", b"1"),))
-                self.in_flight[key.id] = held + 1
-                try:
-                    await self._proxy(ctx, route, receive, send, length, gzip, key)
-                finally:
-                    left = self.in_flight[key.id] - 1
-                    if left:
-                        self.in_flight[key.id] = left
-                    else:
-                        del self.in_flight[key.id]
+                await self._proxy(ctx, route, receive, send, length, gzip, key)
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))
@@ -283,6 +269,26 @@ class Gateway(Replies, Checks):
             if not msg.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _read_key_body(self, receive, length: int, key) -> bytes:
+        """The body, counted against the key's share of connections while it arrives
+        (http.max_key_share): one key's slow bodies cannot fill the cap and starve /health.
+        Requests waiting on the upstream are not counted: that is load, not a stall."""
+        held = self.reading.get(key.id, 0)
+        if held >= self.key_cap:
+            self.metrics.rate_limited.labels(key.id, "connections").inc()
+            raise GatewayError(429, f"Key '{key.id}' has {held} request bodies arriving, its share of this "
+                               "gateway's connections; retry when one is in.", "rate_limit_error",
+                               "too_many_requests_in_flight", headers=((b"retry-after", b"1"),))
+        self.reading[key.id] = held + 1
+        try:
+            return await self._read_body(receive, length)
+        finally:
+            left = self.reading[key.id] - 1
+            if left:
+                self.reading[key.id] = left
+            else:
+                del self.reading[key.id]
+
     def _parse(self, route: str, path: str, body: bytes) -> dict:
         try:
             req = loads(body)
@@ -297,7 +303,7 @@ class Gateway(Replies, Checks):
         return req
 
     async def _proxy(self, ctx: Ctx, route: str, receive, send, length: int, gzip: bool, key) -> None:
-        body = await self._read_body(receive, length)
+        body = await self._read_key_body(receive, length, key)
         req = self._parse(route, ctx.path, body)
         model = req["model"]
         ctx.model = model[:200]

@@ -124,9 +124,9 @@ class HttpConfig(Section):
     # long to take some of it, else the connection is dropped (its buffered reply freed) and the
     # audit row says 408. Generous: a slow mobile link still reads something every few seconds.
     send_timeout_s: float = Field(default=30, gt=0)
-    # Requests of one key in flight, as a share of max_client_connections (and each gateway
-    # process's): past it that key gets 429, so one key's slow bodies cannot fill the cap and
-    # starve other keys and /health.
+    # Requests of one key whose body is still arriving, as a share of max_client_connections (per
+    # gateway process): past it that key gets 429, so one key's slow bodies cannot fill the cap
+    # and starve other keys and /health (requests waiting on the upstream are not counted).
     max_key_share: float = Field(default=0.5, gt=0, le=1)
 
 

@@ -192,7 +192,19 @@ class StreamFilter:
         # spans (stream offsets) emitted as the mask, for logprobs.LogprobGuard (which prunes it)
         self.masked: list[tuple[int, int]] = []
 
+    def passes(self, text: str) -> bool:
+        """Take ``text`` as emitted unchanged if nothing is held and it neither matches nor ends
+        in the start of a word (the common token); False, taking nothing, otherwise."""
+        if self.buf or self.pending or not (text.isascii() or not text):
+            return False
+        if self.f.held_tail(text) or self.f.spans(text):
+            return False
+        self.base += len(text)
+        return True
+
     def feed(self, text: str) -> str:
+        if self.passes(text):  # ~1 us instead of ~5 through _emit
+            return text
         self.buf += text
         return self._emit(len(self.buf) - self._prefix_len())
 

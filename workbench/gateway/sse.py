@@ -42,6 +42,10 @@ DONE = b"data: [DONE]\n\n"
 # holding several, as with speculative decoding, counts once, so this can only undercount).
 _TEXT_VALUE = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"(?!")')
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# For StreamRelay._passes: a text value without escapes, any text-field key, a choice's index.
+_FAST_TEXT = re.compile(rb'"(content|text)":"([^"\\]*)"')
+_ANY_TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments|name)"\s*:')
+_INDEX = re.compile(rb'"index":(\d+)')
 
 
 def message_slots(holder: dict) -> list[tuple[dict, str, tuple]]:
@@ -172,12 +176,41 @@ class StreamRelay:
             return b"".join(self._event(ev) if b'"usage"' in ev else ev + b"\n\n"
                             for ev in data.split(b"\n\n") if ev)
         out = []
+        fast = self.filter is not None and not self.collect and not self.guards and self._template is not None
         for ev in data.split(b"\n\n"):
             if ev:
+                if fast and self._passes(ev):
+                    out.append(ev + b"\n\n")
+                    continue
                 out.append(self._event(ev))
                 if self.blocked:
                     break
         return b"".join(out)
+
+    def _passes(self, ev: bytes) -> bool:
+        """The common event, relayed as its bytes without a JSON round trip: one choice, one
+        plain text value (ASCII, no escapes), nothing else to filter or count (no finish_reason,
+        logprobs, tool calls or usage), and text the filter lets through whole right now
+        (``StreamFilter.passes``). Anything else takes ``_event``. ~2 us instead of ~15."""
+        if not ev.startswith(b"data: {") or b'"finish_reason":null' not in ev or b'"usage"' in ev \
+                or b'"logprobs":{' in ev or b'"tool_calls"' in ev or b'"function_call"' in ev \
+                or ev.count(b'"index"') != 1 or b"\\" in ev:
+            return False
+        m = _FAST_TEXT.findall(ev)
+        if len(m) != 1 or len(_ANY_TEXT.findall(ev)) != 1:
+            return False
+        (key, value), = m
+        if key != (b"content" if self.chat else b"text"):
+            return False
+        idx = _INDEX.search(ev)
+        skey = (int(idx.group(1)), key.decode())
+        sf = self.streams.get(skey)
+        if sf is None:
+            sf = self.streams[skey] = self.filter.stream()
+        if not value.isascii() or not sf.passes(value.decode()):
+            return False
+        self.streamed += 1
+        return True
 
     def _event(self, ev: bytes) -> bytes:
         raw = ev + b"\n\n"
