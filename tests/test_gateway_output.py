@@ -127,3 +127,21 @@ def test_a_blocked_word_never_arrives_before_the_block(tmp_path):
                 gate.set()
         gate.set()
     assert b"bad" not in got
+
+
+def test_plain_events_pass_as_bytes_and_split_words_are_still_masked():
+    from gateway_helpers import WORD_LISTS
+    from workbench.gateway.filter import WordFilter
+    from workbench.gateway.sse import EventSplitter, StreamRelay
+
+    def ev(text, fin=None):
+        return b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                       "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                                    "finish_reason": fin}]}, separators=(",", ":")).encode() + b"\n\n"
+    relay = StreamRelay("chat", WordFilter.from_files(WORD_LISTS), False, False, False)
+    split = EventSplitter()
+    plain = [ev("it"), ev(" is"), ev(" fine")]
+    assert [relay.process(split.feed(e)) for e in plain] == plain  # byte for byte
+    out = b"".join(relay.process(split.feed(e)) for e in [ev(" bad"), ev("wo"), ev("rd"), ev(" ok", "stop")])
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(out.decode()))
+    assert text == " *** ok" and relay.streamed == 7
