@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from workbench.gateway.moderation import Policy, Verdict, register
-from workbench.gateway.normalize import fold, squeeze
+from workbench.gateway.normalize import fold, odd_spaces, squeeze
 
 
 @register("keyword")
@@ -21,5 +21,7 @@ class KeywordPolicy(Policy):
     async def check(self, text: str, stage: str) -> Verdict:
         if self.regex is None:
             return Verdict(False)
-        m = self.regex.search(text) or self.regex.search(squeeze(fold(text))[0])
+        m = self.regex.search(text)
+        if m is None and not (text.isascii() and not odd_spaces(text)):  # else folding is lower()
+            m = self.regex.search(squeeze(fold(text))[0])
         return Verdict(True, m.group(0)[:64]) if m else Verdict(False)
