@@ -8,8 +8,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from gateway_helpers import AUTH, KEY, TOKENIZER, counted, make_cfg
+from test_gateway_scale import redis_limits, redis_url  # noqa: F401  (the session's redis-server)
 from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 
@@ -95,12 +97,14 @@ def _used(replies) -> int:
     return sum(r.json()["usage"]["total_tokens"] for r in replies if r.status_code == 200)
 
 
-def test_token_id_prompts_are_counted_by_their_length(tmp_path):
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_token_id_prompts_are_counted_by_their_length(tmp_path, backend, request):
     # Issue 31 finding 1: a list of token IDs counted as one token; 30 prompts of 1,000 IDs on a
-    # 600-tokens/min key were all admitted (30,030 tokens). 1,000 IDs can never fit: 429 each;
-    # 500 IDs fit once (the fake server's usage counts them as 500 prompt tokens).
+    # 600-tokens/min key were all admitted (30,030 tokens), in memory and in Redis mode. 1,000
+    # IDs can never fit: 429 each; 500 IDs fit once (the fake's usage counts 500 prompt tokens).
+    limits = redis_limits(request.getfixturevalue("redis_url")) if backend == "redis" else {}
     with FakeServer(ttft_ms=200, output_tokens=1) as fake, GatewayServer(cfg_for(
-            tmp_path, fake, {"tokens_per_minute": 600}, tokenizer=None,
+            tmp_path, fake, {"tokens_per_minute": 600}, limits, tokenizer=None,
             filter={"enabled": False}, moderation={"policy": None})) as gw:  # else IDs need a tokenizer
         big = _burst(gw, "/completions", {"model": "fake-model", "prompt": [17] * 1000, "max_tokens": 1}, 30)
         assert {r.status_code for r in big} == {429}
