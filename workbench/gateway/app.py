@@ -131,8 +131,6 @@ class Gateway(Replies, Checks):
                         await send({"type": "lifespan.startup.failed", "message": str(err)})
                         return
                     await self.upstreams.start()  # the pool and health checks, on the server's loop
-                    if self.filter_worker is not None:
-                        self.filter_worker.start()
                     self._key_watch = watch_keys(self)
                     await send({"type": "lifespan.startup.complete"})
                 elif msg["type"] == "lifespan.shutdown":

@@ -274,8 +274,9 @@ class FilterWorker:
     """The same word lists in one worker process, for prompts too long to match on the event loop.
     A thread would not do: folding and matching are long C calls (re, str.translate, the automaton)
     that hold the GIL, so a 2 MB prompt held the loop (and /health) for 0.15-0.5 s either way.
-    Started with the gateway (``start``, not waited for); texts travel by pickling (~2 ms for
-    2 MB)."""
+    Started on the first long prompt (a gateway that never sees one runs no extra process); the
+    event loop only forks it, and the request waits for it without blocking the loop. Texts
+    travel by pickling (~2 ms for 2 MB)."""
 
     def __init__(self, local: WordFilter, paths: list[str], mask: str, cjk_ignore_spaces: bool):
         self.local = local  # the fallback, in a thread, where no process can be started
@@ -291,13 +292,6 @@ class FilterWorker:
             # spawn: a fork of a process running an event loop and threads is unsafe
             self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), _worker_init, self.args)
         return self._pool
-
-    def start(self) -> None:
-        """Start the process and load the lists in it now, without waiting for it."""
-        try:
-            self._executor().submit(_worker_hits, "")
-        except Exception as err:
-            self._fail(err)
 
     def _fail(self, err: Exception) -> None:
         """No process (e.g. a script without a ``__main__`` guard cannot spawn): use a thread."""

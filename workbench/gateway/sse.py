@@ -209,7 +209,7 @@ class StreamRelay:
             sf = self.streams[skey] = self.filter.stream()
         if not value.isascii() or not sf.passes(value.decode()):
             return False
-        self.streamed += 1
+        self.streamed += bool(value)  # the role-only first delta ("content":"") is no token
         return True
 
     def _event(self, ev: bytes) -> bytes:
