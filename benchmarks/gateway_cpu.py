@@ -3,6 +3,7 @@ process's own CPU time, so the figure holds on a busy machine (latency would not
 
     flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/gateway_cpu.py             # ~5 min
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main    # before/after in one run: ~10 min
+    .venv/bin/python benchmarks/gateway_cpu.py --baseline-dir DIR --baseline-ref main  # DIR: its workbench/
 
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
 httptools) with everything on: key check, word filter on prompt and output (the shipped lists),
@@ -77,7 +78,8 @@ class GatewayProc(GatewayProcess):
 
     def __init__(self, config: Path, port: int, code_root: Path):
         super().__init__(config, port, name=f"gateway from {code_root}", cwd=code_root,
-                         env={**os.environ, "PYTHONPATH": str(code_root)}, timeout_s=15, interval_s=0.05,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(  # this checkout first
+                             [str(code_root), *filter(None, [os.environ.get("PYTHONPATH")])])}, timeout_s=15, interval_s=0.05,
                          grace_s=20)
         self.code_root = code_root
 
@@ -179,8 +181,12 @@ def extract(ref: str, dest: Path) -> Path:
 
 
 async def main_async(a) -> dict:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:  # no git (a copy of the tree): $GIT_SHA says which commit it is
+        sha = ""
+    sha = sha or os.environ.get("GIT_SHA", "")
     results = {"schema_version": 1, "benchmark": "gateway_cpu", "git_sha": sha,
                "config": {k: v for k, v in vars(a).items() if k != "out"},
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
@@ -189,7 +195,9 @@ async def main_async(a) -> dict:
             output_tokens=max(a.long, 16), itl_ms=a.itl_ms) as fake:
         tmp = Path(tmp)
         variants = {"current": ROOT}
-        if a.baseline_ref:
+        if a.baseline_dir:  # a folder holding the baseline's workbench/ (where git is not at hand)
+            variants = {f"baseline:{a.baseline_ref or 'dir'}": Path(a.baseline_dir).resolve(), **variants}
+        elif a.baseline_ref:
             variants = {f"baseline:{a.baseline_ref}": extract(a.baseline_ref, tmp / "baseline"), **variants}
         fake_ps = psutil.Process(fake.proc.pid)
         reps: dict[str, list] = {v: [] for v in variants}
@@ -207,8 +215,9 @@ async def main_async(a) -> dict:
                       f"{rep['stream_long']['gateway_cpu_ms_per_request']:.3f} ms", file=sys.stderr)
         for name in variants:
             results["variants"][name] = {"summary": summarize(reps[name], a), "repeats": reps[name]}
-        if a.baseline_ref:
-            results["current_minus_baseline"] = compare(reps[f"baseline:{a.baseline_ref}"], reps["current"], a)
+        base = next((v for v in reps if v.startswith("baseline:")), None)
+        if base:
+            results["current_minus_baseline"] = compare(reps[base], reps["current"], a)
     return results
 
 
@@ -221,6 +230,8 @@ def main() -> None:
     p.add_argument("--long", type=int, default=64, help="tokens (events) of a long stream")
     p.add_argument("--itl-ms", type=float, default=1.0, help="fake upstream delay between events")
     p.add_argument("--baseline-ref", default=None, help="also measure the gateway at this git ref")
+    p.add_argument("--baseline-dir", default=None,
+                   help="the baseline's code: a folder with its workbench/ (e.g. `git archive main workbench`)")
     p.add_argument("--out", default=str(ROOT / "results/benchmarks/gateway_cpu.json"))
     a = p.parse_args()
     results = asyncio.run(main_async(a))

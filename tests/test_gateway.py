@@ -13,7 +13,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from gateway_helpers import (AUTH, KEY, METRICS_AUTH, ClosingUpstream, ScriptedUpstream,
+from gateway_helpers import (AUTH, KEY, METRICS_AUTH, ClosingUpstream, ScriptedUpstream, counted,
                              _ThreadServer, assert_openai_error, make_cfg, sse_events, stream_text)
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
@@ -131,9 +131,9 @@ def test_request_rate_limit_is_429_with_retry_after(fake, tmp_path):
 
 def test_token_limit_reserves_max_tokens_and_settles_to_usage(fake, tmp_path):
     # Each reply uses 2 prompt + 8 completion tokens (usage from the fake). A request reserves its
-    # prompt estimate (3) + max_tokens (12) = 15 and is charged 10 at the end: 25 tokens per
+    # prompt (2, counted) + max_tokens (12) = 14 and is charged 10 at the end: 25 tokens per
     # minute admit two (the second streamed, usage from the stream), leave 5 and refuse a third.
-    cfg = make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"tokens_per_minute": 25})
+    cfg = counted(make_cfg(tmp_path, {"fake-model": fake.base_url}, key={"tokens_per_minute": 25}))
     with GatewayServer(cfg) as gw:
         body = {**CHAT, "max_tokens": 12}
         assert post(gw, "/chat/completions", body).status_code == 200

@@ -81,3 +81,33 @@ def test_vllm_rejection_passes_through_in_openai_shape(client, chat_server):
         client.chat.completions.create(model=chat_server.cfg.served_name, max_tokens=100_000,
                                        messages=[{"role": "user", "content": "hi"}])
     assert exc.value.status_code == 400 and exc.value.body["message"]
+
+
+def test_prompt_counts_bound_what_vllm_charges(chat_server, prepared, tmp_path):
+    """Issue 31 finding 1 on the real path: with the served model's own tokenizer.json, the
+    gateway's admission count of a prompt is at least vLLM's usage.prompt_tokens (no overshoot),
+    and token-ID prompts are filtered after decoding."""
+    from workbench.gateway.tokens import PromptCounter, load_tokenizer
+
+    tok = load_tokenizer(str(prepared["base"]))
+    counter = PromptCounter(tok)  # the shipped template_tokens / message_tokens bounds
+    name = chat_server.cfg.served_name
+    chat = {"model": name, "max_tokens": 1, "messages": [
+        {"role": "user", "content": "Which city is the capital of France? " * 20}]}
+    text = "The quick brown fox jumps over the lazy dog. " * 30
+    with httpx.Client(timeout=120) as c:
+        used_chat = c.post(chat_server.base_url + "/chat/completions", json=chat).json()["usage"]["prompt_tokens"]
+        used_text = c.post(chat_server.base_url + "/completions",
+                           json={"model": name, "prompt": text, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    counted_chat, exact = counter.count("chat", chat)
+    assert exact and used_chat <= counted_chat <= used_chat + 40  # the template bound, not more
+    counted_text, _ = counter.count("completions", {"prompt": text})
+    assert used_text - 1 <= counted_text <= used_text  # a BOS, if the model adds one, is all
+    ids = tok.encode("please say badword now", add_special_tokens=False).ids
+    cfg = make_cfg(tmp_path, {name: chat_server.base_url})
+    data = cfg.model_dump()
+    data["upstreams"][name]["tokenizer"] = str(prepared["base"])
+    with GatewayServer(type(cfg).model_validate(data)) as g:
+        r = httpx.post(g.base_url + "/completions", json={"model": name, "prompt": ids, "max_tokens": 1},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"

@@ -268,7 +268,7 @@ def test_pool_sends_to_the_replica_with_fewest_outstanding_requests():
 
 
 def test_pool_ties_rotate_and_ejected_replicas_get_nothing_until_they_pass_checks():
-    pool = _pool(unhealthy_after=2, healthy_after=2)
+    pool = _pool(unhealthy_after=2, healthy_after=2, eject_s=0)
     a, b, c = pool.replicas
     assert {pool.pick().url for _ in range(3)} == {a.url, b.url, c.url}
     pool.observe(a, False)

@@ -22,17 +22,23 @@ import time
 import fastjsonschema
 
 from workbench.gateway.audit import AuditCollector, AuditLog
-from workbench.gateway.config import GatewayConfig, load_config
-from workbench.gateway.filter import WordFilter
+from workbench.gateway.checks import Checks
+from workbench.gateway.config import GatewayConfig, GatewayConfigError, load_config
+from workbench.gateway.filter import FilterWorker, WordFilter
 from workbench.gateway.http import REFUSED
 from workbench.gateway.keys import KeyStore, watch_keys
 from workbench.gateway.metrics import Metrics
-from workbench.gateway.moderation import Verdict, build_policy
+from workbench.gateway.moderation import build_policy
 from workbench.gateway.openapi import compile_validators, document
-from workbench.gateway.relay import Ctx, Replies, media_url_allowed, respond, settle, stream_tokens
+from workbench.gateway.relay import Ctx, Replies, respond, settle, stream_tokens
 from workbench.gateway.sse import dumps, loads
 from workbench.gateway.store import StoreUnavailable, build_store
-from workbench.gateway.upstream import ClientGone, GatewayError, Upstreams
+from workbench.gateway.tokens import PromptCounter, load_tokenizer
+from workbench.gateway.upstream import ClientGone, GatewayError, UpstreamBroke, Upstreams
+
+
+class RetryOther(Exception):
+    """A 5xx before any byte reached the client: the request goes to another replica."""
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +63,7 @@ def accepts_gzip(accept_encoding: bytes) -> bool:
     return False
 
 
-def _text_slots(route: str, req: dict) -> list[tuple[object, object]]:
-    """(container, key) of every prompt string, so the filter can read and rewrite them."""
-    slots: list[tuple[object, object]] = []
-    if route == "chat":
-        for m in req["messages"]:
-            c = m.get("content")
-            if isinstance(c, str):
-                slots.append((m, "content"))
-            elif isinstance(c, list):
-                slots += [(p, "text") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    else:
-        field = "prompt" if route == "completions" else "input"
-        v = req[field]
-        if isinstance(v, str):
-            slots.append((req, field))
-        elif isinstance(v, list):
-            slots += [(v, i) for i, x in enumerate(v) if isinstance(x, str)]
-    return slots
-
-
-class Gateway(Replies):
+class Gateway(Replies, Checks):
     def __init__(self, cfg: GatewayConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         self.routes = cfg.model_routes()
@@ -92,6 +78,8 @@ class Gateway(Replies):
         self.validators = compile_validators()
         f = cfg.filter
         self.filter = WordFilter.from_files(f.word_lists, f.mask, f.cjk_ignore_spaces) if f.enabled else None
+        # prompts over OFF_LOOP_CHARS are matched in a worker process (filter.FilterWorker)
+        self.filter_worker = FilterWorker(self.filter, f.word_lists, f.mask, f.cjk_ignore_spaces) if self.filter else None
         # Each inference route's and model's latency series exist from the start, at zero (as
         # Prometheus advises): a series that first appears with a request makes rate() extrapolate
         # its buckets unevenly, which skews a recorded quantile toward the next bucket up.
@@ -101,12 +89,23 @@ class Gateway(Replies):
                 if kind != "embeddings":  # no first token there
                     self._child(self.metrics.ttft, route, model)
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
+        self.counters = {name: self._counter(name, u.tokenizer) for name, u in cfg.upstreams.items()}
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
         self.audit = AuditLog(cfg.audit) if cfg.audit.enabled else None
         if self.audit:
             self.metrics.registry.register(AuditCollector(self.audit))
         self.openapi = dumps(document(sorted(self.routes)))
         self._key_watch: asyncio.Task | None = None
+        self.reading: dict[str, int] = {}  # key id -> its requests whose body is arriving (max_key_share)
+        self.key_cap = max(1, int(cfg.http.max_client_connections * cfg.http.max_key_share))
+
+    def _counter(self, name: str, path: str | None) -> PromptCounter:
+        lim = self.cfg.limits
+        try:
+            tok = load_tokenizer(path) if path else None
+        except Exception as err:  # a missing file or one tokenizers cannot read: say which key
+            raise GatewayConfigError(f"upstreams.{name}.tokenizer: cannot load {path}: {err}") from None
+        return PromptCounter(tok, lim.media_part_tokens, lim.template_tokens, lim.message_tokens)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -114,6 +113,8 @@ class Gateway(Replies):
             self._key_watch.cancel()
         await self.upstreams.aclose()
         await self.store.aclose()
+        if self.filter_worker is not None:
+            await asyncio.to_thread(self.filter_worker.close, True)
         if self.audit:
             await asyncio.to_thread(self.audit.close)
 
@@ -142,8 +143,8 @@ class Gateway(Replies):
         path = scope["path"]
         if path == "/health":
             return await respond(send, 200, b'{"status":"ok"}')
-        if path == "/ready":  # readiness: 503 while audit rows cannot be written
-            problem = self.audit.problem() if self.audit else None
+        if path == "/ready":  # readiness: 503 while audit rows cannot be written or limits checked
+            problem = (self.audit.problem() if self.audit else None) or self.store.problem()
             return await respond(send, 503 if problem else 200,
                                  dumps({"status": "unavailable", "reason": problem} if problem else {"status": "ok"}))
         ctx = Ctx(path)
@@ -195,11 +196,14 @@ class Gateway(Replies):
         except asyncio.CancelledError:
             if not ctx.client_gone:  # the graceful-shutdown timeout ran out: say so, then stop
                 ctx.status, ctx.error = 503, "cancelled: the gateway is shutting down"
+                asyncio.current_task().uncancel()  # ended here, not re-raised: no traceback per request
                 if not ctx.started:
                     await respond(send, 503, GatewayError(503, "The gateway is shutting down; retry.",
                                                           "server_error", "shutting_down").body(),
                                   headers=((b"x-request-id", ctx.request_id.encode()),))
-                raise
+                else:  # a stream cut short: end the body, so the server does not call it a bug
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return  # (finally: its audit row)
             asyncio.current_task().uncancel()
             ctx.status, ctx.error = scope.get(REFUSED, (499, "client disconnected"))  # 499: nginx's code
         except Exception as err:  # a bug: still an OpenAI-shaped 500 and an audit row
@@ -263,6 +267,26 @@ class Gateway(Replies):
             if not msg.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _read_key_body(self, receive, length: int, key) -> bytes:
+        """The body, counted against the key's share of connections while it arrives
+        (http.max_key_share): one key's slow bodies cannot fill the cap and starve /health.
+        Requests waiting on the upstream are not counted: that is load, not a stall."""
+        held = self.reading.get(key.id, 0)
+        if held >= self.key_cap:
+            self.metrics.rate_limited.labels(key.id, "connections").inc()
+            raise GatewayError(429, f"Key '{key.id}' has {held} request bodies arriving, its share of this "
+                               "gateway's connections; retry when one is in.", "rate_limit_error",
+                               "too_many_requests_in_flight", headers=((b"retry-after", b"1"),))
+        self.reading[key.id] = held + 1
+        try:
+            return await self._read_body(receive, length)
+        finally:
+            left = self.reading[key.id] - 1
+            if left:
+                self.reading[key.id] = left
+            else:
+                del self.reading[key.id]
+
     def _parse(self, route: str, path: str, body: bytes) -> dict:
         try:
             req = loads(body)
@@ -277,7 +301,7 @@ class Gateway(Replies):
         return req
 
     async def _proxy(self, ctx: Ctx, route: str, receive, send, length: int, gzip: bool, key) -> None:
-        body = await self._read_body(receive, length)
+        body = await self._read_key_body(receive, length, key)
         req = self._parse(route, ctx.path, body)
         model = req["model"]
         ctx.model = model[:200]
@@ -289,11 +313,11 @@ class Gateway(Replies):
         ctx.stream = stream
         if route == "chat" and self.cfg.limits.media_hosts is not None:
             self._check_media(req)
-        changed = self._check_prompt(ctx, route, req)
+        changed = await self._check_prompt(ctx, route, req, upstream)
         if self.policy and self.cfg.moderation.before:
             await self._moderate(ctx, ctx.prompt, "input")
         if key.tokens is not None:
-            await self._reserve_tokens(ctx, key, route, req)
+            await self._reserve_tokens(ctx, key, route, req, upstream)
         strip_usage = False
         if stream:
             opts = req.get("stream_options") or {}
@@ -306,58 +330,48 @@ class Gateway(Replies):
 
         me = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive, me, ctx))
+        pool = self.upstreams.pools[upstream]
+        # one retry on another replica for a request that failed before any byte reached the client
+        tries, avoid = (2 if len(pool) > 1 else 1), None
         try:
             ctx.upstream_called = True
-            resp = await self.upstreams.post(upstream, ctx.path, body)
-            try:
-                if resp.status >= 400:
-                    await self._relay_error(ctx, upstream, resp, send)
-                elif stream and resp.content_type == "text/event-stream":
-                    await self._relay_stream(ctx, route, resp, send, gzip, strip_usage)
-                else:
-                    await self._relay_body(ctx, route, resp, send)
-                resp.release()
-            finally:
-                resp.close()  # no-op after release; on cancel it drops the connection: vLLM aborts
+            for attempt in range(tries):
+                resp = await self.upstreams.post(upstream, ctx.path, body, avoid=avoid)
+                replica, retry = resp._replica, attempt + 1 < tries
+                try:
+                    if resp.status >= 500:
+                        pool.request_failed(replica, f"HTTP {resp.status}")
+                    if resp.status >= 500 and retry:
+                        await self.upstreams.read(upstream, resp)  # drained: the connection is reused
+                        self.metrics.upstream_errors.labels(upstream, f"http_{resp.status}").inc()
+                        raise RetryOther(f"HTTP {resp.status}")
+                    if resp.status >= 400:
+                        await self._relay_error(ctx, upstream, resp, send)
+                    elif stream and resp.content_type == "text/event-stream":
+                        await self._relay_stream(ctx, route, resp, send, gzip, strip_usage)
+                    else:
+                        await self._relay_body(ctx, route, resp, send)
+                    if ctx.upstream_broke:  # a stream broken off after bytes reached the client
+                        pool.request_failed(replica, "stream broken off")
+                    elif resp.status < 500:
+                        pool.request_ok(replica)
+                    resp.release()
+                    break
+                except UpstreamBroke as err:  # unreadable reply, stream broken before any byte
+                    pool.request_failed(replica, err.message)
+                    if not retry or ctx.started:
+                        raise
+                    log.warning("upstream %s: %s on %s; retrying on another replica", upstream, err.message,
+                                replica.url)
+                except RetryOther as err:
+                    log.warning("upstream %s: %s from %s; retrying on another replica", upstream, err,
+                                replica.url)
+                finally:
+                    resp.close()  # no-op after release; on cancel it drops the connection: vLLM aborts
+                avoid = replica
         finally:
             ctx.done = True
             watcher.cancel()
-
-    async def _reserve_tokens(self, ctx: Ctx, key, route: str, req: dict) -> None:
-        """Take the prompt (estimated) plus max_tokens from the key's token bucket now, so that
-        concurrent requests cannot overdraw it; ``settle`` turns this into the real usage."""
-        ctx.prompt_estimate = len(ctx.prompt.encode("utf-8", "replace")) // 4 + 1 if ctx.prompt else 1
-        out = 0
-        if route != "embeddings":
-            out = req.get("max_completion_tokens") or req.get("max_tokens") or self.cfg.limits.assumed_max_tokens
-            out *= req.get("n") or 1
-        n = min(ctx.prompt_estimate + out, key.tokens.capacity)
-        store = self.store  # memory: no await; redis: one atomic script, shared by every gateway
-        adm = store.reserve_now(key, n) if store.backend == "memory" else await store.reserve(key, n)
-        if adm.limit == "store":
-            raise GatewayError(503, "Rate limits cannot be checked right now; retry shortly.",
-                               "server_error", "limits_unavailable", headers=((b"retry-after", b"1"),))
-        if adm.limit is not None:
-            self.metrics.rate_limited.labels(key.id, "tokens").inc()
-            retry = max(1, math.ceil(adm.wait_s))
-            raise GatewayError(429, f"Rate limit reached for tokens per minute on key '{key.id}': this request "
-                               f"reserves {n:g} tokens; retry in {retry} s.", "rate_limit_error",
-                               "rate_limit_exceeded", headers=((b"retry-after", str(retry).encode()),))
-        ctx.reserved, ctx.charged = n, key
-
-    def _check_media(self, req: dict) -> None:
-        """Media URLs in content parts must name a host of limits.media_hosts (no SSRF through
-        the upstream's media fetcher, e.g. to http://169.254.169.254/)."""
-        hosts = self.cfg.limits.media_hosts
-        for i, m in enumerate(req["messages"]):
-            parts = m.get("content")
-            for j, part in enumerate(parts if isinstance(parts, list) else ()):
-                for name, v in part.items() if isinstance(part, dict) else ():
-                    url = v.get("url") if isinstance(v, dict) else v if name.endswith("_url") else None
-                    if url is not None and not media_url_allowed(url, hosts):
-                        raise GatewayError(400, "A media URL in the request names a host this gateway does "
-                                           "not fetch from.", code="media_url_not_allowed",
-                                           param=f"messages.{i}.content.{j}.{name}")
 
     async def _watch(self, receive, task: asyncio.Task, ctx: Ctx) -> None:
         """Cancel the request's task when the client goes away (uvicorn's send() is silent then)."""
@@ -368,48 +382,6 @@ class Gateway(Replies):
                     ctx.client_gone = True
                     task.cancel()
                 return
-
-    def _check_prompt(self, ctx: Ctx, route: str, req: dict) -> bool:
-        """Sensitive words in the prompt: 400 (block) or masked in place. True if req changed."""
-        slots = _text_slots(route, req)
-        text = "\n".join(c[k] for c, k in slots)
-        ctx.prompt = text
-        f = self.filter
-        if not (f and f.size and self.cfg.filter.prompts):
-            return False
-        if self.cfg.filter.action == "block":
-            if f.hits(text):
-                ctx.filter.append("prompt:block")
-                self.metrics.filter_hits.labels("prompt", "block").inc()
-                raise GatewayError(400, "The prompt contains blocked content.", code="content_filter",
-                                   param="messages" if route == "chat" else None)
-            return False
-        total = 0
-        for c, k in slots:
-            c[k], n = f.apply_mask(c[k])
-            total += n
-        if total:
-            ctx.filter.append(f"prompt:mask:{total}")
-            self.metrics.filter_hits.labels("prompt", "mask").inc(total)
-            ctx.prompt = "\n".join(c[k] for c, k in slots)
-        return bool(total)
-
-    async def _moderate(self, ctx: Ctx, text: str, stage: str, raise_: bool = True) -> Verdict:
-        name = self.policy.name
-        t0 = time.perf_counter()
-        try:
-            verdict = await self.policy.check(text, stage)
-        except Exception as err:  # the classifier is down or slow: on_error decides
-            verdict = Verdict(self.cfg.moderation.on_error == "block", error=f"{type(err).__name__}: {err}")
-        self.metrics.moderation_latency.labels(name, stage).observe(time.perf_counter() - t0)
-        ctx.moderation.append(f"{stage}:{verdict.label()}")
-        if verdict.flagged:
-            self.metrics.moderation_blocks.labels(name, stage).inc()
-            if raise_:
-                raise GatewayError(400, f"The {'prompt' if stage == 'input' else 'output'} was flagged by "
-                                   f"moderation ({verdict.category or verdict.error}).",
-                                   code="content_moderation")
-        return verdict
 
     # ---- after every request -------------------------------------------------------------
     def _child(self, metric, *labels):

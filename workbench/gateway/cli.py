@@ -104,7 +104,9 @@ def _add_key(args) -> int:
         path = Path(cfg.keys_file)
         keys = (yaml.safe_load(path.read_text()) or []) if path.exists() else []
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(keys + [rec], sort_keys=False))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(keys + [rec], sort_keys=False))
+        tmp.replace(path)  # atomic: a gateway re-reading the file never sees half of it
         print(f"added key '{args.id}' to {path}; a running gateway loads it within "
               f"{cfg.keys_reload_s:g} s (keys_reload_s) or on SIGHUP", file=sys.stderr)
     else:

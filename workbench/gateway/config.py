@@ -36,13 +36,20 @@ class UpstreamConfig(Section):
     base_url: str | list[str] = Field(min_length=1)
     api_key: str | None = None  # sent upstream as Bearer (vLLM's --api-key); clients never see it
     models: list[str] = []  # model names served here; empty: the upstream's own name only
+    # The served model's tokenizer.json (or its folder, e.g. models/base): prompts are counted
+    # exactly for token limits, and token-ID prompts can be filtered. None: text is counted by an
+    # upper bound (UTF-8 bytes) and token-ID prompts are refused while the prompt filter is on.
+    tokenizer: str | None = None
     # Pools (base_url a list): GET <replica root>/health every health_interval_s (0: never; only
     # failed connections eject then); a replica leaves after unhealthy_after failed checks or
     # one refused connection, and returns after healthy_after passing checks in a row.
     health_interval_s: float = Field(default=2.0, ge=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
-    unhealthy_after: int = Field(default=2, ge=1)
+    unhealthy_after: int = Field(default=2, ge=1)  # failed checks, or failed requests, in a row
     healthy_after: int = Field(default=2, ge=1)
+    # An ejected replica stays out at least this x its ejections in a row (max 300 s), however
+    # its checks go (Envoy's base_ejection_time): /health can pass while requests fail.
+    eject_s: float = Field(default=10, ge=0)
 
     @property
     def urls(self) -> list[str]:
@@ -85,10 +92,17 @@ class LimitsConfig(Section):
     # without limits (true: availability first).
     redis_fail_open: bool = False
 
-    # Token limits reserve prompt (estimated: UTF-8 bytes / 4) + max_tokens at admission and
+    # Token limits reserve prompt (counted: workbench/gateway/tokens.py) + max_tokens at admission and
     # settle to the real usage at the end; this many completion tokens are reserved when a
     # request sets no max_tokens (the reservation is capped at the key's tokens_per_minute).
     assumed_max_tokens: int = Field(default=1024, ge=1)
+    # Prompt tokens no request field carries (workbench/gateway/tokens.py): the chat template's
+    # framing per request (a default system prompt: SmolLM2's is ~20 tokens) and per message
+    # (role markers: ~5 in ChatML), and each media part (vLLM's placeholders: model-dependent,
+    # e.g. up to ~1,300 for a LLaVA-NeXT image); upper bounds, settled to usage afterwards.
+    template_tokens: int = Field(default=32, ge=0)
+    message_tokens: int = Field(default=8, ge=0)
+    media_part_tokens: int = Field(default=4096, ge=0)
     # Hosts that chat content parts may name in media URLs (image_url, audio_url, video_url, any
     # {"url": ...}); "*.example.com" covers subdomains. None: any host; []: none. data: URLs
     # (inline content) always pass; anything else than http(s) is refused when a list is set.
@@ -106,6 +120,14 @@ class HttpConfig(Section):
     # room, or, if all are busy, the newcomer gets 503. Keep it below the file-descriptor limit.
     max_client_connections: int = Field(default=1024, ge=1)
     graceful_shutdown_s: float = Field(default=10, ge=0)  # SIGTERM: requests in flight get this long
+    # A reply the client does not read: once the socket's send buffer is full, the client has this
+    # long to take some of it, else the connection is dropped (its buffered reply freed) and the
+    # audit row says 408. Generous: a slow mobile link still reads something every few seconds.
+    send_timeout_s: float = Field(default=30, gt=0)
+    # Requests of one key whose body is still arriving, as a share of max_client_connections (per
+    # gateway process): past it that key gets 429, so one key's slow bodies cannot fill the cap
+    # and starve other keys and /health (requests waiting on the upstream are not counted).
+    max_key_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class FilterConfig(Section):
@@ -211,7 +233,12 @@ class GatewayConfig(Section):
     def all_keys(self) -> list[KeyConfig]:
         keys = list(self.keys)
         if self.keys_file and Path(self.keys_file).exists():
-            raw = yaml.safe_load(Path(self.keys_file).read_text()) or []
+            raw = yaml.safe_load(Path(self.keys_file).read_text())
+            if raw is None:  # an empty file is a half-written one more often than an intent
+                raise GatewayConfigError(f"keys_file {self.keys_file} is empty (write [] for no keys)")
+            if not isinstance(raw, list):
+                raise GatewayConfigError(f"keys_file {self.keys_file} must hold a list of keys, "
+                                         f"got {type(raw).__name__}")
             try:
                 keys += [KeyConfig.model_validate(k) for k in raw]
             except ValidationError as err:

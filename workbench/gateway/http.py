@@ -14,6 +14,8 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
 - **connection cap**: past ``http.max_client_connections`` the connection idle the longest (no
   request in flight: a keep-alive or an unfinished head) is closed to make room, so half-open
   connections cannot lock out ``/health``; when every connection is busy the newcomer gets 503;
+- **send timeout**: a client that stops reading its reply (the send buffer stays full for
+  ``http.send_timeout_s``) is dropped with the reply it holds, rather than pinning it in memory;
 - the server's own refusals (bad framing such as Content-Length with Transfer-Encoding or a
   duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
 
@@ -58,17 +60,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     body_timeout_s = HttpConfig().body_timeout_s
     max_header_bytes = LimitsConfig().max_header_bytes
     max_connections = HttpConfig().max_client_connections
+    send_timeout_s = HttpConfig().send_timeout_s
 
     @classmethod
     def configured(cls, cfg: GatewayConfig) -> type["GatewayHttpProtocol"]:
         return type(cls.__name__, (cls,), {
             "header_timeout_s": cfg.http.header_timeout_s, "body_timeout_s": cfg.http.body_timeout_s,
             "max_header_bytes": cfg.limits.max_header_bytes,
-            "max_connections": cfg.http.max_client_connections})
+            # never above what the open-file limit allows: past it accept() fails and the kernel
+            # drops connections silently, where the cap would make room or answer 503
+            "max_connections": max(1, min(cfg.http.max_client_connections, fd_room())),
+            "send_timeout_s": cfg.http.send_timeout_s})
 
     # ---- connection --------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self._deadline: TimerHandle | None = None
+        self._send_timer: TimerHandle | None = None
         self._in_head = self._in_body = False
         self._head_bytes = 0
         self._idle_since = time.monotonic()
@@ -82,7 +89,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
+
+    # ---- a client that does not read its reply ----------------------------------------------
+    def pause_writing(self) -> None:
+        """The send buffer is full (the client is not reading): it has send_timeout_s to drain."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timeout(self) -> None:
+        self._send_timer = None
+        if self.cycle is not None and REFUSED not in self.cycle.scope:
+            self.cycle.scope[REFUSED] = (408, f"the client read none of the reply for {self.send_timeout_s:g} s")
+        log.warning("client %s read nothing for %g s: connection dropped", self.client, self.send_timeout_s)
+        self.transport.abort()  # close() would wait to flush what it is not reading
 
     def _idle(self) -> bool:
         """No request in flight: nothing is lost by closing this connection."""
@@ -126,7 +156,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, code: str, type_: str = "invalid_request_error") -> None:
         """Answer in OpenAI's shape where that is safe, and close the connection."""
         cycle = self.cycle
-        if self._in_body:  # the request whose body is arriving: its app task sees a disconnect
+        if self._in_body and cycle is not None:  # the request whose body is arriving: its app task sees a disconnect
             cycle.scope[REFUSED] = (status, message)
             if not cycle.response_started:
                 self.transport.write(error_response(status, message, code, type_))
@@ -158,9 +188,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._arm(self.header_timeout_s, self._header_timeout)
 
     def on_headers_complete(self) -> None:
+        # uvicorn parses the URL here: a bad one (``GET http://``) raises before a cycle exists
+        super().on_headers_complete()
         self._in_head, self._in_body = False, True
         self._arm(self.body_timeout_s, self._body_timeout)
-        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -177,6 +208,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                      "invalid_http_request")
 
 
+def fd_room() -> int:
+    """Client connections the open-file limit leaves room for (64 kept for the upstream pool,
+    the audit database, the listening socket and the filter worker)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft - 64
+
+
 def raise_fd_limit(connections: int) -> None:
     """Raise the soft limit on open files so that ``connections`` clients (plus the upstream pool,
     the audit database and the listening socket) fit; warn when the hard limit forbids it."""
@@ -186,5 +224,5 @@ def raise_fd_limit(connections: int) -> None:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < need:
-            log.warning("open-file limit %d is below http.max_client_connections + 64 = %d: new "
-                        "connections can fail before the cap makes room (raise `ulimit -n`)", new, need)
+            log.warning("open-file limit %d is below http.max_client_connections + 64 = %d: the "
+                        "connection cap is lowered to %d (raise `ulimit -n`)", new, need, max(1, new - 64))

@@ -88,7 +88,12 @@ class KeyStore:
     def __init__(self, keys: list[KeyConfig]):
         self._by_hash: dict[str, Key] = {}
         self._configs: dict[str, KeyConfig] = {}
+        self.version = 0  # bumped by every reload: a stream in flight re-checks its key then
         self.reload(keys)
+
+    def has_id(self, key_id: str) -> bool:
+        """Whether a key with this id is still in the store (a stream's key, after a reload)."""
+        return any(k.id == key_id for k in self._by_hash.values())
 
     def reload(self, keys: list[KeyConfig]) -> None:
         """Swap in a new key set; a key whose config is unchanged keeps its buckets' levels."""
@@ -101,6 +106,7 @@ class KeyStore:
                     k.id, TokenBucket(k.requests_per_minute) if k.requests_per_minute else None,
                     TokenBucket(k.tokens_per_minute) if k.tokens_per_minute else None, role=k.role)
         self._by_hash, self._configs = by_hash, {k.sha256: k for k in keys}
+        self.version += 1
 
     def __len__(self) -> int:
         return len(self._by_hash)

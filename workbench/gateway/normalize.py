@@ -6,15 +6,27 @@ maps back to a span of the original (``index_map``). Per character:
 
 1. NFKD, the compatibility decomposition: full-width ``ｂａｄ`` -> ``bad``, ligatures, circled and
    super-scripted letters, ``é`` -> ``e`` + a combining accent.
-2. Dropped: format characters (Unicode category Cf: U+200B zero-width space, U+00AD soft hyphen,
-   U+200C/D joiners, U+2060, U+FEFF, tag characters), the generic combining marks (accents,
-   strike-through and underline overlays), variation selectors and the Hangul fillers. Kana voicing
-   marks and other script-specific marks stay (dropping them would merge different words).
-3. Latin look-alikes from Cyrillic and Greek folded to Latin (``LOOKALIKES``: the letters that
-   render like a Latin one in common fonts, not Unicode's whole confusables table), then lowercase.
+2. Dropped: what renders as nothing. Format characters (Cf: U+200B zero-width space, U+00AD soft
+   hyphen, joiners, U+2060, U+FEFF, tag characters), Unicode's Default_Ignorable_Code_Point set
+   (``_IGNORABLE``: U+17B4/5 Khmer inherent vowels, U+180B-F Mongolian selectors, U+FFF0-8, the
+   Hangul fillers, variation selectors), unassigned code points (Cn), and every nonspacing or
+   enclosing mark (Mn, Me: accents, overlays, U+0483 Cyrillic titlo) but those of scripts whose
+   marks are letters (``_MARK_SCRIPTS``: Hebrew, Arabic, Indic, Thai, Tibetan, Myanmar, kana
+   voicing): dropping those would merge different words.
+3. Look-alikes folded to the Latin letter they imitate (``LOOKALIKES``): Cyrillic and Greek
+   letters, Latin letters that NFKD leaves alone but whose name says which letter they are
+   (``ɑ`` ALPHA, ``ø`` O WITH STROKE, ``đ``, ``ʙ`` SMALL CAPITAL B: ``_latin_lookalikes``), the
+   Lisu letters (Fraser's alphabet, made from Latin capitals), and parenthesized letters (``⒝``,
+   whose NFKD is ``(b)``); then lowercase. A curated subset of Unicode's confusables (UTS #39),
+   chosen for letters that render as a Latin one in common fonts.
 4. Traditional Chinese characters folded to simplified ones (``HANT_TO_HANS``: a character-level
    table of ~700 common characters that differ, not OpenCC's phrase-level conversion; a rarer
-   traditional character still passes, so list both forms of a word where it matters).
+   traditional character still passes, so list both forms of a word where it matters), and the
+   Japanese forms of common kanji that differ from both (``JA_TO_HANS``: ``弾`` -> ``弹``).
+
+Whitespace and punctuation are handled by the matcher (filter.py), not here, since they are
+about runs of characters: any run of whitespace matches one space of a word, and Han / kana /
+Hangul words also match with the whitespace and punctuation between their characters removed.
 
 The results are cached per character (``str.translate`` with a caching table), and only runs of
 characters that may change are looked up (``_stable_class``): ASCII text is ``str.lower``, and
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_right
 
 # Cyrillic and Greek letters that look like a Latin letter (upper case folds through lower()).
 LOOKALIKES = dict(zip(
@@ -71,29 +84,94 @@ HANT_TO_HANS = dict(p for p in """
 癮瘾 鴉鸦 薩萨 憂忧 鬱郁 濱滨 鋁铝 鑽钻 頸颈 麼么 隻只 髮发 發发 臺台 蔔卜 捨舍 佈布 麵面 籲吁 嚮向
 """.split())
 
-# Dropped besides Cf: generic combining marks, variation selectors, Hangul fillers.
-_DROP_RANGES = ((0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF),
-                (0xFE20, 0xFE2F), (0xFE00, 0xFE0F), (0xE0100, 0xE01EF))
-_DROP_CHARS = {0x115F, 0x1160, 0x3164, 0xFFA0}
+# Japanese (shinjitai) forms of kanji that differ from the simplified and the traditional form.
+JA_TO_HANS = dict(p for p in """
+弾弹 薬药 剤剂 覚觉 売卖 読读 続续 経经 転转 軽轻 験验 険险 検检 権权 歓欢 観观 関关 戦战 銭钱
+鉄铁 銃铳 殺杀 爆爆 発发 対对 図图 総总 縦纵 従从 鋭锐 稲稻 悪恶 圧压 囲围 医医 為为 営营 栄荣
+駅驿 円圆 応应 桜樱 穏稳 仮假 価价 画画 会会 絵绘 拡扩 学学 楽乐 気气 帰归 挙举 拠据 区区 径径
+恵惠 掲揭 鶏鸡 芸艺 撃击 県县 剣剑 広广 砿矿 鉱矿 号号 国国 済济 砕碎 雑杂 参参 惨惨 蚕蚕 桟栈
+残残 糸丝 歯齿 児儿 辞辞 湿湿 実实 写写 釈释 寿寿 収收 獣兽 縦纵 粛肃 処处 焼烧 奨奖 条条 状状
+乗乘 浄净 畳叠 嬢娘 譲让 醸酿 触触 寝寝 慎慎 尽尽 図图 粋粹 酔醉 随随 髄髓 数数 枢枢 声声 静静
+窃窃 摂摄 浅浅 践践 潜潜 繊纤 禅禅 双双 捜搜 挿插 巣巢 争争 荘庄 装装 僧僧 層层 騒骚 増增 蔵藏
+臓脏 即即 属属 堕堕 駄驮 体体 帯带 滞滞 台台 滝泷 沢泽 担担 胆胆 団团 断断 弾弹 遅迟 昼昼 虫虫
+鋳铸 庁厅 徴征 聴听 鎮镇 逓递 鉄铁 点点 伝传 灯灯 当当 党党 盗盗 稲稻 闘斗 独独 読读 届届 弐贰
+悩恼 脳脑 廃废 売卖 麦麦 発发 髪发 抜拔 晩晚 蛮蛮 秘秘 浜滨 瓶瓶 払拂 仏佛 併并 変变 辺边 弁辩
+歩步 宝宝 豊丰 褒褒 没没 翻翻 万万 満满 黙默 訳译 薬药 予预 余余 与与 誉誉 揺摇 様样 謡谣 来来
+頼赖 乱乱 覧览 竜龙 両两 猟猎 緑绿 塁垒 涙泪 励励 礼礼 霊灵 齢龄 恋恋 炉炉 労劳 楼楼 録录 湾湾
+""".split() if p[0] != p[1])
+
+# Default_Ignorable_Code_Point (Unicode DerivedCoreProperties) outside Cf, which is dropped whole.
+_IGNORABLE = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+              (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+              (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# Scripts whose nonspacing marks are vowels or consonant signs: kept (Hebrew, Arabic, Syriac..,
+# Indic, Thai, Lao, Tibetan, Myanmar, Khmer but its two invisible vowels, kana voicing marks).
+_MARK_SCRIPTS = ((0x0591, 0x08FF), (0x0900, 0x0DFF), (0x0E00, 0x0FFF), (0x1000, 0x109F),
+                 (0x1780, 0x17FF), (0x3099, 0x309A))
+# Lisu letters (U+A4D0-A4F7) that are Latin capitals in form; the turned ones are left alone.
+_LISU = dict(zip("ꓐꓑꓒꓓꓔꓖꓗꓙꓚꓜꓝꓟꓠꓡꓢꓣꓦꓧꓪꓫꓬꓮꓰꓲꓳꓴ", "bpddtgkjczfmnlsrvhwxyaeiou"))
+_LATIN_NAME = re.compile(r"LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL |SCRIPT |DOTLESS |"
+                         r"SIDEWAYS |BARRED |TURNED )?([A-Z])(?: WITH .*)?$")
 _CACHE_MAX = 65536  # distinct characters cached; a text of every code point cannot grow it further
-_SPACE = re.compile(r"\s")
-_NONSPACE = re.compile(r"\S")
+# Whitespace, punctuation and symbols (re's \W is Unicode-aware), but the clause and sentence
+# marks (after folding: ，->, ！->!), which end a phrase: 敏.感.词 is one word in disguise, 敏感，词语
+# two phrases.
+_BOUNDARY = ",;:!?。、"
+_SPACE = re.compile(f"(?![{_BOUNDARY}])[\\W_]")
+_NONSPACE = re.compile(f"[^\\W_]|[{_BOUNDARY}]")
+_WS_RUN = re.compile(r"\s+")
+_OTHER_SPACE = re.compile(r"[^\S ]")
+_ODD_RUN = re.compile(r"\s{2,}|[^\S ]")  # a run of 2+ whitespace characters, or one not a space
+_OTHER_WS = [chr(o) for o in range(0x3001) if chr(o).isspace() and o != 32]  # \t \n .. U+3000
+_ASCII_WS = [c for c in _OTHER_WS if c.isascii()]  # \t \n \v \f \r \x1c-\x1f
+_CJK = "\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff"
+_CJK_GAP = re.compile(f"[{_CJK}](?:[^\\w,;:!?。、]|_)+[{_CJK}]")
+_CJK_SEG = re.compile(f"[{_CJK}](?:(?:[^\\w,;:!?。、]|_)*[{_CJK}])+")
+
+
+def _latin_lookalikes() -> dict[str, str]:
+    """Latin letters NFKD leaves alone that are a basic letter in disguise, by their Unicode name
+    (``LATIN SMALL LETTER D WITH STROKE`` -> d; ``... LETTER SMALL CAPITAL B`` -> b), plus ALPHA."""
+    out = {}
+    for lo, hi in ((0x00C0, 0x024F), (0x0250, 0x02AF), (0x1D00, 0x1DBF), (0x2C60, 0x2C7F),
+                   (0xA720, 0xA7FF), (0xAB30, 0xAB6F)):
+        for o in range(lo, hi + 1):
+            c = chr(o)
+            if len(unicodedata.normalize("NFKD", c)) > 1:
+                continue  # NFKD decomposes it already (é = e + accent)
+            name = unicodedata.name(c, "")
+            m = _LATIN_NAME.match(name)
+            if m and "TURNED" not in name and "REVERSED" not in name:
+                out[c] = m.group(1).lower()
+            elif name.endswith(("LETTER ALPHA", "LETTER SMALL CAPITAL ALPHA")):
+                out[c] = "a"
+    return out
+
+
+LOOKALIKES.update(_latin_lookalikes())
+LOOKALIKES.update(_LISU)
 
 
 def _dropped(ch: str) -> bool:
     o = ord(ch)
-    return o in _DROP_CHARS or unicodedata.category(ch) == "Cf" or \
-        any(a <= o <= b for a, b in _DROP_RANGES)
+    cat = unicodedata.category(ch)
+    if cat == "Cf" or cat == "Cn" or any(a <= o <= b for a, b in _IGNORABLE):
+        return True
+    return cat in ("Mn", "Me") and not any(a <= o <= b for a, b in _MARK_SCRIPTS)
 
 
 def fold_char(c: str) -> str:
     out = []
-    for ch in unicodedata.normalize("NFKD", c):
+    nfkd = unicodedata.normalize("NFKD", c)
+    if len(nfkd) == 3 and nfkd[0] == "(" and nfkd[2] == ")" and nfkd[1].isalnum():
+        nfkd = nfkd[1]  # ⒝ -> (b) -> b: a parenthesized letter is that letter
+    for ch in nfkd:
         if _dropped(ch):
             continue
         for low in LOOKALIKES.get(ch, ch).lower():
             low = LOOKALIKES.get(low, low)
-            out.append(HANT_TO_HANS.get(low, low))
+            low = HANT_TO_HANS.get(low, low)
+            out.append(JA_TO_HANS.get(low, low))
     return "".join(out)
 
 
@@ -114,7 +192,7 @@ def _stable_class() -> str:
     characters of HANT_TO_HANS. Text is folded run by run of the other characters only, so
     Chinese text mostly passes at C speed (its full-width ，？！ are such runs)."""
     ranges, lo = [], 0x4E00
-    for o in sorted(o for o in map(ord, HANT_TO_HANS) if 0x4E00 <= o <= 0x9FFF):
+    for o in sorted({o for o in map(ord, [*HANT_TO_HANS, *JA_TO_HANS]) if 0x4E00 <= o <= 0x9FFF}):
         if o > lo:
             ranges.append((lo, o - 1))
         lo = o + 1
@@ -137,23 +215,100 @@ def fold(text: str) -> str:
     return _UNSTABLE.sub(_fold_run, text)
 
 
-def index_map(text: str) -> list[int]:
+def index_map(text: str) -> list[int] | range:
     """For each character of ``fold(text)``, the index of the character of ``text`` it came from."""
-    if text.isascii():
-        return list(range(len(text)))
+    if text.isascii() or _UNSTABLE.search(text) is None:
+        return range(len(text))
     idx: list[int] = []
-    for i, c in enumerate(text):
-        idx += [i] * len(FOLD[ord(c)])
+    pos = 0
+    for m in _UNSTABLE.finditer(text):  # stable characters map one to one, in C
+        idx.extend(range(pos, m.start()))
+        for i in range(m.start(), m.end()):
+            idx += [i] * len(FOLD[ord(text[i])])
+        pos = m.end()
+    idx.extend(range(pos, len(text)))
     return idx
 
 
+class _DropTable(dict):
+    """ord -> None for what ``drop_spaces`` removes, else the character (``str.translate``)."""
+
+    def __missing__(self, o: int):
+        v = None if _SPACE.match(chr(o)) else chr(o)
+        if len(self) < _CACHE_MAX:
+            self[o] = v
+        return v
+
+
+_DROP = _DropTable()
+
+
 def drop_spaces(folded: str) -> str:
-    return _SPACE.sub("", folded)
+    """``folded`` without whitespace and punctuation (for Han / kana / Hangul words: 敏.感.词)."""
+    return folded.translate(_DROP)
 
 
 def nonspace_positions(folded: str) -> list[int]:
     """Index in ``folded`` of each character of ``drop_spaces(folded)``."""
     return [m.start() for m in _NONSPACE.finditer(folded)]
+
+
+def squeeze(folded: str) -> tuple[str, list[tuple[int, int]]]:
+    """``folded`` with each run of whitespace as one space (a word's spaces match any run), and
+    the runs [start, end) that were rewritten, for ``unsqueeze``."""
+    if not odd_spaces(folded):
+        return folded, []
+    return squeeze_text(folded), runs_of(folded)
+
+
+def unsqueeze(runs: list[tuple[int, int]]):
+    """A function from an index of ``squeeze``'s text to the index in the folded text."""
+    starts, shifts, removed = [], [], 0
+    for a, b in runs:
+        starts.append(a - removed + 1)  # the first character after the kept space
+        removed += b - a - 1
+        shifts.append(removed)
+
+    def to_folded(p: int) -> int:
+        i = bisect_right(starts, p)
+        return p + (shifts[i - 1] if i else 0)
+    return to_folded
+
+
+def odd_spaces(text: str) -> bool:
+    """Whether ``text`` holds whitespace other than single spaces (the matcher must squeeze it).
+    Substring tests (memchr-fast: ~0.5 us on a 200-character prompt) where they can answer, a
+    one-class regex for short non-ASCII text, and substring tests again for long text."""
+    if "  " in text:
+        return True
+    if text.isascii():
+        return any(c in text for c in _ASCII_WS)
+    if len(text) < 4096:
+        return _OTHER_SPACE.search(text) is not None
+    return any(c in text for c in _OTHER_WS)
+
+
+def squeeze_text(folded: str) -> str:
+    """``squeeze(folded)[0]`` in C (``str.split``): each whitespace run as one space."""
+    if not odd_spaces(folded):
+        return folded
+    core = " ".join(folded.split())
+    if not core:
+        return " " if folded else ""
+    return (" " if folded[0].isspace() else "") + core + (" " if folded[-1].isspace() else "")
+
+
+def runs_of(folded: str) -> list[tuple[int, int]]:
+    """The whitespace runs ``squeeze`` rewrites (for ``unsqueeze``), computed only on a match."""
+    return [(m.start(), m.end()) for m in _ODD_RUN.finditer(folded)]
+
+
+def cjk_segments(folded: str):
+    """Runs of Han / kana / Hangul characters with only whitespace or (non-clause) punctuation
+    between them: where an unspaced word can hide (敏.感.词). Matches of ``_CJK_SEG``."""
+    if _CJK_GAP.search(folded) is None:  # no gap between two such characters anywhere
+        return ()
+    return _CJK_SEG.finditer(folded)
 
 
 def unspaced_script(word: str) -> bool:

@@ -3,8 +3,13 @@
 A request goes to the healthy replica with the fewest outstanding requests (ties: round robin),
 which follows the replicas' real speed better than round robin when generations differ in
 length (Envoy's LEAST_REQUEST). A replica leaves the pool (is *ejected*) when a connection to it
-is refused or when ``unhealthy_after`` active checks in a row fail, and returns after
-``healthy_after`` checks in a row pass. The active check is ``GET <root>/health`` (vLLM's) every
+is refused, when ``unhealthy_after`` active checks in a row fail, or when ``unhealthy_after``
+requests in a row fail on it (passive checks, after Envoy's outlier detection: a 5xx, a reply
+that cannot be read, a stream that breaks off), and returns after ``healthy_after`` checks in a
+row pass, but not before ``eject_s`` x the number of ejections in a row (at most 300 s) has
+passed since it left: a replica that answers ``/health`` but fails requests stays out longer
+each time (it would otherwise draw traffic every few seconds, least-outstanding routing sending
+it *more*, since its failures finish fast). The active check is ``GET <root>/health`` (vLLM's) every
 ``health_interval_s``, where root is the base URL without its ``/v1``. When every replica is
 ejected, all of them are tried again (a pool never refuses on its own: the connect error then
 says what is wrong).
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -27,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class Replica:
-    __slots__ = ("url", "root", "outstanding", "healthy", "fails", "passes")
+    __slots__ = ("url", "root", "outstanding", "healthy", "fails", "passes", "errors", "ejections",
+                 "out_until")
 
     def __init__(self, url: str):
         self.url = url  # base URL, .../v1
@@ -35,6 +42,9 @@ class Replica:
         self.outstanding = 0
         self.healthy = True
         self.fails = self.passes = 0  # consecutive failed / passed active checks
+        self.errors = 0  # consecutive failed requests (passive checks)
+        self.ejections = 0  # ejections since it last served a request well
+        self.out_until = 0.0  # monotonic time before which checks cannot bring it back
 
     def __repr__(self) -> str:
         return f"Replica({self.url}, outstanding={self.outstanding}, healthy={self.healthy})"
@@ -101,10 +111,26 @@ class Pool:
         if len(self.replicas) > 1:
             self._set(r, False, "connection refused")
 
+    def request_failed(self, r: Replica, why: str) -> None:
+        """A request failed on ``r`` (5xx, unreadable reply, broken stream): a passive check."""
+        r.errors += 1
+        if r.healthy and r.errors >= self.cfg.unhealthy_after and len(self.replicas) > 1:
+            self._set(r, False, f"{r.errors} requests in a row failed: {why}")
+
+    def request_ok(self, r: Replica) -> None:
+        r.errors = 0
+        if r.healthy:
+            r.ejections = 0
+
     def _set(self, r: Replica, healthy: bool, why: str) -> None:
         if r.healthy == healthy:
             return
-        r.healthy, r.fails, r.passes = healthy, 0, 0
+        if healthy and time.monotonic() < r.out_until:
+            return  # still serving its ejection time
+        if not healthy:
+            r.ejections += 1
+            r.out_until = time.monotonic() + min(300.0, self.cfg.eject_s * r.ejections)
+        r.healthy, r.fails, r.passes, r.errors = healthy, 0, 0, 0
         if healthy:
             log.warning("upstream %s: replica %s is back (%s)", self.name, r.url, why)
         else:

@@ -21,7 +21,8 @@ import aiohttp
 
 from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
                                    message_slots)
-from workbench.gateway.upstream import GatewayError
+from workbench.gateway.logprobs import filter_choice_logprobs
+from workbench.gateway.upstream import GatewayError, UpstreamBroke
 
 log = logging.getLogger(__name__)
 _JSON = b"application/json"
@@ -34,7 +35,7 @@ class Ctx:
     __slots__ = ("t0", "ts", "path", "request_id", "key_id", "model", "status", "prompt_tokens",
                  "completion_tokens", "ttft_s", "stream", "moderation", "filter", "prompt",
                  "error", "started", "client_gone", "done", "client", "charged", "reserved",
-                 "prompt_estimate", "upstream_called", "relay", "output_estimate")
+                 "prompt_estimate", "upstream_called", "relay", "output_estimate", "upstream_broke")
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
@@ -46,6 +47,7 @@ class Ctx:
         self.filter: list[str] = []
         self.client = self.charged = self.relay = None
         self.reserved, self.prompt_estimate, self.output_estimate, self.upstream_called = 0, 0, 0, False
+        self.upstream_broke = False
 
 
 def settle(ctx: Ctx) -> float:
@@ -78,6 +80,23 @@ def count(ctx: Ctx, usage, field: str) -> int | None:
     log.warning("%s (request %s)", note, ctx.request_id)
     ctx.error = ctx.error or note
     return None
+
+
+def _filter_logprobs(f, choices, chat: bool) -> bool:
+    """Filter every choice's logprobs against its original texts (logprobs.py); True if any."""
+    found = False
+    for ch in choices if isinstance(choices, list) else ():
+        lp = ch.get("logprobs") if isinstance(ch, dict) else None
+        if not isinstance(lp, dict):
+            continue
+        holder = ch.get("message") if chat else ch
+        if not isinstance(holder, dict):
+            continue
+        keys = ("content", "refusal") if chat else ("text",)
+        fields = {k: holder[k] for k in keys if isinstance(holder.get(k), str)}
+        ch["logprobs"] = filter_choice_logprobs(f, lp, fields, chat)
+        found = True
+    return found
 
 
 def media_url_allowed(url, hosts: list[str]) -> bool:
@@ -131,7 +150,7 @@ class Replies:
             self.metrics.upstream_errors.labels(name, "bad_reply").inc()
             log.warning("upstream %s answered %d with a body that is not a JSON object: %r",
                         name, resp.status, body[:200])
-            raise GatewayError(502, "The upstream's reply could not be read.", "upstream_error", "bad_gateway")
+            raise UpstreamBroke(502, "The upstream's reply could not be read.", "upstream_error", "bad_gateway")
         usage = obj.get("usage")
         ctx.prompt_tokens = count(ctx, usage, "prompt_tokens")
         ctx.completion_tokens = count(ctx, usage, "completion_tokens")
@@ -160,6 +179,7 @@ class Replies:
                 slots.append((ch, "text"))
         f = self.filter
         if f and f.size and self.cfg.filter.output:
+            relogged = _filter_logprobs(f, choices, route == "chat")  # before the texts are masked
             total = 0
             for holder, key in slots:
                 holder[key], n = f.apply_mask(holder[key])
@@ -170,6 +190,7 @@ class Replies:
                 self.metrics.filter_hits.labels("output", action).inc(total)
                 if action == "block":
                     raise GatewayError(403, "The completion contained blocked content.", code="content_filter")
+            if total or relogged:
                 body = dumps(obj)
         if self.policy and self.cfg.moderation.after:
             text = "\n".join(h[k] for h, k in slots)
@@ -190,12 +211,20 @@ class Replies:
                    (b"x-accel-buffering", b"no"), (b"x-request-id", ctx.request_id.encode())]
         if gz:
             headers += [(b"content-encoding", b"gzip"), (b"vary", b"accept-encoding")]
-        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-        ctx.status, ctx.started = resp.status, True
+        # The head goes with the first event, so a stream that breaks before it can be retried
+        # on another replica (app.py) with nothing sent to the client yet.
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         frames, tail = EventSplitter(), b""
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
+        keys_seen = self.keys.version  # a reload (revoke-key) is checked between events
+        revoked = False
         try:
             async for chunk in resp.content.iter_any():
+                if self.keys.version != keys_seen:
+                    keys_seen = self.keys.version
+                    if not self.keys.has_id(ctx.key_id):
+                        revoked = True
+                        break
                 data = frames.feed(chunk)
                 if not data:
                     continue
@@ -206,6 +235,9 @@ class Replies:
                 if out:
                     if ctx.ttft_s is None:
                         ctx.ttft_s = time.perf_counter() - ctx.t0
+                    if not ctx.started:
+                        ctx.status, ctx.started = resp.status, True
+                        await send(start)
                     await send({"type": "http.response.body", "body": gz.chunk(out) if gz else out,
                                 "more_body": True})
             else:
@@ -220,9 +252,16 @@ class Replies:
             tail += error_event(f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout")
         except aiohttp.ClientError as err:
             self.metrics.upstream_errors.labels(name, "protocol").inc()
+            if not ctx.started:  # nothing relayed yet: another replica may answer it (app.py)
+                raise UpstreamBroke(502, f"Upstream '{name}' broke off the stream", "upstream_error",
+                                    "bad_gateway") from None
+            ctx.upstream_broke = True
             ctx.error = f"upstream broke off the stream: {err}"
             tail += error_event(f"Upstream '{name}' broke off the stream", "upstream_error", "bad_gateway")
-        if relay.blocked:
+        if revoked:  # the rest of the stream is not this key's any more: end it, as an error
+            ctx.error = "the key was revoked during the stream"
+            tail += error_event("The API key was revoked.", "invalid_request_error", "invalid_api_key") + DONE
+        elif relay.blocked:
             ctx.filter.append(f"output:block:{relay.hits}")
             self.metrics.filter_hits.labels("output", "block").inc(relay.hits)
             ctx.error = "output blocked by the filter"
@@ -241,4 +280,7 @@ class Replies:
             if relay.done:
                 tail += DONE
         ctx.done = True
+        if not ctx.started:
+            ctx.status, ctx.started = resp.status, True
+            await send(start)
         await send({"type": "http.response.body", "body": gz.end(tail) if gz else tail, "more_body": False})

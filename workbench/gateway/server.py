@@ -37,6 +37,7 @@ def uvicorn_config(app: Gateway | str, host: str, port: int,
 
 
 def serve(cfg: GatewayConfig) -> None:
+    raise_fd_limit(cfg.http.max_client_connections)  # workers inherit it
     if cfg.workers > 1:  # N processes on one port, limits in Redis (workers.py)
         from workbench.gateway.workers import serve_workers
 
@@ -45,7 +46,6 @@ def serve(cfg: GatewayConfig) -> None:
     app = Gateway(cfg)
     print(f"gateway on http://{cfg.host}:{cfg.port}/v1  models: {', '.join(sorted(app.routes)) or '(none)'}"
           f"  keys: {len(app.keys)}  (Ctrl-C stops it)")
-    raise_fd_limit(cfg.http.max_client_connections)
     try:
         uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port)).run()
     finally:  # a forced exit (a second Ctrl-C) skips the app's shutdown: still drain the audit log

@@ -23,6 +23,7 @@ import re
 import zlib
 
 from workbench.gateway.filter import StreamFilter, WordFilter
+from workbench.gateway.logprobs import LogprobGuard, completion_entries, completion_logprobs
 
 try:
     import orjson
@@ -41,44 +42,69 @@ DONE = b"data: [DONE]\n\n"
 # holding several, as with speculative decoding, counts once, so this can only undercount).
 _TEXT_VALUE = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"(?!")')
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# For StreamRelay._passes: a text value without escapes, any text-field key, a choice's index.
+_FAST_TEXT = re.compile(rb'"(content|text)":"([^"\\]*)"')
+_ANY_TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments|name)"\s*:')
+_INDEX = re.compile(rb'"index":(\d+)')
 
 
 def message_slots(holder: dict) -> list[tuple[dict, str, tuple]]:
     """(container, key, name) of every text string in a chat message or delta: the content,
     reasoning and refusal, and each tool call's (or the legacy function_call's) arguments."""
     slots = [(holder, k, (k,)) for k in TEXT_FIELDS if isinstance(holder.get(k), str)]
+    content = holder.get("content")
+    if isinstance(content, list):  # content as parts: each text part is a field of its own
+        slots += [(p, "text", ("part", n)) for n, p in enumerate(content)
+                  if isinstance(p, dict) and isinstance(p.get("text"), str)]
     calls = holder.get("tool_calls")
     for j, tc in enumerate(calls if isinstance(calls, list) else ()):
         fn = tc.get("function") if isinstance(tc, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        if isinstance(fn, dict):
             i = tc.get("index", j)
-            slots.append((fn, "arguments", ("tool", i if isinstance(i, int) else j)))
+            i = i if isinstance(i, int) else j
+            slots += [(fn, k, ("tool", i) if k == "arguments" else ("tool_name", i))
+                      for k in ("arguments", "name") if isinstance(fn.get(k), str)]
     fc = holder.get("function_call")
-    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
-        slots.append((fc, "arguments", ("function_call",)))
+    if isinstance(fc, dict):
+        slots += [(fc, k, ("function_call",) if k == "arguments" else ("function_name",))
+                  for k in ("arguments", "name") if isinstance(fc.get(k), str)]
     return slots
 
 
 def _inject(holder: dict, name: tuple, text: str) -> None:
     """Put held-back text of the field ``name`` into a delta that may not carry that field."""
-    if name[0] == "tool":
-        holder.setdefault("tool_calls", []).append({"index": name[1], "function": {"arguments": text}})
-    elif name[0] == "function_call":
-        holder.setdefault("function_call", {})["arguments"] = text
+    if name[0] in ("tool", "tool_name"):
+        key = "arguments" if name[0] == "tool" else "name"
+        holder.setdefault("tool_calls", []).append({"index": name[1], "function": {key: text}})
+    elif name[0] in ("function_call", "function_name"):
+        holder.setdefault("function_call", {})["arguments" if name[0] == "function_call" else "name"] = text
+    elif name[0] == "part":
+        holder["content"] = [{"type": "text", "text": text}]
     else:
         holder[name[0]] = (holder.get(name[0]) or "") + text
+
+
+def _with_logprobs(lp: dict, released: dict[str, list], chat: bool) -> dict:
+    """A choice's logprobs holding only the released (filtered) entries of each field."""
+    if chat:
+        return {**lp, **released}
+    return {**lp, **completion_logprobs(released.get("text", []))}
 
 
 class EventSplitter:
     """Cuts a byte stream into complete SSE events, LF-terminated. A CR ending a chunk ends its
     line at once; an LF starting the next chunk is then the rest of that CRLF, and dropped."""
 
-    __slots__ = ("buf", "cr")
+    __slots__ = ("buf", "cr", "first")
 
     def __init__(self):
-        self.buf, self.cr = b"", False
+        self.buf, self.cr, self.first = b"", False, True
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.first and chunk:  # the SSE spec: one UTF-8 BOM at the start of a stream is dropped
+            self.first = False
+            if chunk[:3] == b"\xef\xbb\xbf":
+                chunk = chunk[3:]
         if self.cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self.cr = chunk[-1:] == b"\r"
@@ -130,6 +156,7 @@ class StreamRelay:
         self.collect = collect
         self.parse_all = bool(self.filter) or collect
         self.streams: dict[tuple, StreamFilter] = {}  # (choice index, field name...) -> filter
+        self.guards: dict[tuple, LogprobGuard] = {}  # the same keys: logprobs of that field
         self.texts: list[str] = []
         self.usage: dict | None = None
         self.blocked = False
@@ -149,12 +176,41 @@ class StreamRelay:
             return b"".join(self._event(ev) if b'"usage"' in ev else ev + b"\n\n"
                             for ev in data.split(b"\n\n") if ev)
         out = []
+        fast = self.filter is not None and not self.collect and not self.guards and self._template is not None
         for ev in data.split(b"\n\n"):
             if ev:
+                if fast and self._passes(ev):
+                    out.append(ev + b"\n\n")
+                    continue
                 out.append(self._event(ev))
                 if self.blocked:
                     break
         return b"".join(out)
+
+    def _passes(self, ev: bytes) -> bool:
+        """The common event, relayed as its bytes without a JSON round trip: one choice, one
+        plain text value (ASCII, no escapes), nothing else to filter or count (no finish_reason,
+        logprobs, tool calls or usage), and text the filter lets through whole right now
+        (``StreamFilter.passes``). Anything else takes ``_event``. ~2 us instead of ~15."""
+        if not ev.startswith(b"data: {") or b'"finish_reason":null' not in ev or b'"usage"' in ev \
+                or b'"logprobs":{' in ev or b'"tool_calls"' in ev or b'"function_call"' in ev \
+                or ev.count(b'"index"') != 1 or b"\\" in ev:
+            return False
+        m = _FAST_TEXT.findall(ev)
+        if len(m) != 1 or len(_ANY_TEXT.findall(ev)) != 1:
+            return False
+        (key, value), = m
+        if key != (b"content" if self.chat else b"text"):
+            return False
+        idx = _INDEX.search(ev)
+        skey = (int(idx.group(1)), key.decode())
+        sf = self.streams.get(skey)
+        if sf is None:
+            sf = self.streams[skey] = self.filter.stream()
+        if not value.isascii() or not sf.passes(value.decode()):
+            return False
+        self.streamed += bool(value)  # the role-only first delta ("content":"") is no token
+        return True
 
     def _event(self, ev: bytes) -> bytes:
         raw = ev + b"\n\n"
@@ -178,9 +234,9 @@ class StreamRelay:
         try:
             obj = loads(payload)
         except ValueError:
-            return raw
+            return self._unparsed(head, payload, raw)
         if not isinstance(obj, dict):
-            return raw
+            return self._unparsed(head, payload, raw)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
@@ -202,6 +258,14 @@ class StreamRelay:
                 ([(ch, "text", ("text",))] if isinstance(ch.get("text"), str) else [])
             finished = ch.get("finish_reason") is not None
             seen = set()
+            lp = ch.get("logprobs") if self.filter else None
+            lp_in: dict[str, list] = {}  # logprobs key -> this event's entries for that field
+            if isinstance(lp, dict):
+                if self.chat:
+                    lp_in = {k: lp[k] for k in ("content", "refusal") if isinstance(lp.get(k), list)}
+                elif isinstance(lp.get("tokens"), list):
+                    lp_in = {"text": completion_entries(lp)}
+            lp_out: dict[str, list] = {}
             for box, key, name in slots:
                 text = box[key]
                 texts += bool(text)
@@ -211,12 +275,19 @@ class StreamRelay:
                     sf = self.streams.get(skey)
                     if sf is None:
                         sf = self.streams[skey] = self.filter.stream()
+                    guard = self.guards.get(skey)
+                    if name[0] in lp_in or guard is not None:
+                        if guard is None:
+                            guard = self.guards[skey] = LogprobGuard(self.filter, sf)
+                        guard.add(text, lp_in.pop(name[0], []))
                     out = sf.feed(text) if text else ""
                     if finished:
                         out += sf.flush()
                     if sf.hits and self.block:
                         self.blocked = True
                         return b""
+                    if guard is not None:
+                        lp_out[name[0]] = guard.release()
                     if out != text:
                         box[key] = out
                         changed = True
@@ -230,15 +301,39 @@ class StreamRelay:
                         if sf.hits and self.block:
                             self.blocked = True
                             return b""
+                        guard = self.guards.get(skey)
+                        if guard is not None:
+                            lp_out[skey[1]] = lp_out.get(skey[1], []) + guard.release()
                         if rest:
                             _inject(holder, skey[1:], rest)
                             changed = True
                             if self.collect:
                                 self.texts.append(rest)
+            for k in lp_in:  # entries of a field without text here: nothing to place them on, dropped
+                lp_out.setdefault(k, [])
+            if lp_out:
+                ch["logprobs"] = _with_logprobs(lp if isinstance(lp, dict) else {}, lp_out, self.chat)
+                changed = True
         self.streamed += texts
         if self._template is None:
             self._template = {k: obj.get(k) for k in ("id", "object", "created", "model")}
         return head + b"data: " + dumps(obj) + b"\n\n" if changed else raw
+
+    def _unparsed(self, head: bytes, payload: bytes, raw: bytes) -> bytes:
+        """An event that is not a JSON object passes as it is, unless the filter finds a word in
+        it: then block, or its text masked (its own word list hits counted as output hits)."""
+        if not self.filter:
+            return raw
+        text = payload.decode("utf-8", "replace")
+        masked, n = self.filter.apply_mask(text)
+        if not n:
+            return raw
+        sf = self.streams.setdefault(("raw",), self.filter.stream())
+        sf.hits += n
+        if self.block:
+            self.blocked = True
+            return b""
+        return head + b"data: " + masked.encode() + b"\n\n"
 
     def finish(self) -> bytes:
         """Text still held back when the stream ended without a finish_reason, as one event."""
@@ -248,7 +343,9 @@ class StreamRelay:
             if sf.hits and self.block:
                 self.blocked = True
                 return b""
-            if rest:
+            guard = self.guards.get(skey)
+            entries = guard.release() if guard is not None else []
+            if rest or entries:
                 if self.collect:
                     self.texts.append(rest)
                 if self.chat:
@@ -257,6 +354,8 @@ class StreamRelay:
                     choice = {"index": skey[0], "delta": delta}
                 else:
                     choice = {"index": skey[0], "text": rest}
+                if entries:
+                    choice["logprobs"] = _with_logprobs({}, {skey[1]: entries}, self.chat)
                 out.append(b"data: " + dumps({**(self._template or {}), "choices": [
                     {**choice, "finish_reason": None}]}) + b"\n\n")
         return b"".join(out)

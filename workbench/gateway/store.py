@@ -57,6 +57,9 @@ class MemoryStore:
     async def aclose(self) -> None:
         pass
 
+    def problem(self) -> str | None:
+        return None
+
     def admit_now(self, key, reserve: float = 0.0) -> Admission:
         """The synchronous core of ``admit`` (no awaits: the hot path of a single worker)."""
         if key.id in self.revoked:
@@ -163,13 +166,21 @@ class RedisStore:
 
         self.cfg = cfg
         self.prefix = cfg.redis_prefix
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.asyncio.retry import Retry
+
+        # One retry on a connection error: after a Redis restart each pooled connection is stale
+        # and fails its first command; the retry takes a fresh one (no request sees the error).
         self.redis = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
                                              socket_connect_timeout=cfg.redis_timeout_s,
-                                             health_check_interval=30)
+                                             health_check_interval=30, retry=Retry(NoBackoff(), 1),
+                                             retry_on_error=[RedisConnectionError])
         self._admit = self.redis.register_script(_ADMIT_LUA)
         self._debit = self.redis.register_script(_DEBIT_LUA)
         self._revoked = self.prefix + "revoked"
         self._warned = 0.0
+        self.down: str | None = None  # why Redis cannot be used now (None: it answers); /ready
         self._errors = (OSError, asyncio.TimeoutError, *_redis_errors())
 
     async def start(self) -> None:
@@ -186,7 +197,14 @@ class RedisStore:
         # {id}: a Redis Cluster hash tag, so both buckets of a key sit in one slot
         return [f"{self.prefix}{{{key_id}}}:requests", f"{self.prefix}{{{key_id}}}:tokens", self._revoked]
 
-    def _unavailable(self, err: Exception) -> Admission:
+    def problem(self) -> str | None:
+        """Why requests with limits are refused now (None: they are not); /ready reports it."""
+        return None if self.cfg.redis_fail_open else self.down
+
+    def _unavailable(self, err: Exception, unlimited: bool = False) -> Admission:
+        self.down = f"limits store {self.cfg.redis_url} unreachable: {type(err).__name__}"
+        if unlimited:  # a key without limits needs no bucket (its revocation: the keys file)
+            return ADMIT
         now = time.monotonic()
         if now - self._warned > 10:  # one line per 10 s, not one per request
             self._warned = now
@@ -200,7 +218,8 @@ class RedisStore:
         try:
             code, wait = await self._admit(keys=self._keys(key.id), args=[key.id, rpm, tpm, reserve])
         except self._errors as err:
-            return self._unavailable(err)
+            return self._unavailable(err, unlimited=not rpm and not tpm)
+        self.down = None
         return ADMIT if code == 0 else Admission(_CODES[int(code)], float(wait))
 
     async def reserve(self, key, tokens: float) -> Admission:

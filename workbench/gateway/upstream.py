@@ -33,6 +33,11 @@ class ClientGone(Exception):
     pass
 
 
+class UpstreamBroke(GatewayError):
+    """The replica's reply could not be used (unreadable, or a stream broken off): it counts
+    against the replica, and before any byte reached the client the request is retried."""
+
+
 class PooledResponse(aiohttp.ClientResponse):
     """A reply that tells its pool when it is over (released or closed, whichever comes first),
     so the replica's outstanding count covers the whole relay, streams included."""
@@ -89,10 +94,11 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, name: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def post(self, name: str, path: str, body: bytes, avoid: Replica | None = None) -> PooledResponse:
+        """POST to a replica of ``name`` (not ``avoid``, one that just failed, if another is there)."""
         pool = self.pools[name]
         tries = 2 if len(pool) == 1 else len(pool) + 1  # a refused replica is ejected: the next is another
-        replica = None
+        replica = avoid
         for attempt in range(1, tries + 1):
             last = attempt == tries
             replica = pool.pick(exclude=replica)
@@ -144,8 +150,8 @@ class Upstreams:
             raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout") from None
         except aiohttp.ClientError as err:
             self.metrics.upstream_errors.labels(name, "protocol").inc()
-            raise GatewayError(502, f"Upstream '{name}' broke off its reply: {err}", "upstream_error",
-                               "bad_gateway") from None
+            raise UpstreamBroke(502, f"Upstream '{name}' broke off its reply: {err}", "upstream_error",
+                                "bad_gateway") from None
 
     async def models(self) -> list[dict]:
         """Every upstream's /v1/models, merged; only models this gateway routes are listed."""

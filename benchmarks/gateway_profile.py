@@ -1,0 +1,106 @@
+"""Where the gateway's CPU goes: cProfile of a gateway process under a closed-loop load, grouped by
+component (event loop, uvicorn, aiohttp, our code, C calls), the "which part is the floor" view
+that benchmarks/gateway_cpu.py's totals do not give. cProfile slows Python code more than C, so
+read the shares as an upper bound on our code's part, not as timings.
+
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind plain    # ~30 s
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream
+
+Config as in gateway_cpu.py (filter on prompt and output, keyword moderation, audit on); the
+upstream is the fake server in its own process; 3,000 requests, 16 in flight, 16 tokens each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from workbench.gateway.keys import hash_key  # noqa: E402
+from workbench.net import free_port, wait_http_ok  # noqa: E402
+from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
+
+log = logging.getLogger("gateway_profile")
+KEY = "wb-bench-key"
+GROUPS = (("/uvicorn/", "uvicorn (server protocol)"), ("/aiohttp/", "aiohttp (upstream client)"),
+          ("/multidict", "aiohttp (upstream client)"), ("/yarl/", "aiohttp (upstream client)"),
+          ("/workbench/", "workbench.gateway (our Python)"), ("prometheus", "prometheus_client"),
+          ("/asyncio/", "asyncio (Python)"))
+
+
+async def load(url: str, n: int, conc: int, stream: bool) -> None:
+    body = {"model": "fake-model", "max_tokens": 16, "stream": stream,
+            "messages": [{"role": "user", "content": "Write a short poem about the sea, please. " * 4}]}
+    sem = asyncio.Semaphore(conc)
+    async with aiohttp.ClientSession() as s:
+        async def one():
+            async with sem, s.post(url + "/v1/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {KEY}"}) as r:
+                await r.read()
+        await asyncio.gather(*(one() for _ in range(n)))
+
+
+def group(stats: pstats.Stats) -> dict[str, float]:
+    """Own time (tottime) per component, seconds."""
+    out: dict[str, float] = {}
+    for (file, _, fn), (_, _, tt, _, _) in stats.stats.items():
+        if file.endswith("runners.py") and fn == "run":
+            key = "event loop (uvloop, in C: I/O, callbacks)"
+        elif file == "~":
+            key = "C calls (orjson, ahocorasick, re, sockets, hashing)"
+        else:
+            key = next((name for part, name in GROUPS if part in file), "other (start-up imports, stdlib)")
+        out[key] = out.get(key, 0.0) + tt
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=["plain", "stream"], default="plain")
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--out", default=None, help="JSON of the grouped shares (default: print only)")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(output_tokens=16) as fake:
+        tmp, port = Path(tmp), free_port()
+        cfg = {"host": "127.0.0.1", "port": port, "upstreams": {"fake-model": {"base_url": fake.base_url}},
+               "keys": [{"id": "bench", "sha256": hash_key(KEY)}],
+               "filter": {"word_lists": [str(ROOT / "data/gateway/sensitive_words.en.txt"),
+                                         str(ROOT / "data/gateway/sensitive_words.zh.txt")], "output": True},
+               "moderation": {"policy": "keyword", "patterns": [r"\bhow (do|to) (i )?make (a )?(bomb|explosive)s?\b"]},
+               "audit": {"path": str(tmp / "audit.sqlite")}}
+        (tmp / "gateway.yaml").write_text(yaml.safe_dump(cfg))
+        prof = tmp / "gateway.prof"
+        proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "workbench.gateway",
+                                 "--config", str(tmp / "gateway.yaml")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http_ok(f"http://127.0.0.1:{port}/health", 60, proc)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(load(url, 300, 8, False))  # warm-up
+        asyncio.run(load(url, a.requests, 16, a.kind == "stream"))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        shares = group(pstats.Stats(str(prof)))
+    total = sum(shares.values())
+    for name, sec in sorted(shares.items(), key=lambda kv: -kv[1]):
+        log.info("%-55s %6.2f s  %5.1f %%", name, sec, 100 * sec / total)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"kind": a.kind, "requests": a.requests, "seconds_by_component": shares},
+                                          indent=1))
+
+
+if __name__ == "__main__":
+    main()
