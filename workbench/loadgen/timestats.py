@@ -234,7 +234,8 @@ def share(flags: Sequence[bool] | np.ndarray, level: float = LEVEL, proxy: np.nd
     ph = k / n
     centre = (ph + z * z / (2 * m)) / (1 + z * z / m)
     half = z / (1 + z * z / m) * math.sqrt(ph * (1 - ph) / m + z * z / (4 * m * m))
-    return Estimate(value=ph, lo=max(0.0, centre - half), hi=min(1.0, centre + half), n=n, level=level,
+    lo, hi = (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+    return Estimate(value=ph, lo=lo, hi=hi, n=n, level=level,
                     method=_method("wilson", l, t), note=_few(min(b - a for a, b in parts)))
 
 
