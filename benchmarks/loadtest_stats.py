@@ -37,6 +37,7 @@ import numpy as np
 from scipy import signal
 
 from workbench import stats
+from workbench.loadgen import timecompare as tc
 from workbench.loadgen import timestats as ts
 
 log = logging.getLogger("loadtest_stats")
@@ -101,16 +102,16 @@ def one_scenario(process: str, rho: float, reps: int, seed: int) -> dict:
         c["ratio_old"] += covers(old.diff, RATIO)
         med = lambda arr: [ts.percentile(r, 50) for r in arr]  # noqa: E731
         ma, mb, m0 = med(a), med(b), med(b0)
-        new = ts.compare_arms([e.value for e in ma], [e.value for e in mb])
+        new = tc.compare_arms([e.value for e in ma], [e.value for e in mb])
         c["ratio_new"] += covers(new.diff, RATIO)
         c["speed_fp_old"] += stats.compare_samples(a.ravel() / RATIO, b0.ravel()).significant
-        c["speed_fp_new"] += ts.compare_arms([e.value / RATIO for e in ma], [e.value for e in m0]).significant
+        c["speed_fp_new"] += tc.compare_arms([e.value / RATIO for e in ma], [e.value for e in m0]).significant
         # drift on null data: the control in REPEATS blocks, no real change (b0's rows)
         first, last = stats.compare_samples(b0[-1], b0[0]), None
         c["drift_fp_old"] += first.significant and abs(first.diff.value - 1) > TOLERANCE
-        sp = ts.drift_spread([e.value for e in m0], [e.lo for e in m0], [e.hi for e in m0], tolerance=TOLERANCE)
+        sp = tc.drift_spread([e.value for e in m0], [e.lo for e in m0], [e.hi for e in m0], tolerance=TOLERANCE)
         c["drift_fp_new"] += sp.drifted
-        last = ts.ratio_of(m0[-1], m0[0])
+        last = tc.ratio_of(m0[-1], m0[0])
         c["drift_fp_new_first_last"] += last.significant and abs(last.diff.value - 1) > TOLERANCE
         if (i + 1) % max(1, reps // 4) == 0:
             log.info("  %s rho=%g: %d/%d (%.0f s)", process, rho, i + 1, reps, time.perf_counter() - t0)

@@ -16,6 +16,7 @@ from scipy import stats as ss
 from workbench import stats
 from workbench.config import SLOConfig
 from workbench.loadgen import summary
+from workbench.loadgen import timecompare as tc
 from workbench.loadgen import timestats as ts
 from workbench.loadgen.client import Record
 from workbench.stats import Verdict
@@ -199,7 +200,7 @@ def test_compare_arms_pairs_blocks_so_that_drift_cancels():
     drift = np.array([1.0, 1.6, 0.7, 1.3, 0.9])  # the host's level in each block
     b = 100 * drift * np.array([1.0, 1.01, 0.99, 1.0, 1.005])
     a = 1.1 * 100 * drift * np.array([1.005, 0.995, 1.0, 1.01, 0.99])
-    paired, unpaired = ts.compare_arms(a, b), ts.compare_arms(a, b, paired=False)
+    paired, unpaired = tc.compare_arms(a, b), tc.compare_arms(a, b, paired=False)
     assert paired.significant and paired.diff.lo < 1.1 < paired.diff.hi and paired.diff.hi < 1.15
     assert paired.p_value == pytest.approx(ss.ttest_rel(np.log(a), np.log(b)).pvalue)
     assert not unpaired.significant  # drift swamps the difference when blocks are not paired
@@ -216,9 +217,9 @@ def test_compare_arms_on_step_summaries_pairs_by_repeat():
 
 def test_drift_spread_flags_a_control_that_moved_beyond_noise_and_tolerance():
     tight = lambda v: (v, v * 0.98, v * 1.02)  # noqa: E731
-    steady = ts.drift_spread(*zip(*[tight(v) for v in (100, 101, 99, 100)]))
-    moved = ts.drift_spread(*zip(*[tight(v) for v in (100, 100, 130, 131)]))
-    small = ts.drift_spread(*zip(*[tight(v) for v in (100, 100, 105, 105)]), tolerance=0.1)
+    steady = tc.drift_spread(*zip(*[tight(v) for v in (100, 101, 99, 100)]))
+    moved = tc.drift_spread(*zip(*[tight(v) for v in (100, 100, 130, 131)]))
+    small = tc.drift_spread(*zip(*[tight(v) for v in (100, 100, 105, 105)]), tolerance=0.1)
     assert not steady.drifted and moved.drifted and moved.ratio_max_min == pytest.approx(1.31)
     assert small.p_value < 0.05 and not small.drifted  # real, but within the 10 % tolerance
     # Cochran's Q by hand: weights 1 / se², se from each interval
@@ -230,7 +231,7 @@ def test_drift_spread_flags_a_control_that_moved_beyond_noise_and_tolerance():
 
 def test_noisy_blocks_do_not_count_as_drift():
     wide = [(v, v * 0.8, v * 1.25) for v in (100, 112, 95)]  # 12 % apart, each ±25 %
-    assert not ts.drift_spread(*zip(*wide)).drifted
+    assert not tc.drift_spread(*zip(*wide)).drifted
 
 
 def test_summary_drift_spread_reads_each_blocks_median():
@@ -246,7 +247,7 @@ def test_ratio_of_two_estimates_is_a_z_test_on_logs():
     z = ss.norm.ppf(0.975)
     a = stats.Estimate(value=120, lo=120 * math.exp(-0.1 * z), hi=120 * math.exp(0.1 * z))
     b = stats.Estimate(value=100, lo=100 * math.exp(-0.1 * z), hi=100 * math.exp(0.1 * z))
-    c = ts.ratio_of(a, b)
+    c = tc.ratio_of(a, b)
     s = math.hypot(0.1, 0.1)
     assert c.diff.value == pytest.approx(1.2)
     assert c.p_value == pytest.approx(2 * ss.norm.sf(math.log(1.2) / s))

@@ -37,6 +37,7 @@ from scipy import stats as ss
 from workbench import stats
 from workbench.config import SLOConfig
 from workbench.loadgen import metrics as m
+from workbench.loadgen import timecompare as tc
 from workbench.loadgen import timestats as ts
 from workbench.loadgen.client import Record
 
@@ -145,7 +146,7 @@ class DriftCheck(BaseModel):
 
 class DriftSpread(BaseModel):
     """A control arm measured in every block of the run: its median latency per block, and the
-    spread across blocks (``timestats.drift_spread``) with its interval."""
+    spread across blocks (``timecompare.drift_spread``) with its interval."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -153,7 +154,7 @@ class DriftSpread(BaseModel):
     offered_req_per_s: float
     latency: str  # ttft | e2el
     medians: list[stats.Estimate]  # one per block, in run order
-    spread: ts.Spread
+    spread: tc.Spread
     verdict: str
 
 
@@ -348,10 +349,10 @@ def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOC
 
 def compare_steps(a: Columns, b: Columns, latency: str = "ttft", pct: float = 50) -> stats.Comparison:
     """One step (or pooled steps) of arm ``a`` against one of ``b``: the ratio of their p<pct>
-    latencies, each with its block interval over its own requests (``timestats.ratio_of``). It
+    latencies, each with its block interval over its own requests (``timecompare.ratio_of``). It
     accounts for the autocorrelation within each step, not for a host that moved between them:
     with repeats, compare them with ``compare_arms``."""
-    return ts.ratio_of(ts.percentile(getattr(a, f"{latency}_ms"), pct, segments=a.seg(latency)),
+    return tc.ratio_of(ts.percentile(getattr(a, f"{latency}_ms"), pct, segments=a.seg(latency)),
                        ts.percentile(getattr(b, f"{latency}_ms"), pct, segments=b.seg(latency)))
 
 
@@ -369,17 +370,17 @@ def compare_arms(a: list[StepSummary], b: list[StepSummary], latency: str = "ttf
         xa = [s.latency[latency].at(pct).value for s in a]
         xb = [s.latency[latency].at(pct).value for s in b]
     nan = float("nan")
-    return ts.compare_arms([nan if v is None else v for v in xa], [nan if v is None else v for v in xb],
+    return tc.compare_arms([nan if v is None else v for v in xa], [nan if v is None else v for v in xb],
                            paired=paired)
 
 
 def drift_spread(controls: list[StepSummary], latency: str = "ttft", tolerance: float = 0.1) -> DriftSpread:
     """The control arm's median ``latency`` in every block of the run (its steps, in run order):
-    the spread across blocks with its interval (``timestats.drift_spread``), and whether it is
+    the spread across blocks with its interval (``timecompare.drift_spread``), and whether it is
     more than noise and more than ``tolerance``."""
     steps = sorted(controls, key=lambda s: s.position)
     meds = [s.latency[latency].at(50) for s in steps]
-    spread = ts.drift_spread([m.value if m.value else float("nan") for m in meds],
+    spread = tc.drift_spread([m.value if m.value else float("nan") for m in meds],
                              [m.lo for m in meds], [m.hi for m in meds], tolerance=tolerance)
     first = steps[0] if steps else None
     name = f"{first.variant} at {first.offered_req_per_s:g} req/s" if first else "none"
