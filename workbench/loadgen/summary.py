@@ -248,7 +248,7 @@ def distribution(values_ms: np.ndarray, segments: list[int] | None = None) -> Di
     n = int(np.count_nonzero(~np.isnan(arr)))
     mean = ts.mean(arr, segments=segments)
     return Distribution(n=n, mean_ms=mean.value, mean=mean,
-                        p={f"p{p}": ts.percentile(arr, p, segments=segments) for p in PERCENTILES})
+                        p={f"p{p}": e for p, e in ts.percentiles(arr, PERCENTILES, segments=segments).items()})
 
 
 def latency(cols: Columns) -> dict[str, Distribution]:

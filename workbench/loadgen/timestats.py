@@ -44,6 +44,7 @@ MIN_BLOCKS = 5  # a block is at most n / 5 requests: fewer blocks leave τ unest
 # Below this many values the lag-1 autocorrelation is noise (its SE ~ 1/sqrt(n) = 0.18 at 30):
 # the series is read as independent, and the interval's note says so.
 MIN_SERIES = 30
+LAG1_MAX = 200_000  # the lag-1 estimate reads at most this many values (an ITL series can hold 10^7)
 BOOTSTRAP_RESAMPLES = 2000
 BATCHES = 10  # batch means of a mean: t with 9 df (coverage 0.92-0.94 in the benchmark, the
 # CBB variance 0.90-0.93: its estimate moves with the mean on skewed data)
@@ -52,7 +53,7 @@ BATCHES = 10  # batch means of a mean: t with 9 df (coverage 0.92-0.94 in the be
 def lag1(x: np.ndarray) -> float:
     """Lag-1 autocorrelation of the series' ranks (robust to heavy tails); 0 for < 3 values
     or a constant series."""
-    x = np.asarray(x, dtype=float)
+    x = np.asarray(x, dtype=float)[:LAG1_MAX]
     if x.size < 3:
         return 0.0
     r = ss.rankdata(np.round(x, 9))  # float noise (1e-13 of a ms) is a tie, not an order
@@ -119,27 +120,39 @@ def _few(n: int) -> str | None:
 
 # --- a percentile --------------------------------------------------------------------------------
 
-def percentile(x: Sequence[float] | np.ndarray, p: float, level: float = LEVEL,
-               segments: Sequence[int] | None = None) -> Estimate:
-    """The p-th percentile of time-ordered ``x`` (numpy's linear interpolation) with the
-    order-statistic interval at the effective sample size n / τ. ``inf`` (a failed request in an
-    SLO series) counts as above every value; NaN is dropped. ``segments``: lengths of separately
-    measured parts of ``x`` (repeats), whose blocks never cross from one to the next."""
+def percentiles(x: Sequence[float] | np.ndarray, ps: Sequence[float], level: float = LEVEL,
+                segments: Sequence[int] | None = None) -> dict[float, Estimate]:
+    """The p-th percentiles of time-ordered ``x`` (numpy's linear interpolation) with the
+    order-statistic interval at the effective sample size n / τ, τ of the indicator
+    1{x <= the percentile}. ``inf`` (a failed request in an SLO series) counts as above every
+    value; NaN is dropped. ``segments``: lengths of separately measured parts of ``x`` (repeats),
+    whose blocks never cross from one to the next. One sort and one block length per part serve
+    every percentile."""
     x = np.asarray(x, dtype=float)
     keep = ~np.isnan(x)
     parts = _split(keep, segments)
     x = x[keep]
     n = x.size
     if n == 0:
-        return Estimate(value=None, n=0, level=level, method="block order statistic", note="no samples")
+        return {p: Estimate(value=None, n=0, level=level, method="block order statistic", note="no samples")
+                for p in ps}
     s = np.sort(x)
-    value = _linear(s, p)
-    thr = s[min(n - 1, int(math.floor((n - 1) * p / 100)))]
-    t, l, df = _pooled_tau([(x[a:b] <= thr).astype(float) for a, b in parts], block_of=[x[a:b] for a, b in parts])
-    t = max(1.0, _inflate_df(t, df, level))
-    est = _order_interval(s, p, n, t, level, value, _method("order statistic", l, t))
+    lengths = [block_length(x[a:b]) for a, b in parts]
     few = _few(min(b - a for a, b in parts))
-    return est.model_copy(update={"note": "; ".join(x for x in (est.note, few) if x)}) if few else est
+    out = {}
+    for p in ps:
+        thr = s[min(n - 1, int(math.floor((n - 1) * p / 100)))]
+        t, df = _pooled_tau([(x[a:b] <= thr).astype(float) for a, b in parts], lengths)
+        t = max(1.0, _inflate_df(t, df, level))
+        est = _order_interval(s, p, n, t, level, _linear(s, p), _method("order statistic", max(lengths), t))
+        out[p] = est.model_copy(update={"note": "; ".join(v for v in (est.note, few) if v)}) if few else est
+    return out
+
+
+def percentile(x: Sequence[float] | np.ndarray, p: float, level: float = LEVEL,
+               segments: Sequence[int] | None = None) -> Estimate:
+    """One percentile: ``percentiles``."""
+    return percentiles(x, [p], level, segments)[p]
 
 
 def _linear(s: np.ndarray, p: float) -> float:
@@ -161,22 +174,20 @@ def _split(keep: np.ndarray, segments: Sequence[int] | None) -> list[tuple[int, 
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _pooled_tau(series: list[np.ndarray], block_of: list[np.ndarray] | None = None) -> tuple[float, int, float]:
-    """τ of the mean over every part of a pooled series (parts independent): the parts' τ weighted
-    by their length; the largest block length; the parts' summed degrees of freedom."""
-    tot, acc, ls, df = 0, 0.0, [], 0.0
+def _pooled_tau(series: list[np.ndarray], lengths: list[int]) -> tuple[float, float]:
+    """τ of the mean over every part of a pooled series (parts independent, blocks of
+    ``lengths``): the parts' τ weighted by their share of the variance; and the parts' summed
+    degrees of freedom."""
+    tot, acc, df = 0, 0.0, 0.0
     pvar = float(np.concatenate(series).var()) if series else 0.0
-    for i, f in enumerate(series):
-        l = block_length(block_of[i] if block_of is not None else f)
+    for f, l in zip(series, lengths):
         t = tau(f, l)
-        v = float(f.var())
         # a part's share of the pooled variance of the mean: n_i τ_i var_i (its own spread)
-        acc += f.size * (t if math.isfinite(t) else 1.0) * v
+        acc += f.size * (t if math.isfinite(t) else 1.0) * float(f.var())
         tot += f.size
-        ls.append(l)
         df += _df(f.size, l)
     t = acc / (tot * pvar) if tot and pvar > 0 else math.nan
-    return t if math.isfinite(t) else 1.0, max(ls, default=1), df
+    return (t if math.isfinite(t) else 1.0), df
 
 
 def _order_interval(s: np.ndarray, p: float, n: int, t: float, level: float, value: float,
@@ -216,13 +227,14 @@ def share(flags: Sequence[bool] | np.ndarray, level: float = LEVEL, proxy: np.nd
         return Estimate(value=None, n=0, level=level, method="block wilson", note="no samples")
     parts = _split(np.ones(n, bool), segments)
     pr = None if proxy is None or np.asarray(proxy).size != n else np.asarray(proxy, dtype=float)
-    blocks = None if pr is None else [pr[a:b] for a, b in parts]
-    t, l, df = _pooled_tau([f[a:b] for a, b in parts], block_of=blocks)
+    lengths = [block_length(f[a:b] if pr is None else pr[a:b]) for a, b in parts]
+    t, df = _pooled_tau([f[a:b] for a, b in parts], lengths)
     if pr is not None and np.isfinite(pr).any():
         # at least the latency's median indicator's τ: a share near 0 or 1 changes too rarely to
         # estimate its own (0.90 coverage at ρ = 0.8 without this floor, 0.95 with it)
         med = np.median(pr[np.isfinite(pr)])
-        t = max(t, _pooled_tau([(b_ <= med).astype(float) for b_ in blocks], block_of=blocks)[0])
+        t = max(t, _pooled_tau([(pr[a:b] <= med).astype(float) for a, b in parts], lengths)[0])
+    l = max(lengths)
     t = max(1.0, _inflate_df(t, df, level))
     k = float(f.sum())
     m = n / t
