@@ -277,13 +277,14 @@ def step_summary(variant: str, label: str, rate: float, records: list[Record], s
     """The typed summary of one step; ``flat`` is its ``metrics.step_metrics`` plus probes."""
     cols = cols or columns(records, slo)
     util = next((k for k in ("gpu_util_pct_mean", "cpu_util_pct_mean") if k in flat), None)
+    good = goodput(cols)
     return StepSummary(
         variant=variant, label=label, offered_req_per_s=rate, requests=cols.n, completed=cols.ok,
         achieved_req_per_s=flat.get("achieved_req_per_s"),
         request_throughput_req_per_s=flat.get("request_throughput_req_per_s"),
         output_tokens_per_s=flat.get("output_tokens_per_s"),
-        goodput=goodput(cols), success=ts.share(cols.ok_flags, segments=cols.seg("n")),
-        latency=latency(cols), slo=slo_verdict(cols, slo),
+        goodput=good, success=ts.share(cols.ok_flags, segments=cols.seg("n")),
+        latency=latency(cols), slo=slo_verdict(cols, slo, good),
         errors=m.errors_by_kind([r for r in records if not r.warmup]),
         utilization_pct=flat.get(util) if util else None, utilization_of=util.split("_")[0] if util else "",
         **extra)
