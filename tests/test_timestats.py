@@ -269,3 +269,17 @@ def test_a_p99_interval_over_ten_thousand_requests_is_vectorized():
     x = np.exp(0.5 * ar1(10_000, 0.6, 15))
     e = ts.percentile(x, 99)
     assert e.lo < e.value < e.hi  # (its time is measured in benchmarks/loadtest_stats.py)
+
+
+def test_step_metrics_mean_interval_is_batch_means_over_send_order():
+    from workbench.loadgen import metrics
+
+    ttft = 100 * np.exp(0.3 * ar1(400, 0.8, 16))
+    recs = [Record(f"r{i}", "s", False, float(i), send_s=float(i), first_token_s=i + t / 1000,
+                   chunk_s=[i + t / 1000, i + t / 1000 + 0.01], end_s=i + t / 1000 + 0.01, completion_tokens=2,
+                   success=True, streamed=True) for i, t in enumerate(ttft)]
+    out = metrics.step_metrics(list(reversed(recs)), 1.0, SLOConfig())  # any record order: send order counts
+    new = ts.mean(ttft)
+    assert out["ttft_ms_mean_ci_lo"] == pytest.approx(new.lo) and out["ttft_ms_mean_ci_hi"] == pytest.approx(new.hi)
+    old = stats.mean(ttft)
+    assert new.hi - new.lo > 2 * (old.hi - old.lo)  # τ of AR(1) at 0.8 is ~9 for the mean
