@@ -12,18 +12,21 @@ consecutive requests, or a repeat:
 - ``block_length``: the AR(1) plug-in of Politis & White's (2004) automatic rule,
   l = (2ρ/(1-ρ²))^(2/3) n^(1/3), doubled (``BLOCK_SCALE``): the MSE-optimal length leaves a
   downward bias in the variance that costs coverage (``benchmarks/loadtest_stats.py``).
-- ``percentile``: the order-statistic interval with the effective sample size n / τ of the
-  indicator 1{x <= q_p} (τ at least the median indicator's, whose estimate is stable); τ = 1
-  gives exactly ``stats.percentiles``. Too few effective samples for a p99 gives no upper bound.
-- ``share``: Wilson's interval at the effective sample size (goodput, success).
-- ``mean``: Student's t with the block variance.
-  Each widens by (t_df / z)^2, df from the number of blocks (overlapping batch means:
+- ``percentiles``: the order-statistic interval at the effective sample size n / τ, τ of the
+  indicator 1{x <= q_p}; τ = 1 gives exactly ``stats.percentiles``. Too few effective samples
+  for a p99 (368) gives no upper bound, and the note says so.
+- ``share``: Wilson's interval at the effective sample size (goodput, success), τ at least the
+  latency's median indicator's (a share near 1 changes too rarely to estimate its own).
+  Both widen τ by (t_df / z)^2, df from the number of blocks (overlapping batch means:
   1.5 (n/l - 1)), for the noise of τ's own estimate.
+- ``mean``: batch means (10 consecutive batches, Student's t with 9 df).
 - ``circular_block_bootstrap``: seeded, vectorized resampling for any statistic (used where no
   closed form exists, and as the reference the tests hold the closed forms to).
 - ``within``/``at_least``: SLO tests from the interval (pass when all of it is on the right side).
 
 Comparisons between arms and a control's drift, at the level of blocks: ``timecompare``.
+The ``arch`` package has these bootstraps, but needs statsmodels, which the environment lacks:
+the few lines here are checked against known cases in the tests instead.
 
     python -m pytest tests/test_timestats.py
     python benchmarks/loadtest_stats.py      # coverage and false positives, old vs new
@@ -46,8 +49,8 @@ MIN_BLOCKS = 5  # a block is at most n / 5 requests: fewer blocks leave τ unest
 MIN_SERIES = 30
 LAG1_MAX = 200_000  # the lag-1 estimate reads at most this many values (an ITL series can hold 10^7)
 BOOTSTRAP_RESAMPLES = 2000
-BATCHES = 10  # batch means of a mean: t with 9 df (coverage 0.92-0.94 in the benchmark, the
-# CBB variance 0.90-0.93: its estimate moves with the mean on skewed data)
+BATCHES = 10  # batch means of a mean: t with 9 df (coverage 0.92-0.95 in the benchmark; the
+# block-variance t interval covered 0.90-0.93: its variance estimate moves with the mean on skewed data)
 
 
 def lag1(x: np.ndarray) -> float:
