@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway_helpers import AUTH, KEY, TOKENIZER, counted, make_cfg
-from test_gateway_scale import redis_limits, redis_url  # noqa: F401  (the session's redis-server)
+from test_gateway_scale import redis_limits  # noqa: F401  (redis_url, the session's redis-server: conftest)
 from workbench.testing.fakeserver import FakeServer
 from workbench.gateway.server import GatewayServer
 

@@ -7,6 +7,9 @@ No vLLM, torch or lm-eval here (DESIGN.md): it starts in milliseconds and runs o
     client     the open-loop step runner and one request function per endpoint
     metrics    pure functions from raw records to vLLM-defined metrics
     probes     server /metrics scrapes and utilization sampling during a step
+    summary    typed step / rate summaries with their intervals (what the report reads)
+    timestats  intervals over time-ordered requests (blocks of consecutive requests)
+    timecompare  arms and a drift control compared per block (repeat), not per request
 
 One step from the shell (prints its metrics as JSON)::
 

@@ -25,8 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
-from workbench import stats
 from workbench.config import SLOConfig
+from workbench.loadgen import timestats
 from workbench.loadgen.client import Record
 
 PERCENTILES = (50, 90, 95, 99)
@@ -146,9 +146,12 @@ def step_metrics(records: list[Record], offered_req_per_s: float, slo: SLOConfig
     out.update(distribution_ms("tpot", (tpot_s(r) for r in ok)))
     out.update(distribution_ms("itl", (g for r in ok for g in itl_s(r))))
     out.update(distribution_ms("e2el", (e2el_s(r) for r in ok)))
-    for name, values in (("ttft", [ttft_s(r) for r in ok]), ("e2el", [e2el_s(r) for r in ok])):
-        est = stats.mean([v * 1000 for v in values if v is not None])  # the mean's t interval
-        if est.lo is not None:  # (requests of one step share a queue: read it as approximate)
+    by_send = sorted((r for r in ok if r.send_s is not None), key=lambda r: r.send_s)
+    for name, fn in (("ttft", ttft_s), ("e2el", e2el_s)):
+        # batch means over the requests in send order: they share a queue, so not one request
+        # but a batch of consecutive ones is the unit (timestats.mean)
+        est = timestats.mean([v * 1000 for v in map(fn, by_send) if v is not None])
+        if est.lo is not None:
             out[f"{name}_ms_mean_ci_lo"], out[f"{name}_ms_mean_ci_hi"] = est.lo, est.hi
     out["peak_concurrency"] = float(peak_concurrency(rs))
     for kind, n in errors_by_kind(rs).items():

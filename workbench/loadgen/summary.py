@@ -7,10 +7,21 @@ stage reads. Tables, plots and MLflow keys are views of these objects; nothing r
   repeats (Student's t: an interval needs two repeats or more), and the SLO verdict.
 - ``DriftCheck``: a control step measured at the start and again at the end of a run.
 
-Every percentile carries its order-statistic interval (``workbench.stats.percentiles``); a p99
-from too few requests has no upper bound and says so. The SLO verdict is pass / fail only when a
-binomial test on the requests supports it (``stats.quantile_within``, ``stats.share_at_least``);
-otherwise it is ``undecided``, and the report treats that as not shown to fail.
+Requests of one step are not independent (they share a queue and a host: lag-1 autocorrelation
+0.4-0.8 in the H200 records), so every interval here treats a block of consecutive requests, in
+send order, as the unit (``timestats``): a percentile's order-statistic interval and goodput's
+Wilson interval at the effective sample size n / τ from the circular block bootstrap, a mean
+by batch means. A p99 from too few effective requests has no upper bound and says so. The SLO
+verdict is pass / fail only when the whole interval lies on one side of the limit
+(``timestats.within`` / ``at_least``); otherwise ``undecided``, which the report treats as not
+shown to fail.
+
+Across repeats (``rate_summaries``) the point is the pooled value and the interval covers both
+the block interval over every repeat's requests (blocks never cross from one step to the next)
+and, with 3 repeats or more, Student's t over the repeats' own values: the repeat is the unit that
+sees a host drifting between steps, and 2 repeats are too few to estimate that (t with 1 df).
+Comparisons between arms (``compare_arms``) and the drift of a control (``drift_spread``) take
+one summary per block (repeat), never the requests.
 """
 
 from __future__ import annotations
@@ -21,14 +32,20 @@ from itertools import chain
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+from scipy import stats as ss
 
 from workbench import stats
 from workbench.config import SLOConfig
 from workbench.loadgen import metrics as m
+from workbench.loadgen import timecompare as tc
+from workbench.loadgen import timestats as ts
 from workbench.loadgen.client import Record
 
 PERCENTILES = (50, 90, 99)
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
+# Columns' arrays, in send order: one value per measured request ("n"), per request that has the
+# latency, per token gap ("itl")
+KINDS = {"n": "slo_ttft_ms", "ttft": "ttft_ms", "tpot": "tpot_ms", "e2el": "e2el_ms", "itl": "itl_ms"}
 
 
 class Distribution(BaseModel):
@@ -39,6 +56,7 @@ class Distribution(BaseModel):
     n: int
     mean_ms: float | None
     p: dict[str, stats.Estimate]  # "p50", "p90", "p99"
+    mean: stats.Estimate | None = None  # mean_ms with its batch-means interval
 
     def at(self, pct: int) -> stats.Estimate:
         return self.p[f"p{pct}"]
@@ -126,34 +144,71 @@ class DriftCheck(BaseModel):
     verdict: str
 
 
+class DriftSpread(BaseModel):
+    """A control arm measured in every block of the run: its median latency per block, and the
+    spread across blocks (``timecompare.drift_spread``) with its interval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    offered_req_per_s: float
+    latency: str  # ttft | e2el
+    medians: list[stats.Estimate]  # one per block, in run order
+    spread: tc.Spread
+    verdict: str
+
+
 @dataclass
 class Columns:
-    """The measured requests of one or more steps as arrays (milliseconds): extracted from the
-    records in one pass, so that every interval after it is vectorized (a report of 100,000
-    requests with 128 tokens each holds 12.7 million ITL samples)."""
+    """The measured requests of one or more steps as arrays (milliseconds), in send order (the
+    block intervals need the time order): extracted from the records in one pass, so that every
+    interval after it is vectorized (a report of 100,000 requests with 128 tokens each holds 12.7
+    million ITL samples). ``segments`` counts each step's measured requests when steps are pooled."""
 
     ttft_ms: np.ndarray  # successful requests with a first token
     tpot_ms: np.ndarray  # successful requests of more than one token
     e2el_ms: np.ndarray
-    itl_ms: np.ndarray  # every gap between token chunks
+    itl_ms: np.ndarray  # every gap between token chunks, request after request
     slo_ttft_ms: np.ndarray  # every measured request: TTFT for the SLO test, inf for a failure
     good: int  # requests within every SLO (vLLM's goodput)
     ok: int
     n: int
+    good_flags: np.ndarray | None = None  # every measured request: within every SLO
+    ok_flags: np.ndarray | None = None
+    segments: tuple[tuple[int, ...], ...] = ()  # per step: its length in each array of KINDS
+
+    def __post_init__(self) -> None:
+        if self.good_flags is None:
+            self.good_flags = np.zeros(self.n, bool)
+            self.good_flags[: self.good] = True
+        if self.ok_flags is None:
+            self.ok_flags = np.zeros(self.n, bool)
+            self.ok_flags[: self.ok] = True
+        if not self.segments:
+            self.segments = (tuple(int(getattr(self, a).size) for a in KINDS.values()),)
 
     def __add__(self, other: "Columns") -> "Columns":
         cat = np.concatenate
         return Columns(cat([self.ttft_ms, other.ttft_ms]), cat([self.tpot_ms, other.tpot_ms]),
                        cat([self.e2el_ms, other.e2el_ms]), cat([self.itl_ms, other.itl_ms]),
                        cat([self.slo_ttft_ms, other.slo_ttft_ms]), self.good + other.good,
-                       self.ok + other.ok, self.n + other.n)
+                       self.ok + other.ok, self.n + other.n, cat([self.good_flags, other.good_flags]),
+                       cat([self.ok_flags, other.ok_flags]), self.segments + other.segments)
+
+    def seg(self, kind: str) -> list[int]:
+        """Each pooled step's length in the array of ``kind`` (a key of ``KINDS``)."""
+        i = list(KINDS).index(kind)
+        return [s[i] for s in self.segments]
 
 
 def columns(records: list[Record], slo: SLOConfig) -> Columns:
     """Latencies as ``metrics`` defines them (vLLM's definitions), warm-up records excluded, and
-    the goodput count as ``metrics.is_good`` makes it, over arrays."""
-    meas = [r for r in records if not r.warmup]
-    ok = [r for r in meas if r.success and r.send_s is not None]
+    the goodput count as ``metrics.is_good`` makes it, over arrays, in send order (scheduled
+    order for a request never sent)."""
+    meas = sorted((r for r in records if not r.warmup),
+                  key=lambda r: r.scheduled_s if r.send_s is None else r.send_s)
+    okm = np.fromiter((r.success and r.send_s is not None for r in meas), bool, len(meas))
+    ok = [r for r, o in zip(meas, okm) if o]
     k = len(ok)
     nan = np.nan
     send = np.fromiter((r.send_s for r in ok), float, k)
@@ -177,28 +232,44 @@ def columns(records: list[Record], slo: SLOConfig) -> Columns:
                          (slo.e2el_ms, e2el)):
         if limit is not None:
             good &= value * 1000 <= limit  # nan (no value) is never good
-    failed = np.full(len(meas) - k, np.inf)
+    good_all = np.zeros(len(meas), bool)
+    good_all[okm] = good
+    slo_all = np.full(len(meas), np.inf)  # a failed request never showed a first token
+    slo_all[okm] = np.where(np.isnan(ttft), np.inf, ttft * 1000)
     return Columns(ttft_ms=ttft[~np.isnan(ttft)] * 1000, tpot_ms=tpot[~np.isnan(tpot)] * 1000,
-                   e2el_ms=e2el[~np.isnan(e2el)] * 1000, itl_ms=gaps * 1000,
-                   slo_ttft_ms=np.concatenate([np.where(np.isnan(ttft), np.inf, ttft * 1000), failed]),
-                   good=int(good.sum()), ok=k, n=len(meas))
+                   e2el_ms=e2el[~np.isnan(e2el)] * 1000, itl_ms=gaps * 1000, slo_ttft_ms=slo_all,
+                   good=int(good.sum()), ok=k, n=len(meas), good_flags=good_all, ok_flags=okm)
 
 
-def distribution(values_ms: np.ndarray) -> Distribution:
+def distribution(values_ms: np.ndarray, segments: list[int] | None = None) -> Distribution:
+    """Percentiles and mean of time-ordered values with their block intervals; ``segments``:
+    each pooled step's count, so that no block crosses from one step to the next."""
     arr = np.asarray(values_ms, dtype=float)
-    return Distribution(n=int(arr.size), mean_ms=float(arr.mean()) if arr.size else None,
-                        p={f"p{p}": e for p, e in stats.percentiles(arr, PERCENTILES).items()})
+    n = int(np.count_nonzero(~np.isnan(arr)))
+    mean = ts.mean(arr, segments=segments)
+    return Distribution(n=n, mean_ms=mean.value, mean=mean,
+                        p={f"p{p}": e for p, e in ts.percentiles(arr, PERCENTILES, segments=segments).items()})
 
 
 def latency(cols: Columns) -> dict[str, Distribution]:
-    return {k: distribution(getattr(cols, f"{k}_ms")) for k in LATENCIES}
+    return {k: distribution(getattr(cols, f"{k}_ms"), cols.seg(k)) for k in LATENCIES}
 
 
-def slo_verdict(cols: Columns, slo: SLOConfig) -> SLOVerdict:
+def goodput(cols: Columns) -> stats.Estimate:
+    """The share of measured requests within every SLO, in send order, with its block interval
+    (the SLO's TTFT series sets the block length)."""
+    return ts.share(cols.good_flags, proxy=cols.slo_ttft_ms, segments=cols.seg("n"))
+
+
+def slo_verdict(cols: Columns, slo: SLOConfig, good: stats.Estimate | None = None,
+                ttft_p: stats.Estimate | None = None) -> SLOVerdict:
+    """TTFT p<ttft_percentile> <= ttft_ms and goodput >= min_goodput, each decided by its block
+    interval (pass: all of it on the right side; fail: all on the wrong side)."""
     ttft = None
     if slo.ttft_ms is not None:  # a failed request never showed a first token: over the limit
-        ttft = stats.quantile_within(cols.slo_ttft_ms, slo.ttft_ms, slo.ttft_percentile)
-    return SLOVerdict.of(ttft, stats.share_at_least(cols.good, cols.n, slo.min_goodput))
+        est = ttft_p or ts.percentile(cols.slo_ttft_ms, slo.ttft_percentile, segments=cols.seg("n"))
+        ttft = ts.within(est, slo.ttft_ms)
+    return SLOVerdict.of(ttft, ts.at_least(good or goodput(cols), slo.min_goodput))
 
 
 def step_summary(variant: str, label: str, rate: float, records: list[Record], slo: SLOConfig,
@@ -206,21 +277,40 @@ def step_summary(variant: str, label: str, rate: float, records: list[Record], s
     """The typed summary of one step; ``flat`` is its ``metrics.step_metrics`` plus probes."""
     cols = cols or columns(records, slo)
     util = next((k for k in ("gpu_util_pct_mean", "cpu_util_pct_mean") if k in flat), None)
+    good = goodput(cols)
     return StepSummary(
         variant=variant, label=label, offered_req_per_s=rate, requests=cols.n, completed=cols.ok,
         achieved_req_per_s=flat.get("achieved_req_per_s"),
         request_throughput_req_per_s=flat.get("request_throughput_req_per_s"),
         output_tokens_per_s=flat.get("output_tokens_per_s"),
-        goodput=stats.proportion(cols.good, cols.n), success=stats.proportion(cols.ok, cols.n),
-        latency=latency(cols), slo=slo_verdict(cols, slo),
+        goodput=good, success=ts.share(cols.ok_flags, segments=cols.seg("n")),
+        latency=latency(cols), slo=slo_verdict(cols, slo, good),
         errors=m.errors_by_kind([r for r in records if not r.warmup]),
         utilization_pct=flat.get(util) if util else None, utilization_of=util.split("_")[0] if util else "",
         **extra)
 
 
+def over_repeats(pooled: stats.Estimate, values: list[float | None], log: bool = True) -> stats.Estimate:
+    """``pooled`` (the block interval over every repeat's requests), widened to cover Student's t
+    over the repeats' own values (on the log scale for a latency) where there are 3 or more: the
+    repeat is the unit that sees the host move between steps."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and (x > 0 or not log)], float)
+    if v.size < 3 or pooled.value is None:
+        return pooled
+    u = np.log(v) if log else v
+    half = float(ss.t.ppf(0.5 + pooled.level / 2, v.size - 1) * u.std(ddof=1) / np.sqrt(v.size))
+    lo, hi = u.mean() - half, u.mean() + half
+    lo, hi = (float(np.exp(lo)), float(np.exp(hi))) if log else (max(float(lo), 0.0), min(float(hi), 1.0))
+    wider = (pooled.lo is None or lo < pooled.lo) or (pooled.hi is not None and hi > pooled.hi)
+    return pooled.model_copy(update={
+        "lo": None if pooled.lo is None else min(pooled.lo, lo),
+        "hi": None if pooled.hi is None else max(pooled.hi, hi),
+        "method": f"{pooled.method}; covering t over {v.size} repeats" + (" (wider)" if wider else "")})
+
+
 def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOConfig) -> list[RateSummary]:
     """Pool the measured steps (role ``measure``/``control-start``/``knee``) of each (variant,
-    rate). ``cols`` maps a step's position to its requests' columns."""
+    rate). ``cols`` maps a step's position to its requests' columns. Intervals: ``over_repeats``."""
     groups: dict[tuple[str, float], list[StepSummary]] = defaultdict(list)
     for s in steps:
         if s.role != "control-end":
@@ -232,25 +322,87 @@ def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOC
             pooled = pooled + cols[s.position]
         utils = [s.utilization_pct for s in group if s.utilization_pct is not None]
         one = group[0] if len(group) == 1 else None  # one step: its own summary is the pooled one
+        if one:
+            lat, good, verdict = one.latency, one.goodput, one.slo
+        else:
+            lat = latency(pooled)
+            for k, dist in lat.items():
+                for pk, est in dist.p.items():
+                    dist.p[pk] = over_repeats(est, [s.latency[k].p[pk].value for s in group])
+            good = over_repeats(goodput(pooled), [s.goodput.value for s in group], log=False)
+            ttft_p = None
+            if slo.ttft_ms is not None:
+                ttft_p = over_repeats(ts.percentile(pooled.slo_ttft_ms, slo.ttft_percentile, segments=pooled.seg("n")),
+                                      [ts.percentile(cols[s.position].slo_ttft_ms, slo.ttft_percentile).value
+                                       for s in group])
+            verdict = slo_verdict(pooled, slo, good, ttft_p)
         out.append(RateSummary(
             variant=variant, offered_req_per_s=rate, repeats=len(group), requests=pooled.n,
             achieved_req_per_s=stats.mean([s.achieved_req_per_s for s in group]),
             request_throughput_req_per_s=stats.mean([s.request_throughput_req_per_s for s in group]),
             output_tokens_per_s=stats.mean([s.output_tokens_per_s for s in group]),
-            goodput=stats.proportion(pooled.good, pooled.n), latency=one.latency if one else latency(pooled),
-            slo=one.slo if one else slo_verdict(pooled, slo), errors=pooled.n - pooled.ok,
+            goodput=good, latency=lat, slo=verdict, errors=pooled.n - pooled.ok,
             utilization_pct=float(np.mean(utils)) if utils else None,
             utilization_of=group[0].utilization_of,
             limited_by=sorted({s.limited_by for s in group if s.limited_by})))
     return sorted(out, key=lambda r: (r.variant, r.offered_req_per_s))
 
 
+def compare_steps(a: Columns, b: Columns, latency: str = "ttft", pct: float = 50) -> stats.Comparison:
+    """One step (or pooled steps) of arm ``a`` against one of ``b``: the ratio of their p<pct>
+    latencies, each with its block interval over its own requests (``timecompare.ratio_of``). It
+    accounts for the autocorrelation within each step, not for a host that moved between them:
+    with repeats, compare them with ``compare_arms``."""
+    return tc.ratio_of(ts.percentile(getattr(a, f"{latency}_ms"), pct, segments=a.seg(latency)),
+                       ts.percentile(getattr(b, f"{latency}_ms"), pct, segments=b.seg(latency)))
+
+
+def compare_arms(a: list[StepSummary], b: list[StepSummary], latency: str = "ttft", pct: int = 50,
+                 paired: bool = True) -> stats.Comparison:
+    """Arm ``a`` over arm ``b`` at one rate, from one summary per block: each step's p<pct> latency.
+    ``paired``: the arms ran in the same blocks (the counterbalanced design), paired on ``repeat``
+    so that a block's drift cancels (paired t on the log-ratios); else Welch's t on the logs."""
+    if paired:
+        bb = {s.repeat: s for s in b}
+        common = [s for s in a if s.repeat in bb]
+        xa = [s.latency[latency].at(pct).value for s in common]
+        xb = [bb[s.repeat].latency[latency].at(pct).value for s in common]
+    else:
+        xa = [s.latency[latency].at(pct).value for s in a]
+        xb = [s.latency[latency].at(pct).value for s in b]
+    nan = float("nan")
+    return tc.compare_arms([nan if v is None else v for v in xa], [nan if v is None else v for v in xb],
+                           paired=paired)
+
+
+def drift_spread(controls: list[StepSummary], latency: str = "ttft", tolerance: float = 0.1) -> DriftSpread:
+    """The control arm's median ``latency`` in every block of the run (its steps, in run order):
+    the spread across blocks with its interval (``timecompare.drift_spread``), and whether it is
+    more than noise and more than ``tolerance``."""
+    steps = sorted(controls, key=lambda s: s.position)
+    meds = [s.latency[latency].at(50) for s in steps]
+    spread = tc.drift_spread([m.value if m.value else float("nan") for m in meds],
+                             [m.lo for m in meds], [m.hi for m in meds], tolerance=tolerance)
+    first = steps[0] if steps else None
+    name = f"{first.variant} at {first.offered_req_per_s:g} req/s" if first else "none"
+    sd = spread.sd_log.text(".3f") if spread.sd_log else "n/a"
+    ratio = f"{spread.ratio_max_min:.2f}" if spread.ratio_max_min else "n/a"
+    verdict = (f"drift: the control ({name}) moved across {spread.blocks} blocks more than its noise and "
+               f"more than {tolerance:.0%} ({latency.upper()} median max/min {ratio}, between-block SD of "
+               f"log {sd}, p = {spread.p_value:.2g})") if spread.drifted else (
+               f"no drift shown: the control ({name}) across {spread.blocks} blocks ({latency.upper()} "
+               f"median max/min {ratio}, between-block SD of log {sd})")
+    return DriftSpread(variant=first.variant if first else "", offered_req_per_s=first.offered_req_per_s if first else 0.0,
+                       latency=latency, medians=meds, spread=spread, verdict=verdict)
+
+
 def drift_check(start: StepSummary, start_cols: Columns, end_cols: Columns, tolerance: float = 0.1) -> DriftCheck:
-    """Did the host drift between the control's first and last measurement? Mann-Whitney U on
-    TTFT and on E2EL of the two steps' requests: a significant change of more than ``tolerance``
-    (a share of the median) in either is drift."""
-    ttft = stats.compare_samples(end_cols.ttft_ms, start_cols.ttft_ms)
-    e2el = stats.compare_samples(end_cols.e2el_ms, start_cols.e2el_ms)
+    """Did the host drift between the control's first and last measurement? The end/start ratio
+    of the median TTFT and E2EL, each median with its block interval over its step's requests
+    (``compare_steps``): a significant change of more than ``tolerance`` (a share) in either is
+    drift. With a control in every block, ``drift_spread`` says more."""
+    ttft = compare_steps(end_cols, start_cols, "ttft")
+    e2el = compare_steps(end_cols, start_cols, "e2el")
     drifted = any(c.significant and c.diff.value is not None and abs(c.diff.value - 1) > tolerance
                   for c in (ttft, e2el))
     verdict = (f"drift: the control ({start.variant} at {start.offered_req_per_s:g} req/s) changed between "
