@@ -227,28 +227,35 @@ class LoadtestConfig(Section):
     # One variant to load-test, set by the runner (--variant); None: compare ``variants`` (below).
     variant: str | None = None
     # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
-    # servers are up together and their steps interleaved (A B C A B C), rate by rate, repeat by
-    # repeat; the first variant at the first rate is measured again at the end as a drift control.
+    # servers are up together and their steps run in counterbalanced blocks (`order`), rate by rate,
+    # repeat by repeat; the first variant (or `control`) is the control whose spread is the drift.
     # None: base and every quantize.variants entry with serve: true (filled by Params).
     variants: list[str] | None = None
     # Per compared name, keys of serve.chat over `server` (model_dir too): compares serving
     # configurations of one model, e.g. {"api1": {"api_server_count": 1, "model_dir": "models/base"},
     # "api4": {"api_server_count": 4, "model_dir": "models/base"}} with variants: [api1, api4].
     server_overrides: dict[str, dict[str, Any]] = {}
-    mode: Literal["sweep", "knee"] = "sweep"  # sweep: `rates`; knee: search the SLO's highest rate
+    # sweep: `rates` (open loop); knee: search the SLO's highest rate; concurrency: closed loop at
+    # each of `concurrencies` requests in flight (workbench/loadtest/plan.py).
+    mode: Literal["sweep", "knee", "concurrency"] = "sweep"
     knee: KneeConfig = KneeConfig()
+    # mode: concurrency: requests kept in flight, one step each (a closed loop: a reply sends the next).
+    concurrencies: list[Annotated[int, Field(ge=1)]] = Field(default=[1, 2, 4], min_length=1)
     # Each (variant, rate) step runs this many times, interleaved; its requests are pooled and its
     # achieved rate and throughput get a t interval over the repeats.
     repeats: int = Field(default=2, ge=1)
-    drift_control: bool = True  # measure the first step again at the end of a compared run
+    # The arms' order inside each block (every arm once at one load point): randomized = a
+    # permutation per block drawn from `seed` (counterbalanced: a drifting host falls on every arm
+    # alike on average); abba = base order, then reversed; fixed = the variants' order every block.
+    order: Literal["randomized", "abba", "fixed"] = "randomized"
+    # The arm whose spread across the run's blocks is reported as drift (with its interval), and
+    # against which the others are compared, paired within blocks. None: the first variant.
+    control: str | None = None
     # Time budget for the measuring, in seconds from the first step (None: none). Past it no new step
     # starts: the sweep skips its remaining steps, each knee search ends "not finished" with the
-    # bracket it has, the drift control is still measured, and every report is written. For a
+    # bracket it has, and every report is written. For a
     # leased GPU: an unfinished stage returns nothing, a budgeted one returns what it measured.
     max_duration_s: float | None = Field(default=None, gt=0)
-    # The control drifted when its TTFT or E2EL moved significantly (Mann-Whitney U) AND by more
-    # than this share of its median: a 1 ms wobble on a 5 ms TTFT decides no deployment.
-    drift_tolerance: float = Field(default=0.1, ge=0)
     # Stop the sweep after a step whose goodput fraction fell below this (None: run every rate):
     # past saturation, higher rates only grow the queue and cost minutes.
     stop_below_goodput: float | None = Field(default=None, ge=0, le=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 import aiohttp
@@ -227,3 +228,40 @@ async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[R
         await all_fired
         await asyncio.gather(*tasks)
     return records
+
+
+def run_async(coro):
+    """Run a coroutine to completion on uvloop when installed (asyncio otherwise), in a worker
+    thread when this thread already runs a loop (a Jupyter kernel does)."""
+    try:
+        import uvloop
+
+        new_loop = uvloop.new_event_loop
+    except ImportError:
+        new_loop = asyncio.new_event_loop
+
+    def go():
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return go()
+    box: dict = {}
+
+    def worker():
+        try:
+            box["value"] = go()
+        except BaseException as err:
+            box["error"] = err
+
+    t = threading.Thread(target=worker, name="loadgen")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

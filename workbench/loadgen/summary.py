@@ -90,6 +90,12 @@ class StepSummary(BaseModel):
     utilization_pct: float | None = None
     utilization_of: str = ""
     records_file: str | None = None  # the raw records
+    # (loadexec, issue 27) its counterbalanced block (workbench/loadtest/plan.py), a closed-loop
+    # step's requests in flight (None: open loop), and its steady-state judgement
+    # (workbench/loadgen/steady.py: reached, reason, arrival/completion rates, in-flight slope).
+    block: int | None = None
+    concurrency: int | None = None
+    steady_state: dict | None = None
 
 
 class RateSummary(BaseModel):
@@ -111,6 +117,10 @@ class RateSummary(BaseModel):
     utilization_pct: float | None = None
     utilization_of: str = ""
     limited_by: list[str] = []
+    # (loadexec, issue 27) closed loop: requests in flight (None: open loop); how many of its steps
+    # reached steady state, as text ("2/3 steady; 1 undecided"; "" when none was judged).
+    concurrency: int | None = None
+    steady_state: str = ""
 
 
 class DriftCheck(BaseModel):
@@ -221,12 +231,12 @@ def step_summary(variant: str, label: str, rate: float, records: list[Record], s
 def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOConfig) -> list[RateSummary]:
     """Pool the measured steps (role ``measure``/``control-start``/``knee``) of each (variant,
     rate). ``cols`` maps a step's position to its requests' columns."""
-    groups: dict[tuple[str, float], list[StepSummary]] = defaultdict(list)
+    groups: dict[tuple[str, float, int | None], list[StepSummary]] = defaultdict(list)
     for s in steps:
         if s.role != "control-end":
-            groups[(s.variant, s.offered_req_per_s)].append(s)
+            groups[(s.variant, s.offered_req_per_s, s.concurrency)].append(s)
     out = []
-    for (variant, rate), group in groups.items():
+    for (variant, rate, concurrency), group in groups.items():
         pooled = cols[group[0].position]
         for s in group[1:]:
             pooled = pooled + cols[s.position]
@@ -241,8 +251,21 @@ def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOC
             slo=one.slo if one else slo_verdict(pooled, slo), errors=pooled.n - pooled.ok,
             utilization_pct=float(np.mean(utils)) if utils else None,
             utilization_of=group[0].utilization_of,
-            limited_by=sorted({s.limited_by for s in group if s.limited_by})))
-    return sorted(out, key=lambda r: (r.variant, r.offered_req_per_s))
+            limited_by=sorted({s.limited_by for s in group if s.limited_by}),
+            concurrency=concurrency, steady_state=steady_text(group)))
+    return sorted(out, key=lambda r: (r.variant, r.concurrency or 0, r.offered_req_per_s))
+
+
+def steady_text(group: list[StepSummary]) -> str:
+    """How many of a rate's steps reached steady state (loadgen/steady.py), as a table cell."""
+    judged = [s.steady_state for s in group if s.steady_state is not None]
+    if not judged:
+        return ""
+    yes = sum(1 for j in judged if j.get("reached") is True)
+    no = sum(1 for j in judged if j.get("reached") is False)
+    parts = [f"{yes}/{len(judged)} steady"] + ([f"{no} not sustainable"] if no else []) + \
+        ([f"{len(judged) - yes - no} undecided"] if len(judged) - yes - no else [])
+    return "; ".join(parts)
 
 
 def drift_check(start: StepSummary, start_cols: Columns, end_cols: Columns, tolerance: float = 0.1) -> DriftCheck:
