@@ -24,7 +24,7 @@ from workbench.testing.fakeserver import FakeServer, fake_endpoints
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 # The GPU plan's load at CPU scale: a p50 SLO so that 24 requests decide a probe, one-token replies.
-CPU_SCALE = {"client_processes": 1, "duration_s": None, "requests_per_step": 24, "warmup_requests": 0,
+CPU_SCALE = {"client_processes": 1, "window": "schedule", "duration_s": None, "requests_per_step": 24, "warmup_requests": 0,
              "arrival": "constant", "scrape_metrics": False,
              "workload": {"input_tokens": 8, "output_tokens": 1, "max_tokens": 1},
              "slo": {"ttft_ms": 40, "ttft_percentile": 50, "min_goodput": 0.5},

@@ -35,7 +35,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_stage_writes_report_records_table_and_plots(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=8, model="fake", fail_every=7) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[10, 40], requests_per_step=12,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[10, 40], requests_per_step=12,
                              warmup_requests=2, repeats=1)
         report = loadtest.run(cfg, variant="v1")
     saved = read_report(in_tmp / "reports/loadtest/v1.json")
@@ -72,7 +72,7 @@ def test_stage_writes_report_records_table_and_plots(in_tmp):
 
 def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in_tmp):
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40], requests_per_step=6,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20, 40], requests_per_step=6,
                              warmup_requests=0, repeats=3, scrape_metrics=False)
         report = loadtest.run(cfg, variant="v")
     steps = loadtest.steps_of(report)
@@ -88,7 +88,7 @@ def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in
 def test_variants_compared_in_one_run_alternate_step_by_step_on_the_same_requests(in_tmp, monkeypatch):
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 30), ("b", 90))}
     fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
                          warmup_requests=1, repeats=2, scrape_metrics=False, order="fixed")
     report = loadtest.run(cfg)
     order = [(o["variant"], o["label"], o["block"]) for o in report.details["order"]]
@@ -111,7 +111,7 @@ def test_variants_compared_in_one_run_alternate_step_by_step_on_the_same_request
 
 def test_blocks_run_the_arms_in_a_seeded_counterbalanced_order_recorded_in_all_json(in_tmp, monkeypatch):
     fake_endpoints(monkeypatch, {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") for v in "abc"})
-    cfg = LoadtestConfig(model="fake", variants=["a", "b", "c"], rates=[20], requests_per_step=2, repeats=6,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b", "c"], rates=[20], requests_per_step=2, repeats=6,
                          warmup_requests=0, scrape_metrics=False, seed=3)
     report = loadtest.run(cfg)
     blocks = report.details["design"]["blocks"]
@@ -145,7 +145,7 @@ def test_knee_search_brackets_then_bisects_to_the_servers_capacity(in_tmp):
 
     # one request at a time, 10 ms each: ~100 req/s of capacity, queueing shows as TTFT
     with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=40,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=40,
                              warmup_requests=0, arrival="constant", scrape_metrics=False,
                              slo=SLOConfig(ttft_ms=40, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
                              knee=KneeConfig(start_req_per_s=10, tolerance=0.15, max_probes=14))
@@ -166,7 +166,7 @@ def test_knee_mode_low_load_blocks_come_first_and_spread_over_the_run_as_the_con
 
     fakes = {v: FakeServer(ttft_ms=5, itl_ms=t, output_tokens=6, model="fake") for v, t in (("a", 2), ("b", 8))}
     fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
                          scrape_metrics=False, order="fixed", repeats=2,
                          slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
                          knee=KneeConfig(start_req_per_s=40, max_probes=2, low_load_req_per_s=5,
@@ -190,7 +190,7 @@ def test_time_budget_stops_new_steps_and_writes_every_report(in_tmp, monkeypatch
     fakes = {v: FakeServer(ttft_ms=5, itl_ms=2, output_tokens=4, model="fake") for v in "ab"}
     fake_endpoints(monkeypatch, fakes)
     # each step takes >= 0.5 s: the budget runs out after the low-load steps and the first knee round
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
                          scrape_metrics=False, max_duration_s=1.2, repeats=1,
                          slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
                          knee=KneeConfig(start_req_per_s=20, max_probes=6, low_load_req_per_s=10,
@@ -212,7 +212,7 @@ def test_time_budget_stops_new_steps_and_writes_every_report(in_tmp, monkeypatch
 
 def test_without_a_time_budget_the_run_says_nothing_stopped_it(in_tmp, monkeypatch):
     fake_endpoints(monkeypatch, {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") for v in "ab"})
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[20], requests_per_step=3, repeats=1,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[20], requests_per_step=3, repeats=1,
                          warmup_requests=0, scrape_metrics=False)
     report = loadtest.run(cfg)
     assert report.details["time_budget"] == {"max_duration_s": None, "stopped": None}
@@ -243,7 +243,7 @@ def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
     monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b", "c"], rates=[10], requests_per_step=4,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b", "c"], rates=[10], requests_per_step=4,
                          warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True, order="fixed")
     report = loadtest.run(cfg)
     assert attempts == {"a": 1, "b": 2, "c": 1}  # b failed beside the others, then started alone
@@ -275,7 +275,7 @@ def test_parallel_start_keeps_servers_alive_that_die_with_the_thread_that_starte
             proc.wait(10)
 
     monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], parallel_start=True)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], parallel_start=True)
     with contextlib.ExitStack() as stack:
         started = loadtest.start_endpoints(cfg, ["a", "b"], stack)
         assert set(started) == {"a", "b"}
@@ -299,7 +299,7 @@ def test_a_server_that_died_after_its_start_stops_the_run_before_any_step(in_tmp
     monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
     monkeypatch.setattr(loadtest.arms, "ALIVE_TIMEOUT_S", 1.0)
     with pytest.raises(ServerError, match=r"stopped answering before the first step(.|\n)*SIGTERM"):
-        loadtest.run(LoadtestConfig(model="fake", variants=["a"], rates=[10], requests_per_step=4,
+        loadtest.run(LoadtestConfig(window="schedule", model="fake", variants=["a"], rates=[10], requests_per_step=4,
                                     warmup_requests=0, repeats=1, scrape_metrics=False))
     assert not list((in_tmp / "runs/loadtest/a").glob("step-*.jsonl"))  # no step was measured
 
@@ -319,7 +319,7 @@ def test_a_server_that_fails_alone_too_is_reported_not_servable_and_the_rest_mea
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
     monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10], requests_per_step=4,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[10], requests_per_step=4,
                          warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True)
     report = loadtest.run(cfg)
     assert report.details["not_servable"] == ["b"]
@@ -331,7 +331,7 @@ def test_stage_runs_inside_a_running_event_loop_as_in_a_notebook(in_tmp):
 
     async def notebook_cell():
         with FakeServer(model="fake") as fake:
-            return loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[50],
+            return loadtest.run(LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[50],
                                                requests_per_step=3, warmup_requests=0, scrape_metrics=False,
                                                repeats=1), variant="base")
 
@@ -344,7 +344,7 @@ def test_track_logs_one_nested_run_per_step_with_its_intervals(in_tmp, monkeypat
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
-        report = loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40],
+        report = loadtest.run(LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20, 40],
                                              requests_per_step=10, warmup_requests=0, repeats=1,
                                              scrape_metrics=False), variant="base")
     with tracking.stage_run("loadtest", "base", system_metrics=False) as run:
@@ -413,7 +413,7 @@ def test_via_gateway_routes_every_request_through_it_and_audits_them(in_tmp):
         (in_tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, in_tmp / rel)
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=8, model="fake") as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
                              warmup_requests=1, via_gateway=True, repeats=1)
         report = loadtest.run(cfg, variant="gw")
     step = report.details["step_metrics"]["rate_20"]
@@ -439,7 +439,7 @@ def test_variant_vllm_cannot_serve_gets_a_not_servable_report(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(loadtest.arms, "endpoint", failing)
-    report = loadtest.run(LoadtestConfig(out_dir=str(tmp_path / "runs")), variant="awq-int4")
+    report = loadtest.run(LoadtestConfig(window="schedule", out_dir=str(tmp_path / "runs")), variant="awq-int4")
     assert "could not be served" in report.details["not_servable"]
     assert "cpu_gemm_wna16" in report.details["server"]["error"]
     assert report.details["steps"] == [] and loadtest.table(report).empty

@@ -35,7 +35,7 @@ def test_cli_runs_the_stages_executor_on_params_yaml_with_set_overrides(in_tmp, 
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
         rc = cli.main(["--set", f"base_url={fake.base_url}", "--set", "loadtest.model=fake",
                        "--set", "rates=[20]", "--set", "repeats=2", "--set", "requests_per_step=3",
-                       "--set", "scrape_metrics=false"])
+                       "--set", "scrape_metrics=false", "--set", "window=schedule"])
     assert rc == 0
     steps = json.loads(capsys.readouterr().out)
     assert [s["label"] for s in steps] == ["rate_20", "rate_20-r1"] and all(s["requests"] == 3 for s in steps)
@@ -67,7 +67,7 @@ def test_runner_sweep_loop_is_gone():
 
 def test_concurrency_mode_keeps_at_most_n_requests_in_flight(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=4, model="fake") as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="concurrency", concurrencies=[1, 4],
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="concurrency", concurrencies=[1, 4],
                              requests_per_step=12, warmup_requests=0, repeats=1, scrape_metrics=False)
         report = loadtest.run(cfg, variant="v")
     steps = {s.label: s for s in loadtest.steps_of(report)}

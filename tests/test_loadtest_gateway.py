@@ -42,7 +42,7 @@ def audited_chats(path: Path) -> int:
 def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_arm(in_tmp, monkeypatch):
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 20), ("b", 40))}
     started = fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
                          warmup_requests=1, repeats=2, scrape_metrics=False, order="fixed")
     report = loadtest.run(cfg)
 
@@ -87,7 +87,7 @@ def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_a
 def test_knee_of_a_variant_direct_and_through_the_gateway_and_their_ratio(in_tmp):
     # one request at a time, 10 ms each: ~100 req/s of capacity for both arms
     with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
                              warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=["v"],
                              slo=SLOConfig(ttft_ms=60, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
                              knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=6))
@@ -118,9 +118,9 @@ def test_a_gateway_arm_of_a_variant_not_compared_is_named_in_the_error(in_tmp, m
 
     monkeypatch.setattr(loadtest.arms, "endpoint", never)
     with pytest.raises(ValueError, match=r"gateway_arms names 'awq-int8'.*\['base', 'awq-int4'\]"):
-        loadtest.run(LoadtestConfig(variants=["base", "awq-int4"], gateway_arms=["awq-int4", "awq-int8"]))
+        loadtest.run(LoadtestConfig(window="schedule", variants=["base", "awq-int4"], gateway_arms=["awq-int4", "awq-int8"]))
     with pytest.raises(ValueError, match="via_gateway"):
-        loadtest.run(LoadtestConfig(variants=["base"], gateway_arms=["base"], via_gateway=True))
+        loadtest.run(LoadtestConfig(window="schedule", variants=["base"], gateway_arms=["base"], via_gateway=True))
     with pytest.raises(ConfigError, match=r"gateway_arms \['nope'\]"):
         load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[nope]"])
     assert load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[base]"]).loadtest.gateway_arms == ["base"]
@@ -131,7 +131,7 @@ def test_gateway_overrides_run_the_gateway_arm_as_workers_sharing_limits_in_redi
     deploy/gateway.yaml, every request answered through them."""
     fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake")})
     over = {"workers": 2, "limits": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "lt-workers:"}}
-    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=12,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=12,
                          warmup_requests=0, repeats=1, scrape_metrics=False,
                          gateway_overrides=over)
     loadtest.run(cfg)
@@ -147,7 +147,7 @@ def test_a_misspelled_gateway_override_is_named_before_any_step(in_tmp, monkeypa
     from workbench.serve import ServerError
 
     fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake")})
-    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=2,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=2,
                          repeats=1, scrape_metrics=False, gateway_overrides={"worker": 2})
     with pytest.raises(ServerError, match=r"gateway_overrides \{'worker': 2\}.*worker"):
         loadtest.run(cfg)

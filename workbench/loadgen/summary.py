@@ -261,8 +261,8 @@ def steady_text(group: list[StepSummary]) -> str:
     judged = [s.steady_state for s in group if s.steady_state is not None]
     if not judged:
         return ""
-    yes = sum(1 for j in judged if j.get("reached") is True)
-    no = sum(1 for j in judged if j.get("reached") is False)
+    yes = sum(1 for j in judged if j.get("verdict", "steady" if j.get("reached") else "") == "steady")
+    no = sum(1 for j in judged if j.get("verdict") == "not sustainable")
     parts = [f"{yes}/{len(judged)} steady"] + ([f"{no} not sustainable"] if no else []) + \
         ([f"{len(judged) - yes - no} undecided"] if len(judged) - yes - no else [])
     return "; ".join(parts)

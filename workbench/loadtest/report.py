@@ -146,12 +146,37 @@ def step_summaries(cfg: LoadtestConfig, done: list, outputs: dict[str, str]
     return steps, cols
 
 
+def steady_slo(slo: summary.SLOVerdict, steps: list[StepSummary]) -> summary.SLOVerdict:
+    """The SLO verdict as far as its steps' steady state lets it stand (plan.effective_verdict): a
+    step whose backlog grew makes it a fail, a step too short to tell turns a pass into undecided.
+    A step that did not reach steady state is never reported as a pass."""
+    from workbench.loadtest.plan import Outcome, effective_verdict
+
+    overall = slo.overall
+    for s in steps:
+        verdict = (s.steady_state or {}).get("verdict")
+        if verdict is not None:
+            overall = effective_verdict(Outcome(overall, steady={"steady": True, "not sustainable": False}.get(verdict)))
+    return slo if overall is slo.overall else slo.model_copy(update={"overall": overall})
+
+
+def gate_by_steady_state(steps: list[StepSummary], rates: list[RateSummary]) -> None:
+    """Each step's and each rate's SLO verdict through ``steady_slo`` (in place)."""
+    for s in steps:
+        s.slo = steady_slo(s.slo, [s])
+    for r in rates:
+        mine = [s for s in steps if s.variant == r.variant and s.offered_req_per_s == r.offered_req_per_s
+                and s.concurrency == r.concurrency]
+        r.slo = steady_slo(r.slo, mine)
+
+
 def variant_report(cfg: LoadtestConfig, variant: str, done: list, knee: KneeResult | None,
                    server_info: dict, outputs: dict[str, str], run_id: str, stopped: str | None = None) -> Report:
     """One arm's report from its measured steps; then its table and plots (views of it)."""
     mine = [d for d in done if d.arm.variant == variant]
     steps, cols = step_summaries(cfg, mine, outputs)
     rates = summary.rate_summaries(steps, cols, cfg.slo)
+    gate_by_steady_state(steps, rates)
     report = Report(
         stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
         metrics=flat_metrics(rates, knee),
