@@ -35,13 +35,13 @@ def test_window_is_sized_from_the_latency_seen_in_the_warm_up(in_tmp):
     p50 = ss["warmup_e2el_p50_s"]
     assert ss["sized_by"] == "latency" and 0.1 < p50 < 0.3  # ~130 ms: 100 ms TTFT + 3 x 10 ms
     assert ss["warmup_s"] >= 3 * p50  # warm-up: warmup_factor lifetimes at least
-    assert ss["window_s"] == pytest.approx(10 * p50, abs=0.2)  # window_factor x p50, measured sends
+    assert 6 * p50 < ss["window_s"] < 14 * p50  # window_factor x p50 (first to last measured send)
     assert ss["verdict"] != "not sustainable" and ss["reason"]  # ~5 in flight of a capacity far above: no backlog
     lines = [json.loads(x) for x in Path(report.outputs["records_rate_40"]).read_text().splitlines()]
     warm = [r for r in lines if r["warmup"]]
     assert warm and all(r["scheduled_s"] < ss["warmup_s"] for r in warm)
     assert all(not r["warmup"] for r in lines if r["scheduled_s"] >= ss["warmup_s"])
-    assert len(lines) < 0.5 * 40 * 2 * FAST.max_window_s  # the arrivals after the window were never sent
+    assert len(lines) < 0.6 * 40 * 2 * FAST.max_window_s  # the arrivals after the window were never sent
     assert report.metrics["rate_40.requests"] == len(lines) - len(warm)
     assert "1/1 steady" in (in_tmp / "runs/loadtest/v/summary.md").read_text()
 
