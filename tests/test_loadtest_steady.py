@@ -79,3 +79,19 @@ def test_knee_brackets_on_steady_state_steps_against_the_fake_server(in_tmp):
     for s in steps:  # ... and passed none of them: every probe that passed reached steady state
         if s.offered_req_per_s in passed:
             assert s.steady_state["verdict"] == "steady"
+
+
+def test_multi_process_steps_are_sized_from_the_arms_previous_latency(in_tmp):
+    with FakeServer(ttft_ms=100, itl_ms=10, output_tokens=4, model="fake") as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20], repeats=2, warmup_requests=2,
+                             requests_per_step=6, client_processes=2, scrape_metrics=False, steady_state=FAST)
+        report = loadtest.run(cfg, variant="v")
+    first, second = loadtest.steps_of(report)
+    assert first.steady_state["sized_by"] == "schedule" and first.requests == 6  # no latency seen yet
+    ss = second.steady_state
+    p50 = ss["warmup_e2el_p50_s"]
+    assert ss["sized_by"] == "previous step's latency" and p50 == first.steady_state["e2el_p50_s"]
+    assert ss["warmup_s"] == pytest.approx(max(FAST.min_warmup_s, 3 * p50))
+    lines = [json.loads(x) for x in Path(report.outputs["records_rate_20-r1"]).read_text().splitlines()]
+    assert all(r["warmup"] == (r["scheduled_s"] < ss["warmup_s"]) for r in lines)
+    assert second.requests > 6  # >= min_requests (8) arrivals in a window of 10 x p50

@@ -80,6 +80,7 @@ async def execute(cfg: LoadtestConfig, plan: Plan, arms: list[Arm],
     by_name = {a.variant: a for a in arms}
     done: list[Done] = []
     pooled: dict[tuple, summary.Columns] = {}
+    last_p50: dict[str, float] = {}  # each arm's E2E p50 (s) in its last step
     t0 = time.monotonic()
     stopped: str | None = None
     async with make_session(cfg.timeout_s) as session:
@@ -93,7 +94,10 @@ async def execute(cfg: LoadtestConfig, plan: Plan, arms: list[Arm],
                     break
                 step_cfg = low_load_config(cfg) if spec.role == "low-load" else cfg
                 result = await step_mod.measure_step(step_cfg, by_name[spec.arm], session, specs, spec.point,
-                                                     spec.index, spec.repeat, spec.label)
+                                                     spec.index, spec.repeat, spec.label, last_p50.get(spec.arm))
+                p50 = (result.steady_state or {}).get("e2el_p50_s")
+                if p50:  # sizes this arm's next multi-process step (step.pilot_schedule)
+                    last_p50[spec.arm] = p50
                 d = Done(by_name[spec.arm], result, spec, len(done))
                 done.append(d)
                 on_step(d)

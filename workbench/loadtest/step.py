@@ -144,13 +144,34 @@ def latency_schedule(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], in
     return workloads.sample(specs, len(offsets), rng), offsets
 
 
+def pilot_schedule(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index: int, rate: float,
+                   repeat: int, e2el_p50_s: float) -> tuple[list[workloads.RequestSpec], np.ndarray, int, float]:
+    """Several client processes cannot share a window decided while the step runs: their schedule
+    is sized before it from the arm's E2E p50 in its previous step (``e2el_p50_s``): arrivals for
+    ``steady.warmup_s`` (warm-up), then ``steady.measure_window_s``. (requests, offsets, warm-up
+    count, warm-up seconds)."""
+    sc = cfg.steady_state
+    warm, win = steady.warmup_s(e2el_p50_s, sc), steady.measure_window_s(e2el_p50_s, sc, rate)
+    rng = np.random.default_rng([cfg.seed, index, repeat])
+    offsets = arrivals.schedule(cfg.arrival, rate, rng, duration_s=warm + win, burstiness=cfg.burstiness)
+    return workloads.sample(specs, len(offsets), rng), offsets, int(np.searchsorted(offsets, warm)), warm
+
+
 async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workloads.RequestSpec],
-                       point: Point, index: int, repeat: int = 0, label: str | None = None) -> StepResult:
-    """One step of ``arm`` at ``point``: its requests, probes and flat metrics."""
+                       point: Point, index: int, repeat: int = 0, label: str | None = None,
+                       prior_e2el_p50_s: float | None = None) -> StepResult:
+    """One step of ``arm`` at ``point``: its requests, probes and flat metrics. ``prior_e2el_p50_s``:
+    the arm's E2E p50 in its previous step, which sizes a multi-process step (``pilot_schedule``)."""
     label = label or point.label
     rate, cap = point.rate, point.concurrency or cfg.max_concurrency
     window = LatencyWindow(cfg, rate) if latency_sized(cfg, point) else None
-    if window is not None:
+    warmup, pilot = cfg.warmup_requests, None
+    if window is None and cfg.window == "latency" and point.concurrency is None and math.isfinite(rate) \
+            and prior_e2el_p50_s:
+        reqs, offsets, warmup, pilot = pilot_schedule(cfg, specs, index, rate, repeat, prior_e2el_p50_s)
+        log.info("%s step %s (repeat %d): %d requests (%d warm-up), sized from its previous E2E p50 %.2f s",
+                 arm.variant, label, repeat, len(reqs), warmup, prior_e2el_p50_s)
+    elif window is not None:
         reqs, offsets = latency_schedule(cfg, specs, index, rate, repeat)
         log.info("%s step %s (repeat %d): %s arrivals at %g req/s, warm-up and window sized from the latency "
                  "seen (at most %.0f s)", arm.variant, label, repeat, cfg.arrival, rate, float(offsets[-1]))
@@ -167,11 +188,11 @@ async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workl
     try:
         if cfg.client_processes > 1:
             records = await asyncio.to_thread(
-                run_step_processes, arm.target, reqs, offsets.tolist(), label, cfg.warmup_requests,
+                run_step_processes, arm.target, reqs, offsets.tolist(), label, warmup,
                 cap, cfg.client_processes, cfg.timeout_s)
         else:
             records = await run_step(session, arm.target, reqs, offsets.tolist(), label,
-                                     cfg.warmup_requests, cap, window)
+                                     warmup, cap, window)
     finally:
         probed = await asyncio.to_thread(probe.stop)
     result = StepResult(rate, label, records, {**step_metrics(records, rate, cfg.slo), **probed},
@@ -179,9 +200,9 @@ async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workl
                         concurrency=point.concurrency)
     judged = steady.steady_state(records, None if point.concurrency else rate, cfg.steady_state)
     result.steady_state = {**judged.model_dump(mode="json"),
-                           "warmup_e2el_p50_s": window.e2el_p50_s if window else None,
-                           "warmup_s": window.warmup_end_s if window else None,
-                           "sized_by": "latency" if window else "schedule"}
+                           "warmup_e2el_p50_s": window.e2el_p50_s if window else prior_e2el_p50_s if pilot else None,
+                           "warmup_s": window.warmup_end_s if window else pilot,
+                           "sized_by": "latency" if window else "previous step's latency" if pilot else "schedule"}
     result.steady_state["verdict"] = steady_verdict(judged, cfg.steady_state)
     m = result.metrics
     m["steady_state_reached"] = float(judged.reached)
