@@ -59,6 +59,7 @@ def test_a_step_whose_backlog_grows_is_not_sustainable_and_never_a_pass(in_tmp):
     over = steps[120].steady_state
     assert over["verdict"] == "not sustainable" and not over["reached"]
     assert over["arrivals"] - over["departures"] > 3  # the queue the server could not clear
+    assert over["window_s"] > 1.2  # the window grew with its requests' lifetimes towards max_window_s (2 s)
     # the SLO alone (a minute of TTFT allowed) would pass it; at no steady state it is a fail
     assert steps[120].slo.overall.value == "fail"
     assert report.metrics["rate_120.slo_pass"] == 0.0 and report.metrics["slo_rate_req_per_s"] < 120

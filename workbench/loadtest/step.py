@@ -11,8 +11,9 @@ Sizing (``loadtest.window``). ``latency`` (open loop, one client process): the s
 enough for the longest warm-up and window, and ``LatencyWindow`` decides while the step runs: the
 warm-up ends once ``warmup_requests`` (at least one) have been answered and ``warmup_factor`` x
 their E2E p50 has passed (``steady.warmup_s``); the measured window is then ``steady.measure_window_s``
-of that p50 (``window_factor`` x p50, ``min_requests`` arrivals, within [min_window_s, max_window_s]).
-Arrivals after it are never sent. ``schedule``: ``requests_per_step`` or ``duration_s`` as fixed
+of that p50 (``window_factor`` x p50, ``min_requests`` arrivals, within [min_window_s, max_window_s]),
+lengthened while the window's own requests live longer (a queue building). Arrivals after it are
+never sent. Several client processes: sized before the step from the arm's previous E2E p50. ``schedule``: ``requests_per_step`` or ``duration_s`` as fixed
 before the step. Either way ``steady.steady_state`` judges the measured records.
 """
 
@@ -124,8 +125,20 @@ class LatencyWindow:
                 self.e2el_p50_s = float(np.median(lives)) if lives else None
                 break
             await asyncio.sleep(self.POLL_S)
-        self.warmup_end_s = t
-        self.end_s = t + steady.measure_window_s(self.e2el_p50_s or math.inf, sc, self.rate)
+        self.warmup_end_s = warm = t
+        self.end_s = warm + steady.measure_window_s(self.e2el_p50_s or math.inf, sc, self.rate)
+        # Run until the window holds window_factor lifetimes of what it measures: while a queue
+        # builds, requests live longer than in the warm-up, so the window grows with the median
+        # lifetime of its own arrivals (one still in flight counts its age so far: a lower bound),
+        # up to max_window_s. A backlog that outgrows even that is judged so (steady_verdict).
+        while (t := clock()) < self.end_s:
+            lives = [(r.end_s if r.end_s is not None else t) - r.send_s for r in records
+                     if r.send_s is not None and r.scheduled_s >= warm]
+            if lives:
+                p50 = float(np.median(lives))
+                self.end_s = min(warm + sc.max_window_s,
+                                 max(self.end_s, warm + steady.measure_window_s(p50, sc, self.rate)))
+            await asyncio.sleep(self.POLL_S)
         return self.warmup_end_s, self.end_s
 
 
