@@ -156,7 +156,8 @@ def steady_slo(slo: summary.SLOVerdict, steps: list[StepSummary]) -> summary.SLO
     for s in steps:
         verdict = (s.steady_state or {}).get("verdict")
         if verdict is not None:
-            overall = effective_verdict(Outcome(overall, steady={"steady": True, "not sustainable": False}.get(verdict)))
+            steady = {"steady": True, "not sustainable": False}.get(verdict)
+            overall = effective_verdict(Outcome(overall, steady=steady))
     return slo if overall is slo.overall else slo.model_copy(update={"overall": overall})
 
 

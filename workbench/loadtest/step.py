@@ -13,8 +13,8 @@ warm-up ends once ``warmup_requests`` (at least one) have been answered and ``wa
 their E2E p50 has passed (``steady.warmup_s``); the measured window is then ``steady.measure_window_s``
 of that p50 (``window_factor`` x p50, ``min_requests`` arrivals, within [min_window_s, max_window_s]),
 lengthened while the window's own requests live longer (a queue building). Arrivals after it are
-never sent. Several client processes: sized before the step from the arm's previous E2E p50. ``schedule``: ``requests_per_step`` or ``duration_s`` as fixed
-before the step. Either way ``steady.steady_state`` judges the measured records.
+never sent. Several client processes: sized before the step from the arm's previous E2E p50.
+``schedule``: ``requests_per_step`` or ``duration_s`` as fixed before the step. Either way ``steady.steady_state`` judges the measured records.
 """
 
 from __future__ import annotations
