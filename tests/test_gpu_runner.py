@@ -24,7 +24,7 @@ from workbench.testing.fakeserver import FakeServer, fake_endpoints
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
 # The GPU plan's load at CPU scale: a p50 SLO so that 24 requests decide a probe, one-token replies.
-CPU_SCALE = {"client_processes": 1, "duration_s": None, "requests_per_step": 24, "warmup_requests": 0,
+CPU_SCALE = {"client_processes": 1, "window": "schedule", "duration_s": None, "requests_per_step": 24, "warmup_requests": 0,
              "arrival": "constant", "scrape_metrics": False,
              "workload": {"input_tokens": 8, "output_tokens": 1, "max_tokens": 1},
              "slo": {"ttft_ms": 40, "ttft_percentile": 50, "min_goodput": 0.5},
@@ -50,7 +50,7 @@ def knee_run(tmp_path_factory):
     capacities of ~100, ~200 and ~200 req/s (one or two requests at a time, 10 ms each)."""
     tmp = tmp_path_factory.mktemp("gpu")
     plan = real_plan()
-    plan["loadtest"] = gpu_run.deep_merge(plan["loadtest"], {**CPU_SCALE, "drift_tolerance": 5.0})
+    plan["loadtest"] = gpu_run.deep_merge(plan["loadtest"], {**CPU_SCALE, "repeats": 1})
     names = list(plan["configurations"])
     fakes = {n: FakeServer(max_running=1 if i == 0 else 2, ttft_ms=10, itl_ms=0, output_tokens=1,
                            model=PARAMS.serve.chat.served_name) for i, n in enumerate(names)}
@@ -67,7 +67,7 @@ def test_plan_is_one_valid_knee_comparison_whose_probes_can_decide_a_p99():
     cfg = gpu_run.loadtest_cfg(plan, PARAMS)
     assert cfg.variants == list(plan["configurations"]) and len(cfg.variants) >= 2
     assert cfg.server_overrides == plan["configurations"] and cfg.base_url is None
-    assert cfg.mode == "knee" and cfg.drift_control and cfg.client_processes == 4
+    assert cfg.mode == "knee" and cfg.order == "randomized" and cfg.repeats >= 3 and cfg.client_processes == 4
     assert (cfg.slo.ttft_ms, cfg.slo.ttft_percentile, cfg.slo.min_goodput) == (300, 99, 0.99)
     # a p99 at the limit, every request under it: shown to pass only from 299 requests on
     n = int(cfg.duration_s * cfg.knee.min_req_per_s) if cfg.duration_s else cfg.requests_per_step
@@ -77,15 +77,14 @@ def test_plan_is_one_valid_knee_comparison_whose_probes_can_decide_a_p99():
     assert sum(s.gpu_memory_utilization for s in servers) <= 0.9  # all up together on one GPU
 
 
-def test_load_test_phase_interleaves_the_configurations_with_the_control_first_and_last(knee_run):
+def test_load_test_phase_runs_the_configurations_in_blocks_with_the_control_named(knee_run):
     names = knee_run["names"]
     assert knee_run["started"] == names  # one server per configuration, in plan order
     comparison = read_report(knee_run["dir"] / "reports/loadtest/all.json")
     order = comparison.details["order"]
-    assert [o["variant"] for o in order[:len(names)]] == names  # A B C ...
-    assert (order[0]["variant"], order[0]["role"]) == (names[0], "control-start")
-    assert (order[-1]["variant"], order[-1]["role"]) == (names[0], "control-end")
-    assert comparison.details["drift"]["variant"] == names[0]
+    assert sorted(o["variant"] for o in order[:len(names)]) == sorted(names)  # every configuration in block 0
+    assert {o["block"] for o in order[:len(names)]} == {0}
+    assert comparison.details["drift"]["control"] == names[0]
     for name in names:
         rep = read_report(knee_run["dir"] / f"reports/loadtest/{name}.json")
         assert rep.config["server_overrides"][name] == knee_run["plan"]["configurations"][name]
@@ -105,7 +104,7 @@ def test_summary_shows_each_sustained_rate_with_its_bracket_the_table_with_inter
         assert f"### {name}: probes " in md
     assert "TTFT p50 ms" in md and "goodput" in md
     assert comparison.details["drift"]["verdict"] in md and "**Drift control**" in md
-    assert lt["drifted"] is False and "**Comparison**: stands" in md
+    assert lt["drifted"] is None and "**Comparison**: paired within counterbalanced blocks" in md
     assert "TTFT p50 <= 40 ms and goodput >= 50%" in md  # the SLO as the run's config had it
 
 
@@ -138,36 +137,17 @@ def test_import_logs_each_configuration_and_the_comparison_and_rebuilds_the_same
                                       f"'{stage_runs[f'loadtest:gpu-{name}'].info.run_id}'")
         assert len(children) == len(rep.details["steps"])  # one nested run per step, none twice
     comparison = stage_runs["loadtest:gpu-all"]
-    assert comparison.data.metrics["drift_detected"] == 0.0
-    assert "drift_ttft_ratio" in comparison.data.metrics
+    assert comparison.data.metrics == {k: v for k, v in comparison_report_metrics(knee_run).items()}
     assert [a.path for a in client.list_artifacts(comparison.info.run_id, "loadtest")] == ["loadtest/summary.md"]
 
 
-def test_a_control_that_slowed_by_the_end_marks_the_comparison_invalid(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    plan = real_plan()
-    names = list(plan["configurations"])[:2]
-    plan["configurations"] = {n: plan["configurations"][n] for n in names}
-    plan["loadtest"] = gpu_run.deep_merge(plan["loadtest"], {**CPU_SCALE, "mode": "sweep", "rates": [20],
-                                                             "repeats": 1, "requests_per_step": 20})
-    fakes = {n: FakeServer(ttft_ms=5, itl_ms=0, output_tokens=1, model=PARAMS.serve.chat.served_name)
-             for n in names}
-    measure_step = loadtest.measure_step
+def test_a_comparison_from_before_the_block_design_keeps_its_drift_gate_verdict():
+    assert gpu_run.comparison_verdict({"drifted": True, "verdict": "drift"}).startswith("INVALID")
+    assert gpu_run.comparison_verdict({"control": "a", "points": {}, "verdict": "x"}).startswith("paired")
 
-    async def host_slows_down_before_the_control_is_measured_again(cfg, arm, session, specs, rate, index,
-                                                                   repeat=0, label=None):
-        if label and label.endswith("control-end"):
-            fake = fakes[arm.variant].fake
-            fake.opts = dataclasses.replace(fake.opts, ttft_ms=30)
-        return await measure_step(cfg, arm, session, specs, rate, index, repeat, label)
 
-    monkeypatch.setattr(loadtest, "measure_step", host_slows_down_before_the_control_is_measured_again)
-    with fake_servers(monkeypatch, fakes):
-        summary = gpu_run.run_phases(plan, PARAMS, ["loadtest"], tmp_path / "out", {}, forced=True)
-    md = (tmp_path / "out/summary.md").read_text()
-    assert summary["loadtest"]["drifted"] is True
-    assert "**Comparison**: INVALID" in md and "unreliable" in md  # the drift check's own words
-    assert "highest swept rate shown to pass" in md  # a sweep has no knee bracket, and says so
+def comparison_report_metrics(knee_run) -> dict:
+    return read_report(knee_run["dir"] / "reports/loadtest/all.json").metrics
 
 
 def searched(**verdicts: list[float]) -> KneeResult:

@@ -7,7 +7,7 @@ import pytest
 
 from workbench.config import LoadtestConfig, WorkloadConfig
 from workbench.loadgen import arrivals, workloads
-from workbench.loadgen.runner import step_requests
+from workbench.loadtest.step import step_requests
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from workbench import promscrape
 from workbench.loadgen import arrivals
 from workbench.loadgen.client import Target, build_payload, make_session, run_step
 from workbench.loadgen.probes import server_metrics
-from workbench.loadgen.runner import run_async
+from workbench.loadgen.client import run_async
 from workbench.loadgen.workloads import RequestSpec
 from workbench.testing.fakeserver import FakeServer, FakeServerProcess
 

@@ -35,7 +35,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_stage_writes_report_records_table_and_plots(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=8, model="fake", fail_every=7) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[10, 40], requests_per_step=12,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[10, 40], requests_per_step=12,
                              warmup_requests=2, repeats=1)
         report = loadtest.run(cfg, variant="v1")
     saved = read_report(in_tmp / "reports/loadtest/v1.json")
@@ -64,7 +64,7 @@ def test_stage_writes_report_records_table_and_plots(in_tmp):
         assert (in_tmp / "runs/loadtest/v1" / name).stat().st_size > 0
     assert set(saved.outputs) >= {"records_rate_10", "records_rate_40", "summary_md", "latency_vs_rate"}
     labels = [s.label for s in loadtest.steps_of(saved)]
-    assert labels == ["rate_10", "rate_40", "rate_10-control-end"]  # the first step again, at the end
+    assert labels == ["rate_10", "rate_40"]  # no drift-control step: drift is the control's spread over blocks
     rates = loadtest.rates_of(saved)
     assert [r.offered_req_per_s for r in rates] == [10, 40] and all(r.requests == 12 for r in rates)
     assert "sha256" in saved.data_fingerprint["workload"]
@@ -72,8 +72,8 @@ def test_stage_writes_report_records_table_and_plots(in_tmp):
 
 def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in_tmp):
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40], requests_per_step=6,
-                             warmup_requests=0, repeats=3, drift_control=False, scrape_metrics=False)
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20, 40], requests_per_step=6,
+                             warmup_requests=0, repeats=3, scrape_metrics=False)
         report = loadtest.run(cfg, variant="v")
     steps = loadtest.steps_of(report)
     assert [(s.offered_req_per_s, s.repeat) for s in steps] == [
@@ -88,23 +88,39 @@ def test_repeats_run_interleaved_and_are_pooled_with_an_interval_over_repeats(in
 def test_variants_compared_in_one_run_alternate_step_by_step_on_the_same_requests(in_tmp, monkeypatch):
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 30), ("b", 90))}
     fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
-                         warmup_requests=1, repeats=2, scrape_metrics=False)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[10, 20], requests_per_step=8,
+                         warmup_requests=1, repeats=2, scrape_metrics=False, order="fixed")
     report = loadtest.run(cfg)
-    order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
-    assert order == [("a", "rate_10", "control-start"), ("b", "rate_10", "measure"),
-                     ("a", "rate_20", "measure"), ("b", "rate_20", "measure"),
-                     ("a", "rate_10-r1", "measure"), ("b", "rate_10-r1", "measure"),
-                     ("a", "rate_20-r1", "measure"), ("b", "rate_20-r1", "measure"),
-                     ("a", "rate_10-control-end", "control-end")]
+    order = [(o["variant"], o["label"], o["block"]) for o in report.details["order"]]
+    assert order == [("a", "rate_10", 0), ("b", "rate_10", 0), ("a", "rate_20", 1), ("b", "rate_20", 1),
+                     ("a", "rate_10-r1", 2), ("b", "rate_10-r1", 2), ("a", "rate_20-r1", 3), ("b", "rate_20-r1", 3)]
     a, b = (read_report(in_tmp / f"reports/loadtest/{v}.json") for v in "ab")
     prompts = [[json.loads(line)["scheduled_s"] for line in Path(r.outputs["records_rate_10"]).read_text().splitlines()]
                for r in (a, b)]
     assert prompts[0] == prompts[1]  # the same arrival schedule for every variant at one (rate, repeat)
     assert a.metrics["rate_10.ttft_ms_p50_ci_hi"] < b.metrics["rate_10.ttft_ms_p50_ci_lo"]
     drift = report.details["drift"]
-    assert drift["variant"] == "a" and drift["drifted"] is False and "no drift" in drift["verdict"]
+    assert drift["control"] == "a" and set(drift["points"]) == {"rate_10", "rate_20"}
+    assert drift["points"]["rate_10"]["blocks"] == [0, 2]  # the control's spread over its two blocks
+    paired = report.details["paired"]["arms"]["b"]["rate_10"]
+    assert paired["blocks"] == [0, 2]  # b paired with the control within each block
+    assert paired["ttft_over_control"]["value"] > 2  # 90 ms against 30 ms
+    assert "drifted" not in drift  # reported, never a gate
     assert report.variant == "all" and (in_tmp / "reports/loadtest/all.json").exists()
+
+
+def test_blocks_run_the_arms_in_a_seeded_counterbalanced_order_recorded_in_all_json(in_tmp, monkeypatch):
+    fake_endpoints(monkeypatch, {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") for v in "abc"})
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b", "c"], rates=[20], requests_per_step=2, repeats=6,
+                         warmup_requests=0, scrape_metrics=False, seed=3)
+    report = loadtest.run(cfg)
+    blocks = report.details["design"]["blocks"]
+    assert report.details["design"]["order"] == "randomized" and report.details["design"]["seed"] == 3
+    assert len(blocks) == 6 and all(sorted(b["arms"]) == ["a", "b", "c"] for b in blocks)  # every arm once a block
+    assert len({tuple(b["arms"]) for b in blocks}) > 1  # the order differs between blocks
+    from workbench.loadtest.plan import block_order
+
+    assert [b["arms"] for b in blocks] == [block_order(["a", "b", "c"], k, 3, "randomized") for k in range(6)]
 
 
 def test_a_control_that_moved_between_start_and_end_is_flagged_as_drift(in_tmp):
@@ -129,8 +145,8 @@ def test_knee_search_brackets_then_bisects_to_the_servers_capacity(in_tmp):
 
     # one request at a time, 10 ms each: ~100 req/s of capacity, queueing shows as TTFT
     with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=40,
-                             warmup_requests=0, arrival="constant", drift_control=False, scrape_metrics=False,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=40,
+                             warmup_requests=0, arrival="constant", scrape_metrics=False,
                              slo=SLOConfig(ttft_ms=40, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
                              knee=KneeConfig(start_req_per_s=10, tolerance=0.15, max_probes=14))
         report = loadtest.run(cfg, variant="v")
@@ -145,43 +161,43 @@ def test_knee_search_brackets_then_bisects_to_the_servers_capacity(in_tmp):
     assert max(p["rate"] for p in passed) == knee["lo"]
 
 
-def test_knee_mode_low_load_step_comes_first_for_every_variant_and_is_the_drift_control(in_tmp, monkeypatch):
+def test_knee_mode_low_load_blocks_come_first_and_spread_over_the_run_as_the_controls_drift(in_tmp, monkeypatch):
     from workbench.config import KneeConfig, SLOConfig
 
     fakes = {v: FakeServer(ttft_ms=5, itl_ms=t, output_tokens=6, model="fake") for v, t in (("a", 2), ("b", 8))}
     fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
-                         scrape_metrics=False, slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+                         scrape_metrics=False, order="fixed", repeats=2,
+                         slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
                          knee=KneeConfig(start_req_per_s=40, max_probes=2, low_load_req_per_s=5,
                                          low_load_requests=6))
     report = loadtest.run(cfg)
     order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
-    assert order[:3] == [("a", "rate_5", "control-start"), ("b", "rate_5", "measure"), ("a", "rate_40", "knee")]
-    assert order[-1] == ("a", "rate_5-control-end", "control-end")
+    assert order[:3] == [("a", "rate_5", "low-load"), ("b", "rate_5", "low-load"), ("a", "rate_40", "knee")]
+    low = [o for o in report.details["order"] if o["role"] == "low-load"]
+    assert len(low) == 4 and low[-1]["block"] > 1  # repeats: 2 low-load blocks, the second after a probe block
     a, b = (read_report(in_tmp / f"reports/loadtest/{v}.json") for v in "ab")
-    for r in (a, b):  # low_load_requests measured, whatever size the probes have (0.5 s at 40 req/s: ~20)
-        assert r.metrics["rate_5.requests"] == 6 and r.metrics["rate_40.requests"] > 6
+    for r in (a, b):  # low_load_requests measured per block, whatever size the probes have
+        assert r.metrics["rate_5.requests"] == 12 and r.metrics["rate_40.requests"] > 6
     assert a.metrics["rate_5.tpot_ms_p50_ci_hi"] < b.metrics["rate_5.tpot_ms_p50_ci_lo"]  # decode speed, separated
     assert [p["rate"] for p in a.details["knee"]["probes"]][0] == 40  # the search itself starts where it did
-    assert report.details["drift"]["variant"] == "a"
+    assert report.details["drift"]["control"] == "a" and "rate_5" in report.details["drift"]["points"]
 
 
-def test_time_budget_stops_new_steps_keeps_the_drift_control_and_writes_every_report(in_tmp, monkeypatch):
+def test_time_budget_stops_new_steps_and_writes_every_report(in_tmp, monkeypatch):
     from workbench.config import KneeConfig, SLOConfig
 
     fakes = {v: FakeServer(ttft_ms=5, itl_ms=2, output_tokens=4, model="fake") for v in "ab"}
     fake_endpoints(monkeypatch, fakes)
     # each step takes >= 0.5 s: the budget runs out after the low-load steps and the first knee round
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
-                         scrape_metrics=False, max_duration_s=1.2,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], mode="knee", duration_s=0.5, warmup_requests=1,
+                         scrape_metrics=False, max_duration_s=1.2, repeats=1,
                          slo=SLOConfig(ttft_ms=500, e2el_ms=None, min_goodput=0.5),
                          knee=KneeConfig(start_req_per_s=20, max_probes=6, low_load_req_per_s=10,
                                          low_load_requests=5))
     report = loadtest.run(cfg)
     order = [(o["variant"], o["role"]) for o in report.details["order"]]
-    assert len(order) < 2 + 2 * 6 + 1  # far fewer steps than the searches wanted
-    assert order[-1] == ("a", "control-end")  # the drift control is still measured
-    assert report.details["drift"] is not None
+    assert len(order) < 2 + 2 * 6  # far fewer steps than the searches wanted
     stopped = report.details["time_budget"]["stopped"]
     assert stopped and "max_duration_s 1.2" in stopped
     for v in "ab":  # every variant's report written, its knee marked unfinished with the reason
@@ -196,11 +212,11 @@ def test_time_budget_stops_new_steps_keeps_the_drift_control_and_writes_every_re
 
 def test_without_a_time_budget_the_run_says_nothing_stopped_it(in_tmp, monkeypatch):
     fake_endpoints(monkeypatch, {v: FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") for v in "ab"})
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[20], requests_per_step=3, repeats=1,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[20], requests_per_step=3, repeats=1,
                          warmup_requests=0, scrape_metrics=False)
     report = loadtest.run(cfg)
     assert report.details["time_budget"] == {"max_duration_s": None, "stopped": None}
-    assert len(report.details["order"]) == 3  # a, b, and the control again
+    assert len(report.details["order"]) == 2  # a and b, once each: no drift-control step
 
 
 def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone(in_tmp, monkeypatch):
@@ -226,9 +242,9 @@ def test_parallel_start_brings_servers_up_at_once_and_retries_a_failed_one_alone
         with fakes[variant] as fake:
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b", "c"], rates=[10], requests_per_step=4,
-                         warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True)
+    monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b", "c"], rates=[10], requests_per_step=4,
+                         warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True, order="fixed")
     report = loadtest.run(cfg)
     assert attempts == {"a": 1, "b": 2, "c": 1}  # b failed beside the others, then started alone
     assert windows["a"][0] < windows["c"][1] and windows["c"][0] < windows["a"][1]  # a and c overlapped
@@ -258,8 +274,8 @@ def test_parallel_start_keeps_servers_alive_that_die_with_the_thread_that_starte
             proc.terminate()
             proc.wait(10)
 
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], parallel_start=True)
+    monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], parallel_start=True)
     with contextlib.ExitStack() as stack:
         started = loadtest.start_endpoints(cfg, ["a", "b"], stack)
         assert set(started) == {"a", "b"}
@@ -280,10 +296,10 @@ def test_a_server_that_died_after_its_start_stops_the_run_before_any_step(in_tmp
         (log_dir / "vllm.log").write_text("EngineCore: trigger received signal=SIGTERM\n")
         yield url, {"managed": True, "base_url": url, "log": str(log_dir / "vllm.log")}  # nothing listens now
 
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
-    monkeypatch.setattr(loadtest, "ALIVE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
+    monkeypatch.setattr(loadtest.arms, "ALIVE_TIMEOUT_S", 1.0)
     with pytest.raises(ServerError, match=r"stopped answering before the first step(.|\n)*SIGTERM"):
-        loadtest.run(LoadtestConfig(model="fake", variants=["a"], rates=[10], requests_per_step=4,
+        loadtest.run(LoadtestConfig(window="schedule", model="fake", variants=["a"], rates=[10], requests_per_step=4,
                                     warmup_requests=0, repeats=1, scrape_metrics=False))
     assert not list((in_tmp / "runs/loadtest/a").glob("step-*.jsonl"))  # no step was measured
 
@@ -302,8 +318,8 @@ def test_a_server_that_fails_alone_too_is_reported_not_servable_and_the_rest_mea
         with fakes[variant] as fake:
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], rates=[10], requests_per_step=4,
+    monkeypatch.setattr(loadtest.arms, "endpoint", endpoint)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], rates=[10], requests_per_step=4,
                          warmup_requests=0, repeats=1, scrape_metrics=False, parallel_start=True)
     report = loadtest.run(cfg)
     assert report.details["not_servable"] == ["b"]
@@ -315,7 +331,7 @@ def test_stage_runs_inside_a_running_event_loop_as_in_a_notebook(in_tmp):
 
     async def notebook_cell():
         with FakeServer(model="fake") as fake:
-            return loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[50],
+            return loadtest.run(LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[50],
                                                requests_per_step=3, warmup_requests=0, scrape_metrics=False,
                                                repeats=1), variant="base")
 
@@ -328,8 +344,8 @@ def test_track_logs_one_nested_run_per_step_with_its_intervals(in_tmp, monkeypat
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake") as fake:
-        report = loadtest.run(LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20, 40],
-                                             requests_per_step=10, warmup_requests=0, drift_control=False, repeats=1,
+        report = loadtest.run(LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20, 40],
+                                             requests_per_step=10, warmup_requests=0, repeats=1,
                                              scrape_metrics=False), variant="base")
     with tracking.stage_run("loadtest", "base", system_metrics=False) as run:
         run.log_report(report)
@@ -397,7 +413,7 @@ def test_via_gateway_routes_every_request_through_it_and_audits_them(in_tmp):
         (in_tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, in_tmp / rel)
     with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=8, model="fake") as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[20], requests_per_step=10,
                              warmup_requests=1, via_gateway=True, repeats=1)
         report = loadtest.run(cfg, variant="gw")
     step = report.details["step_metrics"]["rate_20"]
@@ -422,8 +438,8 @@ def test_variant_vllm_cannot_serve_gets_a_not_servable_report(tmp_path, monkeypa
         yield
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(loadtest, "endpoint", failing)
-    report = loadtest.run(LoadtestConfig(out_dir=str(tmp_path / "runs")), variant="awq-int4")
+    monkeypatch.setattr(loadtest.arms, "endpoint", failing)
+    report = loadtest.run(LoadtestConfig(window="schedule", out_dir=str(tmp_path / "runs")), variant="awq-int4")
     assert "could not be served" in report.details["not_servable"]
     assert "cpu_gemm_wna16" in report.details["server"]["error"]
     assert report.details["steps"] == [] and loadtest.table(report).empty

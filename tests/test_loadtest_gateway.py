@@ -40,20 +40,18 @@ def audited_chats(path: Path) -> int:
 def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_arm(in_tmp, monkeypatch):
     fakes = {v: FakeServer(ttft_ms=t, itl_ms=1, output_tokens=4, model="fake") for v, t in (("a", 20), ("b", 40))}
     started = fake_endpoints(monkeypatch, fakes)
-    cfg = LoadtestConfig(model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
-                         warmup_requests=1, repeats=2, scrape_metrics=False)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a", "b"], gateway_arms=["a"], rates=[10, 20], requests_per_step=6,
+                         warmup_requests=1, repeats=2, scrape_metrics=False, order="fixed")
     report = loadtest.run(cfg)
 
     assert started == ["a", "b"]  # one server per variant: the gateway arm brings up none of its own
     assert fakes["b"].fake.requests == 4 * 7  # b's server saw b's steps only
-    assert fakes["a"].fake.requests == 2 * 4 * 7 + 7  # both of a's arms, and the drift control
-    order = [(o["variant"], o["label"], o["role"]) for o in report.details["order"]]
-    assert order == [("a", "rate_10", "control-start"), ("a@gateway", "rate_10", "measure"), ("b", "rate_10", "measure"),
-                     ("a", "rate_20", "measure"), ("a@gateway", "rate_20", "measure"), ("b", "rate_20", "measure"),
-                     ("a", "rate_10-r1", "measure"), ("a@gateway", "rate_10-r1", "measure"),
-                     ("b", "rate_10-r1", "measure"), ("a", "rate_20-r1", "measure"),
-                     ("a@gateway", "rate_20-r1", "measure"), ("b", "rate_20-r1", "measure"),
-                     ("a", "rate_10-control-end", "control-end")]
+    assert fakes["a"].fake.requests == 2 * 4 * 7  # both of a's arms
+    order = [(o["variant"], o["label"], o["block"]) for o in report.details["order"]]
+    assert order == [("a", "rate_10", 0), ("a@gateway", "rate_10", 0), ("b", "rate_10", 0),
+                     ("a", "rate_20", 1), ("a@gateway", "rate_20", 1), ("b", "rate_20", 1),
+                     ("a", "rate_10-r1", 2), ("a@gateway", "rate_10-r1", 2), ("b", "rate_10-r1", 2),
+                     ("a", "rate_20-r1", 3), ("a@gateway", "rate_20-r1", 3), ("b", "rate_20-r1", 3)]
     assert report.details["variants"] == ["a", "b"] and report.details["arms"] == ["a", "a@gateway", "b"]
     assert set(report.details["reports"]) == {"a", "a@gateway", "b"}
 
@@ -75,10 +73,11 @@ def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_a
     assert cmp["variant"] == "a" and cmp["gateway_url"] == gw_url and cmp["sustained_ratio"] is None  # sweep
     assert [r["offered_req_per_s"] for r in cmp["per_rate"]] == [10, 20]
     for r in cmp["per_rate"]:
-        ttft = r["ttft_gateway_over_direct"]
-        assert ttft["method"] == "mann-whitney u" and ttft["n"] == 24 and ttft["diff"]["value"] > 0
+        ttft = r["ttft_gateway_over_direct"]  # paired within the two blocks both arms ran in
+        assert r["blocks"] == ([0, 2] if r["offered_req_per_s"] == 10 else [1, 3])
+        assert ttft["method"].startswith("t over blocks") and ttft["n"] == 2 and ttft["value"] > 0
         assert r["slo_direct"] in ("pass", "fail", "undecided") and r["slo_gateway"] in ("pass", "fail", "undecided")
-    assert report.details["drift"]["variant"] == "a"
+    assert report.details["drift"]["control"] == "a"
     assert not any("gateway" in k for k in report.metrics)  # no knee: no ratio of sustained rates
     assert len(loadtest.table(report)) == 3 * 2  # every arm's rates in the notebook's table
 
@@ -86,7 +85,7 @@ def test_gateway_arm_shares_its_variants_server_and_alternates_with_the_direct_a
 def test_knee_of_a_variant_direct_and_through_the_gateway_and_their_ratio(in_tmp):
     # one request at a time, 10 ms each: ~100 req/s of capacity for both arms
     with FakeServer(ttft_ms=10, itl_ms=0, output_tokens=1, model="fake", max_running=1) as fake:
-        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
                              warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=["v"],
                              slo=SLOConfig(ttft_ms=60, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
                              knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=6))
@@ -95,8 +94,8 @@ def test_knee_of_a_variant_direct_and_through_the_gateway_and_their_ratio(in_tmp
     gw = read_report(in_tmp / "reports/loadtest/v@gateway.json")
     compared = read_report(in_tmp / "reports/loadtest/all.json")
     variants = [o["variant"] for o in compared.details["order"]]
-    assert variants[:4] == ["v", "v@gateway", "v", "v@gateway"]  # the two knee searches advance in turn
-    assert variants[-1] == "v" and compared.details["order"][-1]["role"] == "control-end"
+    assert sorted(variants[:2]) == sorted(variants[2:4]) == ["v", "v@gateway"]  # the searches advance block by block
+    assert [o["block"] for o in compared.details["order"][:4]] == [0, 0, 1, 1]
     assert gw.details["knee"]["probes"][0]["rate"] == 10 and report.details["knee"]["probes"][0]["rate"] == 10
     lo_d, lo_g = report.metrics["sustained_req_per_s"], gw.metrics["sustained_req_per_s"]
     cmp = compared.details["gateway"]["v@gateway"]
@@ -115,11 +114,11 @@ def test_a_gateway_arm_of_a_variant_not_compared_is_named_in_the_error(in_tmp, m
     def never(*a, **k):
         raise AssertionError("no server may start")
 
-    monkeypatch.setattr(loadtest, "endpoint", never)
+    monkeypatch.setattr(loadtest.arms, "endpoint", never)
     with pytest.raises(ValueError, match=r"gateway_arms names 'awq-int8'.*\['base', 'awq-int4'\]"):
-        loadtest.run(LoadtestConfig(variants=["base", "awq-int4"], gateway_arms=["awq-int4", "awq-int8"]))
+        loadtest.run(LoadtestConfig(window="schedule", variants=["base", "awq-int4"], gateway_arms=["awq-int4", "awq-int8"]))
     with pytest.raises(ValueError, match="via_gateway"):
-        loadtest.run(LoadtestConfig(variants=["base"], gateway_arms=["base"], via_gateway=True))
+        loadtest.run(LoadtestConfig(window="schedule", variants=["base"], gateway_arms=["base"], via_gateway=True))
     with pytest.raises(ConfigError, match=r"gateway_arms \['nope'\]"):
         load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[nope]"])
     assert load_params(ROOT / "params.yaml", ["loadtest.gateway_arms=[base]"]).loadtest.gateway_arms == ["base"]
@@ -130,8 +129,8 @@ def test_gateway_overrides_run_the_gateway_arm_as_workers_sharing_limits_in_redi
     deploy/gateway.yaml, every request answered through them."""
     fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake")})
     over = {"workers": 2, "limits": {"backend": "redis", "redis_url": redis_url, "redis_prefix": "lt-workers:"}}
-    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=12,
-                         warmup_requests=0, repeats=1, drift_control=False, scrape_metrics=False,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=12,
+                         warmup_requests=0, repeats=1, scrape_metrics=False,
                          gateway_overrides=over)
     loadtest.run(cfg)
     written = yaml.safe_load((in_tmp / "runs/loadtest/a@gateway/gateway.yaml").read_text())
@@ -146,7 +145,7 @@ def test_a_misspelled_gateway_override_is_named_before_any_step(in_tmp, monkeypa
     from workbench.serve import ServerError
 
     fake_endpoints(monkeypatch, {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake")})
-    cfg = LoadtestConfig(model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=2,
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a"], gateway_arms=["a"], rates=[20], requests_per_step=2,
                          repeats=1, scrape_metrics=False, gateway_overrides={"worker": 2})
     with pytest.raises(ServerError, match=r"gateway_overrides \{'worker': 2\}.*worker"):
         loadtest.run(cfg)

@@ -54,8 +54,8 @@ def write_loadtests(monkeypatch, variants: dict, gateway_arms=()) -> None:
              for v, x in variants.items()}
     fake_endpoints(monkeypatch, fakes)
     loadtest.run(LoadtestConfig(model="fake", variants=list(variants), rates=[20, 40], requests_per_step=10,
-                                warmup_requests=1, repeats=2, scrape_metrics=False, workload=WorkloadConfig(
-                                    kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4),
+                                window="schedule", warmup_requests=1, repeats=2, scrape_metrics=False,
+                                workload=WorkloadConfig(kind="synthetic", path=None, input_tokens=8, output_tokens=4, max_tokens=4),
                                 gateway_arms=list(gateway_arms), gateway_config=str(ROOT / "deploy/gateway.yaml")))
 
 

@@ -193,6 +193,40 @@ class KneeConfig(Section):
     low_load_requests: int = Field(default=64, ge=1)  # measured requests of that step (plus warm-up)
 
 
+class SteadyStateConfig(Section):
+    """When a load step counts as steady, and how long a step must be to get there
+    (workbench/loadgen/steady.py). Sized for the CPU default: SmolLM2-135M on 2 cores answers a
+    short chat in 0.4-1.5 s (E2E p50; results/cpu-avx512), so a window is 5-15 s and a step of the
+    ~30-step CPU sweep stays near 20 s. A GPU profile at hundreds of req/s raises max_window_s."""
+
+    # Measured window >= window_factor x E2E p50 (issue 27): ten lifetimes make the ramp at either
+    # end a tenth of the window and give the in-flight trend test room to see a slope.
+    window_factor: float = Field(default=10, gt=0)
+    min_window_s: float = Field(default=5, gt=0)
+    max_window_s: float = Field(default=30, gt=0)  # also caps the warm-up
+    # Warm-up = warmup_factor x E2E p50 (at least min_warmup_s): an open queue reaches its
+    # stationary in-flight count within a few lifetimes; arrivals before that are discarded.
+    warmup_factor: float = Field(default=3, ge=0)
+    min_warmup_s: float = Field(default=1, ge=0)
+    # Steady: departures >= (1 - completion_tolerance) x arrivals over the window, and no upward
+    # trend in flight (one-sided HAC test at trend_alpha, and a rise of >= 1 request and >=
+    # completion_tolerance of the mean in flight). alpha 0.01: the test runs on every step of a
+    # sweep, so a 5 % test would call one stable step in twenty a backlog.
+    completion_tolerance: float = Field(default=0.1, gt=0, lt=1)
+    trend_alpha: float = Field(default=0.01, gt=0, lt=0.5)
+    # The window must hold this many request lifetimes (E2E p50) and arrivals, or the step is
+    # reported not steady without testing: it measured a ramp, or too little to tell.
+    min_window_lifetimes: float = Field(default=3, gt=0)
+    min_requests: int = Field(default=8, ge=2)
+
+    @model_validator(mode="after")
+    def _window_bounds(self) -> "SteadyStateConfig":
+        if self.min_window_s > self.max_window_s:
+            raise ValueError(f"steady_state.min_window_s ({self.min_window_s}) exceeds max_window_s "
+                             f"({self.max_window_s})")
+        return self
+
+
 class LoadtestConfig(Section):
     """An open-loop load test: a sweep of arrival rates against one OpenAI-compatible endpoint."""
 
@@ -213,6 +247,13 @@ class LoadtestConfig(Section):
     # Offered rates in requests/s, one step each (.inf: all at once). Small by default: vLLM-CPU on
     # 2 cores answers one short chat in ~0.4 s, so 2 req/s is already near its knee.
     rates: list[Annotated[float, Field(gt=0)]] = Field(default=[0.5, 1.0, 2.0], min_length=1)
+    # How an open-loop step is sized. latency: a warm-up of steady_state.warmup_factor x the E2E p50
+    # seen as it runs (at least warmup_requests answered), then a window of window_factor x that
+    # p50 (and min_requests arrivals), within the steady_state bounds (workbench/loadtest/step.py;
+    # one client process). schedule: requests_per_step (or duration_s) after warmup_requests, as
+    # fixed before the step; closed-loop steps are always sized so. Either way, every step is
+    # judged by steady.steady_state and the report says whether it reached steady state.
+    window: Literal["latency", "schedule"] = "latency"
     requests_per_step: int = Field(default=8, ge=1)  # measured requests per step, unless ...
     duration_s: float | None = Field(default=None, gt=0)  # ... set: arrivals for this long instead
     warmup_requests: int = Field(default=2, ge=0)  # first arrivals of each step, not counted
@@ -227,34 +268,42 @@ class LoadtestConfig(Section):
     # One variant to load-test, set by the runner (--variant); None: compare ``variants`` (below).
     variant: str | None = None
     # Variants compared in one run (``workbench loadtest`` / the DVC stage without --variant): their
-    # servers are up together and their steps interleaved (A B C A B C), rate by rate, repeat by
-    # repeat; the first variant at the first rate is measured again at the end as a drift control.
+    # servers are up together and their steps run in counterbalanced blocks (`order`), rate by rate,
+    # repeat by repeat; the first variant (or `control`) is the control whose spread is the drift.
     # None: base and every quantize.variants entry with serve: true (filled by Params).
     variants: list[str] | None = None
     # Per compared name, keys of serve.chat over `server` (model_dir too): compares serving
     # configurations of one model, e.g. {"api1": {"api_server_count": 1, "model_dir": "models/base"},
     # "api4": {"api_server_count": 4, "model_dir": "models/base"}} with variants: [api1, api4].
     server_overrides: dict[str, dict[str, Any]] = {}
-    mode: Literal["sweep", "knee"] = "sweep"  # sweep: `rates`; knee: search the SLO's highest rate
+    # sweep: `rates` (open loop); knee: search the SLO's highest rate; concurrency: closed loop at
+    # each of `concurrencies` requests in flight (workbench/loadtest/plan.py).
+    mode: Literal["sweep", "knee", "concurrency"] = "sweep"
     knee: KneeConfig = KneeConfig()
+    # mode: concurrency: requests kept in flight, one step each (a closed loop: a reply sends the next).
+    concurrencies: list[Annotated[int, Field(ge=1)]] = Field(default=[1, 2, 4], min_length=1)
     # Each (variant, rate) step runs this many times, interleaved; its requests are pooled and its
     # achieved rate and throughput get a t interval over the repeats.
     repeats: int = Field(default=2, ge=1)
-    drift_control: bool = True  # measure the first step again at the end of a compared run
+    # The arms' order inside each block (every arm once at one load point): randomized = a
+    # permutation per block drawn from `seed` (counterbalanced: a drifting host falls on every arm
+    # alike on average); abba = base order, then reversed; fixed = the variants' order every block.
+    order: Literal["randomized", "abba", "fixed"] = "randomized"
+    # The arm whose spread across the run's blocks is reported as drift (with its interval), and
+    # against which the others are compared, paired within blocks. None: the first variant.
+    control: str | None = None
     # Time budget for the measuring, in seconds from the first step (None: none). Past it no new step
     # starts: the sweep skips its remaining steps, each knee search ends "not finished" with the
-    # bracket it has, the drift control is still measured, and every report is written. For a
+    # bracket it has, and every report is written. For a
     # leased GPU: an unfinished stage returns nothing, a budgeted one returns what it measured.
     max_duration_s: float | None = Field(default=None, gt=0)
-    # The control drifted when its TTFT or E2EL moved significantly (Mann-Whitney U) AND by more
-    # than this share of its median: a 1 ms wobble on a 5 ms TTFT decides no deployment.
-    drift_tolerance: float = Field(default=0.1, ge=0)
     # Stop the sweep after a step whose goodput fraction fell below this (None: run every rate):
     # past saturation, higher rates only grow the queue and cost minutes.
     stop_below_goodput: float | None = Field(default=None, ge=0, le=1)
     timeout_s: float = Field(default=120, gt=0)  # per request; a timeout is a failed record
     seed: int = 0  # arrival times and prompt order
     slo: SLOConfig = SLOConfig()
+    steady_state: SteadyStateConfig = SteadyStateConfig()  # each step's steady-state test and sizing
     scrape_metrics: bool = True  # server /metrics before/after each step (absent: skipped)
     sample_interval_s: float = Field(default=0.5, gt=0)  # utilization / KV-cache sampling
     out_dir: str = "runs/loadtest"  # raw records, tables and plots: <out_dir>/<variant>/

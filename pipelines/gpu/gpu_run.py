@@ -7,9 +7,9 @@ configurations, cross-check, shard, evaluate.
 Runs the workbench's own stages (workbench.prepare / loadtest / shard / evaluate ``run(cfg)``) with
 CUDA vLLM, from plan.yaml over params.yaml, in this checkout. The load-test phase is ONE
 ``loadtest.run(cfg)`` comparing the plan's ``configurations`` (their servers up together, probes
-interleaved A B C A B C, the first configuration's first probe measured again at the end as a
-drift control). Reports land in reports/ as on any machine; after every phase the reports, load
-tables, plots and server-log tails are packed into ``<out>/gpu-results.tar.gz`` (so a run cut short
+in counterbalanced blocks, a seeded random order within each; the first configuration is the
+control, its spread over the blocks the drift). Reports land in reports/ as on any machine; after
+every phase the reports, load tables, plots and server-log tails are packed into ``<out>/gpu-results.tar.gz`` (so a run cut short
 still returns the phases it finished), and ``<out>/summary.md`` shows per configuration the
 sustained rate with its bracket, the per-rate table with intervals, and the drift verdict.
 pipelines/gpu/README.md has the whole procedure; ``python -m pipelines.gpu.import_results`` logs
@@ -146,11 +146,14 @@ def against_control(knee: KneeResult | None, control: KneeResult | None) -> str:
 
 def comparison_verdict(drift: dict | None) -> str:
     if drift is None:
-        return "unchecked: no drift control was measured (one configuration, or drift_control off)"
-    if drift["drifted"]:
-        return ("INVALID: the control drifted between the start and the end of the run, so the differences "
-                "between the configurations are not evidence; run the comparison again")
-    return "stands: no drift of the control was detected between the start and the end of the run"
+        return "unchecked: no drift control was measured (one configuration)"
+    if "drifted" in drift:  # a run from before issue 27: one start/end gate
+        if drift["drifted"]:
+            return ("INVALID: the control drifted between the start and the end of the run, so the differences "
+                    "between the configurations are not evidence; run the comparison again")
+        return "stands: no drift of the control was detected between the start and the end of the run"
+    return ("paired within counterbalanced blocks: each configuration against the control block by block "
+            "(all.json `paired`, intervals over blocks); the control's drift is reported, not a gate")
 
 
 def loadtest_summary(comparison: Report, reports: dict[str, Report]) -> dict:
@@ -182,7 +185,7 @@ def loadtest_summary(comparison: Report, reports: dict[str, Report]) -> dict:
             "control": control, "client_processes": cfg.get("client_processes", 1), "slo": slo_text(cfg["slo"]),
             "steps": len(comparison.details.get("order", [])),
             "first_round": [o["variant"] for o in comparison.details.get("order", [])][:max(len(names), 1)],
-            "drift": drift["verdict"] if drift else None, "drifted": drift["drifted"] if drift else None,
+            "drift": drift["verdict"] if drift else None, "drifted": drift.get("drifted") if drift else None,
             "comparison": comparison_verdict(drift), "configurations": configs}
 
 

@@ -11,7 +11,8 @@ No vLLM, torch or lm-eval here (DESIGN.md): it starts in milliseconds and runs o
     timestats  intervals over time-ordered requests (blocks of consecutive requests)
     timecompare  arms and a drift control compared per block (repeat), not per request
 
-One step from the shell (prints its metrics as JSON)::
+The load test's plan, arms and executor are workbench/loadtest/; from the shell, on the stage's
+config (params.yaml's ``loadtest`` section with ``--set`` over it)::
 
-    python -m workbench.loadgen --base-url http://127.0.0.1:8000/v1 --model m --rate 10 --requests 100
+    python -m workbench.loadgen --set base_url=http://127.0.0.1:8000/v1 --set model=m --set 'rates=[10]'
 """

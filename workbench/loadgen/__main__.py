@@ -1,8 +1,16 @@
-"""One load-generator sweep from the shell against any OpenAI-compatible endpoint; prints the
-per-step metrics as JSON (and writes raw records with --records)::
+"""The load test from the shell, on the stage's own executor and config: params.yaml's
+``loadtest`` section, with ``--set key=value`` over it (precedence: --set > params.yaml > defaults;
+an unknown key fails and is named). Prints each arm's steps (every figure with its interval) as
+JSON; reports and raw records go where the stage writes them (``reports/loadtest``,
+``loadtest.out_dir``)::
 
-    python -m workbench.loadgen --base-url http://127.0.0.1:8000/v1 --model smollm2-135m-instruct \
-        --rate 1 --rate 2 --requests 20 --workload sharegpt --path data/workloads/smoke.sharegpt.json
+    python -m workbench.loadgen --set base_url=http://127.0.0.1:8000/v1 --set model=smollm2-135m-instruct \
+        --set 'rates=[1, 2]' --set repeats=1
+    python -m workbench.loadgen --set mode=concurrency --set 'concurrencies=[1, 2, 4]' --variant base
+
+A key may be given with or without its section (``loadtest.rates=[1]`` or ``rates=[1]``). With
+``base_url`` set and no ``--variant``, the arm is named ``endpoint``; without ``base_url``, the
+variants' managed vLLM servers are started as in the stage (``--variant`` picks one).
 """
 
 from __future__ import annotations
@@ -12,55 +20,36 @@ import json
 import sys
 
 from workbench import logconfig
-from workbench.config import LoadtestConfig, SLOConfig, WorkloadConfig
-from workbench.loadgen import summary
-from workbench.loadgen.client import Target
-from workbench.loadgen.runner import run_async, sweep
+from workbench.config import PARAMS_FILE, ConfigError, load_params
+
+SECTION = "loadtest"
+
+
+def overrides(sets: list[str]) -> list[str]:
+    """``--set`` values as load_params overrides, each under the ``loadtest`` section."""
+    return [s if s.startswith(f"{SECTION}.") else f"{SECTION}.{s}" for s in sets]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workbench.loadgen", description=__doc__.splitlines()[0])
-    p.add_argument("--base-url", required=True, help="ends in /v1")
-    p.add_argument("--model", required=True)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
-    p.add_argument("--no-stream", action="store_true")
-    p.add_argument("--rate", type=float, action="append", required=True, help="req/s (inf ok), repeatable")
-    p.add_argument("--requests", type=int, default=100, help="measured requests per step")
-    p.add_argument("--duration-s", type=float, default=None)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--arrival", default="poisson", choices=["poisson", "constant", "bursty"])
-    p.add_argument("--burstiness", type=float, default=0.5)
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--workload", default="synthetic", choices=["sharegpt", "jsonl", "synthetic"])
-    p.add_argument("--path", default=None)
-    p.add_argument("--input-tokens", type=int, default=32)
-    p.add_argument("--output-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-scrape", action="store_true", help="skip /metrics and utilization")
-    p.add_argument("--ignore-eos", action="store_true", help="vLLM extension: exactly --output-tokens")
-    p.add_argument("--records", default=None, help="write every raw record here (JSONL)")
+    p.add_argument("--params", default=PARAMS_FILE, help="the params file (its loadtest section)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a loadtest key over params.yaml (YAML value), repeatable")
+    p.add_argument("--variant", default=None, help="one variant / arm name (default: every loadtest.variants "
+                                                   "entry, or 'endpoint' when base_url is set)")
     a = p.parse_args(argv)
-    logconfig.setup()  # to stderr: stdout carries the table
-    cfg = LoadtestConfig(
-        base_url=a.base_url, model=a.model, api_key=a.api_key, endpoint=a.endpoint, stream=not a.no_stream,
-        workload=WorkloadConfig(kind=a.workload, path=a.path, input_tokens=a.input_tokens,
-                                output_tokens=a.output_tokens, max_tokens=a.output_tokens,
-                                ignore_eos=a.ignore_eos),
-        arrival=a.arrival, burstiness=a.burstiness, rates=a.rate, requests_per_step=a.requests,
-        duration_s=a.duration_s, warmup_requests=a.warmup, max_concurrency=a.max_concurrency,
-        seed=a.seed, slo=SLOConfig(), scrape_metrics=not a.no_scrape)
-    target = Target(a.base_url, a.model, a.endpoint, not a.no_stream, a.api_key, ignore_eos=a.ignore_eos)
-    root = a.base_url.rstrip("/").removesuffix("/v1")
-    results = run_async(sweep(cfg, target, root))
-    if a.records:
-        with open(a.records, "w") as f:
-            for res in results:
-                for rec in res.records:
-                    f.write(json.dumps(rec.to_dict()) + "\n")
-    steps = [summary.step_summary("endpoint", r.label, r.rate, r.records, cfg.slo, r.metrics, position=i,
-                                  limited_by=r.limited_by) for i, r in enumerate(results)]
-    print(json.dumps([s.model_dump(mode="json") for s in steps], indent=1))  # every figure with its interval
+    logconfig.setup()  # to stderr: stdout carries the JSON
+    try:
+        cfg = load_params(a.params, overrides(a.sets)).loadtest
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from workbench import loadtest  # the one executor (workbench/loadtest/executor.py)
+
+    variant = a.variant or ("endpoint" if cfg.base_url else None)
+    report = loadtest.run(cfg, variant)
+    steps = [s.model_dump(mode="json") for r in loadtest.report.arm_reports(report) for s in loadtest.steps_of(r)]
+    print(json.dumps(steps, indent=1))
     return 0
 
 

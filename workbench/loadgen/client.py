@@ -17,7 +17,9 @@ token; so do we (it is sent together with the first token, in the same engine st
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 import aiohttp
@@ -180,9 +182,15 @@ def step_label(rate: float) -> str:
 
 async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[RequestSpec],
                    offsets: list[float], step: str, warmup: int = 0,
-                   max_concurrency: int | None = None) -> list[Record]:
+                   max_concurrency: int | None = None, window=None) -> list[Record]:
     """Send ``specs[i]`` at ``offsets[i]`` seconds from now (+ START_LEAD_S); return every record,
-    the first ``warmup`` marked as warm-up. Waits for the last response (or its timeout)."""
+    the first ``warmup`` marked as warm-up. Waits for the last response (or its timeout).
+
+    ``window`` (optional; workbench/loadtest/step.py's ``LatencyWindow``) decides while the step
+    runs where its warm-up and its measurement end: ``await window.watch(records, clock)`` returns
+    (warm-up end, end) in seconds from the step's zero. Arrivals from the end on are never sent
+    (their records are dropped); those before the warm-up's end are marked warm-up. ``offsets``
+    must then be sorted."""
     if len(specs) != len(offsets):
         raise ValueError("one offset per request")
     url = target.base_url.rstrip("/") + PATHS[target.endpoint]
@@ -204,12 +212,16 @@ async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[R
         async with sem:
             return await send(session, url, bodies[i], headers, records[i], t0)
 
+    cut = [len(records)]  # arrivals sent: all, unless the window ends the step sooner
+
     def fire(i: int) -> None:
+        if i >= cut[0]:
+            return
         if sem is None:
             tasks.append(loop.create_task(send(session, url, bodies[i], headers, records[i], t0)))
         else:
             tasks.append(loop.create_task(capped(i)))
-        if len(tasks) == len(records) and not all_fired.done():
+        if len(tasks) >= cut[0] and not all_fired.done():
             all_fired.set_result(None)
 
     # The step's zero on both clocks: perf_counter for records, loop.time() for the timers.
@@ -221,9 +233,66 @@ async def run_step(session: aiohttp.ClientSession, target: Target, specs: list[R
     t0_unix = time.time() + START_LEAD_S
     for rec in records:
         rec.t0_unix = t0_unix
-    for i, at in enumerate(offsets):
-        loop.call_at(loop_t0 + at, fire, i)
+    handles = [loop.call_at(loop_t0 + at, fire, i) for i, at in enumerate(offsets)]
+    watcher = None
+    if window is not None and records:
+        def decided(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return  # raised below, from the task
+            warm_end, end = task.result()
+            cut[0] = max(bisect.bisect_left(offsets, end), len(tasks))
+            for h in handles[cut[0]:]:
+                h.cancel()
+            for rec in records[:cut[0]]:
+                rec.warmup = rec.scheduled_s < warm_end
+            if len(tasks) >= cut[0] and not all_fired.done():
+                all_fired.set_result(None)
+
+        watcher = loop.create_task(window.watch(records, lambda: time.perf_counter() - t0))
+        watcher.add_done_callback(decided)
     if records:
         await all_fired
         await asyncio.gather(*tasks)
-    return records
+    if watcher is not None:
+        if not watcher.done():
+            watcher.cancel()
+        elif watcher.exception() is not None:
+            raise watcher.exception()
+    return records[:cut[0]]
+
+
+def run_async(coro):
+    """Run a coroutine to completion on uvloop when installed (asyncio otherwise), in a worker
+    thread when this thread already runs a loop (a Jupyter kernel does)."""
+    try:
+        import uvloop
+
+        new_loop = uvloop.new_event_loop
+    except ImportError:
+        new_loop = asyncio.new_event_loop
+
+    def go():
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return go()
+    box: dict = {}
+
+    def worker():
+        try:
+            box["value"] = go()
+        except BaseException as err:
+            box["error"] = err
+
+    t = threading.Thread(target=worker, name="loadgen")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -30,8 +30,7 @@ READY_TIMEOUT_S = 120
 def _worker(conn, target: Target, specs: list[RequestSpec], offsets: list[float], step: str,
             max_concurrency: int | None, timeout_s: float) -> None:
     """In the child: ready -> wait for the shared zero -> run the share -> send records back."""
-    from workbench.loadgen.client import START_LEAD_S, make_session, run_step
-    from workbench.loadgen.runner import run_async
+    from workbench.loadgen.client import START_LEAD_S, make_session, run_async, run_step
 
     try:
         conn.send("ready")

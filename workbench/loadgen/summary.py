@@ -108,6 +108,12 @@ class StepSummary(BaseModel):
     utilization_pct: float | None = None
     utilization_of: str = ""
     records_file: str | None = None  # the raw records
+    # (loadexec, issue 27) its counterbalanced block (workbench/loadtest/plan.py), a closed-loop
+    # step's requests in flight (None: open loop), and its steady-state judgement
+    # (workbench/loadgen/steady.py: reached, reason, arrival/completion rates, in-flight slope).
+    block: int | None = None
+    concurrency: int | None = None
+    steady_state: dict | None = None
 
 
 class RateSummary(BaseModel):
@@ -129,6 +135,10 @@ class RateSummary(BaseModel):
     utilization_pct: float | None = None
     utilization_of: str = ""
     limited_by: list[str] = []
+    # (loadexec, issue 27) closed loop: requests in flight (None: open loop); how many of its steps
+    # reached steady state, as text ("2/3 steady; 1 undecided"; "" when none was judged).
+    concurrency: int | None = None
+    steady_state: str = ""
 
 
 class DriftCheck(BaseModel):
@@ -310,13 +320,14 @@ def over_repeats(pooled: stats.Estimate, values: list[float | None], log: bool =
 
 def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOConfig) -> list[RateSummary]:
     """Pool the measured steps (role ``measure``/``control-start``/``knee``) of each (variant,
-    rate). ``cols`` maps a step's position to its requests' columns. Intervals: ``over_repeats``."""
-    groups: dict[tuple[str, float], list[StepSummary]] = defaultdict(list)
+    rate and concurrency). ``cols`` maps a step's position to its requests' columns. Intervals:
+    ``over_repeats``."""
+    groups: dict[tuple[str, float, int | None], list[StepSummary]] = defaultdict(list)
     for s in steps:
         if s.role != "control-end":
-            groups[(s.variant, s.offered_req_per_s)].append(s)
+            groups[(s.variant, s.offered_req_per_s, s.concurrency)].append(s)
     out = []
-    for (variant, rate), group in groups.items():
+    for (variant, rate, concurrency), group in groups.items():
         pooled = cols[group[0].position]
         for s in group[1:]:
             pooled = pooled + cols[s.position]
@@ -344,8 +355,21 @@ def rate_summaries(steps: list[StepSummary], cols: dict[int, Columns], slo: SLOC
             goodput=good, latency=lat, slo=verdict, errors=pooled.n - pooled.ok,
             utilization_pct=float(np.mean(utils)) if utils else None,
             utilization_of=group[0].utilization_of,
-            limited_by=sorted({s.limited_by for s in group if s.limited_by})))
-    return sorted(out, key=lambda r: (r.variant, r.offered_req_per_s))
+            limited_by=sorted({s.limited_by for s in group if s.limited_by}),
+            concurrency=concurrency, steady_state=steady_text(group)))
+    return sorted(out, key=lambda r: (r.variant, r.concurrency or 0, r.offered_req_per_s))
+
+
+def steady_text(group: list[StepSummary]) -> str:
+    """How many of a rate's steps reached steady state (loadgen/steady.py), as a table cell."""
+    judged = [s.steady_state for s in group if s.steady_state is not None]
+    if not judged:
+        return ""
+    yes = sum(1 for j in judged if j.get("verdict", "steady" if j.get("reached") else "") == "steady")
+    no = sum(1 for j in judged if j.get("verdict") == "not sustainable")
+    parts = [f"{yes}/{len(judged)} steady"] + ([f"{no} not sustainable"] if no else []) + \
+        ([f"{len(judged) - yes - no} undecided"] if len(judged) - yes - no else [])
+    return "; ".join(parts)
 
 
 def compare_steps(a: Columns, b: Columns, latency: str = "ttft", pct: float = 50) -> stats.Comparison:
@@ -360,13 +384,17 @@ def compare_steps(a: Columns, b: Columns, latency: str = "ttft", pct: float = 50
 def compare_arms(a: list[StepSummary], b: list[StepSummary], latency: str = "ttft", pct: int = 50,
                  paired: bool = True) -> stats.Comparison:
     """Arm ``a`` over arm ``b`` at one rate, from one summary per block: each step's p<pct> latency.
-    ``paired``: the arms ran in the same blocks (the counterbalanced design), paired on ``repeat``
-    so that a block's drift cancels (paired t on the log-ratios); else Welch's t on the logs."""
+    ``paired``: the arms ran in the same blocks (the counterbalanced design), paired on ``block``
+    (``repeat`` for a report without blocks) so that a block's drift cancels (paired t on the
+    log-ratios); else Welch's t on the logs."""
     if paired:
-        bb = {s.repeat: s for s in b}
-        common = [s for s in a if s.repeat in bb]
+        def key(s: StepSummary) -> int:
+            return s.block if s.block is not None else s.repeat
+
+        bb = {key(s): s for s in b}
+        common = [s for s in a if key(s) in bb]
         xa = [s.latency[latency].at(pct).value for s in common]
-        xb = [bb[s.repeat].latency[latency].at(pct).value for s in common]
+        xb = [bb[key(s)].latency[latency].at(pct).value for s in common]
     else:
         xa = [s.latency[latency].at(pct).value for s in a]
         xb = [s.latency[latency].at(pct).value for s in b]

@@ -250,12 +250,12 @@ class FakeServer(LocalServer):
 
 
 def fake_endpoints(monkeypatch, fakes: dict[str, FakeServer]) -> list[str]:
-    """The load test's managed vLLM servers (``workbench.loadtest.endpoint``) replaced, through
+    """The load test's managed vLLM servers (``workbench.loadtest.arms.endpoint``) replaced, through
     pytest's ``monkeypatch``, by ``fakes`` ({variant: FakeServer}); returns the list of variants
     whose server was started, in order, as the run fills it."""
     import contextlib
 
-    from workbench import loadtest
+    from workbench.loadtest import arms
 
     started: list[str] = []
 
@@ -265,7 +265,7 @@ def fake_endpoints(monkeypatch, fakes: dict[str, FakeServer]) -> list[str]:
         with fakes[variant] as fake:
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
-    monkeypatch.setattr(loadtest, "endpoint", endpoint)
+    monkeypatch.setattr(arms, "endpoint", endpoint)
     return started
 
 

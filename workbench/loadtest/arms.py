@@ -1,0 +1,207 @@
+"""Arms: what a load test measures, and how to reach (and, if managed, start and stop) it.
+
+An arm is a name and an OpenAI-compatible endpoint (``Arm``). Three kinds come in here:
+
+- a managed vLLM server per variant (``workbench/serve.py``; ``server_config`` is its config),
+- the gateway as its own process in front of a variant's server (``<variant>@gateway``),
+- any URL (``loadtest.base_url``, with its ``api_key``): nothing to start or stop.
+
+``open_arms`` brings them all up on one ``contextlib.ExitStack`` (servers in parallel with
+``parallel_start``) and says which variants could not be served; the stack stops them. Imports no
+vLLM: a managed server is a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.config import LoadtestConfig, deep_merge
+from workbench.loadgen.client import Target
+
+log = logging.getLogger(__name__)
+GATEWAY_SUFFIX = "@gateway"  # loadtest.gateway_arms: "<variant>@gateway", the variant's server through the gateway
+ALIVE_TIMEOUT_S = 30.0  # how long check_alive waits for a server's /health
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration under test: a name (a variant, ``<variant>@gateway``, a serving
+    configuration), its endpoint, its server's root URL for /metrics, and the server's pid for CPU
+    probes (None: not ours)."""
+
+    variant: str
+    target: Target
+    root_url: str | None
+    server_pid: int | None = None
+
+
+def gateway_arm(variant: str) -> str:
+    """The name of ``variant``'s gateway arm (its report: reports/loadtest/<variant>@gateway.json)."""
+    return variant + GATEWAY_SUFFIX
+
+
+def target(cfg: LoadtestConfig, base_url: str) -> Target:
+    return Target(base_url=base_url, model=cfg.model or cfg.server.model_name,
+                  endpoint=cfg.endpoint, stream=cfg.stream,
+                  api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
+
+
+def server_config(cfg: LoadtestConfig, variant: str):
+    """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``), with
+    ``server_overrides[variant]`` applied (a configuration compared under its own name)."""
+    over = cfg.server_overrides.get(variant, {})
+    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{variant}", **over}
+    return type(cfg.server).model_validate(merged)
+
+
+@contextlib.contextmanager
+def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
+    """(base_url, details): the configured URL, or a managed vLLM up for the block."""
+    if cfg.base_url:
+        yield cfg.base_url.rstrip("/"), {"managed": False, "base_url": cfg.base_url}
+        return
+    from workbench.serve import VLLMServer  # imports httpx only, never vLLM
+
+    with VLLMServer(server_config(cfg, variant), log_path=log_dir / "vllm.log") as server:
+        yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
+                                "startup_s": server.startup_s, "device": server.device,
+                                "log": str(server.log_path), "pid": server.proc.pid,
+                                "command": " ".join(server.command())}
+
+
+@contextlib.contextmanager
+def gateway_in_front(cfg: LoadtestConfig, upstream_url: str, model: str, log_dir: Path,
+                     upstream_key: str | None = None):
+    """The gateway as its own process in front of ``upstream_url`` (``upstream_key``: the server's
+    own --api-key, sent upstream by the gateway); yields (base_url, api_key)."""
+    import secrets
+
+    import yaml
+
+    from workbench.gateway.keys import hash_key
+    from workbench.gateway.process import GatewayProcess
+    from workbench.net import ServerError, free_port
+
+    key = "wb-" + secrets.token_urlsafe(24)
+    gw = deep_merge(yaml.safe_load(Path(cfg.gateway_config).read_text()), cfg.gateway_overrides)
+    upstream = {"base_url": upstream_url, **({"api_key": upstream_key} if upstream_key else {})}
+    gw.update(upstreams={model: upstream}, keys=[{"id": "loadtest", "sha256": hash_key(key)}],
+              keys_file=None)
+    gw["audit"] = {**gw.get("audit", {}), "path": str(log_dir / "gateway-audit.sqlite")}
+    conf = log_dir / "gateway.yaml"
+    conf.write_text(yaml.safe_dump(gw))
+    from workbench.gateway.config import GatewayConfigError, load_config
+    try:  # a misspelled override fails here, named, not as a gateway that never came up
+        load_config(conf)
+    except GatewayConfigError as err:
+        raise ServerError(f"the gateway config for {log_dir.name} ({cfg.gateway_config} with "
+                          f"loadtest.gateway_overrides {cfg.gateway_overrides}) is not valid: {err}") from None
+    with GatewayProcess(conf, free_port(), log_path=log_dir / "gateway.log") as server:  # ServerError if not up
+        log.info("load test goes through the gateway at %s", server.base_url)
+        yield server.base_url, key
+
+
+def start_endpoints(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitStack) -> dict:
+    """Each variant's endpoint entered on ``stack``: {variant: (base_url, info)}, or the
+    ServerError that says why it cannot be served. One after another, or with
+    ``cfg.parallel_start`` all at once (a GPU host: minutes of server starts become one); a server
+    that fails to start beside the others is tried once more on its own before it is given up."""
+    from workbench.serve import ServerError
+
+    def one(v: str):
+        try:
+            return stack.enter_context(endpoint(cfg, v, Path(cfg.out_dir) / v))
+        except ServerError as err:
+            return err
+
+    if not cfg.parallel_start or len(variants) < 2:
+        return {v: one(v) for v in variants}
+    import concurrent.futures
+
+    managers = {v: endpoint(cfg, v, Path(cfg.out_dir) / v) for v in variants}
+    log.info("starting %d servers at once: %s", len(variants), ", ".join(variants))
+    # The pool's threads must outlive the servers they started: a managed server dies with the
+    # thread that spawned it (serve._die_with_parent, PR_SET_PDEATHSIG). Entered on the stack first,
+    # the pool shuts down after every server's exit (the stack unwinds last in, first out).
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(len(variants), "server-start"))
+    futures = {v: pool.submit(cm.__enter__) for v, cm in managers.items()}
+    concurrent.futures.wait(futures.values())
+    started, unexpected = {}, None
+    for v, future in futures.items():  # every server that came up is stopped with the stack
+        try:
+            started[v] = future.result()
+            stack.push(managers[v].__exit__)
+        except ServerError as err:
+            started[v] = err
+        except BaseException as err:  # noqa: BLE001 - raised below, once the others are on the stack
+            unexpected = unexpected or err
+    if unexpected is not None:
+        raise unexpected
+    for v in [v for v in variants if isinstance(started[v], ServerError)]:
+        log.warning("%s did not start beside the others (%s); trying it alone", v,
+                    str(started[v]).splitlines()[0] if str(started[v]) else type(started[v]).__name__)
+        started[v] = one(v)
+    return started
+
+
+def check_alive(arms: list[Arm], infos: dict[str, dict]) -> None:
+    """Every managed server still answers /health before the first step: one that died after its
+    start would otherwise turn the whole run into connection errors, measured and reported."""
+    from workbench.net import wait_http_ok
+    from workbench.serve import ServerError, tail
+
+    for arm in arms:
+        info = infos.get(arm.variant, {})
+        if not info.get("managed") or not arm.root_url:
+            continue
+        if not wait_http_ok(f"{arm.root_url}/health", ALIVE_TIMEOUT_S):
+            log_path = info.get("log")
+            raise ServerError(f"{arm.variant}: the server at {arm.root_url} stopped answering before the first "
+                              f"step" + (f"; its log ends:\n{tail(Path(log_path))}" if log_path else ""))
+
+
+def arm_names(variants: list[str], gateway_arms: list[str]) -> list[str]:
+    """Every arm's name, in the run's base order: each variant, its gateway arm right after it."""
+    via = set(gateway_arms)
+    return [n for v in variants for n in ([v, gateway_arm(v)] if v in via else [v])]
+
+
+def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitStack
+              ) -> tuple[list[Arm], dict[str, dict], dict[str, Exception]]:
+    """Every arm of the run up on ``stack``: (arms in base order, {arm: server info}, {arm: the
+    ServerError of a variant that could not be served here, for it and its gateway arm})."""
+    from workbench.serve import ServerError
+
+    via = list(dict.fromkeys(cfg.gateway_arms))
+    arms: list[Arm] = []
+    infos: dict[str, dict] = {}
+    failed: dict[str, Exception] = {}
+    started = start_endpoints(cfg, variants, stack)  # the servers stay up together
+    for v in variants:
+        if isinstance(started[v], ServerError):  # the variant cannot be served here: say so, measure the rest
+            failed[v] = started[v]
+            if v in via:
+                failed[gateway_arm(v)] = started[v]
+            continue
+        base_url, info = started[v]
+        root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
+        tgt = target(cfg, base_url)
+        if cfg.via_gateway:
+            gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model, Path(cfg.out_dir) / v))
+            tgt = dataclasses.replace(tgt, base_url=gw_url, api_key=key)
+            info = {**info, "via_gateway": gw_url}
+        infos[v] = info
+        arms.append(Arm(v, tgt, root_url, info.get("pid")))
+        if v in via:  # a second arm on the same server, through its own gateway
+            name = gateway_arm(v)
+            gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model,
+                                                               Path(cfg.out_dir) / name, tgt.api_key))
+            infos[name] = {**info, "via_gateway": gw_url, "direct_arm": v}
+            arms.append(Arm(name, dataclasses.replace(tgt, base_url=gw_url, api_key=key), root_url,
+                            info.get("pid")))
+    check_alive(arms, infos)
+    return arms, infos, failed
