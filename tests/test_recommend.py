@@ -110,13 +110,30 @@ def test_memory_budget_excludes_larger_variants():
     assert d["variant"] == "awq-int4" and "budget" in d["rejected"]["base"]
 
 
-def test_speed_decides_only_without_drift():
-    a = cand("awq-int4", 117, 1.0, list(range(7)), e2el=list(np.linspace(900, 1000, 16)), noise=0.01, seed=1)
-    g = cand("gptq-int4", 117, 1.0, list(range(7)), e2el=list(np.linspace(300, 400, 16)), noise=0.01, seed=2)
+def test_speed_decides_on_block_medians_paired_by_block_also_when_the_control_drifted():
+    # the host slowed down over the run (every block slower than the last), both arms alike: the
+    # paired per-block ratio still separates them, and the drift is said, not a gate (issue 27)
+    slow = [1.0, 1.3, 1.7, 2.2]
+    a = cand("awq-int4", 117, 1.0, list(range(7)), noise=0.01, seed=1)
+    g = cand("gptq-int4", 117, 1.0, list(range(7)), noise=0.01, seed=2)
+    a.e2el_blocks = {i: 950 * f * (1 + 0.01 * i) for i, f in enumerate(slow)}
+    g.e2el_blocks = {i: 350 * f * (1 - 0.01 * i) for i, f in enumerate(slow)}
     assert decide([a, g], CFG)["variant"] == "gptq-int4"
     drifted = decide([a, g], CFG, drifted=True)
-    assert drifted["variant"] == "awq-int4" and drifted["tied_with"] == ["gptq-int4"]
-    assert "drift" in drifted["reason"] and "report.variants" in drifted["reason"]
+    assert drifted["variant"] == "gptq-int4"
+    speed = next(s for s in drifted["steps"] if s["criterion"] == "speed")
+    assert "blocks" in speed["dropped"]["awq-int4"] and "drift" in speed["method"]
+
+
+def test_speed_is_never_compared_on_the_requests_of_one_step():
+    # one block each: 16 requests apiece that differ 3x are autocorrelated, not 16 replicates; with
+    # no second block there is nothing to replicate over, so speed decides nothing (the old rule
+    # compared the requests with Mann-Whitney and dropped awq-int4)
+    a = cand("awq-int4", 117, 1.0, list(range(7)), e2el=list(np.linspace(900, 1000, 16)), noise=0.01, seed=1)
+    g = cand("gptq-int4", 117, 1.0, list(range(7)), e2el=list(np.linspace(300, 400, 16)), noise=0.01, seed=2)
+    a.e2el_blocks, g.e2el_blocks = {0: 950.0}, {0: 350.0}
+    d = decide([a, g], CFG)
+    assert d["variant"] == "awq-int4" and d["tied_with"] == ["gptq-int4"]
 
 
 def test_a_tie_on_everything_says_how_many_questions_would_resolve_it():

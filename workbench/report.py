@@ -69,6 +69,22 @@ def latencies_at(lt: Report, rate: float) -> dict[str, list[float]]:
     return {k: [float(x) for c in cols for x in getattr(c, f"{k}_ms")] for k in ("ttft", "e2el")}
 
 
+def e2el_blocks_at(lt: Report, rate: float) -> dict[int, float]:
+    """The E2E p50 (ms) of each block's steady step at ``rate``: the speed comparison's unit. A
+    report without blocks (an older one) is keyed by repeat; a step that did not reach steady
+    state is left out (it measured a ramp, not the rate)."""
+    out: dict[int, float] = {}
+    for s in loadtest.steps_of(lt):
+        if s.offered_req_per_s != rate or s.role == "control-end":
+            continue
+        if s.steady_state is not None and s.steady_state.get("verdict", "steady") != "steady":
+            continue
+        p50 = s.latency["e2el"].at(50).value if "e2el" in s.latency else None
+        if p50 is not None:
+            out[s.block if s.block is not None else s.repeat] = p50
+    return out
+
+
 def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tuple[Candidate, dict]:
     """A variant's evidence for the recommender, and what else its table row needs."""
     q, e, lt = _load("quantize", variant), _load("evaluate", variant), _load("loadtest", variant)
@@ -98,6 +114,7 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
         rates = loadtest.rates_of(lt)
         c.load = at_rate(rates, cfg.target_rate_req_per_s)
         c.e2el_ms = latencies_at(lt, c.load.offered_req_per_s)["e2el"]
+        c.e2el_blocks = e2el_blocks_at(lt, c.load.offered_req_per_s)
         extra["rates"] = rates
         extra["tpot_low_load"] = min(rates, key=lambda r: r.offered_req_per_s).latency["tpot"].at(50)
         if lt.details.get("knee"):
@@ -208,7 +225,8 @@ def run(cfg: ReportConfig) -> Report:
     base = evidence["base"][0] if "base" in evidence and evidence["base"][0].evaluated else None
     compared = _load("loadtest", loadtest.VARIANT)
     drift = compared.details.get("drift") if compared else None
-    drifted = bool(drift and drift.get("drifted"))
+    # all.json's drift: the control's spread over the run's blocks (loadtest/compare.py)
+    drifted = bool(drift and (drift.get("drifted") or (drift.get("spread") or {}).get("drifted")))
     decision = recommend(cands, cfg, drifted=drifted)
     decision.power = power.statements([c for c in cands if c.variant not in decision.rejected], cfg)
 

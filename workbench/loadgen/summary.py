@@ -265,21 +265,30 @@ def latency(cols: Columns) -> dict[str, Distribution]:
     return {k: distribution(getattr(cols, f"{k}_ms"), cols.seg(k)) for k in LATENCIES}
 
 
-def goodput(cols: Columns) -> stats.Estimate:
+def goodput(cols: Columns, level: float = stats.LEVEL) -> stats.Estimate:
     """The share of measured requests within every SLO, in send order, with its block interval
     (the SLO's TTFT series sets the block length)."""
-    return ts.share(cols.good_flags, proxy=cols.slo_ttft_ms, segments=cols.seg("n"))
+    return ts.share(cols.good_flags, level, proxy=cols.slo_ttft_ms, segments=cols.seg("n"))
+
+
+def look_level(max_looks: int) -> float:
+    """The interval level for each look of an SLO test repeated on pooled data up to
+    ``max_looks`` times (a knee probe measured again while undecided): a pass needs the whole
+    interval under the limit, a one-sided test at (1 - level) / 2, so Bonferroni over the looks
+    (``stats.look_alpha``) keeps the chance of any false pass at most 5 %. Never below the
+    single look's ``stats.LEVEL``."""
+    return max(stats.LEVEL, 1 - 2 * stats.look_alpha(max_looks))
 
 
 def slo_verdict(cols: Columns, slo: SLOConfig, good: stats.Estimate | None = None,
-                ttft_p: stats.Estimate | None = None) -> SLOVerdict:
+                ttft_p: stats.Estimate | None = None, level: float = stats.LEVEL) -> SLOVerdict:
     """TTFT p<ttft_percentile> <= ttft_ms and goodput >= min_goodput, each decided by its block
-    interval (pass: all of it on the right side; fail: all on the wrong side)."""
+    interval at ``level`` (pass: all of it on the right side; fail: all on the wrong side)."""
     ttft = None
     if slo.ttft_ms is not None:  # a failed request never showed a first token: over the limit
-        est = ttft_p or ts.percentile(cols.slo_ttft_ms, slo.ttft_percentile, segments=cols.seg("n"))
+        est = ttft_p or ts.percentile(cols.slo_ttft_ms, slo.ttft_percentile, level, segments=cols.seg("n"))
         ttft = ts.within(est, slo.ttft_ms)
-    return SLOVerdict.of(ttft, ts.at_least(good or goodput(cols), slo.min_goodput))
+    return SLOVerdict.of(ttft, ts.at_least(good or goodput(cols, level), slo.min_goodput))
 
 
 def step_summary(variant: str, label: str, rate: float, records: list[Record], slo: SLOConfig,

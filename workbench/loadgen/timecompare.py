@@ -112,7 +112,15 @@ def drift_spread(values: Sequence[float], lo: Sequence[float | None], hi: Sequen
     def root(target: float) -> float:
         if qgen(0.0) <= target:
             return 0.0
+        # qgen falls towards 0 as t2 grows; widen the bracket until it straddles the target
+        # (blocks with tiny intervals put the root far above var(y): brentq needs a sign change)
         hi_t2 = float(np.var(y) * 100 + 1)
+        for _ in range(60):
+            if qgen(hi_t2) <= target:
+                break
+            hi_t2 *= 10
+        else:
+            return hi_t2
         return float(optimize.brentq(lambda t2: qgen(t2) - target, 0.0, hi_t2))
 
     a = (1 - level) / 2

@@ -9,22 +9,20 @@ a request (requests in one step are autocorrelated: docs/reference.md). Drift is
 spread over the blocks of one load point, with an interval over blocks; it is reported, and the
 paired comparisons carry it in their own block-to-block variance: there is no pass/fail gate.
 
-``block_medians`` picks the per-block numbers; the interval over blocks is ``drift_spread`` /
-``compare_arms`` (``summary.drift_spread`` / ``summary.compare_arms`` when loadstats' are there).
+``block_medians`` picks the per-block numbers; the statistics over blocks are
+``workbench/loadgen/timecompare.py``'s (paired t on block log-ratios, Cochran's Q for the spread).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 
-import numpy as np
-from scipy import stats as sps
 
 from workbench import stats
 from workbench.config import LoadtestConfig
-from workbench.loadgen import summary
+from workbench.loadgen import summary, timecompare
+from workbench.loadgen import timestats as ts
 from workbench.loadgen.knee import KneeResult
 from workbench.loadtest.arms import gateway_arm
 from workbench.loadtest.report import STAGE, VARIANT, point_label, workload_fingerprint
@@ -34,59 +32,57 @@ log = logging.getLogger(__name__)
 METRICS = ("ttft", "e2el")
 
 
-def block_medians(cfg: LoadtestConfig, done: list, arm: str) -> dict[tuple, dict[int, dict[str, float]]]:
-    """{(rate, concurrency): {block: {"ttft": median ms, "e2el": median ms}}} of ``arm``'s steps
-    that reached steady state or could not tell (a step shown unsteady measures a ramp)."""
-    out: dict[tuple, dict[int, dict[str, float]]] = defaultdict(dict)
+DRIFT_TOLERANCE = 0.1  # the control may move 10 % between blocks before its spread counts as drift
+
+
+def block_medians(cfg: LoadtestConfig, done: list, arm: str) -> dict[tuple, dict[int, dict[str, stats.Estimate]]]:
+    """{(rate, concurrency): {block: {"ttft": median, "e2el": median}}} of ``arm``'s steps that
+    reached steady state or could not tell (a step shown unsteady measures a ramp); each median
+    with its block-bootstrap interval over the step's requests in send order."""
+    out: dict[tuple, dict[int, dict[str, stats.Estimate]]] = defaultdict(dict)
     for d in done:
         if d.arm.variant != arm or d.result.steady_reached is False:
             continue
         cols = summary.columns(d.result.records, cfg.slo)
-        meds = {k: float(np.median(getattr(cols, f"{k}_ms"))) for k in METRICS if getattr(cols, f"{k}_ms").size}
+        meds = {k: ts.percentile(getattr(cols, f"{k}_ms"), 50, segments=cols.seg(k))
+                for k in METRICS if getattr(cols, f"{k}_ms").size}
         if meds:
             out[(d.result.rate, d.result.concurrency)][d.block] = meds
     return out
 
 
-def _log_t(logs: list[float], level: float = stats.LEVEL) -> stats.Estimate:
-    """A geometric mean ratio with its t interval over blocks (on the log scale)."""
-    x = np.asarray(logs, float)
-    if x.size == 0:
-        return stats.Estimate(value=None, n=0, method="t over blocks (log ratio)", note="no paired blocks")
-    m = float(x.mean())
-    if x.size < 2:
-        return stats.Estimate(value=math.exp(m), n=1, method="t over blocks (log ratio)", note="one block: no interval")
-    sem = float(sps.sem(x))
-    lo, hi = (m, m) if sem == 0 else sps.t.interval(level, x.size - 1, loc=m, scale=sem)
-    return stats.Estimate(value=math.exp(m), lo=math.exp(lo), hi=math.exp(hi), n=int(x.size),
-                          method="t over blocks (log ratio)")
-
-
-def drift_spread(per_block: dict[int, dict[str, float]]) -> dict:
-    """The control's spread over blocks at one load point: per metric, each block's median over
-    the first block's (the run's drift as a ratio, with a t interval over blocks), and max/min."""
+def drift_spread(per_block: dict[int, dict[str, stats.Estimate]]) -> dict:
+    """The control's spread over blocks at one load point, per metric: each block's median, the
+    max/min ratio, the later blocks over the first (a t interval over blocks) and the spread test
+    (``timecompare.drift_spread``: Cochran's Q on the block medians, between-block SD)."""
     blocks = sorted(per_block)
-    out = {"blocks": blocks}
+    out: dict = {"blocks": blocks}
     for k in METRICS:
-        vals = [per_block[b][k] for b in blocks if k in per_block[b]]
-        if len(vals) < 2 or vals[0] <= 0:
+        ests = [per_block[b][k] for b in blocks if k in per_block[b] and per_block[b][k].value]
+        if len(ests) < 2:
             out[k] = None
             continue
-        later = [math.log(v / vals[0]) for v in vals[1:] if v > 0]
+        vals = [e.value for e in ests]
+        later = timecompare.compare_arms(vals[1:], [vals[0]] * (len(vals) - 1))
+        spread = timecompare.drift_spread(vals, [e.lo for e in ests], [e.hi for e in ests], DRIFT_TOLERANCE)
         out[k] = {"per_block_ms": vals, "max_over_min": max(vals) / min(vals),
-                  "later_over_first": _log_t(later).model_dump(mode="json")}
+                  "later_over_first": later.diff.model_dump(mode="json"),
+                  "spread": spread.model_dump(mode="json")}
     return out
 
 
-def compare_arms(arm: dict[int, dict[str, float]], control: dict[int, dict[str, float]]) -> dict:
+def compare_arms(arm: dict[int, dict[str, stats.Estimate]], control: dict[int, dict[str, stats.Estimate]]) -> dict:
     """An arm against the control at one load point, paired by block: per metric, the geometric
-    mean over blocks of (arm median / control median in that block), with its t interval."""
+    mean over blocks of (arm median / control median in that block), with its t interval
+    (``timecompare.compare_arms``)."""
     shared = sorted(set(arm) & set(control))
-    out = {"blocks": shared}
+    out: dict = {"blocks": shared}
     for k in METRICS:
-        logs = [math.log(arm[b][k] / control[b][k]) for b in shared
-                if k in arm[b] and k in control[b] and arm[b][k] > 0 and control[b][k] > 0]
-        out[f"{k}_over_control"] = _log_t(logs).model_dump(mode="json")
+        pairs = [(arm[b][k].value, control[b][k].value) for b in shared if k in arm[b] and k in control[b]]
+        pairs = [(x, y) for x, y in pairs if x and y and x > 0 and y > 0]
+        cmp = timecompare.compare_arms([x for x, _ in pairs], [y for _, y in pairs])
+        out[f"{k}_over_control"] = cmp.diff.model_dump(mode="json")
+        out[f"{k}_p_value"] = cmp.p_value
     return out
 
 
@@ -101,10 +97,14 @@ def drift_report(cfg: LoadtestConfig, done: list, names: list[str]) -> dict | No
         return {"control": control, "points": {}, "verdict": f"the control ({control}) was not measured in two "
                 "blocks at one load point: no drift estimate"}
     spans = [p["ttft"]["max_over_min"] for p in points.values() if p.get("ttft")]
+    drifted = any(p[k]["spread"]["drifted"] for p in points.values() for k in METRICS if p.get(k))
     verdict = (f"the control ({control}) across the run's blocks: TTFT p50 varied by up to "
                f"{max(spans):.2f}x between blocks at one load point" if spans else
                f"the control ({control}): no TTFT to compare across blocks")
-    return {"control": control, "points": points, "verdict": verdict}
+    if drifted:
+        verdict += (f"; more than sampling noise and more than {DRIFT_TOLERANCE:.0%} (Cochran's Q): the "
+                    "arms' comparisons are paired within blocks, which cancels a drift they share")
+    return {"control": control, "points": points, "verdict": verdict, "drifted": drifted}
 
 
 def paired_report(cfg: LoadtestConfig, done: list, names: list[str]) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from workbench import stats
 from workbench.config import LoadtestConfig
 from workbench.loadgen import summary, workloads
 from workbench.loadgen.client import make_session, run_async
@@ -68,7 +69,10 @@ def outcome(cfg: LoadtestConfig, result: StepResult, pooled: summary.Columns) ->
     """What the plan learns from a step: the SLO verdict over the point's requests so far, whether
     this step reached steady state, its goodput."""
     steady = True if result.steady_state is None else result.steady_reached  # None: not judged (no detector)
-    return Outcome(verdict=summary.slo_verdict(pooled, cfg.slo).overall, steady=steady,
+    # A knee probe is judged again on its pooled requests while undecided (up to max_repeats
+    # looks): each look at a wider interval, so that a p99 at the limit passes <= 5 % (issue 28).
+    level = summary.look_level(cfg.knee.max_repeats) if cfg.mode == "knee" else stats.LEVEL
+    return Outcome(verdict=summary.slo_verdict(pooled, cfg.slo, level=level).overall, steady=steady,
                    goodput_fraction=result.metrics.get("goodput_fraction", 0.0))
 
 
