@@ -193,6 +193,40 @@ class KneeConfig(Section):
     low_load_requests: int = Field(default=64, ge=1)  # measured requests of that step (plus warm-up)
 
 
+class SteadyStateConfig(Section):
+    """When a load step counts as steady, and how long a step must be to get there
+    (workbench/loadgen/steady.py). Sized for the CPU default: SmolLM2-135M on 2 cores answers a
+    short chat in 0.4-1.5 s (E2E p50; results/cpu-avx512), so a window is 5-15 s and a step of the
+    ~30-step CPU sweep stays near 20 s. A GPU profile at hundreds of req/s raises max_window_s."""
+
+    # Measured window >= window_factor x E2E p50 (issue 27): ten lifetimes make the ramp at either
+    # end a tenth of the window and give the in-flight trend test room to see a slope.
+    window_factor: float = Field(default=10, gt=0)
+    min_window_s: float = Field(default=5, gt=0)
+    max_window_s: float = Field(default=30, gt=0)  # also caps the warm-up
+    # Warm-up = warmup_factor x E2E p50 (at least min_warmup_s): an open queue reaches its
+    # stationary in-flight count within a few lifetimes; arrivals before that are discarded.
+    warmup_factor: float = Field(default=3, ge=0)
+    min_warmup_s: float = Field(default=1, ge=0)
+    # Steady: departures >= (1 - completion_tolerance) x arrivals over the window, and no upward
+    # trend in flight (one-sided HAC test at trend_alpha, and a rise of >= 1 request and >=
+    # completion_tolerance of the mean in flight). alpha 0.01: the test runs on every step of a
+    # sweep, so a 5 % test would call one stable step in twenty a backlog.
+    completion_tolerance: float = Field(default=0.1, gt=0, lt=1)
+    trend_alpha: float = Field(default=0.01, gt=0, lt=0.5)
+    # The window must hold this many request lifetimes (E2E p50) and arrivals, or the step is
+    # reported not steady without testing: it measured a ramp, or too little to tell.
+    min_window_lifetimes: float = Field(default=3, gt=0)
+    min_requests: int = Field(default=8, ge=2)
+
+    @model_validator(mode="after")
+    def _window_bounds(self) -> "SteadyStateConfig":
+        if self.min_window_s > self.max_window_s:
+            raise ValueError(f"steady_state.min_window_s ({self.min_window_s}) exceeds max_window_s "
+                             f"({self.max_window_s})")
+        return self
+
+
 class LoadtestConfig(Section):
     """An open-loop load test: a sweep of arrival rates against one OpenAI-compatible endpoint."""
 
@@ -255,6 +289,7 @@ class LoadtestConfig(Section):
     timeout_s: float = Field(default=120, gt=0)  # per request; a timeout is a failed record
     seed: int = 0  # arrival times and prompt order
     slo: SLOConfig = SLOConfig()
+    steady_state: SteadyStateConfig = SteadyStateConfig()  # each step's steady-state test and sizing
     scrape_metrics: bool = True  # server /metrics before/after each step (absent: skipped)
     sample_interval_s: float = Field(default=0.5, gt=0)  # utilization / KV-cache sampling
     out_dir: str = "runs/loadtest"  # raw records, tables and plots: <out_dir>/<variant>/
