@@ -90,7 +90,13 @@ class ServerConfig(Section):
     python: str | None = None  # interpreter that runs vLLM; default: this one
     dtype: ComputeDtype = "auto"
     max_model_len: int = 2048
-    max_num_seqs: int | None = None
+    # vLLM's admission cap: sequences scheduled at once; the rest wait (vllm:num_requests_waiting).
+    # Stated here, never left to vLLM, whose own default depends on the device it finds (0.32:
+    # 128 per CPU worker, 256 on GPUs under 70 GiB, 1024 on H100/H200 - where results/gpu-2's
+    # knee sat on it; vllm/engine/arg_utils.py get_batch_defaults). 256: a batch that keeps a
+    # GPU's decode busy for a small model and is never reached on 2 CPU cores. Recorded in every
+    # load-test step (server_max_num_seqs) so "admission cap" can be named as a step's limit.
+    max_num_seqs: int = Field(default=256, ge=1)
     kv_cache_gib: int = Field(default=2, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # CUDA only
     tensor_parallel_size: int = Field(default=1, ge=1)
