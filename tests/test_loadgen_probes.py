@@ -25,6 +25,13 @@ def test_client_lag_is_named_first_with_its_numbers():
     assert lim.name == "client" and "send lag p99 180 ms" in lim.evidence and "99 % of a core" in lim.evidence
 
 
+def test_closed_loop_slot_waits_are_not_client_lag_but_a_pegged_client_is():
+    m = {**SATURATED, "send_lag_ms_p99": 900, "cpu_busiest_pct_client": 30, "gpu_util_pct_mean": 97}
+    assert limit(m, 0.8).name == "client"
+    assert str(limit(m, 0.8, closed_loop=True)) == "GPU: 97 % busy (mean)"
+    assert limit({**m, "cpu_busiest_pct_client": 99}, 0.8, closed_loop=True).name == "client"
+
+
 def test_a_step_that_kept_up_says_none_with_its_headroom():
     m = {"goodput_fraction": 1.0, "server_running_mean": 3.2, "server_running_max": 6, "server_max_num_seqs": 256,
          "server_kv_cache_usage_frac_max": 0.02, "host_cpu_busy_cores_mean": 1.1, "host_cpus": 2}

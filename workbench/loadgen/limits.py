@@ -7,7 +7,9 @@ The rules, in order (the first that holds names the limit):
 
 1. **client**: send lag p99 > 10 ms. Requests left late, so whatever came after was measured at
    a lower offered load than planned; nothing behind it can be judged. (10 ms: one asyncio timer
-   tick is < 1 ms here, and a server step of SmolLM2 on a GPU is ~5-50 ms.)
+   tick is < 1 ms here, and a server step of SmolLM2 on a GPU is ~5-50 ms.) In a closed-loop
+   step (fixed concurrency) a request waits for a free slot by design, so lag is no evidence
+   there; the load-generator process at >= 90 % of a core is.
 2. **none**: the step kept up - goodput >= the SLO's ``min_goodput`` and, when the steady-state
    verdict is given, steady. The evidence shows the headroom (running vs cap, KV, host cores).
 3. **admission cap**: vLLM ran ``max_num_seqs`` sequences (in >= half the samples, or at the
@@ -67,14 +69,17 @@ def _server_state(m: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def limit(m: dict[str, float], min_goodput: float, steady=None) -> Limit:
+def limit(m: dict[str, float], min_goodput: float, steady=None, closed_loop: bool = False) -> Limit:
     """The rules of the module docstring. ``min_goodput``: the SLO's (``loadtest.slo``);
-    ``steady``: the step's ``steady.SteadyState`` (or anything with ``reached``), if judged."""
+    ``steady``: the step's ``steady.SteadyState`` (or anything with ``reached``), if judged;
+    ``closed_loop``: a fixed-concurrency step, whose send lag is its slot wait."""
     lag = m.get("send_lag_ms_p99", 0.0)
-    if lag > SEND_LAG_MS:
-        client = m.get("cpu_busiest_pct_client")
+    client = m.get("cpu_busiest_pct_client")
+    if lag > SEND_LAG_MS and not closed_loop:
         return Limit(name="client", evidence=f"send lag p99 {lag:.0f} ms (max {_f(m.get('send_lag_ms_max'))} ms)"
                      + (f"; load-generator process at {client:.0f} % of a core" if client is not None else ""))
+    if closed_loop and client is not None and client >= BUSY:
+        return Limit(name="client", evidence=f"load-generator process at {client:.0f} % of a core")
     goodput = m.get("goodput_fraction", 1.0)
     steady_ok = steady is None or bool(getattr(steady, "reached", steady))
     if goodput >= min_goodput and steady_ok:
@@ -114,6 +119,6 @@ def limit(m: dict[str, float], min_goodput: float, steady=None) -> Limit:
     return Limit(name="undetermined", evidence="no part pegged; " + (_server_state(m) or "no server metrics"))
 
 
-def limiting_factor(m: dict[str, float], min_goodput: float, steady=None) -> str:
+def limiting_factor(m: dict[str, float], min_goodput: float, steady=None, closed_loop: bool = False) -> str:
     """``limit`` as one line, "name: evidence" (what StepResult.limited_by holds)."""
-    return str(limit(m, min_goodput, steady))
+    return str(limit(m, min_goodput, steady, closed_loop))
