@@ -32,6 +32,14 @@ def test_closed_loop_slot_waits_are_not_client_lag_but_a_pegged_client_is():
     assert limit({**m, "cpu_busiest_pct_client": 99}, 0.8, closed_loop=True).name == "client"
 
 
+def test_late_sends_on_a_saturated_host_name_the_host_not_the_client():
+    # measured on vLLM-CPU (2 cores) at 6 req/s: the generator at 8 % of a core, every core busy
+    m = {**SATURATED, "send_lag_ms_p99": 625, "cpu_busiest_pct_client": 8, "host_cpu_busy_cores_mean": 2.0,
+         "host_cpus": 2}
+    assert str(limit(m, 0.8)).startswith("host CPU: 2.0 of 2 cores busy (mean); the client's sends lagged")
+    assert limit({**m, "cpu_busiest_pct_client": 99}, 0.8).name == "client"
+
+
 def test_a_step_that_kept_up_says_none_with_its_headroom():
     m = {"goodput_fraction": 1.0, "server_running_mean": 3.2, "server_running_max": 6, "server_max_num_seqs": 256,
          "server_kv_cache_usage_frac_max": 0.02, "host_cpu_busy_cores_mean": 1.1, "host_cpus": 2}
