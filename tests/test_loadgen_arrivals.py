@@ -90,8 +90,9 @@ def test_jsonl_line_without_prompt_names_the_line(tmp_path):
 
 
 def test_synthetic_prompts_have_the_requested_word_count():
-    specs = workloads.load(WorkloadConfig(kind="synthetic", path=None, input_tokens=40, output_tokens=7,
-                                          max_tokens=None), np.random.default_rng(0))
+    w = workloads.load(WorkloadConfig(kind="synthetic", path=None, input_tokens=40, output_tokens=7,
+                                      max_tokens=None), np.random.default_rng(0))
+    specs = workloads.sample(w, 300, np.random.default_rng(1))
     assert all(len(s.prompt.split()) == 40 and s.max_tokens == 7 for s in specs)
     assert len({s.prompt for s in specs}) == len(specs)
 
@@ -111,7 +112,7 @@ def test_smoke_workload_is_labelled_and_loads_forty_conversations():
     path = ROOT / "data/workloads/smoke.sharegpt.json"
     doc = json.loads(path.read_text(encoding="utf-8"))
     assert "written for LLM Workbench" in doc["README"]
-    specs = workloads.load(WorkloadConfig(path=str(path)), np.random.default_rng(0))
+    specs = workloads.load(WorkloadConfig(kind="sharegpt", path=str(path), max_tokens=32), np.random.default_rng(0))
     assert len(specs) == 40
     assert any("\u4e00" <= ch <= "\u9fff" for s in specs for ch in s.prompt)
     assert all(1 <= s.max_tokens <= 32 for s in specs)

@@ -141,10 +141,10 @@ def test_limiting_factor_blames_the_client_first_then_the_pegged_server_part():
     assert limiting_factor({"goodput_fraction": 1.0}).startswith("none")
     saturated = {"goodput_fraction": 0.4, "server_queue_ms_p99": 900}
     assert limiting_factor({**saturated, "cpu_busiest_pct_api_server": 99,
-                            "gpu_util_pct_mean": 95}).startswith("server front-end")
-    assert limiting_factor({**saturated, "cpu_busiest_pct_api_server": 40, "gpu_util_pct_mean": 95}) == "gpu"
+                            "gpu_util_pct_mean": 95}).startswith("API front-end")
+    assert limiting_factor({**saturated, "cpu_busiest_pct_api_server": 40, "gpu_util_pct_mean": 95}) == "GPU: 95 % busy (mean)"
     assert limiting_factor({**saturated, "cpu_busiest_pct_engine_core": 100,
-                            "gpu_util_pct_mean": 30}).startswith("engine core CPU")
+                            "gpu_util_pct_mean": 30}).startswith("engine core: ")
     assert limiting_factor({**saturated, "cpu_busiest_pct_engine_core": 45,
                             "gpu_util_pct_mean": 3}).startswith("engine core starved")
     assert limiting_factor({**saturated, "cpu_busiest_pct_worker": 97,  # vLLM-CPU: no GPU samples

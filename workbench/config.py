@@ -90,7 +90,13 @@ class ServerConfig(Section):
     python: str | None = None  # interpreter that runs vLLM; default: this one
     dtype: ComputeDtype = "auto"
     max_model_len: int = 2048
-    max_num_seqs: int | None = None
+    # vLLM's admission cap: sequences scheduled at once; the rest wait (vllm:num_requests_waiting).
+    # Stated here, never left to vLLM, whose own default depends on the device it finds (0.32:
+    # 128 per CPU worker, 256 on GPUs under 70 GiB, 1024 on H100/H200 - where results/gpu-2's
+    # knee sat on it; vllm/engine/arg_utils.py get_batch_defaults). 256: a batch that keeps a
+    # GPU's decode busy for a small model and is never reached on 2 CPU cores. Recorded in every
+    # load-test step (server_max_num_seqs) so "admission cap" can be named as a step's limit.
+    max_num_seqs: int = Field(default=256, ge=1)
     kv_cache_gib: int = Field(default=2, ge=1)  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # CUDA only
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -145,19 +151,48 @@ class ServeConfig(Section):
 
 
 class WorkloadConfig(Section):
-    """What the load test sends. See workbench/loadgen/workloads.py for the formats."""
+    """What the load test sends. See workbench/loadgen/workloads.py (file formats) and
+    workbench/loadgen/synth.py (generated kinds, with the sources of their length statistics)."""
 
-    # sharegpt: [{"conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}] - first human
-    # turn is the prompt, the gpt reply's approximate token count the output target;
-    # jsonl: one {"prompt": ..., "max_tokens": ...} per line; synthetic: generated prompts.
-    kind: Literal["sharegpt", "jsonl", "synthetic"] = "sharegpt"
-    path: str | None = "data/workloads/smoke.sharegpt.json"  # sharegpt / jsonl only
+    # sharegpt-shaped: generated chat, ShareGPT's prompt / reply length distributions, a unique
+    # prompt per request; shared-prefix: the same with a preamble shared by groups of requests;
+    # long-context: prompts of long_context_tokens; synthetic: fixed lengths (unique prompts too);
+    # sharegpt: a ShareGPT JSON file (first human turn -> prompt, the gpt reply sets the target);
+    # jsonl: one {"prompt": ..., "max_tokens": ...} per line.
+    kind: Literal["sharegpt-shaped", "shared-prefix", "long-context", "synthetic", "sharegpt",
+                  "jsonl"] = "sharegpt-shaped"
+    path: str | None = None  # sharegpt / jsonl only, e.g. data/workloads/smoke.sharegpt.json
+    # Generated kinds: every request its own prompt, so the prefix cache serves no repeats
+    # (issue 27, finding 3). False: a pool of 256 prompts re-sampled, the cache's easy case.
+    unique: bool = True
+    # ShareGPT means (vLLM paper, SOSP 2023, section 6.1); the log-normal shape and its sigmas
+    # are an assumption (synth.py). length_scale multiplies both means: 0.1 on the CPU default,
+    # where SmolLM2-135M on 2 cores writes ~80 tokens/s for one stream; 1.0 on a GPU.
+    prompt_mean_tokens: float = Field(default=161.31, gt=0)
+    prompt_sigma: float = Field(default=1.0, ge=0)
+    reply_mean_tokens: float = Field(default=337.99, gt=0)
+    reply_sigma: float = Field(default=0.8, ge=0)
+    length_scale: float = Field(default=0.1, gt=0)
+    max_input_tokens: int | None = Field(default=1024, ge=4)  # cap on generated prompts (CPU: 2,048 context)
+    prefix_tokens: int = Field(default=256, ge=1)  # shared-prefix: the shared preamble's length
+    prefix_group_size: int = Field(default=8, ge=1)  # shared-prefix: consecutive requests sharing one
+    # long-context: prompt tokens per request. The issue's GPU case is 32,000; 1,536 fits the CPU
+    # default's 2,048-token context with room for the chat template and a reply.
+    long_context_tokens: int = Field(default=1536, ge=4)
     input_tokens: int = Field(default=64, ge=1)  # synthetic only (~1 word per token)
     output_tokens: int = Field(default=32, ge=1)  # synthetic only
-    # Cap on every request's output tokens (None: the workload's own target). 32 keeps a step of
-    # the CPU default short: SmolLM2-135M on 2 cores writes ~80 tokens/s for one stream.
-    max_tokens: int | None = Field(default=32, ge=1)
-    ignore_eos: bool = False  # vLLM extension: generate exactly the target length
+    # Cap on every request's output tokens (None: the workload's own target). 64 keeps a CPU step
+    # short and cuts only the tail of the scaled reply distribution (~12 % of replies).
+    max_tokens: int | None = Field(default=64, ge=1)
+    # vLLM extension: generate exactly the target length. On by default: the reply lengths are the
+    # workload's, so every arm does the same work (a variant that stops early is not faster).
+    ignore_eos: bool = True
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> "WorkloadConfig":
+        if self.kind in ("sharegpt", "jsonl") and not self.path:
+            raise ValueError(f"workload kind {self.kind!r} reads a file: set workload.path")
+        return self
 
 
 class SLOConfig(Section):
@@ -323,6 +358,20 @@ class LoadtestConfig(Section):
     # host's {workers: 4, limits: {backend: redis, redis_url: ...}} once one gateway process is the
     # limit (pipelines/gpu/params-gateway-redis.yaml). Checked against the gateway's own schema.
     gateway_overrides: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _long_context_fits_the_server(self) -> "LoadtestConfig":
+        """A managed server refuses a prompt longer than its context: say so before starting it.
+        64 tokens of margin for the chat template around the prompt."""
+        w = self.workload
+        if self.base_url is None and w.kind == "long-context":
+            need = w.long_context_tokens + (w.max_tokens or 0) + 64
+            if need > self.server.max_model_len:
+                raise ValueError(
+                    f"workload.long_context_tokens ({w.long_context_tokens}) + workload.max_tokens "
+                    f"({w.max_tokens}) + 64 for the chat template exceed the server's max_model_len "
+                    f"({self.server.max_model_len}): lower one or raise serve.chat.max_model_len")
+        return self
 
     @field_validator("server_overrides")
     @classmethod

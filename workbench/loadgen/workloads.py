@@ -1,12 +1,17 @@
 """Workloads: the prompts a load test sends, each with its output-token target.
 
-A registry keyed by format name (``WORKLOADS``), each ``load(cfg, rng) -> list[RequestSpec]``:
+    specs = load(cfg.workload, np.random.default_rng(cfg.seed))   # once per run
+    step = sample(specs, n, np.random.default_rng([seed, step, repeat]))   # each step's n requests
+
+A registry keyed by kind (``WORKLOADS``), each ``load(cfg, rng) -> Workload``. Generated kinds
+(``sharegpt-shaped`` - the default -, ``shared-prefix``, ``long-context``, ``synthetic``; see
+workbench/loadgen/synth.py) make a unique prompt for every request of a step from the step's
+generator; file kinds return their prompts, re-sampled by ``sample``:
 
 - ``sharegpt``: a JSON list of ``{"conversations": [{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}, ...]}`` (or ``{"data": [...]}``). The first human turn is the
   prompt; the gpt turn after it sets the output target, as vLLM's ShareGPT sampler does.
 - ``jsonl``: one ``{"prompt": ..., "max_tokens": ...}`` per line (``max_tokens`` optional).
-- ``synthetic``: prompts of ``input_tokens`` words and a target of ``output_tokens``.
 
 Token counts are APPROXIMATE, because the load generator loads no tokenizer (it must start in
 milliseconds and know nothing of the model): one token per CJK character, 4/3 per other word
@@ -25,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from workbench.config import WorkloadConfig
+from workbench.loadgen import synth
 
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 # Short common words: each is one token in the Llama / GPT-2 / SmolLM BPE vocabularies.
@@ -95,36 +101,33 @@ def _jsonl(cfg: WorkloadConfig, rng: np.random.Generator) -> list[RequestSpec]:
     return specs
 
 
-def _synthetic(cfg: WorkloadConfig, rng: np.random.Generator) -> list[RequestSpec]:
-    # 256 distinct prompts, different from their first word on, so no prefix cache serves them.
-    out = []
-    for _ in range(256):
-        words = rng.choice(len(_WORDS), size=cfg.input_tokens)
-        out.append(RequestSpec(" ".join(_WORDS[w] for w in words), _cap(cfg.output_tokens, cfg),
-                               cfg.input_tokens))
-    return out
-
-
 def _path(cfg: WorkloadConfig) -> str:
     if not cfg.path:
         raise ValueError(f"workload kind {cfg.kind!r} needs a path")
     return cfg.path
 
 
-WORKLOADS: dict[str, Callable[[WorkloadConfig, np.random.Generator], list[RequestSpec]]] = {
-    "sharegpt": _sharegpt, "jsonl": _jsonl, "synthetic": _synthetic,
+Workload = list[RequestSpec] | synth.Generated
+
+WORKLOADS: dict[str, Callable[[WorkloadConfig, np.random.Generator], Workload]] = {
+    "sharegpt": _sharegpt, "jsonl": _jsonl, "sharegpt-shaped": synth.load, "shared-prefix": synth.load,
+    "long-context": synth.load, "synthetic": synth.load,
 }
 
 
-def load(cfg: WorkloadConfig, rng: np.random.Generator) -> list[RequestSpec]:
+def load(cfg: WorkloadConfig, rng: np.random.Generator) -> Workload:
     specs = WORKLOADS[cfg.kind](cfg, rng)
-    if not specs:
+    if not isinstance(specs, synth.Generated) and not specs:
         raise ValueError(f"workload {cfg.kind} {cfg.path or ''} holds no usable prompts")
     return specs
 
 
-def sample(specs: list[RequestSpec], n: int, rng: np.random.Generator) -> list[RequestSpec]:
-    """``n`` requests: a shuffled pass over the workload, repeated as often as needed."""
+def sample(specs: Workload, n: int, rng: np.random.Generator) -> list[RequestSpec]:
+    """A step's ``n`` requests, deterministic in ``rng``'s state (seed it by (seed, step, repeat)
+    and every arm at that step gets the same requests). A generated workload makes ``n`` new
+    prompts; a file's prompts are shuffled and repeated as often as needed."""
+    if isinstance(specs, synth.Generated):
+        return specs.draw(n, rng)
     out: list[RequestSpec] = []
     while len(out) < n:
         out.extend(specs[i] for i in rng.permutation(len(specs)))

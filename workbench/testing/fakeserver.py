@@ -7,7 +7,9 @@ For tests and benchmarks only: no model is behind it, and nothing in the pipelin
 Serves /v1/models, /v1/chat/completions and /v1/completions (SSE with ``stream_options.
 include_usage`` like vLLM: a role-only first chat chunk, one chunk per token, a finish chunk, a
 usage chunk with ``choices: []``, then ``[DONE]``; or one JSON body), /v1/embeddings, /health and
-a tiny Prometheus /metrics with vLLM's TTFT histogram and KV-cache gauge names. Every reply has
+a tiny Prometheus /metrics with vLLM's names for the TTFT histogram, the running / waiting /
+KV-cache gauges and the preemption and prefix-cache counters (a prompt seen before counts as
+all hits: a crude prefix cache, enough to tell repeated prompts from unique ones). Every reply has
 ``min(max_tokens, output_tokens)`` tokens. ``--fail-every N`` answers every Nth request with 503.
 
 It is the target of the load generator's unit tests and of benchmarks/loadgen_peers.py at
@@ -95,6 +97,10 @@ class Fake:
         self.running = 0
         self.ttft_counts = [0] * len(TTFT_BUCKETS)
         self.ttft_sum = 0.0
+        self.waiting = 0
+        self.prefix_queries = 0  # prompt tokens looked up, as vllm:prefix_cache_queries counts them
+        self.prefix_hits = 0
+        self._seen: set[str] = set()
         self._slots: asyncio.Semaphore | None = None
 
     def app(self) -> web.Application:
@@ -124,6 +130,11 @@ class Fake:
     async def metrics(self, request: web.Request) -> web.Response:
         m = f'model_name="{self.opts.model}"'
         lines = ["# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{m}}} {self.running}",
+                 "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{m}}} {self.waiting}",
+                 "# TYPE vllm:num_preemptions counter", f"vllm:num_preemptions_total{{{m}}} 0",
+                 "# TYPE vllm:prefix_cache_queries counter",
+                 f"vllm:prefix_cache_queries_total{{{m}}} {self.prefix_queries}",
+                 "# TYPE vllm:prefix_cache_hits counter", f"vllm:prefix_cache_hits_total{{{m}}} {self.prefix_hits}",
                  "# TYPE vllm:kv_cache_usage_perc gauge",
                  f"vllm:kv_cache_usage_perc{{{m}}} {min(1.0, self.running / 100):.4f}",
                  "# TYPE vllm:request_success counter", f"vllm:request_success_total{{{m}}} {self.requests}",
@@ -146,8 +157,15 @@ class Fake:
         t0 = time.perf_counter()  # queueing counts towards TTFT, as in a real server
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.opts.max_running)
-        async with self._slots:
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
             return await self._generate(kind, request, t0)
+        finally:
+            self._slots.release()
 
     async def _generate(self, kind: str, request: web.Request, t0: float) -> web.StreamResponse:
         body = _loads(await request.read())
@@ -159,6 +177,12 @@ class Fake:
         prompt = body.get("prompt") if kind == "completions" else " ".join(
             str(m.get("content", "")) for m in body.get("messages", ()))
         usage = _usage(max(1, len(str(prompt).split())), n)
+        self.prefix_queries += usage["prompt_tokens"]
+        key = str(prompt)
+        if key in self._seen:
+            self.prefix_hits += usage["prompt_tokens"]
+        elif len(self._seen) < 100_000:
+            self._seen.add(key)
         self.running += 1
         try:
             if not body.get("stream"):
