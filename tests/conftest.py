@@ -110,3 +110,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tmp_path_factory):
+    """A real llama.cpp server (workbench.llamacpp) on the embedded default's GGUF, for the session."""
+    from workbench.config import LlamaCppConfig
+    from workbench.llamacpp import LlamaCppServer
+
+    log = tmp_path_factory.mktemp("logs") / "llamacpp.log"
+    with LlamaCppServer(LlamaCppConfig(served_name="smollm2-gguf"), log_path=log) as server:
+        yield server

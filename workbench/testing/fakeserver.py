@@ -8,7 +8,8 @@ Serves /v1/models, /v1/chat/completions and /v1/completions (SSE with ``stream_o
 include_usage`` like vLLM: a role-only first chat chunk, one chunk per token, a finish chunk, a
 usage chunk with ``choices: []``, then ``[DONE]``; or one JSON body), /v1/embeddings, /health and
 a tiny Prometheus /metrics with vLLM's TTFT histogram and KV-cache gauge names. Every reply has
-``min(max_tokens, output_tokens)`` tokens. ``--fail-every N`` answers every Nth request with 503.
+``min(max_tokens, output_tokens)`` tokens, or with ``answers`` the next of those texts (non-streamed
+chat). ``--fail-every N`` answers every Nth request with 503; ``api_key`` makes it ask for a key.
 
 It is the target of the load generator's unit tests and of benchmarks/loadgen_peers.py at
 1,000 req/s, so the per-request work is small: chunk bytes are built once per reply length.
@@ -59,6 +60,10 @@ class FakeOptions:
     # as TTFT: a server with a capacity of max_running / service time, so a load test sees a knee.
     max_running: int = 0
     embedding_dim: int = 8
+    # Non-streamed chat replies, in turn (the i-th reply is answers[i % len]), instead of "tok tok ...":
+    # a stand-in for a model answering multiple-choice questions ("B", "The answer is C.", "Paris").
+    answers: tuple[str, ...] = ()
+    api_key: str | None = None  # when set, a request without "Authorization: Bearer <key>" gets 401
 
 
 def _sse(obj: dict) -> bytes:
@@ -97,6 +102,7 @@ class Fake:
         self.ttft_counts = [0] * len(TTFT_BUCKETS)
         self.ttft_sum = 0.0
         self._slots: asyncio.Semaphore | None = None
+        self.answered = 0  # chat replies taken from opts.answers
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -142,6 +148,8 @@ class Fake:
         return bool(self.opts.fail_every) and self.requests % self.opts.fail_every == 0
 
     async def generate(self, kind: str, request: web.Request) -> web.StreamResponse:
+        if self.opts.api_key and request.headers.get("Authorization") != f"Bearer {self.opts.api_key}":
+            return web.Response(status=401, text='{"error":"bad key"}', content_type="application/json")
         if not self.opts.max_running:
             return await self._generate(kind, request, time.perf_counter())
         t0 = time.perf_counter()  # queueing counts towards TTFT, as in a real server
@@ -166,6 +174,9 @@ class Fake:
                 if o.ttft_ms or o.itl_ms:
                     await asyncio.sleep((o.ttft_ms + o.itl_ms * (n - 1)) / 1000)
                 text = TOKEN * n
+                if kind == "chat" and o.answers:
+                    text = o.answers[self.answered % len(o.answers)]
+                    self.answered += 1
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                            "finish_reason": "length"} if kind == "chat" else
                           {"index": 0, "text": text, "finish_reason": "length"})
