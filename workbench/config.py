@@ -474,6 +474,39 @@ class QuantizeConfig(Section):
         return self
 
 
+class PriceConfig(Section):
+    """What one arm costs (workbench/cost.py), one of two kinds:
+
+    - self-hosted (a workbench variant on vLLM, llama.cpp, a gateway arm): ``per_gpu_hour`` times
+      ``gpus``, paid whether the machine is busy or not (a CPU-only machine: its hourly price as
+      ``per_gpu_hour`` with ``gpus: 1``);
+    - hosted (a URL arm): ``per_million_input_tokens`` and ``per_million_output_tokens``, paid per
+      token whatever the rate.
+
+    Prices are the provider's list prices in ``currency``; nothing here converts currencies."""
+
+    per_gpu_hour: float | None = Field(default=None, ge=0)
+    gpus: int = Field(default=1, ge=1)  # GPUs the arm holds (tensor x pipeline x data parallel)
+    per_million_input_tokens: float | None = Field(default=None, ge=0)
+    per_million_output_tokens: float | None = Field(default=None, ge=0)
+    currency: str = "USD"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "PriceConfig":
+        hosted = (self.per_million_input_tokens, self.per_million_output_tokens)
+        if self.per_gpu_hour is None and None in hosted:
+            raise ValueError("a price is per_gpu_hour (self-hosted) or both per_million_input_tokens and "
+                             "per_million_output_tokens (hosted)")
+        if self.per_gpu_hour is not None and any(v is not None for v in hosted):
+            raise ValueError("per_gpu_hour and per-token prices both set: an arm is self-hosted or hosted, "
+                             "not both")
+        return self
+
+    @property
+    def kind(self) -> Literal["self-hosted", "hosted"]:
+        return "self-hosted" if self.per_gpu_hour is not None else "hosted"
+
+
 class ReportConfig(Section):
     """What the report compares and how it decides (all thresholds here, none in code)."""
 
@@ -489,6 +522,9 @@ class ReportConfig(Section):
     # (quantize.check.broken_ppl_ratio), and the report reads that verdict (workbench/recommend.py).
     # Sizes within this share of the smallest are a tie (a few % of metadata is not a saving).
     size_tie_pct: float = Field(default=5.0, ge=0)
+    # What each compared arm costs, keyed by arm name (a variant, "<variant>@gateway", a llama.cpp or
+    # URL arm's name); an arm without a price has no cost figure. {}: costs are not reported.
+    prices: dict[str, PriceConfig] = {}
 
 
 class ShardConfig(Section):
