@@ -124,7 +124,8 @@ def _chat(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
     from workbench.evaluate import chat
 
     key = chat.api_key(cfg.chat.api_key_env)  # a missing variable fails before any server starts
-    root, model, info = chat.open_endpoint(cfg, stack)
+    root, model, info, server_key = chat.open_endpoint(cfg, stack)
+    key = key or server_key
     args = {
         "base_url": f"{root}/v1/chat/completions",
         "model": model,
@@ -134,7 +135,9 @@ def _chat(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
         "timeout": cfg.chat.timeout_s,
         "seed": cfg.seed,
     }
-    unavailable = chat.prompt_logprobs_unavailable(f"{root}/v1", model, key)
+    # Asked only when perplexity is wanted: one request, never sent to a hosted API for nothing.
+    unavailable = (chat.prompt_logprobs_unavailable(f"{root}/v1", model, key) if cfg.perplexity.enabled
+                   else "not asked (evaluate.perplexity.enabled: false)")
     info.update(served_name=model, api_key_env=cfg.chat.api_key_env,
                 prompt_logprobs=unavailable or "available")
     # Set even without a key: a key of the caller's environment is never sent to another endpoint.

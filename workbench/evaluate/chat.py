@@ -91,16 +91,16 @@ def prompt_logprobs_unavailable(base_url: str, model: str, key: str | None = Non
     return None
 
 
-def open_endpoint(cfg: EvaluateConfig, stack: ExitStack) -> tuple[str, str, dict[str, Any]]:
-    """(root URL, model name, report info) of the chat endpoint: ``evaluate.chat.endpoint``, or a
-    server started on ``stack`` (stopped when the stage ends)."""
+def open_endpoint(cfg: EvaluateConfig, stack: ExitStack) -> tuple[str, str, dict[str, Any], str | None]:
+    """(root URL, model name, report info, the managed server's own key) of the chat endpoint:
+    ``evaluate.chat.endpoint``, or a server started on ``stack`` (stopped when the stage ends)."""
     c = cfg.chat
     if c.endpoint:
         if not c.model:
             raise ChatEndpointError("evaluate.chat.model: the model name to request is required with "
                                     "evaluate.chat.endpoint")
         root = endpoint_root(c.endpoint)
-        return root, c.model, {"endpoint": root, "engine": "external"}
+        return root, c.model, {"endpoint": root, "engine": "external"}, None
     if c.server == "llamacpp":
         from workbench.llamacpp import LlamaCppServer
 
@@ -111,9 +111,28 @@ def open_endpoint(cfg: EvaluateConfig, stack: ExitStack) -> tuple[str, str, dict
 
         server = stack.enter_context(VLLMServer(cfg.server.model_copy(update={"model_dir": cfg.model_path})))
         name, engine = server.cfg.model_name, "vLLM"
+    # the command without --api-key's value (evaluate.server.api_key), which the report must not carry
+    command = [a if prev != "--api-key" else "***" for prev, a in zip(["", *server.command()], server.command())]
     info = {"endpoint": server.root_url, "engine": engine, "model_file": server.label,
-            "server_startup_s": round(server.startup_s, 3), "server_command": " ".join(server.command())}
-    return server.root_url, c.model or name, info
+            "server_startup_s": round(server.startup_s, 3), "server_command": " ".join(command)}
+    return server.root_url, c.model or name, info, server.api_key
+
+
+def model_fingerprint(cfg: EvaluateConfig) -> dict[str, Any] | None:
+    """What a chat arm without a local model folder answers with, for the report's data
+    fingerprint: the endpoint and model name, or the GGUF file and its sha256; None: the variant's
+    folder (a managed vLLM) identifies it."""
+    from workbench.reports import sha256_file
+
+    c = cfg.chat
+    if c.endpoint:
+        return {"endpoint": endpoint_root(c.endpoint), "name": c.model}
+    if c.server == "llamacpp":
+        from workbench.llamacpp import model_path
+
+        gguf = model_path(c.llamacpp.model)
+        return {"gguf": str(gguf), "sha256": sha256_file(gguf) if gguf.is_file() else None}
+    return None
 
 
 def extraction_failures(records: list[dict]) -> dict[str, Any]:

@@ -362,12 +362,12 @@ def _run(cfg: EvaluateConfig) -> Report:
     from lm_eval.tasks import TaskManager
 
     model_dir = Path(cfg.model_path)
-    if model_dir.is_dir():
-        fingerprint: dict[str, Any] = {"model": {"path": str(model_dir), **tree_fingerprint(model_dir)}}
-    elif cfg.backend == "chat" and (cfg.chat.endpoint or cfg.chat.server == "llamacpp"):
-        # an endpoint or a GGUF arm has no model folder here: named by what answers
-        fingerprint = {"model": {"endpoint": cfg.chat.endpoint, "name": cfg.chat.model,
-                                 "gguf": None if cfg.chat.endpoint else cfg.chat.llamacpp.model}}
+    # An endpoint or GGUF (chat) arm is named by what answers; a model folder by its files.
+    answers = chat_eval.model_fingerprint(cfg) if cfg.backend == "chat" else None
+    if answers is not None:
+        fingerprint: dict[str, Any] = {"model": answers}
+    elif model_dir.is_dir():
+        fingerprint = {"model": {"path": str(model_dir), **tree_fingerprint(model_dir)}}
     else:
         raise FileNotFoundError(f"variant '{cfg.variant}': model folder {model_dir} does not exist")
     samples_dir = Path(cfg.work_dir) / cfg.variant
