@@ -197,3 +197,17 @@ def test_vllm_and_llamacpp_answer_the_same_questions_by_chat_and_pair(
         assert r.details["suites"]["mmlu"]["extraction_failures"]["questions"] == r.metrics["mmlu_n"]
     c = evaluate.paired(tmp_path / "runs/evaluate/vllm-chat", tmp_path / "runs/evaluate/llamacpp-chat", "mmlu")
     assert c.n == on_vllm.metrics["mmlu_n"]
+
+
+def test_fake_server_subprocess_takes_the_canned_answers_and_the_key():
+    import httpx
+
+    from workbench.testing.fakeserver import FakeServerProcess
+
+    with FakeServerProcess(answers=("B", "The answer is C."), api_key="k1") as fake:
+        url = f"{fake.base_url}/chat/completions"
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "?"}]}
+        assert httpx.post(url, json=body).status_code == 401
+        replies = [httpx.post(url, json=body, headers={"Authorization": "Bearer k1"}).json()
+                   ["choices"][0]["message"]["content"] for _ in range(3)]
+    assert replies == ["B", "The answer is C.", "B"]

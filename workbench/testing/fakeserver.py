@@ -292,7 +292,10 @@ class FakeServerProcess(LocalServer):
     def __enter__(self) -> "FakeServerProcess":
         args = [sys.executable, "-m", "workbench.testing.fakeserver", "--host", self.host, "--port", str(self.port)]
         for key, value in asdict(self.opts).items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            if key == "answers":
+                args += [a for text in value for a in ("--answer", text)]
+            elif value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         if wait_http_ok(f"{self.root_url}/health", 20, self.proc, interval_s=0.05, request_timeout_s=1):
             return self
@@ -319,9 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-running", type=int, default=d.max_running,
                    help="generations at once (0: unlimited); more queue, which shows as TTFT")
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--answer", action="append", default=[], help="a chat reply, in turn (repeat for more)")
+    p.add_argument("--api-key", default=None, help="ask for this key (401 without it)")
     a = p.parse_args(argv)
     opts = FakeOptions(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms, output_tokens=a.output_tokens, model=a.model,
-                       fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim)
+                       fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim,
+                       answers=tuple(a.answer), api_key=a.api_key)
     try:
         import uvloop
 
