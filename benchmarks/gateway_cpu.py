@@ -48,7 +48,8 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench.net import free_port as _free_port, stop, wait_http_ok  # noqa: E402
+from workbench.gateway.process import GatewayProcess  # noqa: E402
+from workbench.net import free_port as _free_port  # noqa: E402
 from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 from workbench.gateway.keys import hash_key  # noqa: E402
 
@@ -71,24 +72,19 @@ def gateway_config(upstream: str, tmp: Path, port: int, tag: str) -> Path:
     return path
 
 
-class GatewayProc:
+class GatewayProc(GatewayProcess):
+    """The gateway of the checkout at ``code_root`` (its own workbench/ first on PYTHONPATH)."""
+
     def __init__(self, config: Path, port: int, code_root: Path):
-        self.config, self.port, self.code_root = config, port, code_root
+        super().__init__(config, port, name=f"gateway from {code_root}", cwd=code_root,
+                         env={**os.environ, "PYTHONPATH": str(code_root)}, timeout_s=15, interval_s=0.05,
+                         grace_s=20)
+        self.code_root = code_root
 
     def __enter__(self) -> "GatewayProc":
-
-        env = {**os.environ, "PYTHONPATH": str(self.code_root)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.config)],
-                                     cwd=self.code_root, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL)
-        if wait_http_ok(f"http://127.0.0.1:{self.port}/health", 15, self.proc, interval_s=0.05):
-            self.ps = psutil.Process(self.proc.pid)
-            return self
-        self.__exit__()
-        raise RuntimeError(f"gateway from {self.code_root} did not start")
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc, grace_s=20)
+        super().__enter__()
+        self.ps = psutil.Process(self.proc.pid)
+        return self
 
 
 def cpu_s(p: psutil.Process) -> float:

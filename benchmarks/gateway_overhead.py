@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workbench.gateway.keys import hash_key  # noqa: E402
 from workbench.reports import cpu_info, provenance  # noqa: E402
-from workbench.net import free_port, stop, wait_http_ok  # noqa: E402
+from workbench.gateway.process import GatewayProcess  # noqa: E402
+from workbench.net import free_port  # noqa: E402
 from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 
 KEY = "wb-bench-key"
@@ -75,22 +75,14 @@ def gateway_config(profile: str, upstream: str, tmp: Path, port: int) -> Path:
     return path
 
 
-class Gateway:
+class Gateway(GatewayProcess):
     def __init__(self, config: Path, port: int):
-        self.config, self.port = config, port
+        super().__init__(config, port, cwd=ROOT, timeout_s=30, interval_s=0.05, grace_s=15)
 
     def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.config)],
-                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        if wait_http_ok(f"http://127.0.0.1:{self.port}/health", 30, self.proc, interval_s=0.05,
-                        request_timeout_s=1):
-            self.ps = psutil.Process(self.proc.pid)
-            return self
-        self.__exit__()
-        raise RuntimeError("gateway did not start")
-
-    def __exit__(self, *exc):
-        stop(self.proc, 15)
+        super().__enter__()
+        self.ps = psutil.Process(self.proc.pid)
+        return self
 
     def cpu_s(self) -> float:
         t = self.ps.cpu_times()

@@ -29,6 +29,7 @@ from workbench.gateway.app import Gateway
 from workbench.gateway.audit import COLUMNS, SCHEMA, AuditLog, export_jsonl, prune
 from workbench.gateway.config import load_config
 from workbench.gateway.keys import KeyStore, hash_key
+from workbench.gateway.process import GatewayProcess
 from workbench.gateway.server import GatewayServer
 from workbench.promscrape import parse, total
 from workbench.testing.fakeserver import FakeServer
@@ -251,15 +252,9 @@ def test_full_disk_fails_ready_and_fail_closed_refuses_requests(tmp_path):
     with FakeServer() as fake:
         conf = _config_file(tmp_path, port, fake.base_url, fail_closed=True, retry_s=0.1, min_free_mb=0,
                             journal_mode="delete", prompt="store")  # WAL would free space at each retry
-        proc = _start(conf, preexec_fn=limit_files)
-        try:
+        with GatewayProcess(conf, port, ready_path="/ready", env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=limit_files, log_path=tmp_path / "gateway.log"):
             base = f"http://127.0.0.1:{port}"
-            for _ in range(200):
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.05)
             body = {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 2000}]}
             statuses = []
             for _ in range(100):
@@ -275,9 +270,6 @@ def test_full_disk_fails_ready_and_fail_closed_refuses_requests(tmp_path):
             assert total(m, "workbench_gateway_audit_up") == 0
             assert total(m, "workbench_gateway_audit_backlog_rows") >= 1  # held for a retry, not lost
             assert httpx.get(base + "/health", timeout=5).status_code == 200  # alive, not ready
-        finally:
-            proc.terminate()
-            proc.communicate(timeout=30)
 
 
 def test_prompt_hash_is_an_hmac_files_are_private_and_rows_carry_the_client(tmp_path, monkeypatch):

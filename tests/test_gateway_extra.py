@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from workbench.gateway.process import GatewayProcess
 from workbench.net import free_port
 from workbench.testing.fakeserver import FakeServer
 
@@ -147,22 +148,10 @@ def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
         assert scraper.returncode == 0, scraper.stderr
         metrics_key = scraper.stdout.strip()
 
-        log = (tmp_path / "gateway.log").open("w")
-        gw = subprocess.Popen([str(python), "-m", "workbench.gateway", "--config", str(cfg)],
-                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            root = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                assert gw.poll() is None, f"gateway exited:\n{(tmp_path / 'gateway.log').read_text()}"
-                try:
-                    if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "gateway not ready after 60 s"
-                time.sleep(0.1)
+        with GatewayProcess(cfg, port, python=str(python), cwd=tmp_path, env=env,
+                            log_path=tmp_path / "gateway.log", grace_s=15) as gw:
             start_s = time.monotonic() - t0 - install_s
+            root = gw.root_url
 
             body = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
             anon = httpx.post(f"{root}/v1/chat/completions", json=body, timeout=30)
@@ -175,9 +164,5 @@ def test_gateway_extra_installs_without_vllm_and_serves(tmp_path):
             assert tenant.status_code == 403  # a tenant's key never reads other tenants' counters
             metrics = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {metrics_key}"}, timeout=10)
             assert 'workbench_gateway_requests_total{' in metrics.text
-        finally:
-            gw.terminate()
-            gw.wait(15)
-            log.close()
     print(f"gateway extra: install {install_s:.0f} s ({'uv' if UV else 'pip'}), "
           f"start {start_s:.1f} s")

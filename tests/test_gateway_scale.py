@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +17,8 @@ import pytest
 import yaml
 
 from gateway_helpers import AUTH, KEY, METRICS_AUTH, ROOT, make_cfg
-from workbench.net import free_port, wait_http_ok
+from workbench.gateway import process
+from workbench.net import free_port
 from workbench.testing.fakeserver import FakeServer, FakeServerProcess
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, UpstreamConfig, load_config
 from workbench.gateway.keys import KeyStore, hash_key
@@ -34,34 +30,6 @@ from workbench.promscrape import parse, total
 CHAT = {"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hello there"}]}
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server of our own on a free port (no persistence), for the whole session."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; ./setup.sh does it)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-
-
 _prefixes = iter(range(10**6))
 
 
@@ -70,31 +38,14 @@ def redis_limits(redis_url: str) -> dict:
     return {"backend": "redis", "redis_url": redis_url, "redis_prefix": f"t{next(_prefixes)}-{os.getpid()}:"}
 
 
-class GatewayProcess:
+class GatewayProcess(process.GatewayProcess):
     """``python -m workbench.gateway`` with a config file, ready (GET /health) on enter."""
 
     def __init__(self, cfg: GatewayConfig, tmp_path: Path, name: str = "gw"):
-        self.port = cfg.port if cfg.port != 8080 else free_port()
-        self.path = tmp_path / f"{name}.yaml"
-        self.path.write_text(yaml.safe_dump(cfg.model_copy(update={"port": self.port}).model_dump(mode="json")))
-        self.root_url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "workbench.gateway", "--config", str(self.path)],
-                                     cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        if wait_http_ok(self.root_url + "/health", 30, self.proc, interval_s=0.1):
-            return self
-        code = self.proc.poll()
-        self.__exit__()
-        raise RuntimeError(f"gateway exited with {code}" if code is not None else "gateway did not start")
-
-    def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        port = cfg.port if cfg.port != 8080 else free_port()
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_copy(update={"port": port}).model_dump(mode="json")))
+        super().__init__(path, port, name=f"gateway {name}", cwd=ROOT, timeout_s=30, grace_s=20)
 
     def chat(self) -> int:
         return httpx.post(self.root_url + "/v1/chat/completions", json=CHAT, headers=AUTH, timeout=30).status_code

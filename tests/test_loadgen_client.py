@@ -37,7 +37,10 @@ def test_generator_is_open_loop_when_server_is_slow():
     with FakeServer(ttft_ms=1000, output_tokens=2) as fake:
         recs = step(fake.base_url, offsets)
     lags = [r.send_s - r.scheduled_s for r in recs]
-    assert max(lags) < 0.05, lags  # each send on its schedule ...
+    # Each send on its schedule: typically a few ms; the max is bounded by half the server's 1 s
+    # TTFT, not 50 ms, since a loaded 2-core host can stall one send (a closed-loop client, the bug,
+    # waits the whole second, and the next line catches it exactly).
+    assert np.median(lags) < 0.05 and max(lags) < 0.5, lags
     assert max(r.send_s for r in recs) < min(r.first_token_s for r in recs)  # ... none waited for a reply
     assert all(r.success for r in recs)
     assert all(r.first_token_s - r.send_s >= 0.99 for r in recs)
@@ -47,7 +50,7 @@ def test_concurrency_cap_delays_sends_and_shows_as_lag():
     with FakeServer(ttft_ms=300, output_tokens=1) as fake:
         recs = step(fake.base_url, [0.0, 0.0, 0.0, 0.0], max_concurrency=2)
     lags = sorted(r.send_s - r.scheduled_s for r in recs)
-    assert lags[1] < 0.05 and lags[2] > 0.25
+    assert lags[1] < 0.2 and lags[2] > 0.25  # two sent at once (a host stall, not the 0.3 s reply), two after one
 
 
 def test_streamed_chat_record_carries_usage_chunks_and_times():
@@ -153,7 +156,7 @@ def test_refused_connection_is_a_connection_error_record():
 def test_slow_reply_past_the_timeout_is_a_timeout_record():
     with FakeServer(ttft_ms=2000) as fake:
         [r] = step(fake.base_url, [0.0], timeout_s=0.3)
-    assert r.error == "timeout" and r.end_s - r.send_s < 1.0
+    assert r.error == "timeout" and r.end_s - r.send_s < 1.5  # 0.3 s timeout, well before the 2 s reply
 
 
 def test_fake_server_metrics_read_like_vllms():
@@ -188,6 +191,12 @@ def test_steps_spread_over_processes_keep_one_schedule_ids_and_warmup():
     assert len({r.t0_unix for r in recs}) == 1  # one shared zero across the processes
     assert np.allclose([r.scheduled_s for r in recs], offsets, atol=1e-6)
     lags = [r.send_s - r.scheduled_s for r in recs]
-    assert -0.002 < min(lags) and max(lags) < 0.05, lags  # each process sent on the shared schedule
+    assert -0.002 < min(lags), lags  # none early
+    # Each process sent on the shared schedule. A share re-based wrongly is off as a whole (request
+    # i is process i % 3's; send times left on the process's own zero: all ~0.42 s late), which its
+    # median lag shows while a host stall of one send does not. Measured here at load average 5.7
+    # on 2 cores: medians 1-5 ms, max 2-20 ms over 8 runs (45 ms with no start delay at all).
+    assert all(np.median(lags[k::3]) < 0.05 for k in range(3)), lags
+    assert max(lags) < 0.25, lags
     assert all(0.015 < r.first_token_s - r.send_s < 0.5 for r in recs)
 

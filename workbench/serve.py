@@ -27,7 +27,8 @@ import psutil
 
 from workbench.config import ServeConfig, ServerConfig
 # ServerError, tail and _die_with_parent are imported from here by other stages and tests.
-from workbench.managed import ManagedServer, ServerError, _die_with_parent, tail  # noqa: F401
+from workbench.managed import ManagedServer, _die_with_parent  # noqa: F401
+from workbench.net import ServerError, tail  # noqa: F401
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"

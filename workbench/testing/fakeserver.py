@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from aiohttp import web
 
-from workbench.net import LocalServer, free_port, stop, wait_http_ok
+from workbench.net import LocalServer, ServerProcess, free_port
 
 try:
     import orjson
@@ -281,32 +280,19 @@ def fake_endpoints(monkeypatch, fakes: dict[str, FakeServer]) -> list[str]:
     return started
 
 
-class FakeServerProcess(LocalServer):
+class FakeServerProcess(ServerProcess):
     """The fake server as a subprocess (``python -m workbench.testing.fakeserver``), ready on enter."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, **opts):
         self.opts = FakeOptions(**opts)
-        self.host, self.port = host, port or free_port(host)
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "FakeServerProcess":
-        args = [sys.executable, "-m", "workbench.testing.fakeserver", "--host", self.host, "--port", str(self.port)]
+        port = port or free_port(host)
+        args = [sys.executable, "-m", "workbench.testing.fakeserver", "--host", host, "--port", str(port)]
         for key, value in asdict(self.opts).items():
             if key == "answers":
                 args += [a for text in value for a in ("--answer", text)]
             elif value is not None:
                 args += [f"--{key.replace('_', '-')}", str(value)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        if wait_http_ok(f"{self.root_url}/health", 20, self.proc, interval_s=0.05, request_timeout_s=1):
-            return self
-        code = self.proc.poll()
-        self.__exit__()
-        raise RuntimeError(f"fake server exited with {code}" if code is not None
-                           else "fake server not ready after 20 s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc:
-            stop(self.proc)
+        super().__init__(args, port, host=host, name="fake server", timeout_s=20, interval_s=0.05)
 
 
 def main(argv: list[str] | None = None) -> None:
