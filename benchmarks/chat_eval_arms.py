@@ -138,7 +138,7 @@ def main() -> None:
     for r in rows:
         r.pop("samples", None)
     settings = {"arms": args.arms, "limit": args.limit, "num_fewshot": args.num_fewshot,
-                "date": time.strftime("%Y-%m-%d"), "cpu": cpu_info(), "provenance": provenance(),
+                "date": time.strftime("%Y-%m-%d"), "cpu": cpu_info(), "provenance": provenance().model_dump(),
                 "command": " ".join(["python", "benchmarks/chat_eval_arms.py", *sys.argv[1:]])}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
