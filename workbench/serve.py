@@ -12,15 +12,12 @@ so the server always runs as ``python -m vllm.entrypoints.openai.api_server``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +26,9 @@ from typing import Any
 import psutil
 
 from workbench.config import ServeConfig, ServerConfig
-from workbench.net import LocalServer, ServerError, free_port, tail, wait_http_ok
+# ServerError, tail and _die_with_parent are imported from here by other stages and tests.
+from workbench.managed import ManagedServer, _die_with_parent  # noqa: F401
+from workbench.net import ServerError, tail  # noqa: F401
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -84,17 +83,6 @@ def resolve_dtype(requested: str, device: str, model_dir: str | Path | None = No
     return "auto"
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: new process group, and SIGTERM if our process dies.
-
-    Linux ties PR_SET_PDEATHSIG to the *thread* that started the child: a server started from a
-    worker thread is killed when that thread ends (``loadtest.start_endpoints`` keeps its threads
-    alive as long as the servers for this reason)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def api_server_count(cfg: ServerConfig, device: str, cpus: int | None = None) -> int | None:
@@ -186,59 +174,35 @@ def build_env(cfg: ServerConfig, device: str, base: dict[str, str] | None = None
     return env
 
 
-class VLLMServer(LocalServer):
+class VLLMServer(ManagedServer):
     """One vLLM OpenAI server process (and its engine workers) in its own process group."""
+
+    kind = "vLLM"
 
     def __init__(self, cfg: ServerConfig, log_path: Path | None = None):
         # served_name null outside params.yaml: the folder's name, so self.cfg names what is served
         self.cfg = cfg if cfg.served_name else cfg.model_copy(update={"served_name": cfg.model_name})
         self.device = detect_device() if cfg.device == "auto" else cfg.device
-        self.host = cfg.host
-        self.port = cfg.port or free_port(cfg.host)
-        self.log_path = Path(log_path) if log_path else Path(
-            tempfile.mkstemp(prefix=f"vllm-{cfg.model_name}-", suffix=".log")[1])
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
+        super().__init__(cfg.host, cfg.port, log_path, startup_timeout_s=cfg.startup_timeout_s,
+                         shutdown_grace_s=cfg.shutdown_grace_s, log_prefix=f"vllm-{cfg.model_name}")
 
     @property
     def api_key(self) -> str | None:
         return self.cfg.api_key
 
+    @property
+    def label(self) -> str:
+        return str(self.cfg.model_dir)
+
     def command(self) -> list[str]:
         return build_command(self.cfg, self.port, self.device)
 
-    def start(self) -> "VLLMServer":
-        if self.proc is not None:
-            raise RuntimeError("server already started")
-        cmd = self.command()
-        log.info("starting vLLM (%s): %s", self.device, " ".join(cmd))
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "ab")
-        self._t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=build_env(self.cfg, self.device), preexec_fn=_die_with_parent,
-        )
-        return self
+    def env(self) -> dict[str, str]:
+        return build_env(self.cfg, self.device)
 
-    def wait_ready(self, timeout_s: float | None = None) -> "VLLMServer":
-        timeout_s = timeout_s or self.cfg.startup_timeout_s
-
-        def note() -> None:  # a cold start on 2 cores takes minutes
-            log.info("waiting for vLLM (%s) ... %.0f s", self.cfg.model_name, time.perf_counter() - self._t0)
-
-        ready = wait_http_ok(f"{self.root_url}/health", timeout_s, self.proc, interval_s=0.5, progress=note)
-        if not ready:
-            code = self.proc.poll()
-            self.stop()
-            why = (f"vLLM exited with code {code} while starting {self.cfg.model_dir}" if code is not None
-                   else f"vLLM not ready after {timeout_s:.0f} s ({self.cfg.model_dir})")
-            raise ServerError(f"{why}.\n--- last lines of {self.log_path} ---\n{tail(self.log_path)}")
-        self.startup_s = time.perf_counter() - self._t0
-        log.info("vLLM %s ready at %s after %.1f s", self.cfg.model_name, self.base_url, self.startup_s)
+    def on_ready(self) -> None:
         if self.cfg.engine_core_nice is not None:
             self._renice_engine_core(self.cfg.engine_core_nice)
-        return self
 
     def _renice_engine_core(self, nice: int) -> None:
         """Give vLLM's engine-core process(es) (titled VLLM::EngineCore) scheduling priority ``nice``."""
@@ -256,49 +220,6 @@ class VLLMServer(LocalServer):
                             nice, p.pid)
             except psutil.Error:
                 continue
-
-    def stop(self) -> None:
-        """SIGTERM the whole process group, SIGKILL what is left after the grace period."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid  # setsid made the server its own group leader
-        for sig, wait in ((signal.SIGTERM, self.cfg.shutdown_grace_s), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.5)
-            if not _group_alive(pgid):
-                break
-        self.proc = None
-        self._log_file.close()
-
-    def __enter__(self) -> "VLLMServer":
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 SNIPPET = """\

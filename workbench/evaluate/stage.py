@@ -16,6 +16,7 @@ from typing import Any
 
 from workbench import compat, stats
 from workbench.config import EvaluateConfig
+from workbench.evaluate import chat as chat_eval
 from workbench.evaluate import sets
 from workbench.evaluate.backends import BACKENDS, Backend
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_report
@@ -27,7 +28,7 @@ PPL_METRICS = {"ppl_word": "word_perplexity", "ppl_byte": "byte_perplexity",
                "bits_per_byte": "bits_per_byte"}
 # Two reports measured the same thing when these agree (the folder's location may differ).
 SAME_DATA_KEYS = ("name", "sha256", "split", "limit", "num_fewshot", "questions", "documents",
-                  "chunk_words")
+                  "chunk_words", "scoring")  # scoring: "generative" (chat) or absent (log-likelihood)
 
 
 def _num(value: Any) -> float | None:
@@ -92,6 +93,10 @@ def _save_samples(out: dict, path: Path) -> None:
             for r in rows:
                 keep = {k: r.get(k) for k in ("doc_id", "doc_hash", "target", "acc", "acc_norm",
                                               "word_perplexity", "byte_perplexity", "filtered_resps", "doc")}
+                if "exact_match" in r:  # a generated answer (chat): right when the extracted letter is
+                    keep["acc"] = r["exact_match"]
+                    keep["resps"] = r.get("resps")  # the reply as the endpoint sent it
+                    keep["extracted"] = sets.INVALID not in (r.get("filtered_resps") or [])
                 f.write(json.dumps({"task": sets.strip_name(task), **keep}, default=str,
                                    ensure_ascii=False) + "\n")
 
@@ -233,11 +238,12 @@ def lm_eval_env(offline: bool) -> dict[str, str]:
 
 def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[sets.PreparedSuite, Any]]:
     prepared = []
+    generate = cfg.chat.max_tokens if cfg.backend == "chat" else None  # chat: a generated letter
     for key in ("mmlu", "ceval"):
         scfg = getattr(cfg, key)
         if scfg.enabled:
             prepared.append((sets.prepare_suite(sets.SUITES[key], scfg.data_dir,
-                                                scfg.subjects, include_dir), scfg))
+                                                scfg.subjects, include_dir, generate), scfg))
     if cfg.perplexity.enabled:
         prepared.append((sets.prepare_perplexity(cfg.perplexity.data_dir, include_dir,
                                                  cfg.perplexity.chunk_words), cfg.perplexity))
@@ -245,19 +251,22 @@ def _prepare(cfg: EvaluateConfig, include_dir: Path) -> list[tuple[sets.Prepared
 
 
 def _evaluate_suite(lm, p: sets.PreparedSuite, scfg, cfg: EvaluateConfig, task_manager,
-                    samples_dir: Path) -> dict:
-    """One lm-eval call for one suite; returns the parsed numbers with the data they came from."""
+                    samples_dir: Path, chat: bool = False) -> dict:
+    """One lm-eval call for one suite; returns the parsed numbers with the data they came from.
+    ``chat``: asked as chat messages (few-shot examples as earlier turns), answers generated."""
     import lm_eval
 
     fewshot = getattr(scfg, "num_fewshot", 0)
     log.info("evaluate %s: %s (%s), limit=%s, %d-shot", cfg.variant, p.key, p.source["name"],
              scfg.limit, fewshot)
     t0 = time.perf_counter()
+    as_chat = ({"apply_chat_template": True, "fewshot_as_multiturn": True,
+                "system_instruction": cfg.chat.system_instruction} if chat and p.key != "perplexity" else {})
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[p.task], num_fewshot=fewshot, limit=scfg.limit,
         task_manager=task_manager, log_samples=True, bootstrap_iters=1000,
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed, **as_chat,
     )
     seconds = round(time.perf_counter() - t0, 3)
     _save_samples(out, samples_dir / f"{p.key}.jsonl")
@@ -268,6 +277,11 @@ def _evaluate_suite(lm, p: sets.PreparedSuite, scfg, cfg: EvaluateConfig, task_m
         res["ppl_word_ci"] = stats.perplexity([d[0] for d in docs], [d[1] for d in docs], seed=cfg.seed,
                                               clusters=[d[2] for d in docs]).model_dump()
         res["pages"] = len({d[2] for d in docs})
+    elif p.source.get("scoring") == "generative":
+        res = chat_eval.as_accuracy(parse_mcq(p, out, sets.GENERATIVE_METRICS))
+        accuracy_intervals(res, question_records(samples_dir, p.key), p.key)
+        res["extraction_failures"] = chat_eval.extraction_failures(_records(samples_dir, p.key))
+        data["questions"] = res["overall"]["n"]
     else:
         res = parse_mcq(p, out, sets.SUITES[p.key].metrics)
         accuracy_intervals(res, question_records(samples_dir, p.key), p.key)
@@ -285,6 +299,8 @@ def _flat_metrics(key: str, res: dict) -> dict[str, float | None]:
         flat = {f"{key}_acc": overall["acc"], f"{key}_acc_stderr": overall["acc_stderr"],
                 f"{key}_acc_ci_lo": overall["acc_ci"]["lo"], f"{key}_acc_ci_hi": overall["acc_ci"]["hi"],
                 f"{key}_n": float(overall["n"])}
+        if "extraction_failures" in res:
+            flat[f"{key}_extraction_failures"] = float(res["extraction_failures"]["n"])
     return {**flat, f"{key}_eval_s": res["eval_s"]}
 
 
@@ -318,8 +334,8 @@ def _open_with_fallback(cfg: EvaluateConfig, stack) -> tuple[Backend, Any, dict 
     try:
         return (*_open(cfg.backend, cfg, stack), None)
     except Exception as err:
-        if cfg.fallback_backend in (None, cfg.backend):
-            raise
+        if cfg.fallback_backend in (None, cfg.backend) or cfg.backend == "chat":
+            raise  # a chat arm is scored through its endpoint or not at all
         reason = f"{type(err).__name__}: {err}"
         log.error("variant %s: %s could not run it; evaluating through %s instead. %s",
                   cfg.variant, cfg.backend, cfg.fallback_backend, reason[-1500:])
@@ -357,10 +373,15 @@ def _run(cfg: EvaluateConfig) -> Report:
     from lm_eval.tasks import TaskManager
 
     model_dir = Path(cfg.model_path)
-    if not model_dir.is_dir():
+    # An endpoint or GGUF (chat) arm is named by what answers; a model folder by its files.
+    answers = chat_eval.model_fingerprint(cfg) if cfg.backend == "chat" else None
+    if answers is not None:
+        fingerprint: dict[str, Any] = {"model": answers}
+    elif model_dir.is_dir():
+        fingerprint = {"model": {"path": str(model_dir), **tree_fingerprint(model_dir)}}
+    else:
         raise FileNotFoundError(f"variant '{cfg.variant}': model folder {model_dir} does not exist")
     samples_dir = Path(cfg.work_dir) / cfg.variant
-    fingerprint: dict[str, Any] = {"model": {"path": str(model_dir), **tree_fingerprint(model_dir)}}
     suites_out: dict[str, Any] = {}
     metrics: dict[str, float | None] = {}
     timings: dict[str, float] = {}
@@ -387,8 +408,16 @@ def _run(cfg: EvaluateConfig) -> Report:
             write_report(report)
             return report
         timings["backend_start_s"] = round(time.perf_counter() - t0, 3)
+        chat = backend.name == "chat"
         for p, scfg in prepared:
-            res = _evaluate_suite(lm, p, scfg, cfg, task_manager, samples_dir)
+            scorer = lm
+            if chat and p.key == "perplexity":
+                scorer = chat_eval.perplexity_scorer(cfg, backend, stack)
+                if isinstance(scorer, str):  # why not: said in the report, no number invented
+                    suites_out[p.key] = {"not_available": scorer, "data": p.source}
+                    log.warning("evaluate %s: perplexity %s", cfg.variant, scorer)
+                    continue
+            res = _evaluate_suite(scorer, p, scfg, cfg, task_manager, samples_dir, chat)
             suites_out[p.key] = res
             fingerprint[p.key] = res["data"]
             timings[f"{p.key}_s"] = res["eval_s"]
@@ -444,6 +473,9 @@ def summary(report: Report):
     deltas = report.details.get("vs_baseline", {}).get("deltas", {})
     rows = []
     for suite, res in report.details["suites"].items():
+        if "not_available" in res:  # e.g. perplexity from a chat API without prompt log-probs
+            rows.append({"suite": suite, "note": res["not_available"], "data": res["data"]["name"]})
+            continue
         if suite == "perplexity":
             values = {"ppl_word": res["ppl_word"], **_bounds(res.get("ppl_word_ci"), "ppl_word"),
                       **{k: res[k] for k in PPL_METRICS if k != "ppl_word"}, "n": res.get("documents")}

@@ -10,7 +10,8 @@ usage chunk with ``choices: []``, then ``[DONE]``; or one JSON body), /v1/embedd
 a tiny Prometheus /metrics with vLLM's names for the TTFT histogram, the running / waiting /
 KV-cache gauges and the preemption and prefix-cache counters (a prompt seen before counts as
 all hits: a crude prefix cache, enough to tell repeated prompts from unique ones). Every reply has
-``min(max_tokens, output_tokens)`` tokens. ``--fail-every N`` answers every Nth request with 503.
+``min(max_tokens, output_tokens)`` tokens, or with ``answers`` the next of those texts (non-streamed
+chat). ``--fail-every N`` answers every Nth request with 503; ``api_key`` makes it ask for a key.
 
 It is the target of the load generator's unit tests and of benchmarks/loadgen_peers.py at
 1,000 req/s, so the per-request work is small: chunk bytes are built once per reply length.
@@ -60,6 +61,10 @@ class FakeOptions:
     # as TTFT: a server with a capacity of max_running / service time, so a load test sees a knee.
     max_running: int = 0
     embedding_dim: int = 8
+    # Non-streamed chat replies, in turn (the i-th reply is answers[i % len]), instead of "tok tok ...":
+    # a stand-in for a model answering multiple-choice questions ("B", "The answer is C.", "Paris").
+    answers: tuple[str, ...] = ()
+    api_key: str | None = None  # when set, a request without "Authorization: Bearer <key>" gets 401
 
 
 def _sse(obj: dict) -> bytes:
@@ -102,6 +107,7 @@ class Fake:
         self.prefix_hits = 0
         self._seen: set[str] = set()
         self._slots: asyncio.Semaphore | None = None
+        self.answered = 0  # chat replies taken from opts.answers
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -152,6 +158,8 @@ class Fake:
         return bool(self.opts.fail_every) and self.requests % self.opts.fail_every == 0
 
     async def generate(self, kind: str, request: web.Request) -> web.StreamResponse:
+        if self.opts.api_key and request.headers.get("Authorization") != f"Bearer {self.opts.api_key}":
+            return web.Response(status=401, text='{"error":"bad key"}', content_type="application/json")
         if not self.opts.max_running:
             return await self._generate(kind, request, time.perf_counter())
         t0 = time.perf_counter()  # queueing counts towards TTFT, as in a real server
@@ -189,6 +197,9 @@ class Fake:
                 if o.ttft_ms or o.itl_ms:
                     await asyncio.sleep((o.ttft_ms + o.itl_ms * (n - 1)) / 1000)
                 text = TOKEN * n
+                if kind == "chat" and o.answers:
+                    text = o.answers[self.answered % len(o.answers)]
+                    self.answered += 1
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                            "finish_reason": "length"} if kind == "chat" else
                           {"index": 0, "text": text, "finish_reason": "length"})
@@ -301,7 +312,10 @@ class FakeServerProcess(ServerProcess):
         port = port or free_port(host)
         args = [sys.executable, "-m", "workbench.testing.fakeserver", "--host", host, "--port", str(port)]
         for key, value in asdict(self.opts).items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            if key == "answers":
+                args += [a for text in value for a in ("--answer", text)]
+            elif value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
         super().__init__(args, port, host=host, name="fake server", timeout_s=20, interval_s=0.05)
 
 
@@ -318,9 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-running", type=int, default=d.max_running,
                    help="generations at once (0: unlimited); more queue, which shows as TTFT")
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--answer", action="append", default=[], help="a chat reply, in turn (repeat for more)")
+    p.add_argument("--api-key", default=None, help="ask for this key (401 without it)")
     a = p.parse_args(argv)
     opts = FakeOptions(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms, output_tokens=a.output_tokens, model=a.model,
-                       fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim)
+                       fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim,
+                       answers=tuple(a.answer), api_key=a.api_key)
     try:
         import uvloop
 
