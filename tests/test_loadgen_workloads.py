@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 from workbench.config import LoadtestConfig, WorkloadConfig
 from workbench.loadgen import synth, workloads
-from workbench.loadgen.runner import step_requests
+from workbench.loadtest.step import step_requests
 
 GPU = dict(length_scale=1.0, max_input_tokens=None, max_tokens=None)  # the unscaled distributions
 

@@ -37,6 +37,7 @@ class Arm:
     target: Target
     root_url: str | None
     server_pid: int | None = None
+    max_num_seqs: int | None = None  # the managed server's admission cap (None: not ours, unknown)
 
 
 def gateway_arm(variant: str) -> str:
@@ -194,14 +195,15 @@ def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitSt
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model, Path(cfg.out_dir) / v))
             tgt = dataclasses.replace(tgt, base_url=gw_url, api_key=key)
             info = {**info, "via_gateway": gw_url}
-        infos[v] = info
-        arms.append(Arm(v, tgt, root_url, info.get("pid")))
+        cap = server_config(cfg, v).max_num_seqs if info.get("managed") else None
+        infos[v] = {**info, "max_num_seqs": cap} if cap else info
+        arms.append(Arm(v, tgt, root_url, info.get("pid"), cap))
         if v in via:  # a second arm on the same server, through its own gateway
             name = gateway_arm(v)
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model,
                                                                Path(cfg.out_dir) / name, tgt.api_key))
             infos[name] = {**info, "via_gateway": gw_url, "direct_arm": v}
             arms.append(Arm(name, dataclasses.replace(tgt, base_url=gw_url, api_key=key), root_url,
-                            info.get("pid")))
+                            info.get("pid"), cap))
     check_alive(arms, infos)
     return arms, infos, failed

@@ -32,7 +32,8 @@ from workbench.loadgen import arrivals, workloads
 from workbench.loadgen import steady
 from workbench.loadgen.client import Record, run_step
 from workbench.loadgen.metrics import errors_by_kind, step_metrics
-from workbench.loadgen.probes import StepProbe, limiting_factor
+from workbench.loadgen.limits import limiting_factor
+from workbench.loadgen.probes import StepProbe
 from workbench.loadgen.procs import run_step_processes
 from workbench.loadtest.arms import Arm
 from workbench.loadtest.plan import Point
@@ -47,7 +48,7 @@ class StepResult:
     records: list[Record]
     metrics: dict[str, float]  # client metrics + server / utilization probes, flat
     errors: dict[str, int] = field(default_factory=dict)
-    limited_by: str = ""  # probes.limiting_factor: client | server front-end | engine | gpu | none
+    limited_by: str = ""  # limits.limiting_factor: "name: evidence" (admission cap, KV cache, host CPU, ...)
     started_unix: float = 0.0
     concurrency: int | None = None  # a closed-loop step's requests in flight
     steady_state: dict | None = None  # steady.steady_state(...) of its measured records, as JSON
@@ -197,7 +198,7 @@ async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workl
                  if point.concurrency else f"{cfg.arrival} arrivals over {float(offsets[-1]):.1f} s")
     headers = {"Authorization": f"Bearer {arm.target.api_key}"} if arm.target.api_key else None
     probe = StepProbe(arm.root_url if cfg.scrape_metrics else None, cfg.sample_interval_s, headers,
-                      server_pid=arm.server_pid)
+                      server_pid=arm.server_pid, max_num_seqs=arm.max_num_seqs)
     await asyncio.to_thread(probe.start)  # the before-scrape, outside the timed window
     started = time.time()
     try:
@@ -224,7 +225,8 @@ async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workl
     if point.concurrency:  # closed loop: a send waits for a free slot by design, not a late client
         for key in [k for k in m if k.startswith("send_lag_ms")]:
             m[key.replace("send_lag", "slot_wait")] = m.pop(key)
-    result.limited_by = limiting_factor(m, cfg.slo.min_goodput)
+    result.limited_by = limiting_factor(m, cfg.slo.min_goodput, steady=judged,
+                                        closed_loop=point.concurrency is not None)
     log.info("%s step %s: achieved %.2f req/s, TTFT p50 %.0f ms p99 %.0f ms, E2EL p99 %.0f ms, "
              "goodput %.0f%%, errors %s, limited by %s; %s", arm.variant, label,
              m.get("achieved_req_per_s", float("nan")), m.get("ttft_ms_p50", float("nan")),
