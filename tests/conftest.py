@@ -222,3 +222,13 @@ def llamacpp_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "llamacpp.log"
     with LlamaCppServer(LlamaCppConfig(served_name="smollm2-gguf"), log_path=log) as server:
         yield server
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """A project folder holding the smoke workload, as the cwd (load-test tests; a module may
+    define its own ``in_tmp`` with more files)."""
+    (tmp_path / "data/workloads").mkdir(parents=True)
+    shutil.copy(ROOT / "data/workloads/smoke.sharegpt.json", tmp_path / "data/workloads")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

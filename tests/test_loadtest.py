@@ -25,14 +25,6 @@ def test_loadtest_imports_no_vllm_torch_or_lm_eval():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    (tmp_path / "data/workloads").mkdir(parents=True)
-    shutil.copy(ROOT / "data/workloads/smoke.sharegpt.json", tmp_path / "data/workloads")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_stage_writes_report_records_table_and_plots(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=8, model="fake", fail_every=7) as fake:
         cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[10, 40],

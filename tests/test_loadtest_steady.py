@@ -3,7 +3,6 @@ every step judged (workbench/loadgen/steady.py), and a step that did not reach s
 reported as a pass (workbench/loadtest/step.py, report.py)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,8 @@ from workbench import loadtest
 from workbench.config import KneeConfig, LoadtestConfig, SLOConfig, SteadyStateConfig
 from workbench.testing.fakeserver import FakeServer
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = SteadyStateConfig(window_factor=10, min_window_s=0.3, max_window_s=3, warmup_factor=3, min_warmup_s=0.1,
                          min_requests=8)
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    (tmp_path / "data/workloads").mkdir(parents=True)
-    shutil.copy(ROOT / "data/workloads/smoke.sharegpt.json", tmp_path / "data/workloads")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_window_is_sized_from_the_latency_seen_in_the_warm_up(in_tmp):
