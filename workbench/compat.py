@@ -80,7 +80,7 @@ INTERNALS: dict[str, Internal] = {i.name: i for i in (
              "an import string that each spawned worker resolves through workers.py's module __getattr__ (a "
              "protocol class made at run time cannot be pickled across the spawn)"),
     Internal("vllm_process_titles", VLLM,
-             ("workbench/serve.py", "workbench/loadgen/probes.py", "tests/conftest.py"), r"EngineCore|VLLM::",
+             ("workbench/serve.py", "workbench/loadgen/samplers.py", "tests/conftest.py"), r"EngineCore|VLLM::",
              "vLLM retitles its processes VLLM::EngineCore, VLLM::APIServer_N, VLLM::Worker (setproctitle); "
              "serve renices the engine core, the load test's CPU sampler splits CPU by role and the tests find "
              "leftover servers by these names"),

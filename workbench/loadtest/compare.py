@@ -35,6 +35,11 @@ METRICS = ("ttft", "e2el")
 DRIFT_TOLERANCE = 0.1  # the control may move 10 % between blocks before its spread counts as drift
 
 
+def over_blocks(cmp: stats.Comparison) -> dict:
+    """A block comparison's ratio as JSON, its method naming the unit (blocks, not requests)."""
+    return cmp.diff.model_copy(update={"method": f"t over blocks ({cmp.method})"}).model_dump(mode="json")
+
+
 def block_medians(cfg: LoadtestConfig, done: list, arm: str) -> dict[tuple, dict[int, dict[str, stats.Estimate]]]:
     """{(rate, concurrency): {block: {"ttft": median, "e2el": median}}} of ``arm``'s steps that
     reached steady state or could not tell (a step shown unsteady measures a ramp); each median
@@ -66,7 +71,7 @@ def drift_spread(per_block: dict[int, dict[str, stats.Estimate]]) -> dict:
         later = timecompare.compare_arms(vals[1:], [vals[0]] * (len(vals) - 1))
         spread = timecompare.drift_spread(vals, [e.lo for e in ests], [e.hi for e in ests], DRIFT_TOLERANCE)
         out[k] = {"per_block_ms": vals, "max_over_min": max(vals) / min(vals),
-                  "later_over_first": later.diff.model_dump(mode="json"),
+                  "later_over_first": over_blocks(later),
                   "spread": spread.model_dump(mode="json")}
     return out
 
@@ -81,7 +86,7 @@ def compare_arms(arm: dict[int, dict[str, stats.Estimate]], control: dict[int, d
         pairs = [(arm[b][k].value, control[b][k].value) for b in shared if k in arm[b] and k in control[b]]
         pairs = [(x, y) for x, y in pairs if x and y and x > 0 and y > 0]
         cmp = timecompare.compare_arms([x for x, _ in pairs], [y for _, y in pairs])
-        out[f"{k}_over_control"] = cmp.diff.model_dump(mode="json")
+        out[f"{k}_over_control"] = over_blocks(cmp)
         out[f"{k}_p_value"] = cmp.p_value
     return out
 
