@@ -618,3 +618,9 @@ def test_compare_samples_of_one_request_each_has_no_interval_and_empty_has_no_va
     assert c.diff.value == 2.0 and c.diff.lo is None and c.diff.hi is None and not c.significant
     assert stats.compare_samples([], [1.0]).diff.value is None
     assert stats.compare_samples([1.0, None], [None]).diff.value is None
+
+
+def test_paired_accuracy_interval_stays_within_minus_one_and_one_when_every_answer_differs():
+    # found by the property test above: 16 questions, a right on none, b right on all
+    c = stats.paired_accuracy([False] * 16, [True] * 16)
+    assert c.diff.value == -1.0 and -1.0 <= c.diff.lo <= c.diff.hi <= 1.0 and c.significant

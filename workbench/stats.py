@@ -253,7 +253,9 @@ def newcombe_paired(n11, n10, n01, n00, z) -> tuple[np.ndarray, np.ndarray]:
     d = pa - pb
     lo = d - np.sqrt(np.maximum((pa - la) ** 2 - 2 * phi * (pa - la) * (ub - pb) + (ub - pb) ** 2, 0))
     hi = d + np.sqrt(np.maximum((ua - pa) ** 2 - 2 * phi * (ua - pa) * (pb - lb) + (pb - lb) ** 2, 0))
-    return lo, hi
+    # a difference of shares lies in [-1, 1]; rounding put a bound at -1.0000000000000002 when
+    # every discordant answer went one way (0 of 16 against 16 of 16)
+    return np.clip(lo, -1.0, 1.0), np.clip(hi, -1.0, 1.0)
 
 
 # The p-value of a Newcombe interval: the smallest two-sided level at which it touches 0, found
