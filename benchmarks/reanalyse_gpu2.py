@@ -133,7 +133,7 @@ def markdown(res: dict) -> str:
 
 NOTE = ("With one step an arm, the after-comparison accounts for the dependence between requests within "
         "each step, not for the host moving between the steps (the drift control never ran in attempt-2); "
-        "only repeats in a counterbalanced order (`summary.compare_arms`) can. 40 requests cannot bound a "
+        "only repeats in a counterbalanced order (`loadtest/compare.py`, on `timecompare`) can. 40 requests cannot bound a "
         "p99 from above by either method.")
 
 

@@ -93,6 +93,8 @@ class ScriptedUpstream(_ThreadServer):
     """Replies with the given text pieces: one SSE event each (``delay_s`` apart) when streaming,
     joined in one chat completion otherwise. Records the request bodies it got."""
 
+    path = "/v1/chat/completions"  # the route it answers (a subclass may serve another)
+
     def __init__(self, pieces: list[str], model: str = "scripted", delay_s: float = 0.0):
         super().__init__()
         self.pieces, self.model, self.delay_s = pieces, model, delay_s
@@ -120,7 +122,7 @@ class ScriptedUpstream(_ThreadServer):
     def _serve(self):
         self.loop = asyncio.new_event_loop()
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post(self.path, self._chat)
         runner = web.AppRunner(app)
         self.loop.run_until_complete(runner.setup())
         self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())

@@ -63,17 +63,7 @@ def test_completion_logprobs_are_filtered_too(tmp_path):
         {"index": 0, "text": "".join(TOKENS), "logprobs": lp, "finish_reason": "stop"}]}).encode()
 
     class Completions(RawUpstream):
-        def _serve(self):
-            from aiohttp import web
-            import asyncio
-            self.loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_post("/v1/completions", self._chat)
-            runner = web.AppRunner(app)
-            self.loop.run_until_complete(runner.setup())
-            self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            self._ready.set()
-            self.loop.run_forever()
+        path = "/v1/completions"
 
     with Completions(body) as up, GatewayServer(make_cfg(tmp_path, {"raw": up.base_url},
                                                          filter={"action": "mask"})) as gw:

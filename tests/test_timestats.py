@@ -206,13 +206,22 @@ def test_compare_arms_pairs_blocks_so_that_drift_cancels():
     assert not unpaired.significant  # drift swamps the difference when blocks are not paired
 
 
-def test_compare_arms_on_step_summaries_pairs_by_repeat():
-    slo = SLOConfig()
-    mk = lambda v, r, lvl: summary.step_summary(v, "x", 1.0, [], slo, {}, cols=_cols(np.full(40, lvl)), repeat=r)  # noqa: E731
-    a = [mk("a", r, 110 * d) for r, d in enumerate((1.0, 1.5, 0.8))]
-    b = [mk("b", r, 100 * d) for r, d in reversed(list(enumerate((1.0, 1.5, 0.8))))]  # other order
-    c = summary.compare_arms(a, b)
-    assert c.diff.value == pytest.approx(1.1, rel=1e-6) and c.method == "paired t on block log-ratios"
+def _per_block(levels: dict[int, float]) -> dict[int, dict[str, stats.Estimate]]:
+    """loadtest.compare's per-block medians: {block: {metric: median with a ±2 % interval}}."""
+    return {b: {k: stats.Estimate(value=v, lo=v * 0.98, hi=v * 1.02) for k in ("ttft", "e2el")}
+            for b, v in levels.items()}
+
+
+def test_all_json_compares_arms_paired_by_block_whatever_order_they_ran_in():
+    from workbench.loadtest import compare
+
+    drift = {0: 1.0, 1: 1.5, 2: 0.8}  # the host moved between blocks: both arms alike
+    arm = _per_block({b: 110 * d for b, d in drift.items()})
+    control = _per_block({b: 100 * d for b, d in reversed(list(drift.items()))})
+    c = compare.compare_arms(arm, control)
+    assert c["blocks"] == [0, 1, 2]
+    assert c["ttft_over_control"]["value"] == pytest.approx(1.1, rel=1e-6)
+    assert c["ttft_over_control"]["method"] == "t over blocks (paired t on block log-ratios)"
 
 
 def test_drift_spread_flags_a_control_that_moved_beyond_noise_and_tolerance():
@@ -234,13 +243,13 @@ def test_noisy_blocks_do_not_count_as_drift():
     assert not tc.drift_spread(*zip(*wide)).drifted
 
 
-def test_summary_drift_spread_reads_each_blocks_median():
-    slo = SLOConfig()
-    steps = [summary.step_summary("a", "x", 5.0, [], slo, {}, cols=_cols(np.full(40, lvl) + np.arange(40) % 3),
-                                  repeat=r, position=10 * r) for r, lvl in enumerate((50, 50, 80))]
-    d = summary.drift_spread(steps, "ttft")
-    assert d.spread.blocks == 3 and d.spread.drifted and "drift" in d.verdict
-    assert [m.value for m in d.medians] == [s.latency["ttft"].at(50).value for s in steps]
+def test_all_json_drift_is_the_controls_spread_over_its_blocks():
+    from workbench.loadtest import compare
+
+    d = compare.drift_spread(_per_block({0: 50.0, 3: 50.0, 6: 80.0}))
+    assert d["blocks"] == [0, 3, 6] and d["ttft"]["per_block_ms"] == [50.0, 50.0, 80.0]
+    assert d["ttft"]["max_over_min"] == pytest.approx(1.6) and d["ttft"]["spread"]["drifted"]
+    assert d["ttft"]["spread"]["blocks"] == 3
 
 
 def test_ratio_of_two_estimates_is_a_z_test_on_logs():

@@ -20,8 +20,8 @@ Across repeats (``rate_summaries``) the point is the pooled value and the interv
 the block interval over every repeat's requests (blocks never cross from one step to the next)
 and, with 3 repeats or more, Student's t over the repeats' own values: the repeat is the unit that
 sees a host drifting between steps, and 2 repeats are too few to estimate that (t with 1 df).
-Comparisons between arms (``compare_arms``) and the drift of a control (``drift_spread``) take
-one summary per block (repeat), never the requests.
+Comparisons between arms and the drift of a control take one summary per block, never the
+requests: ``workbench/loadtest/compare.py`` on ``timecompare``'s statistics.
 """
 
 from __future__ import annotations
@@ -151,20 +151,6 @@ class DriftCheck(BaseModel):
     ttft: stats.Comparison  # end / start, ratio of medians
     e2el: stats.Comparison
     drifted: bool
-    verdict: str
-
-
-class DriftSpread(BaseModel):
-    """A control arm measured in every block of the run: its median latency per block, and the
-    spread across blocks (``timecompare.drift_spread``) with its interval."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    variant: str
-    offered_req_per_s: float
-    latency: str  # ttft | e2el
-    medians: list[stats.Estimate]  # one per block, in run order
-    spread: tc.Spread
     verdict: str
 
 
@@ -385,59 +371,17 @@ def compare_steps(a: Columns, b: Columns, latency: str = "ttft", pct: float = 50
     """One step (or pooled steps) of arm ``a`` against one of ``b``: the ratio of their p<pct>
     latencies, each with its block interval over its own requests (``timecompare.ratio_of``). It
     accounts for the autocorrelation within each step, not for a host that moved between them:
-    with repeats, compare them with ``compare_arms``."""
+    with repeats, compare them by block (``workbench/loadtest/compare.py``)."""
     return tc.ratio_of(ts.percentile(getattr(a, f"{latency}_ms"), pct, segments=a.seg(latency)),
                        ts.percentile(getattr(b, f"{latency}_ms"), pct, segments=b.seg(latency)))
-
-
-def compare_arms(a: list[StepSummary], b: list[StepSummary], latency: str = "ttft", pct: int = 50,
-                 paired: bool = True) -> stats.Comparison:
-    """Arm ``a`` over arm ``b`` at one rate, from one summary per block: each step's p<pct> latency.
-    ``paired``: the arms ran in the same blocks (the counterbalanced design), paired on ``block``
-    (``repeat`` for a report without blocks) so that a block's drift cancels (paired t on the
-    log-ratios); else Welch's t on the logs."""
-    if paired:
-        def key(s: StepSummary) -> int:
-            return s.block if s.block is not None else s.repeat
-
-        bb = {key(s): s for s in b}
-        common = [s for s in a if key(s) in bb]
-        xa = [s.latency[latency].at(pct).value for s in common]
-        xb = [bb[key(s)].latency[latency].at(pct).value for s in common]
-    else:
-        xa = [s.latency[latency].at(pct).value for s in a]
-        xb = [s.latency[latency].at(pct).value for s in b]
-    nan = float("nan")
-    return tc.compare_arms([nan if v is None else v for v in xa], [nan if v is None else v for v in xb],
-                           paired=paired)
-
-
-def drift_spread(controls: list[StepSummary], latency: str = "ttft", tolerance: float = 0.1) -> DriftSpread:
-    """The control arm's median ``latency`` in every block of the run (its steps, in run order):
-    the spread across blocks with its interval (``timecompare.drift_spread``), and whether it is
-    more than noise and more than ``tolerance``."""
-    steps = sorted(controls, key=lambda s: s.position)
-    meds = [s.latency[latency].at(50) for s in steps]
-    spread = tc.drift_spread([m.value if m.value else float("nan") for m in meds],
-                             [m.lo for m in meds], [m.hi for m in meds], tolerance=tolerance)
-    first = steps[0] if steps else None
-    name = f"{first.variant} at {first.offered_req_per_s:g} req/s" if first else "none"
-    sd = spread.sd_log.text(".3f") if spread.sd_log else "n/a"
-    ratio = f"{spread.ratio_max_min:.2f}" if spread.ratio_max_min else "n/a"
-    verdict = (f"drift: the control ({name}) moved across {spread.blocks} blocks more than its noise and "
-               f"more than {tolerance:.0%} ({latency.upper()} median max/min {ratio}, between-block SD of "
-               f"log {sd}, p = {spread.p_value:.2g})") if spread.drifted else (
-               f"no drift shown: the control ({name}) across {spread.blocks} blocks ({latency.upper()} "
-               f"median max/min {ratio}, between-block SD of log {sd})")
-    return DriftSpread(variant=first.variant if first else "", offered_req_per_s=first.offered_req_per_s if first else 0.0,
-                       latency=latency, medians=meds, spread=spread, verdict=verdict)
 
 
 def drift_check(start: StepSummary, start_cols: Columns, end_cols: Columns, tolerance: float = 0.1) -> DriftCheck:
     """Did the host drift between the control's first and last measurement? The end/start ratio
     of the median TTFT and E2EL, each median with its block interval over its step's requests
     (``compare_steps``): a significant change of more than ``tolerance`` (a share) in either is
-    drift. With a control in every block, ``drift_spread`` says more."""
+    drift. With a control in every block, ``loadtest.compare.drift_spread`` says more (the load
+    test uses that; this first/last check is kept for the benchmarks' old-vs-new comparison)."""
     ttft = compare_steps(end_cols, start_cols, "ttft")
     e2el = compare_steps(end_cols, start_cols, "e2el")
     drifted = any(c.significant and c.diff.value is not None and abs(c.diff.value - 1) > tolerance
