@@ -3,6 +3,8 @@ steady-state steps only, the concurrency mode (workbench/loadtest/plan.py)."""
 
 import math
 
+import pytest
+
 from workbench.config import KneeConfig, LoadtestConfig
 from workbench.loadtest.plan import Outcome, Point, block_order, effective_verdict, make_plan
 from workbench.stats import Verdict
@@ -115,3 +117,26 @@ def test_a_stopped_knee_plan_ends_each_search_with_its_bracket():
 
 def test_point_labels():
     assert Point(2.0).label == "rate_2" and Point(math.inf).label == "rate_inf" and Point(math.inf, 8).label == "conc_8"
+
+
+def test_knee_probes_are_judged_at_the_level_split_over_their_looks(monkeypatch):
+    # the executor, not only summary.look_level: a knee probe's verdict uses the split level,
+    # a sweep step the ordinary one (issue 28, finding 6)
+    from types import SimpleNamespace
+
+    from workbench import stats
+    from workbench.config import LoadtestConfig
+    from workbench.loadgen import summary
+    from workbench.loadtest import executor
+
+    seen = []
+
+    def verdict(cols, slo, level=stats.LEVEL):
+        seen.append(level)
+        return SimpleNamespace(overall=stats.Verdict.undecided)
+
+    monkeypatch.setattr(executor.summary, "slo_verdict", verdict)
+    step = SimpleNamespace(steady_state=None, steady_reached=None, metrics={})
+    executor.outcome(LoadtestConfig(mode="knee", knee={"max_repeats": 3}), step, None)
+    executor.outcome(LoadtestConfig(mode="sweep"), step, None)
+    assert seen == [pytest.approx(summary.look_level(3)), stats.LEVEL] and seen[0] > stats.LEVEL
