@@ -86,3 +86,16 @@ def test_multi_process_steps_are_sized_from_the_arms_previous_latency(in_tmp):
     lines = [json.loads(x) for x in Path(report.outputs["records_rate_20-r1"]).read_text().splitlines()]
     assert all(r["warmup"] == (r["scheduled_s"] < ss["warmup_s"]) for r in lines)
     assert second.requests > 6  # >= min_requests (8) arrivals in a window of 10 x p50
+
+
+def test_a_latency_sized_window_holds_min_requests_measured_arrivals_even_when_poisson_falls_short(in_tmp):
+    # sized from the rate, the window expects min_requests arrivals; Poisson sends fewer about half
+    # the time, and the verdict counts those that came (3 of an expected 8 was seen on the CPU)
+    with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") as fake:
+        cfg = LoadtestConfig(base_url=fake.base_url, model="fake", rates=[4], repeats=6, warmup_requests=1,
+                             seed=3, steady_state={"min_requests": 8, "min_window_s": 0.5, "window_factor": 1,
+                                                   "max_window_s": 20, "min_warmup_s": 0.2})
+        report = loadtest.run(cfg, variant="v1")
+    for s in report.details["steps"]:
+        measured = s["requests"]
+        assert measured >= 8, f"{s['label']}: {measured} measured requests, min_requests 8"

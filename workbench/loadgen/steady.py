@@ -7,7 +7,8 @@ an E2E p50 of 5.6 s grew in-flight requests through every step). Two tests, both
 
 1. **Flow balance.** Over the measured window [first, last measured send], departures (requests
    that ended in the window, whatever their outcome: a failed request has left the system too)
-   are at least ``1 - completion_tolerance`` of arrivals (sends in the window). By flow
+   fall short of arrivals (sends in the window) by at most ``completion_tolerance`` of them plus
+   the in-flight count's own noise (1 + 2 sqrt(2 x mean in flight)). By flow
    conservation departures = arrivals - (in-flight at the end - in-flight at the start), so a
    growing backlog shows here. Failures are counted and named in the reason; whether the
    requests were *good* is the SLO's business, not this test's.
@@ -165,15 +166,22 @@ def steady_state(records: list[Record], offered_req_per_s: float | None,
     balance = f"departures {len(ended)} of {len(in_window)} arrivals ({100 * ratio:.0f} %)"
     trend = f"in-flight slope {slope:+.3g}/s (95 % {lo:+.3g}..{hi:+.3g}, p={p:.2g}), mean {mean:.1f}"
     growing = p < cfg.trend_alpha and rise >= max(1.0, cfg.completion_tolerance * mean)
-    short = ratio < 1 - cfg.completion_tolerance
+    # arrivals - departures = in flight at the window's end - at its start (flow conservation).
+    # The window ends on a send, so a steady queue still leaves ~1 more in flight at the end, and
+    # two in-flight counts differ by about sqrt(2 L) (Poisson-like, L the mean in flight): allow
+    # that, 2 sds of it, before a shortfall beyond the tolerance counts ("8 of 9" at L = 0.1
+    # failed a plain 90 % bar on a server with nothing queued).
+    allowance = 1.0 + 2.0 * math.sqrt(2.0 * mean)
+    short = len(in_window) - len(ended) > cfg.completion_tolerance * len(in_window) + allowance
     if growing or short:
         why = []
         if growing:
             why.append(f"in-flight requests grew by {slope:.3g}/s ({rise:.1f} over the {window:.1f} s window; "
                        f"p={p:.2g}): a backlog is building")
         if short:
-            why.append(f"completions fell behind arrivals: {balance}, below "
-                       f"{100 * (1 - cfg.completion_tolerance):.0f} %")
+            why.append(f"completions fell behind arrivals: {balance}, short by more than "
+                       f"{100 * cfg.completion_tolerance:.0f} % of arrivals plus {allowance:.1f} (the "
+                       f"in-flight count's own noise)")
         return SteadyState(reached=False, window_s=window,
                            reason="not steady: " + "; ".join(why) + f" [{trend}]{fails}", **base)
     return SteadyState(reached=True, window_s=window, reason=f"steady: {balance}; {trend}{fails}", **base)
