@@ -9,7 +9,7 @@ from workbench.config import SteadyStateConfig
 from workbench.loadgen.client import Record
 from workbench.loadgen.steady import inflight_at, measure_window_s, steady_state, warmup_s
 
-CFG = SteadyStateConfig()
+CFG = SteadyStateConfig(min_requests=8, max_window_s=30)  # the short-step setting these cases are built on
 
 
 def queue(rate: float, service_s: float, duration_s: float, servers: int | None = None,

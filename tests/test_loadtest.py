@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from workbench import loadtest
-from workbench.config import ConfigError, LoadtestConfig, Params, WorkloadConfig, load_params
+from workbench.config import ConfigError, LoadtestConfig, Params, SLOConfig, SteadyStateConfig, WorkloadConfig, load_params
 from workbench.loadgen.knee import KneeResult
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
@@ -28,7 +28,9 @@ def test_loadtest_imports_no_vllm_torch_or_lm_eval():
 def test_stage_writes_report_records_table_and_plots(in_tmp):
     with FakeServer(ttft_ms=20, itl_ms=2, output_tokens=8, model="fake", fail_every=7) as fake:
         cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", rates=[10, 40],
-                             requests_per_step=12, warmup_requests=2, repeats=1, workload=WorkloadConfig(
+                             requests_per_step=12, warmup_requests=2, repeats=1,
+                             steady_state=SteadyStateConfig(min_requests=8), slo=SLOConfig(ttft_percentile=99),
+                             workload=WorkloadConfig(
                                  kind="sharegpt", path="data/workloads/smoke.sharegpt.json"))  # a file: fingerprinted
         report = loadtest.run(cfg, variant="v1")
     saved = read_report(in_tmp / "reports/loadtest/v1.json")
@@ -375,10 +377,11 @@ def test_track_without_mlflow_logs_nothing_and_raises_nothing(caplog):
 
 def test_default_loadtest_is_small_enough_for_two_cpu_cores():
     cfg = load_params(ROOT / "params.yaml").loadtest
-    assert max(cfg.rates) <= 2 and cfg.requests_per_step <= 15 and cfg.warmup_requests == 2
+    # one rate past the CPU's knee (4 req/s built a backlog on 2 cores), steps of ~40 requests
+    assert max(cfg.rates) <= 4 and cfg.steady_state.min_requests <= 40 and cfg.warmup_requests == 2
     # replies: a tenth of ShareGPT's (mean ~34 tokens, capped at 64): the old fixed 32-token cap's work
     assert cfg.workload.max_tokens <= 64 and cfg.workload.length_scale <= 0.1 and cfg.base_url is None
-    assert cfg.slo.ttft_ms == 300 and cfg.slo.e2el_ms == 1500
+    assert cfg.slo.ttft_ms == 300 and cfg.slo.e2el_ms == 3000 and cfg.slo.ttft_percentile == 90
     assert cfg == Params().loadtest  # params.yaml restates the defaults (variants, served name derived)
 
 

@@ -225,13 +225,16 @@ class SLOConfig(Section):
     a request is good when every set threshold holds. None: not checked."""
 
     ttft_ms: float | None = Field(default=300, gt=0)
-    e2el_ms: float | None = Field(default=1500, gt=0)
+    # 3000 ms: the CPU default's longest replies (64 tokens at ~30 ms TPOT plus TTFT) take ~2 s at
+    # low load and ~3 s at its knee; 1500 ms failed a third of every step, so nothing passed.
+    e2el_ms: float | None = Field(default=3000, gt=0)
     tpot_ms: float | None = Field(default=None, gt=0)
     # A step meets the SLO when its TTFT p<ttft_percentile> <= ttft_ms and at least min_goodput of
     # its requests are good; each side is decided by a binomial test on the requests (pass, fail
-    # or undecided: a p99 needs ~300 requests before it can be shown to pass). The one home of
+    # or undecided: a p99 needs ~300 requests before it can be shown to pass, a p90 ~30, so the
+    # CPU default's steps of a few dozen requests judge p90; GPU profiles set 99). The one home of
     # these thresholds: the load test, the knee search, the report and the GPU runner read them.
-    ttft_percentile: float = Field(default=99, gt=0, lt=100)
+    ttft_percentile: float = Field(default=90, gt=0, lt=100)
     min_goodput: float = Field(default=0.8, ge=0, le=1)
 
 
@@ -263,7 +266,7 @@ class SteadyStateConfig(Section):
     # end a tenth of the window and give the in-flight trend test room to see a slope.
     window_factor: float = Field(default=10, gt=0)
     min_window_s: float = Field(default=5, gt=0)
-    max_window_s: float = Field(default=30, gt=0)  # also caps the warm-up
+    max_window_s: float = Field(default=60, gt=0)  # also caps the warm-up
     # Warm-up = warmup_factor x E2E p50 (at least min_warmup_s): an open queue reaches its
     # stationary in-flight count within a few lifetimes; arrivals before that are discarded.
     warmup_factor: float = Field(default=3, ge=0)
@@ -277,7 +280,9 @@ class SteadyStateConfig(Section):
     # The window must hold this many request lifetimes (E2E p50) and arrivals, or the step is
     # reported not steady without testing: it measured a ramp, or too little to tell.
     min_window_lifetimes: float = Field(default=3, gt=0)
-    min_requests: int = Field(default=8, ge=2)
+    # 40: a TTFT p90 gets an upper bound from 35 requests (0.9^35 < 2.5 %), and an 80 % goodput
+    # clears its bar from 17; 8, then 24, left every CPU step undecided (seen 2026-12-06).
+    min_requests: int = Field(default=40, ge=2)
 
     @model_validator(mode="after")
     def _window_bounds(self) -> "SteadyStateConfig":
@@ -305,8 +310,8 @@ class LoadtestConfig(Section):
     arrival: Literal["poisson", "constant", "bursty"] = "poisson"
     burstiness: float = Field(default=0.5, gt=0)  # bursty only
     # Offered rates in requests/s, one step each (.inf: all at once). Small by default: vLLM-CPU on
-    # 2 cores answers one short chat in ~0.4 s, so 2 req/s is already near its knee.
-    rates: list[Annotated[float, Field(gt=0)]] = Field(default=[0.5, 1.0, 2.0], min_length=1)
+    # 2 cores keeps up at 2 req/s and builds a backlog at 4 (the sweep shows its knee).
+    rates: list[Annotated[float, Field(gt=0)]] = Field(default=[1.0, 2.0, 4.0], min_length=1)
     # How an open-loop step is sized. latency: a warm-up of steady_state.warmup_factor x the E2E p50
     # seen as it runs (at least warmup_requests answered), then a window of window_factor x that
     # p50 (and min_requests arrivals), within the steady_state bounds (workbench/loadtest/step.py;
