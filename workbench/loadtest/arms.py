@@ -45,8 +45,11 @@ def gateway_arm(variant: str) -> str:
     return variant + GATEWAY_SUFFIX
 
 
-def target(cfg: LoadtestConfig, base_url: str) -> Target:
-    return Target(base_url=base_url, model=cfg.model or cfg.server.model_name,
+def target(cfg: LoadtestConfig, base_url: str, variant: str | None = None) -> Target:
+    """The endpoint of ``variant``'s arm: requests name ``loadtest.model``, else the served name of
+    the variant's server (its ``server_overrides`` may rename it), else ``server``'s."""
+    server = server_config(cfg, variant) if variant and not cfg.base_url else cfg.server
+    return Target(base_url=base_url, model=cfg.model or server.model_name,
                   endpoint=cfg.endpoint, stream=cfg.stream,
                   api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
 
@@ -190,7 +193,7 @@ def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitSt
             continue
         base_url, info = started[v]
         root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
-        tgt = target(cfg, base_url)
+        tgt = target(cfg, base_url, v)
         if cfg.via_gateway:
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model, Path(cfg.out_dir) / v))
             tgt = dataclasses.replace(tgt, base_url=gw_url, api_key=key)
