@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def device_name() -> str | None:
         return None
 
 
+LOADED_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
+KERNEL_RE = re.compile(r"Using (\w+Kernel) for (\w+)")
+
+
+def server_facts(log_path: str | None) -> dict:
+    """What vLLM's log says it loaded and which linear kernel it chose: the check that an arm ran
+    in the precision it was asked for (a config vLLM does not honour loads 16-bit weights)."""
+    text = Path(log_path).read_text(errors="replace") if log_path and Path(log_path).exists() else ""
+    loaded = LOADED_RE.findall(text)
+    return {"loaded_gib": float(loaded[-1]) if loaded else None,
+            "kernels": sorted({f"{k} ({m})" for k, m in KERNEL_RE.findall(text)})}
+
+
 def mean_tokens(records) -> tuple[float, float]:
     """Mean prompt and completion tokens of a step's measured, answered requests (as vLLM counted)."""
     ok = [r for r in records if r.success and not r.warmup]
@@ -89,8 +103,14 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
         precision = arm[len(shape_name) + 1:]
         shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config))
         flat = arm_report.metrics
+        facts = server_facts((arm_report.details.get("server") or {}).get("log"))
+        expected = roofline.weight_bytes_per_step(shape, precision) / 2**30
+        # more than 1.5 x the weights the precision should hold: vLLM did not quantize as asked
+        as_asked = facts["loaded_gib"] is None or facts["loaded_gib"] <= 1.5 * expected + 1.0
         limits = {st.get("label"): st.get("limited_by") for st in arm_report.details.get("steps", [])}
         for label, m in arm_report.details.get("step_metrics", {}).items():
+            if f"{label}.requests" not in flat:  # a repeat ("-r1"): pooled into its point's figures
+                continue
             def est(key: str) -> dict:
                 return {"value": flat.get(f"{label}.{key}"), "lo": flat.get(f"{label}.{key}_ci_lo"),
                         "hi": flat.get(f"{label}.{key}_ci_hi")}
@@ -102,7 +122,9 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
                    "prompt_tokens": prompt, "output_tokens": out_tokens, "tpot_ms_p50": tpot, "ttft_ms_p50": ttft,
                    "output_tokens_per_s": est("output_tokens_per_s"),
                    "gpu_util_pct_mean": m.get("gpu_util_pct_mean"), "limited_by": limits.get(label),
-                   "weight_bytes_per_step": roofline.weight_bytes_per_step(shape, precision)}
+                   "weight_bytes_per_step": roofline.weight_bytes_per_step(shape, precision),
+                   "loaded_gib": facts["loaded_gib"], "expected_gib": expected, "kernels": facts["kernels"],
+                   "precision_as_asked": as_asked}
             if gpu is not None:
                 floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out_tokens / 2)
                 pre = roofline.prefill_floor_ms(shape, precision, gpu, prompt)
@@ -125,6 +147,11 @@ def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | Non
     lines = ["# Speed-only arms (random weights: no quality figures)", ""]
     lines.append(f"GPU: {gpu.name} ({gpu.source})" if gpu else "GPU: none known to workbench/roofline.py "
                  "(no roofline: a CPU run, or a GPU outside its table)")
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        r = next(x for x in rows if x["arm"] == arm)
+        lines.append(f"- {arm}: vLLM loaded {_fmt(r['loaded_gib'])} GiB (the precision holds {r['expected_gib']:.1f}); "
+                     f"linear kernel {', '.join(r['kernels']) or 'cuBLAS / not logged'}"
+                     + ("" if r["precision_as_asked"] else " -- NOT QUANTIZED AS ASKED: its rows are not this precision"))
     lines += ["", "| arm | step | batch (mean) | TPOT p50 ms | floor ms | of roofline | out tok/s | TTFT p50 ms "
               "| prefill floor ms | GPU % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
