@@ -218,8 +218,9 @@ class Replies:
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
         keys_seen = self.keys.version  # a reload (revoke-key) is checked between events
         revoked = False
+        read = resp.content.readany  # what iter_any() awaits, without its extra coroutine per chunk
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await read():
                 if self.keys.version != keys_seen:
                     keys_seen = self.keys.version
                     if not self.keys.has_id(ctx.key_id):
