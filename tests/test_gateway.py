@@ -44,6 +44,11 @@ def metrics(gw):
 
 
 def audit_rows(gw):
+    # A request's row is queued just after its last byte is sent, so a client can read the whole
+    # reply first: wait for the server's request tasks to end (they end with the row queued).
+    deadline = time.monotonic() + 5
+    while gw._server.server_state.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
     gw.app.audit.close()  # drains the writer queue (the test is over with this gateway)
     conn = sqlite3.connect(gw.cfg.audit.path)
     conn.row_factory = sqlite3.Row

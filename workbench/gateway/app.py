@@ -48,7 +48,20 @@ ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 OTHER = {"/v1/models", "/metrics", "/openapi.json"}
 
 
+_GZIP_SEEN: dict[bytes, bool] = {}  # header value -> accepts_gzip (clients send a handful of values)
+
+
 def accepts_gzip(accept_encoding: bytes) -> bool:
+    """``_accepts_gzip``, cached per header value (bounded: a new value past 256 is not cached)."""
+    ok = _GZIP_SEEN.get(accept_encoding)
+    if ok is None:
+        ok = _accepts_gzip(accept_encoding)
+        if len(_GZIP_SEEN) < 256:
+            _GZIP_SEEN[accept_encoding] = ok
+    return ok
+
+
+def _accepts_gzip(accept_encoding: bytes) -> bool:
     """Whether ``Accept-Encoding`` names gzip with a q-value above 0 (``gzip;q=0`` refuses it)."""
     for item in accept_encoding.lower().split(b","):
         coding, _, params = item.partition(b";")

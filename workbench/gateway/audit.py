@@ -164,9 +164,7 @@ def prompt_field(text: str | None, policy: str, secret: bytes | None = None) -> 
     if policy == "hash":
         if not secret:
             raise ValueError("prompt: hash needs a secret (load_secret)")
-        # hmac.digest: OpenSSL's one-shot HMAC, the same value as hmac.new(...).hexdigest()
-        # without building an HMAC object per request
-        return "hmac-sha256:" + hmac.digest(secret, text.encode("utf-8", "replace"), "sha256").hex()
+        return "hmac-sha256:" + hmac.new(secret, text.encode("utf-8", "replace"), "sha256").hexdigest()
     return text
 
 
@@ -197,6 +195,7 @@ class AuditLog:
         self.failing: str | None = None  # the last write error, until a write succeeds
         self.free_bytes = None
         self.secret = load_secret(cfg) if cfg.prompt == "hash" else None
+        self._hmac = hmac.new(self.secret, digestmod="sha256") if self.secret else None
         check(cfg)  # fail at start, not later
         self._disk = Path(cfg.path).resolve()
         self.free_bytes = disk_free(self._disk)
@@ -209,6 +208,10 @@ class AuditLog:
         self.queue.put(row)
 
     def prompt_value(self, text: str | None) -> str | None:
+        if self._hmac is not None and text is not None:  # prompt: hash
+            h = self._hmac.copy()  # the keyed state, made once: OpenSSL 3 looks SHA-256 up per new HMAC
+            h.update(text.encode("utf-8", "replace"))
+            return "hmac-sha256:" + h.hexdigest()
         return prompt_field(text, self.cfg.prompt, self.secret)
 
     @property

@@ -176,14 +176,16 @@ class StreamRelay:
                 return data
             return b"".join(self._event(ev) if b'"usage"' in ev else ev + b"\n\n"
                             for ev in data.split(b"\n\n") if ev)
-        fast = self.filter is not None and not self.collect and not self.guards and self._template is not None
+        fast = self.filter is not None and not self.collect
         if fast and len(data) > 2 and data.find(b"\n\n") == len(data) - 2:  # one event (token by token)
             ev = data[:-2]
-            return data if self._passes(ev) else self._event(ev)
+            return data if self._template is not None and not self.guards and self._passes(ev) else self._event(ev)
         out = []
         for ev in data.split(b"\n\n"):
             if ev:
-                if fast and self._passes(ev):
+                # per event: the first event parsed sets the template and logprobs set guards,
+                # so the rest of a chunk holding a whole reply can still take the fast path
+                if fast and self._template is not None and not self.guards and self._passes(ev):
                     out.append(ev + b"\n\n")
                     continue
                 out.append(self._event(ev))
