@@ -209,8 +209,8 @@ class AuditLog:
 
     def prompt_value(self, text: str | None) -> str | None:
         if self._hmac is not None and text is not None:  # prompt: hash
-            # the keyed state is made once: a new HMAC per prompt (hmac.new or hmac.digest) took
-            # ~18 us a call in benchmarks/gateway_profile.py
+            # the keyed state is made once: 1.1 us a prompt against 1.7 (hmac.digest) and 2.2 us
+            # (hmac.new), one run on an idle core
             h = self._hmac.copy()
             h.update(text.encode("utf-8", "replace"))
             return "hmac-sha256:" + h.hexdigest()
