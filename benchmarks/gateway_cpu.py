@@ -3,6 +3,7 @@ process's own CPU time, so the figure holds on a busy machine (latency would not
 
     flock /tmp/workbench-heavy.lock .venv/bin/python benchmarks/gateway_cpu.py             # ~5 min
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main    # before/after in one run: ~10 min
+    .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref A --baseline-ref B  # several, interleaved
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-dir DIR --baseline-ref main  # DIR: its workbench/
 
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
@@ -22,7 +23,8 @@ gateway (and of the fake upstream) read with psutil before and after each phase:
 Each figure is the mean over ``--repeats`` repeats with a 95 % t interval (scipy). The ratio is
 gateway CPU / fake-upstream CPU for the same requests. With ``--baseline-ref REF`` the gateway at
 git REF (extracted with ``git archive``) is measured too, interleaved repeat by repeat (A B A B),
-against the same upstream, so before and after share the machine's state. JSON goes to --out.
+against the same upstream, so before and after share the machine's state; ``--baseline-ref`` may
+be given several times (A B C A B C), each compared with the current code. JSON goes to --out.
 Goal (issue 14): <= 0.1 ms per non-streamed request, <= 5 us per relayed event.
 """
 
@@ -170,7 +172,11 @@ def compare(baseline: list[dict], current: list[dict], a) -> dict:
     plain = [c["plain"]["gateway_cpu_ms_per_request"] - b["plain"]["gateway_cpu_ms_per_request"]
              for b, c in zip(baseline, current)]
     event = [per_event(c) - per_event(b) for b, c in zip(baseline, current)]
-    return {"delta_gateway_cpu_ms_per_request": interval(plain), "delta_gateway_cpu_us_per_event": interval(event)}
+    ratio = [c["plain"]["gateway_cpu_ms_per_request"] / b["plain"]["gateway_cpu_ms_per_request"]
+             for b, c in zip(baseline, current)]
+    ratio_event = [per_event(c) / per_event(b) for b, c in zip(baseline, current)]
+    return {"delta_gateway_cpu_ms_per_request": interval(plain), "delta_gateway_cpu_us_per_event": interval(event),
+            "ratio_gateway_cpu_per_request": interval(ratio), "ratio_gateway_cpu_per_event": interval(ratio_event)}
 
 
 def extract(ref: str, dest: Path) -> Path:
@@ -196,9 +202,11 @@ async def main_async(a) -> dict:
         tmp = Path(tmp)
         variants = {"current": ROOT}
         if a.baseline_dir:  # a folder holding the baseline's workbench/ (where git is not at hand)
-            variants = {f"baseline:{a.baseline_ref or 'dir'}": Path(a.baseline_dir).resolve(), **variants}
+            variants = {f"baseline:{a.baseline_ref[0] if a.baseline_ref else 'dir'}": Path(a.baseline_dir).resolve(),
+                        **variants}
         elif a.baseline_ref:
-            variants = {f"baseline:{a.baseline_ref}": extract(a.baseline_ref, tmp / "baseline"), **variants}
+            variants = {**{f"baseline:{ref}": extract(ref, tmp / f"baseline{i}") for i, ref in enumerate(a.baseline_ref)},
+                        **variants}
         fake_ps = psutil.Process(fake.proc.pid)
         reps: dict[str, list] = {v: [] for v in variants}
         for i in range(a.repeats):
@@ -215,9 +223,10 @@ async def main_async(a) -> dict:
                       f"{rep['stream_long']['gateway_cpu_ms_per_request']:.3f} ms", file=sys.stderr)
         for name in variants:
             results["variants"][name] = {"summary": summarize(reps[name], a), "repeats": reps[name]}
-        base = next((v for v in reps if v.startswith("baseline:")), None)
-        if base:
-            results["current_minus_baseline"] = compare(reps[base], reps["current"], a)
+        bases = [v for v in reps if v.startswith("baseline:")]
+        if bases:  # the first baseline here, every one under "comparisons"
+            results["current_minus_baseline"] = compare(reps[bases[0]], reps["current"], a)
+            results["comparisons"] = {f"current - {b}": compare(reps[b], reps["current"], a) for b in bases}
     return results
 
 
@@ -229,7 +238,8 @@ def main() -> None:
     p.add_argument("--short", type=int, default=8, help="tokens (events) of a short stream")
     p.add_argument("--long", type=int, default=64, help="tokens (events) of a long stream")
     p.add_argument("--itl-ms", type=float, default=1.0, help="fake upstream delay between events")
-    p.add_argument("--baseline-ref", default=None, help="also measure the gateway at this git ref")
+    p.add_argument("--baseline-ref", action="append", default=None,
+                   help="also measure the gateway at this git ref (repeatable)")
     p.add_argument("--baseline-dir", default=None,
                    help="the baseline's code: a folder with its workbench/ (e.g. `git archive main workbench`)")
     p.add_argument("--out", default=str(ROOT / "results/benchmarks/gateway_cpu.json"))
@@ -243,6 +253,9 @@ def main() -> None:
               f"{s['gateway_cpu_ms_per_request']['ci95']}, {s['gateway_cpu_us_per_event']['mean']:.2f} us/event "
               f"{s['gateway_cpu_us_per_event']['ci95']}, ratio to upstream "
               f"{s['ratio_gateway_to_upstream_cpu']['mean']:.2f}")
+    for name, c in results.get("comparisons", {}).items():
+        d, e = c["delta_gateway_cpu_ms_per_request"], c["delta_gateway_cpu_us_per_event"]
+        print(f"{name}: {d['mean']:+.3f} ms/request {d['ci95']}, {e['mean']:+.2f} us/event {e['ci95']}")
     print(f"written to {Path(a.out).relative_to(ROOT) if Path(a.out).is_relative_to(ROOT) else a.out}")
 
 

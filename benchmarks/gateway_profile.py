@@ -4,7 +4,8 @@ that benchmarks/gateway_cpu.py's totals do not give. cProfile slows Python code 
 read the shares as an upper bound on our code's part, not as timings.
 
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind plain    # ~30 s
-    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream --top 40
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --code DIR  # DIR: another workbench/'s parent
 
 Config as in gateway_cpu.py (filter on prompt and output, keyword moderation, audit on); the
 upstream is the fake server in its own process; 3,000 requests, 16 in flight, 16 tokens each.
@@ -72,6 +73,8 @@ def main() -> None:
     p.add_argument("--kind", choices=["plain", "stream"], default="plain")
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--out", default=None, help="JSON of the grouped shares (default: print only)")
+    p.add_argument("--top", type=int, default=0, help="also log the N functions with the most own time")
+    p.add_argument("--code", default=str(ROOT), help="the checkout whose gateway runs (its workbench/ first)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(output_tokens=16) as fake:
@@ -85,7 +88,7 @@ def main() -> None:
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(cfg))
         prof = tmp / "gateway.prof"
         proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "workbench.gateway",
-                                 "--config", str(tmp / "gateway.yaml")], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                 "--config", str(tmp / "gateway.yaml")], env={**os.environ, "PYTHONPATH": a.code},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http_ok(f"http://127.0.0.1:{port}/health", 60, proc)
         url = f"http://127.0.0.1:{port}"
@@ -93,7 +96,10 @@ def main() -> None:
         asyncio.run(load(url, a.requests, 16, a.kind == "stream"))
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-        shares = group(pstats.Stats(str(prof)))
+        stats = pstats.Stats(str(prof))
+        shares = group(stats)
+        if a.top:
+            stats.sort_stats("tottime").print_stats(a.top)
     total = sum(shares.values())
     for name, sec in sorted(shares.items(), key=lambda kv: -kv[1]):
         log.info("%-55s %6.2f s  %5.1f %%", name, sec, 100 * sec / total)

@@ -11,6 +11,7 @@ import zlib
 
 import httpx
 import pytest
+import uvicorn
 from aiohttp import web
 
 from gateway_helpers import (AUTH, KEY, METRICS_AUTH, ClosingUpstream, ScriptedUpstream, counted,
@@ -43,6 +44,11 @@ def metrics(gw):
 
 
 def audit_rows(gw):
+    # A request's row is queued just after its last byte is sent, so a client can read the whole
+    # reply first: wait for the server's request tasks to end (they end with the row queued).
+    deadline = time.monotonic() + 5
+    while gw._server.server_state.tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
     gw.app.audit.close()  # drains the writer queue (the test is over with this gateway)
     conn = sqlite3.connect(gw.cfg.audit.path)
     conn.row_factory = sqlite3.Row
@@ -323,20 +329,26 @@ def test_gzip_q0_stream_is_not_compressed(gw):
     assert "content-encoding" not in r.headers and stream_text(sse_events(r.text)) == "tok " * 8
 
 
-def test_client_disconnect_cancels_the_upstream_request(tmp_path):
-    with FakeServer(itl_ms=100, output_tokens=100) as slow, GatewayServer(
-            make_cfg(tmp_path, {"fake-model": slow.base_url})) as gw:
-        with httpx.Client(timeout=30) as client:
-            with client.stream("POST", gw.base_url + "/chat/completions", json={**CHAT, "stream": True},
-                               headers=AUTH) as r:
+@pytest.mark.parametrize("server", ["gateway", "plain_uvicorn"])
+def test_client_disconnect_cancels_the_upstream_request(tmp_path, server):
+    """The gateway's HTTP layer calls the app's hook on the scope (http.ON_GONE); under plain
+    uvicorn (``uvicorn --factory workbench.gateway.app:from_env``) a task waiting on receive() does."""
+    with FakeServer(itl_ms=100, output_tokens=100) as slow:
+        gw = GatewayServer(make_cfg(tmp_path, {"fake-model": slow.base_url}))
+        if server == "plain_uvicorn":
+            gw._server = uvicorn.Server(uvicorn.Config(gw.app, host=gw.host, port=gw.port, http="httptools",
+                                                       lifespan="on", log_level="warning"))
+        with gw:
+            with httpx.Client(timeout=30) as client, client.stream(
+                    "POST", gw.base_url + "/chat/completions", json={**CHAT, "stream": True}, headers=AUTH) as r:
                 next(r.iter_raw())
                 assert slow.fake.running == 1
-        deadline = time.monotonic() + 3  # 100 tokens would take 10 s
-        while slow.fake.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert slow.fake.running == 0
-        rows = audit_rows(gw)
-        assert [r["status"] for r in rows] == [499]
+            deadline = time.monotonic() + 3  # 100 tokens would take 10 s
+            while slow.fake.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert slow.fake.running == 0
+            rows = audit_rows(gw)
+            assert [r["status"] for r in rows] == [499]
 
 
 # ---- filter and moderation -------------------------------------------------------------------

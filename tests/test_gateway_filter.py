@@ -171,3 +171,25 @@ def test_characters_folded_at_c_speed_are_those_that_fold_to_themselves():
     assert len(chars) > 20000 and all(fold_char(c) == c for c in chars)
     text = "這是ＡＢＣ，敏感詞！bad\u200bword"
     assert fold(text) == "".join(fold_char(c) for c in text) == "这是abc,敏感词!badword"
+
+
+def test_printable_text_holds_no_whitespace_but_the_space():
+    """normalize.odd_spaces answers printable text by ``"  " in text`` alone: that is only true
+    if no whitespace character other than U+0020 is printable (checked for every code point)."""
+    from workbench.gateway.normalize import odd_spaces
+
+    spaces = [chr(o) for o in range(0x110000) if chr(o).isspace() and o != 0x20]
+    assert len(spaces) > 20 and not any(c.isprintable() for c in spaces)
+    assert all(odd_spaces(f"bad{c}word") for c in spaces)
+    assert not odd_spaces("a plain sentence, 一句话") and odd_spaces("two  spaces")
+
+
+def test_clean_ascii_agrees_with_spans_and_held_tail(words):
+    """The per-event check (one lowercase copy) answers as the two general ones do."""
+    rng = random.Random(31)
+    pieces = ["bad", "word", "BADWORD", "forbid", "den phrase", " ", "  ", "\t", "\n", "\x00", "\x7f", "x",
+              "pipe", " bomb", "make a", ".", "Tok "]
+    texts = ["", "tok ", "b", "bad", "badwor", "fine.", *words.words]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 5))) for _ in range(3000)]
+    for t in (t for t in texts if t.isascii()):
+        assert words.clean_ascii(t) == (not words.spans(t) and not words.held_tail(t)), repr(t)

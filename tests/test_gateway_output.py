@@ -135,3 +135,24 @@ def test_plain_events_pass_as_bytes_and_split_words_are_still_masked():
     out = b"".join(relay.process(split.feed(e)) for e in [ev(" bad"), ev("wo"), ev("rd"), ev(" ok", "stop")])
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(out.decode()))
     assert text == " *** ok" and relay.streamed == 7
+
+
+def test_a_chunk_holding_a_whole_reply_parses_only_its_first_and_last_events(monkeypatch):
+    """A fast server's reply can arrive in one read: the events after the first (which sets the
+    template) take the bytes fast path too, and the masking stays right."""
+    from gateway_helpers import WORD_LISTS
+    from workbench.gateway.filter import WordFilter
+    from workbench.gateway.sse import StreamRelay
+
+    def ev(text, fin=None):
+        return b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                       "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                                    "finish_reason": fin}]}, separators=(",", ":")).encode() + b"\n\n"
+    relay = StreamRelay("chat", WordFilter.from_files(WORD_LISTS), False, False, False)
+    parsed = []
+    real = relay._event
+    monkeypatch.setattr(relay, "_event", lambda e: parsed.append(e) or real(e))
+    events = [ev(""), *(ev(t) for t in ("it", " is", " fine", " and", " so", " on")), ev("", "stop")]
+    assert relay.process(b"".join(events)) == b"".join(events) and len(parsed) == 2
+    out = relay.process(b"".join([ev(" a"), ev(" bad"), ev("word"), ev(" ok", "stop")]))
+    assert b"badword" not in out and b"***" in out

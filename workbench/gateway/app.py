@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from functools import partial
 
 import fastjsonschema
 
@@ -25,7 +26,7 @@ from workbench.gateway.audit import AuditCollector, AuditLog
 from workbench.gateway.checks import Checks
 from workbench.gateway.config import GatewayConfig, GatewayConfigError, load_config
 from workbench.gateway.filter import FilterWorker, WordFilter
-from workbench.gateway.http import REFUSED
+from workbench.gateway.http import GONE, ON_GONE, REFUSED
 from workbench.gateway.keys import KeyStore, watch_keys
 from workbench.gateway.metrics import Metrics
 from workbench.gateway.moderation import build_policy
@@ -47,7 +48,20 @@ ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 OTHER = {"/v1/models", "/metrics", "/openapi.json"}
 
 
+_GZIP_SEEN: dict[bytes, bool] = {}  # header value -> accepts_gzip (clients send a handful of values)
+
+
 def accepts_gzip(accept_encoding: bytes) -> bool:
+    """``_accepts_gzip``, cached per header value (bounded: a new value past 256 is not cached)."""
+    ok = _GZIP_SEEN.get(accept_encoding)
+    if ok is None:
+        ok = _accepts_gzip(accept_encoding)
+        if len(_GZIP_SEEN) < 256:
+            _GZIP_SEEN[accept_encoding] = ok
+    return ok
+
+
+def _accepts_gzip(accept_encoding: bytes) -> bool:
     """Whether ``Accept-Encoding`` names gzip with a q-value above 0 (``gzip;q=0`` refuses it)."""
     for item in accept_encoding.lower().split(b","):
         coding, _, params = item.partition(b";")
@@ -175,7 +189,7 @@ class Gateway(Replies, Checks):
             if route or path == "/v1/models":  # limits guard the upstreams (/v1/models asks them all)
                 await self._rate_limit(key)
             if route:
-                await self._proxy(ctx, route, receive, send, length, gzip, key)
+                await self._proxy(ctx, route, scope, receive, send, length, gzip, key)
             elif path == "/v1/models":
                 ctx.status = 200
                 await respond(send, 200, dumps({"object": "list", "data": await self.upstreams.models()}))
@@ -300,7 +314,7 @@ class Gateway(Replies, Checks):
                                param=param) from None
         return req
 
-    async def _proxy(self, ctx: Ctx, route: str, receive, send, length: int, gzip: bool, key) -> None:
+    async def _proxy(self, ctx: Ctx, route: str, scope, receive, send, length: int, gzip: bool, key) -> None:
         body = await self._read_key_body(receive, length, key)
         req = self._parse(route, ctx.path, body)
         model = req["model"]
@@ -328,8 +342,18 @@ class Gateway(Replies, Checks):
             body = dumps(req)
         self._child(self.metrics.overhead, route).observe(time.perf_counter() - ctx.t0)
 
+        # A client that goes away cancels the request (and so its upstream call: vLLM aborts it).
+        # Our HTTP layer calls a hook on the scope (http.ON_GONE); under another server a task
+        # waits on receive() for the disconnect.
         me = asyncio.current_task()
-        watcher = asyncio.create_task(self._watch(receive, me, ctx))
+        hooked = ON_GONE in scope
+        if hooked:
+            if scope[ON_GONE] is GONE:  # it left while the prompt was checked
+                ctx.client_gone = True
+                raise ClientGone()
+            scope[ON_GONE] = partial(self._gone, me, ctx)
+        else:
+            watcher = asyncio.create_task(self._watch(receive, me, ctx))
         pool = self.upstreams.pools[upstream]
         # one retry on another replica for a request that failed before any byte reached the client
         tries, avoid = (2 if len(pool) > 1 else 1), None
@@ -371,16 +395,24 @@ class Gateway(Replies, Checks):
                 avoid = replica
         finally:
             ctx.done = True
-            watcher.cancel()
+            if hooked:
+                scope[ON_GONE] = None
+            else:
+                watcher.cancel()
+
+    @staticmethod
+    def _gone(task: asyncio.Task, ctx: Ctx) -> None:
+        """Cancel the request's task: its client went away (uvicorn's send() is silent then)."""
+        if not ctx.done:
+            ctx.client_gone = True
+            task.cancel()
 
     async def _watch(self, receive, task: asyncio.Task, ctx: Ctx) -> None:
-        """Cancel the request's task when the client goes away (uvicorn's send() is silent then)."""
+        """``_gone`` on the disconnect, where the HTTP layer has no hook (plain uvicorn)."""
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                if not ctx.done:
-                    ctx.client_gone = True
-                    task.cancel()
+                self._gone(task, ctx)
                 return
 
     # ---- after every request -------------------------------------------------------------

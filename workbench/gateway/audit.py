@@ -2,7 +2,9 @@
 
 The event loop only puts a tuple on a queue (no I/O, no lock held across an await); one writer
 thread drains it in batches of up to ``batch_size`` rows per transaction, so a burst of 1,000
-requests costs a few commits and loses none. ``close()`` drains the queue before returning.
+requests costs a few commits and loses none. A batch waits ``batch_wait_s`` for more rows after
+its first (group commit): under steady load a commit (and its fsync) serves every row of that
+window instead of one or two. ``close()`` drains the queue before returning.
 
 The writer never dies on a bad row or a failing disk. A batch the database refuses as data (a
 number SQLite cannot hold, a string that is not UTF-8) is written row by row, each bad row
@@ -24,7 +26,6 @@ hashing a dictionary without the secret.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -64,6 +65,9 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 """
 _INSERT = f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _STOP = object()
+# Free disk space (for /ready and min_free_mb) is read at most this often, not after every batch:
+# at ~1,000 requests/s a batch is a row or two, and resolving the path and statvfs were syscalls per row.
+_DISK_CHECK_S = 1.0
 _INT64 = 2 ** 63
 
 
@@ -160,7 +164,7 @@ def prompt_field(text: str | None, policy: str, secret: bytes | None = None) -> 
     if policy == "hash":
         if not secret:
             raise ValueError("prompt: hash needs a secret (load_secret)")
-        return "hmac-sha256:" + hmac.new(secret, text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+        return "hmac-sha256:" + hmac.new(secret, text.encode("utf-8", "replace"), "sha256").hexdigest()
     return text
 
 
@@ -191,8 +195,11 @@ class AuditLog:
         self.failing: str | None = None  # the last write error, until a write succeeds
         self.free_bytes = None
         self.secret = load_secret(cfg) if cfg.prompt == "hash" else None
+        self._hmac = hmac.new(self.secret, digestmod="sha256") if self.secret else None
         check(cfg)  # fail at start, not later
-        self.free_bytes = disk_free(Path(cfg.path).resolve())
+        self._disk = Path(cfg.path).resolve()
+        self.free_bytes = disk_free(self._disk)
+        self._disk_checked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="gateway-audit", daemon=True)
         self._thread.start()
 
@@ -201,6 +208,12 @@ class AuditLog:
         self.queue.put(row)
 
     def prompt_value(self, text: str | None) -> str | None:
+        if self._hmac is not None and text is not None:  # prompt: hash
+            # the keyed state is made once: 1.1 us a prompt against 1.7 (hmac.digest) and 2.2 us
+            # (hmac.new), one run on an idle core
+            h = self._hmac.copy()
+            h.update(text.encode("utf-8", "replace"))
+            return "hmac-sha256:" + h.hexdigest()
         return prompt_field(text, self.cfg.prompt, self.secret)
 
     @property
@@ -231,6 +244,9 @@ class AuditLog:
                 batch = [self.queue.get(timeout=self.cfg.retry_s) if held else self.queue.get()]
             except queue.Empty:
                 batch = []
+            wait = self.cfg.batch_wait_s
+            if wait and batch and batch[0] is not _STOP and self.queue.qsize() < self.cfg.batch_size:
+                time.sleep(wait)  # group commit: the rows of the next few ms share one transaction
             while len(batch) < self.cfg.batch_size:
                 try:
                     batch.append(self.queue.get_nowait())
@@ -273,10 +289,12 @@ class AuditLog:
                 if stop:
                     stop = self._last_tries(held)
             self.pending = len(held)
-            try:
-                self.free_bytes = disk_free(Path(self.cfg.path).resolve())
-            except OSError:
-                pass
+            if time.monotonic() - self._disk_checked >= _DISK_CHECK_S:
+                self._disk_checked = time.monotonic()
+                try:
+                    self.free_bytes = disk_free(self._disk)
+                except OSError:
+                    pass
         if conn is not None:
             conn.close()
 

@@ -181,6 +181,10 @@ class AuditConfig(Section):
     hash_secret_file: str | None = None
     retention_days: float = Field(default=180, gt=0)  # enforced by `workbench gateway prune`
     batch_size: int = Field(default=500, ge=1)
+    # After a batch's first row, wait this long for more before writing (group commit): at ~1,000
+    # requests/s a commit with its fsync then holds ~10 rows, not 1-2 (benchmarks/gateway_cpu.py).
+    # A row reaches the disk this much later; close() still drains every row. 0: no wait.
+    batch_wait_s: float = Field(default=0.01, ge=0, le=1)
     # Refuse requests (503 audit_unavailable) while rows cannot be written, instead of serving
     # them unaudited. Either way /ready fails and /metrics shows it.
     fail_closed: bool = False

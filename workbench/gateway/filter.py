@@ -133,6 +133,21 @@ class WordFilter:
         parts.append(text[pos:])
         return "".join(parts), len(spans)
 
+    def clean_ascii(self, text: str) -> bool:
+        """For ASCII ``text``: ``not spans(text) and not held_tail(text)`` (no match, and no word
+        can start in it), from one lowercase copy: a stream's common token, checked per event."""
+        if "  " in text or not text.isprintable():  # odd whitespace: the matcher squeezes it
+            return not (self.held_tail(text) or self.spans(text))
+        low = text.lower()
+        if self.automaton is not None and self.automaton.find_matches_as_indexes(low):
+            return False
+        if self.max_len > 1:
+            tail, prefixes = low[-(self.max_len - 1):], self.prefixes
+            for k in range(len(tail), 0, -1):
+                if tail[-k:] in prefixes:
+                    return False
+        return True
+
     def stream(self) -> "StreamFilter":
         return StreamFilter(self)
 
@@ -195,9 +210,7 @@ class StreamFilter:
     def passes(self, text: str) -> bool:
         """Take ``text`` as emitted unchanged if nothing is held and it neither matches nor ends
         in the start of a word (the common token); False, taking nothing, otherwise."""
-        if self.buf or self.pending or not (text.isascii() or not text):
-            return False
-        if self.f.held_tail(text) or self.f.spans(text):
+        if self.buf or self.pending or not text.isascii() or not self.f.clean_ascii(text):
             return False
         self.base += len(text)
         return True

@@ -16,6 +16,9 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
   connections cannot lock out ``/health``; when every connection is busy the newcomer gets 503;
 - **send timeout**: a client that stops reading its reply (the send buffer stays full for
   ``http.send_timeout_s``) is dropped with the reply it holds, rather than pinning it in memory;
+- **disconnect hook**: when a connection is lost with its reply unfinished, the callable the app
+  put on the request's scope under ``ON_GONE`` is called (the app cancels the request, and vLLM
+  aborts it), so the app needs no task per request waiting on ``receive()`` for a disconnect;
 - the server's own refusals (bad framing such as Content-Length with Transfer-Encoding or a
   duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
 
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 # Set on the request's ASGI scope when this layer ends a request the app is reading, so that
 # the app's audit row carries the real reason (408) rather than a client disconnect (499).
 REFUSED = "gateway.refused"
+# Set on every request's scope by this layer: None, then whatever the app puts there, called with
+# no argument when the connection is lost before the reply is complete; GONE if that happened
+# while no callable was set (the app then ends the request itself).
+ON_GONE = "gateway.on_gone"
+GONE = True
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -92,7 +100,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected and ON_GONE in cycle.scope:
+            gone = cycle.scope[ON_GONE]
+            cycle.scope[ON_GONE] = GONE
+            if gone is not None and gone is not GONE:
+                gone()
 
     # ---- a client that does not read its reply ----------------------------------------------
     def pause_writing(self) -> None:
@@ -190,6 +204,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         # uvicorn parses the URL here: a bad one (``GET http://``) raises before a cycle exists
         super().on_headers_complete()
+        self.scope[ON_GONE] = None  # (the app's task starts on a later loop turn, after this)
         self._in_head, self._in_body = False, True
         self._arm(self.body_timeout_s, self._body_timeout)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
+from random import getrandbits
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,7 +39,10 @@ class Ctx:
 
     def __init__(self, path: str):
         self.t0, self.ts, self.path = time.perf_counter(), time.time(), path
-        self.request_id = os.urandom(16).hex()  # as random as uuid4().hex, a quarter of its cost
+        # 128 random bits as 32 hex digits, like uuid4().hex; from Python's generator (reseeded in
+        # a forked worker), not os.urandom (a getrandom() syscall: 0.48 us against 0.34 on an idle
+        # core, and more on a busy VM)
+        self.request_id = f"{getrandbits(128):032x}"
         self.key_id = self.model = self.ttft_s = self.prompt = self.error = None
         self.prompt_tokens = self.completion_tokens = None
         self.status, self.stream, self.started, self.client_gone, self.done = 0, False, False, False, False
@@ -218,8 +221,9 @@ class Replies:
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
         keys_seen = self.keys.version  # a reload (revoke-key) is checked between events
         revoked = False
+        read = resp.content.readany  # what iter_any() awaits, without its extra coroutine per chunk
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await read():
                 if self.keys.version != keys_seen:
                     keys_seen = self.keys.version
                     if not self.keys.has_id(ctx.key_id):

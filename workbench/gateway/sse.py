@@ -163,6 +163,7 @@ class StreamRelay:
         self.done = False  # upstream sent [DONE] (held back in parse_all mode; the app sends it)
         self.streamed = 0  # events passed on that carried generated text (~ completion tokens)
         self._template: dict | None = None
+        self._fast: dict[tuple[bytes, bytes], StreamFilter] = {}  # _passes: (index, key) as bytes -> filter
 
     @property
     def hits(self) -> int:
@@ -175,11 +176,16 @@ class StreamRelay:
                 return data
             return b"".join(self._event(ev) if b'"usage"' in ev else ev + b"\n\n"
                             for ev in data.split(b"\n\n") if ev)
+        fast = self.filter is not None and not self.collect
+        if fast and len(data) > 2 and data.find(b"\n\n") == len(data) - 2:  # one event (token by token)
+            ev = data[:-2]
+            return data if self._template is not None and not self.guards and self._passes(ev) else self._event(ev)
         out = []
-        fast = self.filter is not None and not self.collect and not self.guards and self._template is not None
         for ev in data.split(b"\n\n"):
             if ev:
-                if fast and self._passes(ev):
+                # per event: the first event parsed sets the template and logprobs set guards,
+                # so the rest of a chunk holding a whole reply can still take the fast path
+                if fast and self._template is not None and not self.guards and self._passes(ev):
                     out.append(ev + b"\n\n")
                     continue
                 out.append(self._event(ev))
@@ -203,10 +209,16 @@ class StreamRelay:
         if key != (b"content" if self.chat else b"text"):
             return False
         idx = _INDEX.search(ev)
-        skey = (int(idx.group(1)), key.decode())
-        sf = self.streams.get(skey)
+        if idx is None:  # "index": 0, spaced: the slow path reads it
+            return False
+        fkey = (idx.group(1), key)
+        sf = self._fast.get(fkey)
         if sf is None:
-            sf = self.streams[skey] = self.filter.stream()
+            skey = (int(fkey[0]), key.decode())
+            sf = self.streams.get(skey)
+            if sf is None:
+                sf = self.streams[skey] = self.filter.stream()
+            self._fast[fkey] = sf
         if not value.isascii() or not sf.passes(value.decode()):
             return False
         self.streamed += bool(value)  # the role-only first delta ("content":"") is no token
