@@ -62,7 +62,7 @@ def _one_request(base_url: str, max_tokens: int = 3):
     async def go():
         async with make_session(30) as session:
             return await run_step(session, Target(base_url, "fake-model"),
-                                  [RequestSpec("hello there", 2, max_tokens)], [0.0], "rate_x")
+                                  [RequestSpec("hello there", max_tokens, 2)], [0.0], "rate_x")
 
     [rec] = run_async(go())
     return rec
