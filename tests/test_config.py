@@ -131,7 +131,7 @@ def test_every_section_is_compared():
 
     leaves = {k.split(".")[0] for k, _ in _leaves(load_params("params.yaml").model_dump(mode="json"))}
     assert leaves == set(Params.model_fields) == {
-        "project", "prepare", "serve", "loadtest", "evaluate", "quantize", "shard", "report", "deploy"}
+        "project", "prepare", "serve", "loadtest", "evaluate", "quantize", "shard", "report", "deploy", "speed"}
 
 
 # --- your model in one place: the served name and the variant lists have one home each ----------

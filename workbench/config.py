@@ -772,6 +772,45 @@ class DeployGatewayConfig(Section):
     redis_image: str = "redis:7.4-alpine"
 
 
+SPEED_PRECISIONS = ("bf16", "fp8", "awq-int4", "gptq-int4")  # workbench/shapes.py builds each
+
+
+class ShapeConfig(Section):
+    """A model shape served with random weights: its Hugging Face config.json, and a tokenizer
+    (``llama3``: Llama 3's, from the llama-models package; or a folder with tokenizer files)."""
+
+    config: str
+    tokenizer: str = "llama3"
+
+
+class SpeedConfig(Section):
+    """Speed-only arms (issue 32): each shape in each precision, served by vLLM with random weights
+    (``--load-format dummy``; a kernel's speed does not depend on the weights' values), measured
+    with the load test's executor. The CPU default serves a toy shape to run the path end to end;
+    a GPU profile (pipelines/gpu/params-gpu3.yaml) serves Llama-3.1-8B's."""
+
+    # name -> shape; a profile merged over params.yaml drops one by setting it to null
+    shapes: dict[str, ShapeConfig | None] = {"toy-llama3": ShapeConfig(config="data/shapes/toy-llama3.json")}
+    precisions: list[Literal["bf16", "fp8", "awq-int4", "gptq-int4"]] = Field(default=["bf16"], min_length=1)
+    # Closed-loop steps, every arm interleaved in counterbalanced blocks: TPOT at 1 is the seed's
+    # table 4.2 speed column; the sweep shows where 4-bit weights stop helping. []: skipped.
+    concurrencies: list[Annotated[int, Field(ge=1)]] = [1, 4]
+    # A knee search of the first arm, direct and through the gateway (table 6.2, and the gateway's
+    # share of the direct knee), with these loadtest keys over `resolved` (a p99 SLO needs ~300
+    # requests a probe where the concurrency steps need few). None: skipped.
+    knee: dict[str, Any] | None = None
+    gpu: str | None = None  # the roofline's GPU (workbench/roofline.py); None: the device's own name
+    out_dir: str = "runs/speed"
+    loadtest: dict[str, Any] = {}  # loadtest keys over params.yaml's loadtest for these runs
+    # Derived (Params): params.yaml's loadtest with `loadtest` merged in; the runs start from it.
+    resolved: LoadtestConfig | None = None
+
+    @field_validator("shapes")
+    @classmethod
+    def _drop_removed(cls, v: dict) -> dict:
+        return {k: s for k, s in v.items() if s is not None}
+
+
 class DeployConfig(Section):
     """``workbench deploy``: Kubernetes manifests (Kustomize) for one variant, from the report's
     recommendation and these params. Rendering reads files only; nothing talks to a cluster."""
@@ -822,6 +861,7 @@ class Params(Section):
     shard: ShardConfig = ShardConfig()
     report: ReportConfig = ReportConfig()
     deploy: DeployConfig = DeployConfig()
+    speed: SpeedConfig = SpeedConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -874,6 +914,11 @@ class Params(Section):
         if unknown:
             raise ValueError(f"evaluate.variants {unknown} are not keys of quantize.variants {quantized} "
                              "(dvc.yaml has an evaluate stage per key)")
+        try:  # the speed stage's load tests: this load test with speed.loadtest's keys over it
+            resolved = LoadtestConfig.model_validate(deep_merge(derived["loadtest"].model_dump(), self.speed.loadtest))
+        except ValidationError as err:
+            raise ValueError(f"speed.loadtest: {err}") from None
+        derived["speed"] = self.speed.model_copy(update={"resolved": resolved})
         for key, value in derived.items():
             object.__setattr__(self, key, value)  # frozen sections: replaced whole, once, here
         return self

@@ -78,6 +78,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # loadtest.variant None compares loadtest.variants in one run (its report's variant: all).
     Stage("loadtest", "workbench.loadtest", "05_loadtest.ipynb", fans_out=True),
     Stage("report", "workbench.report", "06_report.ipynb", html="reports/report/report.html"),
+    # Model shapes with random weights, speed only (its report: reports/speed/summary.json).
+    Stage("speed", "workbench.speed", "07_speed.ipynb"),
 )}
 
 

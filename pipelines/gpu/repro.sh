@@ -108,12 +108,14 @@ PY
 fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
   "$state/mlflow-runs.json" "$state/setup.log" "$state/redis.log" runs/failed runs/notebooks runs/evaluate \
-  runs/loadtest/*/*.md runs/loadtest/*/*.png runs/loadtest/*/*.log 2>/dev/null
+  runs/loadtest/*/*.md runs/loadtest/*/*.png runs/loadtest/*/*.log \
+  runs/speed/tables.md runs/speed/*/*/*.md runs/speed/*/*/*.png runs/speed/*/*/*.log 2>/dev/null
 # The load test's raw records (every request's timings; ~1 KB a request compressed), apart and in
 # parts that can come back: for a re-analysis of a run that did not finish, not for git.
 rm -f "$RESULTS"/loadtest-records.tar.gz*
-if ls runs/loadtest/*/step-*.jsonl >/dev/null 2>&1; then
-  tar czf - runs/loadtest/*/step-*.jsonl | split -b 15m -d -a 1 - "$RESULTS/loadtest-records.tar.gz.part"
+if ls runs/loadtest/*/step-*.jsonl runs/speed/*/*/step-*.jsonl >/dev/null 2>&1; then
+  tar czf - --ignore-failed-read runs/loadtest/*/step-*.jsonl runs/speed/*/*/step-*.jsonl 2>/dev/null \
+    | split -b 15m -d -a 1 - "$RESULTS/loadtest-records.tar.gz.part"
   n=$(ls "$RESULTS"/loadtest-records.tar.gz.part* | wc -l)
   [ "$n" -le 4 ] || echo "WARNING: $n parts of load-test records; a leased machine returns 64 MiB in all"
 fi

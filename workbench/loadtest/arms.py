@@ -50,8 +50,11 @@ def gateway_arm(variant: str) -> str:
     return variant + GATEWAY_SUFFIX
 
 
-def target(cfg: LoadtestConfig, base_url: str) -> Target:
-    return Target(base_url=base_url, model=cfg.model or cfg.server.model_name,
+def target(cfg: LoadtestConfig, base_url: str, variant: str | None = None) -> Target:
+    """The endpoint of ``variant``'s arm: requests name ``loadtest.model``, else the served name of
+    the variant's server (its ``server_overrides`` may rename it), else ``server``'s."""
+    server = server_config(cfg, variant) if variant and not cfg.base_url else cfg.server
+    return Target(base_url=base_url, model=cfg.model or server.model_name,
                   endpoint=cfg.endpoint, stream=cfg.stream,
                   api_key=cfg.api_key or cfg.server.api_key, ignore_eos=cfg.workload.ignore_eos)
 
@@ -86,13 +89,12 @@ def api_key(arm: UrlArm) -> str | None:
 def arm_target(cfg: LoadtestConfig, name: str, base_url: str) -> Target:
     """The requests' target for the arm ``name`` at ``base_url``: the run's endpoint settings, with
     a ``loadtest.arms`` entry's own model name and key."""
-    tgt = target(cfg, base_url)
     arm = arm_config(cfg, name)
     if isinstance(arm, UrlArm):
-        return dataclasses.replace(tgt, model=arm.model, api_key=api_key(arm))
+        return dataclasses.replace(target(cfg, base_url), model=arm.model, api_key=api_key(arm))
     if isinstance(arm, LlamaCppArm):
-        return dataclasses.replace(tgt, model=arm.server.model_name, api_key=None)
-    return tgt
+        return dataclasses.replace(target(cfg, base_url), model=arm.server.model_name, api_key=None)
+    return target(cfg, base_url, name)  # a variant, or a vllm arm: its server's served name
 
 
 @contextlib.contextmanager
@@ -103,7 +105,7 @@ def _llamacpp(arm: LlamaCppArm, log_dir: Path):
         yield server.base_url, {"managed": True, "engine": "llama.cpp", "base_url": server.base_url,
                                 "model_file": str(server.model_path), "startup_s": server.startup_s,
                                 "log": str(server.log_path), "pid": server.proc.pid,
-                                "parallel": arm.server.parallel, "command": " ".join(server.command())}
+                                "parallel": arm.server.parallel, "command": server.shown_command()}
 
 
 @contextlib.contextmanager
@@ -128,7 +130,7 @@ def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
         yield server.base_url, {"managed": True, "engine": "vllm", "base_url": server.base_url,
                                 "model_dir": server.cfg.model_dir, "startup_s": server.startup_s, "device": server.device,
                                 "log": str(server.log_path), "pid": server.proc.pid,
-                                "command": " ".join(server.command())}
+                                "command": server.shown_command()}
 
 
 @contextlib.contextmanager

