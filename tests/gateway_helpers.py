@@ -12,6 +12,7 @@ from aiohttp import web
 from workbench.gateway.config import GatewayConfig
 from workbench.gateway.keys import hash_key
 from workbench.net import free_port
+from workbench.sse import DONE, iter_data
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "wb-test-key-0123456789"
@@ -51,13 +52,9 @@ def counted(cfg: GatewayConfig, tokenizer: str | None = TOKENIZER) -> GatewayCon
 
 
 def sse_events(text: str) -> list[dict | str]:
-    """Parsed ``data:`` payloads of an SSE body ("[DONE]" stays a string)."""
-    out = []
-    for ev in text.split("\n\n"):
-        if ev.startswith("data: "):
-            payload = ev[6:]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
+    """Parsed ``data:`` payloads of an SSE body ("[DONE]" stays a string), through the one parser
+    the gateway and the load generator use (workbench/sse.py)."""
+    return [value.decode() if value == DONE else json.loads(value) for value in iter_data(text)]
 
 
 def stream_text(events: list) -> str:

@@ -433,9 +433,10 @@ def test_gateway_imports_nothing_of_the_pipeline():
     import sys
 
     # workbench.net (a free port, the readiness poll, server URLs; stdlib and httpx) is shared by
-    # every local server, the gateway's included; nothing else of the package is.
+    # every local server, the gateway's included, and workbench.sse (the one SSE parser, stdlib
+    # only) with the load generator; nothing else of the package is.
     code = ("import sys, workbench.gateway.server, workbench.gateway.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'torch', 'lm_eval', 'mlflow'}), "
             "sorted(m for m in sys.modules if m.startswith('workbench.') and not m.startswith('workbench.gateway')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] ['workbench.net']"
+    assert out.strip() == "[] ['workbench.net', 'workbench.sse']"

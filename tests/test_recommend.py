@@ -302,3 +302,49 @@ def test_an_accuracy_difference_is_significant_exactly_when_its_interval_exclude
         qb = {f"q{i}": a_only <= i < a_only + b_only + 5 for i in range(n)}
         cmp = accuracy_diff(Candidate("a", questions={"mmlu": qa}), Candidate("b", questions={"mmlu": qb}), "mmlu")
         assert cmp.significant == (cmp.p_value < 0.05) == (cmp.diff.lo > 0 or cmp.diff.hi < 0), (a_only, b_only)
+
+
+# ---- cost: a deterministic tie-break after the statistical steps (report.prices) -----------------
+def priced(c: Candidate, value: float, lo: float | None = None, hi: float | None = None,
+           currency: str = "USD") -> Candidate:
+    c.cost = stats.Estimate(value=value, lo=lo, hi=hi, method="cost")
+    c.cost_currency = currency
+    return c
+
+
+def test_cost_breaks_a_tie_no_test_could_and_the_reason_says_so():
+    a = priced(cand("awq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=1), 2.0, 1.5, 2.6)
+    g = priced(cand("gptq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=2), 0.8, 0.6, 1.1)
+    d = decide([a, g], CFG)  # awq first in report.variants: without cost the order would pick it
+    assert d["variant"] == "gptq-int4" and d["tied_with"] == []
+    cost = next(s for s in d["steps"] if s["criterion"] == "cost")
+    assert cost["dropped"] == {"awq-int4": "2 [1.5, 2.6] USD per 1e6 output tokens vs 0.8 [0.6, 1.1] USD per "
+                                            "1e6 output tokens for gptq-int4"}
+    assert "costing 0.8 [0.6, 1.1] USD per 1e6 output tokens" in d["reason"] and "cost: awq-int4 dropped" in d["reason"]
+
+
+def test_cost_never_overrules_a_quality_difference():
+    # base is clearly better on perplexity and pricier: the cost step never sees the worse one
+    base = priced(cand("base", 117, 1.0, list(range(9))), 5.0)
+    worse = priced(cand("awq-int4", 117, 1.25, list(range(9))), 0.1)
+    d = decide([base, worse], CFG)
+    assert d["variant"] == "base" and "awq-int4" in next(s for s in d["steps"] if s["criterion"] == "perplexity")["dropped"]
+    assert all(s["criterion"] != "cost" for s in d["steps"])  # one candidate left: nothing to break
+
+
+def test_cost_is_not_weighed_when_a_candidate_has_no_price_or_another_currency():
+    a = priced(cand("awq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=1), 2.0)
+    g = cand("gptq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=2)
+    d = decide([a, g], CFG)
+    cost = next(s for s in d["steps"] if s["criterion"] == "cost")
+    assert cost["dropped"] == {} and "no cost for gptq-int4" in cost["ties"]["awq-int4"]
+    assert d["variant"] == "awq-int4" and d["tied_with"] == ["gptq-int4"]  # the order decides, as before
+    priced(g, 1.0, currency="EUR")
+    cost = next(s for s in decide([a, g], CFG)["steps"] if s["criterion"] == "cost")
+    assert cost["dropped"] == {} and "different currencies" in cost["ties"]["awq-int4"]
+
+
+def test_without_prices_there_is_no_cost_step():
+    a = cand("awq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=1)
+    g = cand("gptq-int4", 117, 1.0, list(range(9)), noise=0.01, seed=2)
+    assert all(s["criterion"] != "cost" for s in decide([a, g], CFG)["steps"])

@@ -240,3 +240,21 @@ def browse_mlflow_ui(project: Path, env: dict) -> None:
         assert "2 matching runs" in body  # only the two variants carry both metrics
     finally:
         stop(server, 30)
+
+
+def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, monkeypatch):
+    # two variants alike in every measured way; report.prices makes gptq-int4 half the price
+    variants = {"awq-int4": (117, 1.0, 11, 20, 0), "gptq-int4": (117, 1.0, 11, 20, 0)}
+    write_stage_reports(monkeypatch, variants)
+    cfg = ReportConfig(variants=list(variants), target_rate_req_per_s=20.0, prices={
+        "awq-int4": {"per_million_input_tokens": 1.0, "per_million_output_tokens": 4.0},
+        "gptq-int4": {"per_million_input_tokens": 0.5, "per_million_output_tokens": 2.0}})
+    r = report_stage.run(cfg)
+    rec = r.details["recommendation"]
+    assert rec["variant"] == "gptq-int4", rec["reason"]  # without prices the order would pick awq-int4
+    cost = next(s for s in rec["steps"] if s["criterion"] == "cost")
+    assert list(cost["dropped"]) == ["awq-int4"] and "USD per 1e6 output tokens" in rec["reason"]
+    row = {x["variant"]: x for x in r.details["quantization_table"]}["gptq-int4"]
+    # 4 output tokens a request; prompt tokens as the fake server counts them (words)
+    per_m = row["cost_per_million_output_tokens"]["value"]
+    assert 2.0 < per_m < 2.0 + 0.5 * 20 and r.metrics["gptq-int4.cost_per_million_output_tokens"] == pytest.approx(per_m)

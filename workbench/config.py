@@ -292,6 +292,55 @@ class SteadyStateConfig(Section):
         return self
 
 
+# Arm names become file names (reports/loadtest/<name>.json, runs/loadtest/<name>/) and MLflow keys.
+ArmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$", max_length=100)]
+
+
+class VllmArm(Section):
+    """A workbench variant on a managed vLLM server (serve.chat, with ``server_overrides[name]``),
+    under its own name: the variants' own case, for a run that lists every arm here."""
+
+    kind: Literal["vllm"]
+    name: ArmName
+    variant: str | None = None  # models/<variant> is served; None: the name is the variant
+
+
+class LlamaCppArm(Section):
+    """The same GGUF on a managed llama.cpp server (workbench/llamacpp.py), started, health-checked
+    and stopped like vLLM; its admission cap is ``server.parallel`` slots."""
+
+    kind: Literal["llamacpp"]
+    name: ArmName
+    server: LlamaCppConfig = LlamaCppConfig()  # default: the embedded model's own GGUF file
+
+
+class UrlArm(Section):
+    """Any OpenAI-compatible endpoint: another engine, a team's server, a hosted API. Nothing is
+    started or stopped, and its /metrics is not read (not ours)."""
+
+    kind: Literal["url"]
+    name: ArmName
+    base_url: str  # http(s)://host[:port]/v1
+    model: str  # the model name sent in requests
+    # The NAME of an environment variable that holds the key (e.g. OPENAI_API_KEY), read when the
+    # run starts. The key itself is never written to params, reports, logs, MLflow or dvc.lock.
+    # None: no key is sent.
+    api_key_env: str | None = None
+    # Offered rates above this (req/s) are not sent to this arm (a hosted API's rate limit or
+    # bill): its sweep stops at the cap, its knee search tops out there, and the report names it.
+    max_rate_req_per_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url '{value}' is not an http(s) URL")
+        return value.rstrip("/")
+
+
+ArmConfig = Annotated[VllmArm | LlamaCppArm | UrlArm, Field(discriminator="kind")]
+
+
 class LoadtestConfig(Section):
     """An open-loop load test: a sweep of arrival rates against one OpenAI-compatible endpoint."""
 
@@ -388,6 +437,23 @@ class LoadtestConfig(Section):
     # host's {workers: 4, limits: {backend: redis, redis_url: ...}} once one gateway process is the
     # limit (pipelines/gpu/params-gateway-redis.yaml). Checked against the gateway's own schema.
     gateway_overrides: dict[str, Any] = {}
+    # Arms beside the variants, measured in the same counterbalanced blocks on the same requests and
+    # paired with the control (a variant, or any arm named by `control`). Each is one of
+    # {kind: vllm, name, variant}, {kind: llamacpp, name, server: {...keys of LlamaCppConfig}},
+    # {kind: url, name, base_url, model, api_key_env, max_rate_req_per_s} (workbench/loadtest/arms.py).
+    # []: the variants only. With arms, `variants` may be [] (the arms alone).
+    arms: list[ArmConfig] = []
+
+    @model_validator(mode="after")
+    def _arm_names_are_unique(self) -> "LoadtestConfig":
+        names = [a.name for a in self.arms]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"arms: the name(s) {twice} appear more than once; each arm needs its own name")
+        if self.arms and self.base_url:
+            raise ValueError("loadtest.base_url and loadtest.arms both set: name the endpoint as an arm "
+                             "({kind: url, name, base_url, model, api_key_env}) instead")
+        return self
 
     @model_validator(mode="after")
     def _long_context_fits_the_server(self) -> "LoadtestConfig":
@@ -630,6 +696,9 @@ class ReportConfig(Section):
     # What each compared arm costs, keyed by arm name (a variant, "<variant>@gateway", a llama.cpp or
     # URL arm's name); an arm without a price has no cost figure. {}: costs are not reported.
     prices: dict[str, PriceConfig] = {}
+    # Costs within this share of the cheapest are a tie in the recommender's cost tie-break
+    # (workbench/recommend.py): a price list's rounding is not a saving.
+    cost_tie_pct: float = Field(default=5.0, ge=0)
 
 
 class ShardConfig(Section):

@@ -20,6 +20,14 @@ load test's typed result at the target rate) and returns a typed ``Decision`` wi
    c. size on disk (within ``size_tie_pct`` of the smallest is a tie),
    d. speed at the target rate (E2E latency, Mann-Whitney U, every pair, Holm at ALPHA; skipped
       when the load test's drift control moved, since then no speed comparison is reliable).
+   e. cost (``report.prices``): a deterministic tie-break, not a test. Among the candidates every
+      statistical step above kept, the cheapest per million output tokens at its sustained SLO
+      rate is kept (``cost_tie_pct`` of it is a tie); it needs a cost for every one of them, else
+      it is skipped and the reason names who has no price. Why a tie-break and not an eligibility
+      bound: quality, the SLO and speed are decided first with their error rates intact (the
+      cost step only chooses among candidates no test could separate, so it cannot make the rule
+      drop a better one), and a price is exact while a cost bound would need a budget the
+      project does not have. Its interval (carried from the rate's) is shown, not tested.
 3. Still tied after every criterion: the first in ``report.variants`` order. This is the only
    place the order counts: every comparison is made for every pair, so the kept sets are the same
    for any order, and the reason says that no test separates the tied candidates and how many
@@ -66,6 +74,10 @@ class Candidate:
     # Its E2E p50 (ms) in each block of the load test at the target rate: the unit the speed
     # comparison replicates over (requests within a step are autocorrelated; blocks pair arms).
     e2el_blocks: dict[int, float] = field(default_factory=dict)
+    # Price per 1e6 output tokens at its sustained SLO rate (workbench/cost.py), in cost_currency;
+    # None: no price in report.prices, or no rate to price.
+    cost: stats.Estimate | None = None
+    cost_currency: str = ""
 
 
 def _page(doc_id: str, rec: tuple) -> str:
@@ -297,6 +309,30 @@ def _by_speed(cands: list[Candidate], drifted: bool) -> Step:
                      + note, text, lambda cmp: cmp.diff.value > 1)
 
 
+def _by_cost(cands: list[Candidate], tie_pct: float) -> Step:
+    """The cheapest per million output tokens, a deterministic tie-break (module docstring, e)."""
+    method = f"tie-break on price per 1e6 output tokens at the sustained rate (within {tie_pct:g} % is a tie)"
+    unpriced = [c.variant for c in cands if c.cost is None or not _finite(c.cost.value)]
+    currencies = {c.cost_currency for c in cands if c.variant not in unpriced}
+    if unpriced or len(currencies) > 1:
+        why = (f"no cost for {', '.join(unpriced)} (report.prices, or no sustained rate)" if unpriced
+               else f"prices in different currencies {sorted(currencies)}")
+        return Step(criterion="cost", kept=[c.variant for c in cands], method=method,
+                    ties={cands[0].variant: f"cost not weighed: {why}"})
+    cheapest = min(cands, key=lambda c: c.cost.value)
+    bound = cheapest.cost.value * (1 + tie_pct / 100)
+    kept, dropped, ties = [], {}, {}
+    fmt = lambda c: f"{c.cost.text('.3g')} {c.cost_currency} per 1e6 output tokens"  # noqa: E731
+    for c in cands:
+        if c.cost.value > bound:
+            dropped[c.variant] = f"{fmt(c)} vs {fmt(cheapest)} for {cheapest.variant}"
+        else:
+            kept.append(c.variant)
+            if c is not cheapest:
+                ties[c.variant] = f"{fmt(c)}, within {tie_pct:g} % of {cheapest.variant}'s {fmt(cheapest)}"
+    return Step(criterion="cost", kept=kept, dropped=dropped, ties=ties, method=method)
+
+
 def quality_alpha(cands: list[Candidate], suite: str) -> tuple[float, int]:
     """ALPHA split (Bonferroni) over the quality criteria on which >= 2 candidates have evidence."""
     with_ppl = sum(1 for c in cands if c.ppl is not None and c.ppl.value is not None and c.documents)
@@ -323,6 +359,8 @@ def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, 
     steps: list[Step] = []
     criteria = [lambda p: _by_perplexity(p, alpha_q, seed), lambda p: _by_accuracy(p, suite, alpha_q),
                 lambda p: _by_size(p, cfg.size_tie_pct), lambda p: _by_speed(p, drifted)]
+    if any(c.cost is not None for c in pool):  # report.prices names an arm of this decision
+        criteria.append(lambda p: _by_cost(p, cfg.cost_tie_pct))
     for criterion in criteria:
         if len(pool) == 1:
             break
@@ -336,6 +374,8 @@ def recommend(cands: list[Candidate], cfg: ReportConfig, drifted: bool = False, 
         acc = chosen.accuracy.get(suite)
         reason += f", {cfg.accuracy_metric} {acc.text('.3f')}" if acc and acc.value is not None else ""
         reason += f", {chosen.bytes / 1e6:.0f} MB)" if chosen.bytes else ")"
+    if chosen.cost is not None and chosen.cost.value is not None:
+        reason += f", costing {chosen.cost.text('.3g')} {chosen.cost_currency} per 1e6 output tokens"
     evidence = []
     for s in steps:  # every criterion that was weighed, with what it showed
         parts = [f"{v} dropped, {w}" for v, w in s.dropped.items()] + [f"{v} tied, {w}" for v, w in s.ties.items()]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from workbench import evaluate, loadtest, plots, power, stats
 from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
+from workbench.cost import cost_per_million_output_tokens
 from workbench.loadgen import summary
 from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary
@@ -85,6 +86,41 @@ def e2el_blocks_at(lt: Report, rate: float) -> dict[int, float]:
     return out
 
 
+def sustained_rate(lt: Report) -> stats.Estimate:
+    """The arm's sustained rate at the SLO (req/s): the knee search's bracket [lo, hi] (knee mode),
+    else the highest swept rate shown to meet the SLO (a point: the sweep brackets nothing)."""
+    knee = lt.details.get("knee")
+    if knee:
+        k = KneeResult.model_validate(knee)
+        return stats.Estimate(value=k.lo, lo=k.lo, hi=k.hi, method="knee search bracket",
+                              note="highest rate shown to pass the SLO; hi the lowest that did not")
+    rate = lt.metrics.get("slo_rate_req_per_s")
+    return stats.Estimate(value=rate or None, lo=rate or None, method="sweep",
+                          note="highest swept rate shown to meet the SLO (a lower bound)")
+
+
+def tokens_per_request(lt: Report, rate: float) -> tuple[float | None, float | None]:
+    """Mean (prompt, completion) tokens of the measured, successful requests offered at ``rate``,
+    from the server's usage in the raw records: the token mix a price per token applies to."""
+    recs = [r for s in loadtest.steps_of(lt) if s.offered_req_per_s == rate and s.records_file
+            and Path(s.records_file).exists() for r in loadtest.read_records(s.records_file)
+            if r.success and not r.warmup and r.completion_tokens]
+    if not recs:
+        return None, None
+    return (sum(r.prompt_tokens or 0 for r in recs) / len(recs),
+            sum(r.completion_tokens for r in recs) / len(recs))
+
+
+def arm_cost(variant: str, lt: Report, load: RateSummary, cfg: ReportConfig) -> stats.Estimate | None:
+    """``report.prices[variant]`` per 1e6 output tokens at the arm's sustained SLO rate, or None
+    without a price."""
+    price = cfg.prices.get(variant)
+    if price is None:
+        return None
+    tokens_in, tokens_out = tokens_per_request(lt, load.offered_req_per_s)
+    return cost_per_million_output_tokens(price, sustained_rate(lt), tokens_in, tokens_out)
+
+
 def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tuple[Candidate, dict]:
     """A variant's evidence for the recommender, and what else its table row needs."""
     q, e, lt = _load("quantize", variant), _load("evaluate", variant), _load("loadtest", variant)
@@ -115,6 +151,10 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
         c.load = at_rate(rates, cfg.target_rate_req_per_s)
         c.e2el_ms = latencies_at(lt, c.load.offered_req_per_s)["e2el"]
         c.e2el_blocks = e2el_blocks_at(lt, c.load.offered_req_per_s)
+        c.cost = arm_cost(variant, lt, c.load, cfg)
+        if c.cost is not None:
+            c.cost_currency = cfg.prices[variant].currency
+            extra["cost"] = c.cost
         extra["rates"] = rates
         extra["tpot_low_load"] = min(rates, key=lambda r: r.offered_req_per_s).latency["tpot"].at(50)
         if lt.details.get("knee"):
@@ -138,6 +178,8 @@ def quant_row(c: Candidate, extra: dict, base: Candidate | None, base_bytes: flo
             row[f"{s}_vs_base"] = _dump(accuracy_diff(c, base, s))
     if extra.get("knee"):
         row["sustained_req_per_s"] = extra["knee"]
+    if extra.get("cost") is not None:  # report.prices: per 1e6 output tokens at the sustained rate
+        row["cost_per_million_output_tokens"] = _dump(extra["cost"])
     return row
 
 
@@ -176,6 +218,7 @@ def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
         put("ttft_ms_p99_at_target", load.latency["ttft"].at(99))
         put("goodput_at_target", load.goodput)
         out["slo_at_target"] = {"pass": 1.0, "fail": 0.0}.get(load.slo.overall.value, 0.5)
+    put("cost_per_million_output_tokens", _est(row.get("cost_per_million_output_tokens")))
     return out
 
 

@@ -1,9 +1,9 @@
 """Relaying an upstream SSE stream: usage capture, output filtering, optional gzip.
 
-The app reads whatever bytes arrive, cuts them at the last blank line (``EventSplitter``: SSE
-lines end in LF, CRLF or CR; vLLM uses LF, and CR / CRLF are turned into LF so every event is
-cut out, filtered and sent as soon as it is complete), and hands the complete events to
-``StreamRelay.process`` at once, so an event never waits for the next one. Without output
+The app reads whatever bytes arrive, cuts them at the last blank line
+(``workbench.sse.EventSplitter``, the splitter the load generator uses too: SSE lines end in LF,
+CRLF or CR; vLLM uses LF, and CR / CRLF are turned into LF so every event is cut out, filtered and
+sent as soon as it is complete), and hands the complete events to ``StreamRelay.process`` at once, so an event never waits for the next one. Without output
 filtering or moderation the bytes pass unchanged and only events mentioning ``"usage"`` are
 parsed. Either way the relay counts the events that carry generated text (``streamed``), so a
 stream the client drops still has a token count to charge and audit.
@@ -24,6 +24,7 @@ import zlib
 
 from workbench.gateway.filter import StreamFilter, WordFilter
 from workbench.gateway.logprobs import LogprobGuard, completion_entries, completion_logprobs
+from workbench.sse import EventSplitter, event_data  # the one SSE parser; EventSplitter re-exported for relay.py
 
 try:
     import orjson
@@ -89,39 +90,6 @@ def _with_logprobs(lp: dict, released: dict[str, list], chat: bool) -> dict:
     if chat:
         return {**lp, **released}
     return {**lp, **completion_logprobs(released.get("text", []))}
-
-
-class EventSplitter:
-    """Cuts a byte stream into complete SSE events, LF-terminated. A CR ending a chunk ends its
-    line at once; an LF starting the next chunk is then the rest of that CRLF, and dropped."""
-
-    __slots__ = ("buf", "cr", "first")
-
-    def __init__(self):
-        self.buf, self.cr, self.first = b"", False, True
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.first and chunk:  # the SSE spec: one UTF-8 BOM at the start of a stream is dropped
-            self.first = False
-            if chunk[:3] == b"\xef\xbb\xbf":
-                chunk = chunk[3:]
-        if self.cr and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self.cr = chunk[-1:] == b"\r"
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self.buf + chunk if self.buf else chunk
-        cut = buf.rfind(b"\n\n")
-        if cut < 0:
-            self.buf = buf
-            return b""
-        self.buf = buf[cut + 2:]
-        return buf[:cut + 2]
-
-    def rest(self) -> bytes:
-        """What is left when the stream ends: a last event without its blank line, or b""."""
-        rest, self.buf = self.buf, b""
-        return rest + b"\n\n" if rest.strip() else b""
 
 
 def error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -226,18 +194,13 @@ class StreamRelay:
 
     def _event(self, ev: bytes) -> bytes:
         raw = ev + b"\n\n"
-        if ev.startswith(b"data:"):
-            head, payload = b"", ev[5:]
-        else:  # "event:" / "id:" lines or a comment before the data
-            i = ev.find(b"\ndata:")
-            if i < 0:
-                return raw  # comments, keep-alives
-            head, payload = ev[:i + 1], ev[i + 6:]
-        if b"\ndata:" in payload:  # several data lines: one value, joined by LF (the SSE spec)
-            first, *more = payload.split(b"\n")
-            payload = b"\n".join([first] + [ln[5:] for ln in more if ln.startswith(b"data:")])
-            head += b"".join(ln + b"\n" for ln in more if not ln.startswith(b"data:"))
-        payload = payload.strip()
+        value = event_data(ev)  # the one SSE parser: several data lines are one value (LF-joined)
+        if value is None:
+            return raw  # comments, keep-alives
+        # "event:" / "id:" lines and comments are kept, relayed before the (rewritten) data line
+        head = b"" if ev.startswith(b"data:") and b"\n" not in ev else b"".join(
+            ln + b"\n" for ln in ev.split(b"\n") if ln and ln.partition(b":")[0] != b"data")
+        payload = value.strip()
         if payload == b"[DONE]":
             if not self.parse_all:
                 return raw

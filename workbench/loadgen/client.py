@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
         return json.dumps(obj, separators=(",", ":")).encode()
 
 from workbench.loadgen.workloads import RequestSpec
+from workbench.sse import DONE, EventSplitter, split_data
 
 START_LEAD_S = 0.05  # the first arrival fires this long after the step is set up
 
@@ -104,36 +105,39 @@ def _usage(rec: Record, usage: dict | None) -> None:
         rec.completion_tokens = usage.get("completion_tokens")
 
 
+def _read_events(data: bytes, rec: Record, now: float) -> None:
+    for payload in split_data(data):
+        if payload == DONE:
+            continue
+        obj = _loads(payload)
+        choices = obj.get("choices")
+        if choices:
+            if rec.first_token_s is None:
+                rec.first_token_s = now
+            rec.chunk_s.append(now)
+            c = choices[0]
+            delta = c.get("delta")
+            if (delta.get("content") if delta else c.get("text")):
+                rec.content_chunks += 1
+        elif "usage" in obj:
+            _usage(rec, obj["usage"])
+        elif "error" in obj:
+            rec.error, rec.error_detail = "stream_error", str(obj["error"])[:300]
+
+
 async def _read_stream(resp: aiohttp.ClientResponse, rec: Record, t0: float) -> None:
-    buf = b""
+    # workbench/sse.py cuts events at any line end (LF, CRLF, CR): splitting on LF alone read a
+    # CRLF-framed stream (sse-starlette's default) as one event that never ended: 0 of 1 successes.
+    frames = EventSplitter()
     clock = time.perf_counter
     async for data in resp.content.iter_any():
         now = clock() - t0  # one arrival time for every event in this network read
-        buf += data
-        if b"\n\n" not in buf:
-            continue
-        *events, buf = buf.split(b"\n\n")
-        for event in events:
-            event = event.strip()
-            if not event.startswith(b"data:"):
-                continue  # blank keep-alive or SSE comment
-            payload = event[5:].lstrip()
-            if payload == b"[DONE]":
-                continue
-            obj = _loads(payload)
-            choices = obj.get("choices")
-            if choices:
-                if rec.first_token_s is None:
-                    rec.first_token_s = now
-                rec.chunk_s.append(now)
-                c = choices[0]
-                delta = c.get("delta")
-                if (delta.get("content") if delta else c.get("text")):
-                    rec.content_chunks += 1
-            elif "usage" in obj:
-                _usage(rec, obj["usage"])
-            elif "error" in obj:
-                rec.error, rec.error_detail = "stream_error", str(obj["error"])[:300]
+        events = frames.feed(data)
+        if events:
+            _read_events(events, rec, now)
+    rest = frames.rest()  # a last event without its blank line
+    if rest:
+        _read_events(rest, rec, clock() - t0)
     if rec.error is None and rec.first_token_s is None:
         rec.error = "no_token"  # vLLM: "Never received a valid chunk to calculate TTFT"
 

@@ -9,7 +9,8 @@ After guidellm's profiles and strategies (docs/DESIGN.md):
 
     plan.py      what next: sweep (rates x repeats), knee (a search per arm), concurrency (closed loop
                  at 1 ... N in flight); blocks of every arm once, in a seeded order. Pure.
-    arms.py      what is measured: managed vLLM servers, gateway processes, any URL.
+    arms.py      what is measured: managed vLLM servers, gateway processes, any URL, and
+                 loadtest.arms (a managed llama.cpp server, a URL with its key from the env).
     step.py      one step: requests sent, probes read, raw records kept.
     executor.py  ``run(cfg)``: the one executor, for the DVC stage, the notebook and the CLI.
     report.py    each arm's report (written first), its tables, plots and MLflow ``track``.

@@ -1,10 +1,14 @@
 """Arms: what a load test measures, and how to reach (and, if managed, start and stop) it.
 
-An arm is a name and an OpenAI-compatible endpoint (``Arm``). Three kinds come in here:
+An arm is a name and an OpenAI-compatible endpoint (``Arm``). These kinds come in here:
 
 - a managed vLLM server per variant (``workbench/serve.py``; ``server_config`` is its config),
 - the gateway as its own process in front of a variant's server (``<variant>@gateway``),
-- any URL (``loadtest.base_url``, with its ``api_key``): nothing to start or stop.
+- any URL (``loadtest.base_url``, with its ``api_key``): nothing to start or stop,
+- ``loadtest.arms`` beside the variants: ``vllm`` (a variant under the arm's name), ``llamacpp``
+  (the GGUF on a managed llama.cpp server, workbench/llamacpp.py) and ``url`` (any endpoint, its
+  key read from the environment variable ``api_key_env`` names; the key stays in the ``Target``
+  in memory, and only the variable's name reaches the server info, reports and logs).
 
 ``open_arms`` brings them all up on one ``contextlib.ExitStack`` (servers in parallel with
 ``parallel_start``) and says which variants could not be served; the stack stops them. Imports no
@@ -16,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.config import LoadtestConfig, deep_merge
+from workbench.config import LlamaCppArm, LoadtestConfig, UrlArm, VllmArm, deep_merge
 from workbench.loadgen.client import Target
 
 log = logging.getLogger(__name__)
@@ -56,23 +61,74 @@ def target(cfg: LoadtestConfig, base_url: str, variant: str | None = None) -> Ta
 
 def server_config(cfg: LoadtestConfig, variant: str):
     """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``), with
-    ``server_overrides[variant]`` applied (a configuration compared under its own name)."""
+    ``server_overrides[variant]`` applied (a configuration compared under its own name). A ``vllm``
+    arm of ``loadtest.arms`` serves models/<its variant> under its own name."""
+    arm = arm_config(cfg, variant)
+    folder = arm.variant or arm.name if isinstance(arm, VllmArm) else variant
     over = cfg.server_overrides.get(variant, {})
-    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{variant}", **over}
+    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{folder}", **over}
     return type(cfg.server).model_validate(merged)
+
+
+def arm_config(cfg: LoadtestConfig, name: str) -> VllmArm | LlamaCppArm | UrlArm | None:
+    """The ``loadtest.arms`` entry called ``name``; None for a variant."""
+    return next((a for a in cfg.arms if a.name == name), None)
+
+
+def api_key(arm: UrlArm) -> str | None:
+    """The URL arm's key, read from the environment variable it names (never from params)."""
+    if arm.api_key_env is None:
+        return None
+    value = os.environ.get(arm.api_key_env)
+    if not value:
+        raise ValueError(f"loadtest.arms '{arm.name}': api_key_env names the environment variable "
+                         f"'{arm.api_key_env}', which is not set (or empty): export it before running")
+    return value
+
+
+def arm_target(cfg: LoadtestConfig, name: str, base_url: str) -> Target:
+    """The requests' target for the arm ``name`` at ``base_url``: the run's endpoint settings, with
+    a ``loadtest.arms`` entry's own model name and key."""
+    arm = arm_config(cfg, name)
+    if isinstance(arm, UrlArm):
+        return dataclasses.replace(target(cfg, base_url), model=arm.model, api_key=api_key(arm))
+    if isinstance(arm, LlamaCppArm):
+        return dataclasses.replace(target(cfg, base_url), model=arm.server.model_name, api_key=None)
+    return target(cfg, base_url, name)  # a variant, or a vllm arm: its server's served name
+
+
+@contextlib.contextmanager
+def _llamacpp(arm: LlamaCppArm, log_dir: Path):
+    from workbench.llamacpp import LlamaCppServer  # a subprocess; xllamacpp is imported there only
+
+    with LlamaCppServer(arm.server, log_path=log_dir / "llamacpp.log") as server:
+        yield server.base_url, {"managed": True, "engine": "llama.cpp", "base_url": server.base_url,
+                                "model_file": str(server.model_path), "startup_s": server.startup_s,
+                                "log": str(server.log_path), "pid": server.proc.pid,
+                                "parallel": arm.server.parallel, "command": server.shown_command()}
 
 
 @contextlib.contextmanager
 def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
-    """(base_url, details): the configured URL, or a managed vLLM up for the block."""
+    """(base_url, details): the configured URL, or a managed vLLM up for the block; for a
+    ``loadtest.arms`` entry, its URL or its managed llama.cpp / vLLM server."""
+    arm = arm_config(cfg, variant)
+    if isinstance(arm, UrlArm):  # the key's variable is named, never its value
+        yield arm.base_url, {"managed": False, "engine": "url", "base_url": arm.base_url, "model": arm.model,
+                             "api_key_env": arm.api_key_env, "max_rate_req_per_s": arm.max_rate_req_per_s}
+        return
+    if isinstance(arm, LlamaCppArm):
+        with _llamacpp(arm, log_dir) as up:
+            yield up
+        return
     if cfg.base_url:
         yield cfg.base_url.rstrip("/"), {"managed": False, "base_url": cfg.base_url}
         return
     from workbench.serve import VLLMServer  # imports httpx only, never vLLM
 
     with VLLMServer(server_config(cfg, variant), log_path=log_dir / "vllm.log") as server:
-        yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
-                                "startup_s": server.startup_s, "device": server.device,
+        yield server.base_url, {"managed": True, "engine": "vllm", "base_url": server.base_url,
+                                "model_dir": server.cfg.model_dir, "startup_s": server.startup_s, "device": server.device,
                                 "log": str(server.log_path), "pid": server.proc.pid,
                                 "command": server.shown_command()}
 
@@ -168,10 +224,12 @@ def check_alive(arms: list[Arm], infos: dict[str, dict]) -> None:
                               f"step" + (f"; its log ends:\n{tail(Path(log_path))}" if log_path else ""))
 
 
-def arm_names(variants: list[str], gateway_arms: list[str]) -> list[str]:
-    """Every arm's name, in the run's base order: each variant, its gateway arm right after it."""
+def arm_names(variants: list[str], gateway_arms: list[str], arms: tuple = ()) -> list[str]:
+    """Every arm's name, in the run's base order: each variant, its gateway arm right after it,
+    then the ``loadtest.arms`` entries (``arms``: their configs or names) in their order."""
     via = set(gateway_arms)
-    return [n for v in variants for n in ([v, gateway_arm(v)] if v in via else [v])]
+    return [n for v in variants for n in ([v, gateway_arm(v)] if v in via else [v])] + \
+        [getattr(a, "name", a) for a in arms]
 
 
 def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitStack
@@ -184,21 +242,26 @@ def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitSt
     arms: list[Arm] = []
     infos: dict[str, dict] = {}
     failed: dict[str, Exception] = {}
-    started = start_endpoints(cfg, variants, stack)  # the servers stay up together
-    for v in variants:
+    every = list(variants) + [a.name for a in cfg.arms]  # loadtest.arms after the variants
+    started = start_endpoints(cfg, every, stack)  # the servers stay up together
+    for v in every:
         if isinstance(started[v], ServerError):  # the variant cannot be served here: say so, measure the rest
             failed[v] = started[v]
             if v in via:
                 failed[gateway_arm(v)] = started[v]
             continue
         base_url, info = started[v]
-        root_url = base_url.removesuffix("/v1")  # vLLM's own /metrics, also behind a gateway
-        tgt = target(cfg, base_url, v)
+        extra = arm_config(cfg, v)
+        # The server's own /metrics, also behind a gateway; a URL arm's is not ours to scrape.
+        root_url = None if isinstance(extra, UrlArm) else base_url.removesuffix("/v1")
+        tgt = arm_target(cfg, v, base_url)
         if cfg.via_gateway:
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model, Path(cfg.out_dir) / v))
             tgt = dataclasses.replace(tgt, base_url=gw_url, api_key=key)
             info = {**info, "via_gateway": gw_url}
-        cap = server_config(cfg, v).max_num_seqs if info.get("managed") else None
+        # The admission cap: vLLM's max_num_seqs, llama.cpp's slots; unknown for a URL.
+        cap = (extra.server.parallel if isinstance(extra, LlamaCppArm)
+               else server_config(cfg, v).max_num_seqs if info.get("managed") else None)
         infos[v] = {**info, "max_num_seqs": cap} if cap else info
         arms.append(Arm(v, tgt, root_url, info.get("pid"), cap))
         if v in via:  # a second arm on the same server, through its own gateway

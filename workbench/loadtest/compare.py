@@ -25,6 +25,7 @@ from workbench.loadgen import summary, timecompare
 from workbench.loadgen import timestats as ts
 from workbench.loadgen.knee import KneeResult
 from workbench.loadtest.arms import gateway_arm
+from workbench.loadtest.plan import rate_caps
 from workbench.loadtest.report import STAGE, VARIANT, point_label, workload_fingerprint
 from workbench.reports import Report, write_report
 
@@ -204,6 +205,8 @@ def compared_report(cfg: LoadtestConfig, variants: list[str], names: list[str], 
                  "drift": drift,
                  "paired": paired_report(cfg, done, names),
                  "gateway": gateway,
+                 # a URL arm's offered-rate cap (req/s): above it the arm was not measured
+                 "rate_caps": rate_caps(cfg),
                  "time_budget": {"max_duration_s": cfg.max_duration_s, "stopped": stopped},
                  "reports": {v: str(r.path) for v, r in reports.items()}})
     write_report(report)

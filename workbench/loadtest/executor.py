@@ -113,11 +113,18 @@ async def execute(cfg: LoadtestConfig, plan: Plan, arms: list[Arm],
 
 
 def check(cfg: LoadtestConfig, variant: str | None) -> list[str]:
-    """The variants this run measures, or a ValueError naming the key that makes it impossible."""
+    """The variants this run measures (``loadtest.arms`` come beside them), or a ValueError naming
+    the key that makes it impossible. ``variant`` may name a ``loadtest.arms`` entry: that arm alone
+    (``run`` keeps only it in ``cfg.arms``)."""
     if not variant and cfg.variants is None:
         raise ValueError("loadtest.variants is null: list the variants to compare, or read the config "
                          "through params.yaml (null there = base and every quantize.variants entry with serve: true)")
-    variants = [variant] if variant else list(dict.fromkeys(cfg.variants))
+    if variant and arms_mod.arm_config(cfg, variant) is not None:
+        variants = []
+    else:
+        variants = [variant] if variant else list(dict.fromkeys(cfg.variants))
+    if not variants and not cfg.arms:
+        raise ValueError("nothing to measure: loadtest.variants is [] and loadtest.arms is empty")
     if cfg.base_url and len(variants) > 1:
         raise ValueError(f"loadtest.base_url names one endpoint; compare {variants} with managed servers "
                          "(base_url: null) or load-test one variant at a time")
@@ -128,7 +135,17 @@ def check(cfg: LoadtestConfig, variant: str | None) -> list[str]:
     if cfg.gateway_arms and cfg.via_gateway:
         raise ValueError("loadtest.via_gateway puts the gateway in front of every arm, gateway_arms adds a "
                          "gateway arm beside a direct one: set one of them")
-    names = arms_mod.arm_names(variants, cfg.gateway_arms)
+    taken = set(arms_mod.arm_names(variants, cfg.gateway_arms))
+    clash = [a.name for a in cfg.arms if a.name in taken]
+    if clash:
+        raise ValueError(f"loadtest.arms names {clash}, already the name of a variant or gateway arm of this run")
+    urls = [a for a in cfg.arms if a.kind == "url"]
+    if urls and cfg.via_gateway:  # the gateway's config file would have to hold the arm's key
+        raise ValueError(f"loadtest.via_gateway with the URL arm(s) {[a.name for a in urls]}: the gateway "
+                         "fronts managed servers only; compare a URL arm directly")
+    for a in urls:
+        arms_mod.api_key(a)  # an unset key variable fails now, named, before any server starts
+    names = arms_mod.arm_names(variants, cfg.gateway_arms, cfg.arms)
     if cfg.control is not None and cfg.control not in names:
         raise ValueError(f"loadtest.control '{cfg.control}' is not an arm of this run {names}")
     return variants
@@ -144,8 +161,10 @@ def run(cfg: LoadtestConfig, variant: str | None = None, stage: str = rep.STAGE)
     if variant:
         cfg = cfg.model_copy(update={"variant": variant})
     variant = cfg.variant
+    if variant:  # one arm alone: a variant (no loadtest.arms beside it), or a loadtest.arms entry
+        cfg = cfg.model_copy(update={"arms": [a for a in cfg.arms if a.name == variant]})
     variants = check(cfg, variant)
-    names = arms_mod.arm_names(variants, cfg.gateway_arms)
+    names = arms_mod.arm_names(variants, cfg.gateway_arms, cfg.arms)
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
     outputs: dict[str, dict[str, str]] = {v: {} for v in names}
     for v in names:

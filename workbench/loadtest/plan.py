@@ -25,6 +25,11 @@ A step too short to tell (``steady`` None) counts as undecided, so the search me
 again (its requests pooled) and, still undecided after ``knee.max_repeats``, takes it as the upper
 end marked undecided; a failed SLO stays a fail, because latency only grows while a queue builds.
 A pass needs a step that reached steady state.
+
+**Rate caps.** A URL arm's ``max_rate_req_per_s`` (a hosted API's limit or bill) keeps it out of
+any block whose offered rate is above the cap: its sweep stops there; its knee search, asked for a
+rate above the cap, ends with the bracket it has and a note naming the cap. Closed-loop points
+(concurrency mode) have no offered rate and are not capped.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Plan:
 
     def __init__(self, cfg: LoadtestConfig, arms: list[str]):
         self.cfg, self.arms = cfg, list(arms)
+        self.caps = rate_caps(cfg)
         self.blocks = 0
         self.stopped: str | None = None
         self.issued: dict[tuple[str, Point], int] = {}  # steps issued per (arm, point): the repeat index
@@ -148,10 +154,12 @@ class SweepPlan(Plan):
         while not self.stopped and self.cursor < self.cfg.repeats * len(self.points):
             index = self.cursor % len(self.points)
             self.cursor += 1
-            live = [a for a in self.arms if index <= self.saturated.get(a, math.inf)]
+            point = self.points[index]
+            live = [a for a in self.arms if index <= self.saturated.get(a, math.inf)
+                    and (point.concurrency is not None or point.rate <= self.caps.get(a, math.inf))]
             if live:
                 role = "measure"
-                return self._block([(a, self.points[index], index, role) for a in live])
+                return self._block([(a, point, index, role) for a in live])
         return None
 
     def observe(self, spec: StepSpec, outcome: Outcome) -> None:
@@ -178,13 +186,18 @@ class KneePlan(Plan):
             for search in self.searches.values():
                 search.stop(self.stopped)
             return None
+        for a, search in self.searches.items():
+            rate = search.next_rate()
+            if rate is not None and rate > self.caps.get(a, math.inf):
+                search.stop(f"the arm's rate cap (max_rate_req_per_s {self.caps[a]:g}) is below the "
+                            f"next probe, {rate:.3g} req/s")
         wanted = [(a, Point(rate), 0, "knee") for a, s in self.searches.items()
                   if (rate := s.next_rate()) is not None]
         if self.low_left and (self.since_low is None or self.since_low >= self.gap or not wanted):
             self.low_left -= 1
             self.since_low = 0
             low = Point(self.cfg.knee.low_load_req_per_s)
-            return self._block([(a, low, 0, "low-load") for a in self.arms])
+            return self._block([(a, low, 0, "low-load") for a in self.arms if low.rate <= self.caps.get(a, math.inf)])
         if not wanted:
             return None
         self.since_low = (self.since_low or 0) + 1
@@ -196,6 +209,12 @@ class KneePlan(Plan):
 
     def knees(self) -> dict[str, KneeResult]:
         return {a: s.result() for a, s in self.searches.items()}
+
+
+def rate_caps(cfg: LoadtestConfig) -> dict[str, float]:
+    """{arm: the highest offered rate (req/s) it may be sent}, for the arms that have a cap."""
+    return {a.name: a.max_rate_req_per_s for a in cfg.arms
+            if getattr(a, "max_rate_req_per_s", None) is not None}
 
 
 def points(cfg: LoadtestConfig) -> list[Point]:

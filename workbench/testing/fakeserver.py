@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover
         return json.dumps(obj, separators=(",", ":")).encode()
 
 TOKEN = "tok "
+EOLS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}  # SSE line ends (FakeOptions.line_ending)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, float("inf"))
 
@@ -65,6 +66,9 @@ class FakeOptions:
     # a stand-in for a model answering multiple-choice questions ("B", "The answer is C.", "Paris").
     answers: tuple[str, ...] = ()
     api_key: str | None = None  # when set, a request without "Authorization: Bearer <key>" gets 401
+    # SSE line end: "lf" as vLLM; "crlf" as sse-starlette's default; "cr" (legal, rare). The JSON
+    # in an event holds no raw LF, so the framing is changed by one replace on the ready bytes.
+    line_ending: str = "lf"
 
 
 def _sse(obj: dict) -> bytes:
@@ -209,12 +213,17 @@ class Fake:
                                                  "choices": [choice], "usage": usage}),
                                     content_type="application/json")
             first, tok, fin = _stream_parts(kind, o.model, n)
+            eol = EOLS[o.line_ending]
+            if eol != b"\n":
+                first, tok, fin = (part.replace(b"\n", eol) for part in (first, tok, fin))
             tail = fin
             if (body.get("stream_options") or {}).get("include_usage"):
                 tail += _sse({"id": "cmpl-fake", "created": 0,
                               "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                               "model": o.model, "choices": [], "usage": usage})
             tail += b"data: [DONE]\n\n"
+            if eol != b"\n":
+                tail = tail.replace(b"\n", eol)
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
             await resp.prepare(request)
@@ -293,10 +302,15 @@ def fake_endpoints(monkeypatch, fakes: dict[str, FakeServer]) -> list[str]:
     from workbench.loadtest import arms
 
     started: list[str] = []
+    real = arms.endpoint  # names without a fake (a URL or llama.cpp arm) reach their real endpoint
 
     @contextlib.contextmanager
     def endpoint(cfg, variant, log_dir):
         started.append(variant)
+        if variant not in fakes:
+            with real(cfg, variant, log_dir) as up:
+                yield up
+            return
         with fakes[variant] as fake:
             yield fake.base_url, {"managed": True, "base_url": fake.base_url}
 
@@ -334,10 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
     p.add_argument("--answer", action="append", default=[], help="a chat reply, in turn (repeat for more)")
     p.add_argument("--api-key", default=None, help="ask for this key (401 without it)")
+    p.add_argument("--line-ending", choices=sorted(EOLS), default=d.line_ending, help="SSE line end")
     a = p.parse_args(argv)
     opts = FakeOptions(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms, output_tokens=a.output_tokens, model=a.model,
                        fail_every=a.fail_every, max_running=a.max_running, embedding_dim=a.embedding_dim,
-                       answers=tuple(a.answer), api_key=a.api_key)
+                       answers=tuple(a.answer), api_key=a.api_key,
+                       line_ending=a.line_ending)
     try:
         import uvloop
 
