@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from workbench import loadtest
-from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig, load_params
+from workbench.config import ConfigError, KneeConfig, LoadtestConfig, SLOConfig, SteadyStateConfig, load_params
 from workbench.reports import read_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
@@ -88,7 +88,8 @@ def test_knee_of_a_variant_direct_and_through_the_gateway_and_their_ratio(in_tmp
         cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
                              warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=["v"],
                              slo=SLOConfig(ttft_ms=60, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
-                             knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=6))
+                             knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=6),
+                             steady_state=SteadyStateConfig(min_requests=8))  # 20-request probes
         report = loadtest.run(cfg, variant="v")  # one variant: its report back, all.json beside it
     assert report.variant == "v"
     gw = read_report(in_tmp / "reports/loadtest/v@gateway.json")
