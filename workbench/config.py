@@ -720,7 +720,8 @@ class SpeedConfig(Section):
     with the load test's executor. The CPU default serves a toy shape to run the path end to end;
     a GPU profile (pipelines/gpu/params-gpu3.yaml) serves Llama-3.1-8B's."""
 
-    shapes: dict[str, ShapeConfig] = {"toy-llama3": ShapeConfig(config="data/shapes/toy-llama3.json")}
+    # name -> shape; a profile merged over params.yaml drops one by setting it to null
+    shapes: dict[str, ShapeConfig | None] = {"toy-llama3": ShapeConfig(config="data/shapes/toy-llama3.json")}
     precisions: list[Literal["bf16", "fp8", "awq-int4", "gptq-int4"]] = Field(default=["bf16"], min_length=1)
     # Closed-loop steps, every arm interleaved in counterbalanced blocks: TPOT at 1 is the seed's
     # table 4.2 speed column; the sweep shows where 4-bit weights stop helping. []: skipped.
@@ -734,6 +735,11 @@ class SpeedConfig(Section):
     loadtest: dict[str, Any] = {}  # loadtest keys over params.yaml's loadtest for these runs
     # Derived (Params): params.yaml's loadtest with `loadtest` merged in; the runs start from it.
     resolved: LoadtestConfig | None = None
+
+    @field_validator("shapes")
+    @classmethod
+    def _drop_removed(cls, v: dict) -> dict:
+        return {k: s for k, s in v.items() if s is not None}
 
 
 class DeployConfig(Section):

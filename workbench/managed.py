@@ -56,6 +56,19 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+SECRET_FLAGS = ("--api-key",)  # vLLM's and llama-server's key to their own /v1
+
+
+def redact(cmd: list[str]) -> str:
+    """``cmd`` joined, the value after any of SECRET_FLAGS (or in ``--flag=value``) shown as ***."""
+    out, hide = [], False
+    for arg in cmd:
+        flag = arg.split("=", 1)[0]
+        out.append("***" if hide else f"{flag}=***" if "=" in arg and flag in SECRET_FLAGS else arg)
+        hide = arg in SECRET_FLAGS
+    return " ".join(out)
+
+
 class ManagedServer(LocalServer):
     """One server process (and its children) in its own process group.
 
@@ -92,12 +105,16 @@ class ManagedServer(LocalServer):
     def on_ready(self) -> None:
         """Called once the health URL answered (vLLM renices its engine core here)."""
 
+    def shown_command(self) -> str:
+        """The command line as logs and reports may show it: a secret flag's value masked."""
+        return redact(self.command())
+
     # -- the shared life cycle -----------------------------------------------------------------
     def start(self) -> "ManagedServer":
         if self.proc is not None:
             raise RuntimeError("server already started")
         cmd = self.command()
-        log.info("starting %s: %s", self.kind, " ".join(cmd))
+        log.info("starting %s: %s", self.kind, self.shown_command())
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         self._t0 = time.perf_counter()

@@ -60,7 +60,7 @@ def _vllm_server(cfg: EvaluateConfig, stack: ExitStack) -> Backend:
         server = stack.enter_context(VLLMServer(server_cfg))  # stopped when the stack closes
         root = server.root_url
         info.update(endpoint=root, server_startup_s=round(server.startup_s, 3),
-                    server_command=" ".join(server.command()))
+                    server_command=server.shown_command())
     args = {
         "base_url": f"{root}/v1/completions",
         "model": server_cfg.model_name,

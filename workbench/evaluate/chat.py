@@ -112,9 +112,8 @@ def open_endpoint(cfg: EvaluateConfig, stack: ExitStack) -> tuple[str, str, dict
         server = stack.enter_context(VLLMServer(cfg.server.model_copy(update={"model_dir": cfg.model_path})))
         name, engine = server.cfg.model_name, "vLLM"
     # the command without --api-key's value (evaluate.server.api_key), which the report must not carry
-    command = [a if prev != "--api-key" else "***" for prev, a in zip(["", *server.command()], server.command())]
     info = {"endpoint": server.root_url, "engine": engine, "model_file": server.label,
-            "server_startup_s": round(server.startup_s, 3), "server_command": " ".join(command)}
+            "server_startup_s": round(server.startup_s, 3), "server_command": server.shown_command()}
     return server.root_url, c.model or name, info, server.api_key
 
 

@@ -74,7 +74,7 @@ def endpoint(cfg: LoadtestConfig, variant: str, log_dir: Path):
         yield server.base_url, {"managed": True, "base_url": server.base_url, "model_dir": server.cfg.model_dir,
                                 "startup_s": server.startup_s, "device": server.device,
                                 "log": str(server.log_path), "pid": server.proc.pid,
-                                "command": " ".join(server.command())}
+                                "command": server.shown_command()}
 
 
 @contextlib.contextmanager

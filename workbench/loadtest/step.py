@@ -103,6 +103,9 @@ def step_requests(cfg: LoadtestConfig, specs: list[workloads.RequestSpec], index
     return workloads.sample(specs, len(offsets), rng), offsets
 
 
+CLOSED_LOOP_ROUNDS = 4  # measured requests of a closed-loop step: at least 4 x its concurrency
+
+
 class LatencyWindow:
     """Where a step's warm-up and measurement end, decided from the latency seen as it runs."""
 
@@ -197,6 +200,11 @@ async def measure_step(cfg: LoadtestConfig, arm: Arm, session, specs: list[workl
         log.info("%s step %s (repeat %d): %s arrivals at %g req/s, warm-up and window sized from the latency "
                  "seen (at most %.0f s)", arm.variant, label, repeat, cfg.arrival, rate, float(offsets[-1]))
     else:
+        if point.concurrency:  # closed loop: the first `concurrency` replies fill the batch (warm-up),
+            # then CLOSED_LOOP_ROUNDS batches' worth measured, so that the batch stays full
+            warmup = max(cfg.warmup_requests, point.concurrency)
+            cfg = cfg.model_copy(update={"warmup_requests": warmup, "requests_per_step": max(
+                cfg.requests_per_step, cfg.steady_state.min_requests, CLOSED_LOOP_ROUNDS * point.concurrency)})
         reqs, offsets = step_requests(cfg, specs, index, rate, repeat)
         log.info("%s step %s (repeat %d): %d requests (%d warm-up), %s", arm.variant, label, repeat, len(reqs),
                  min(cfg.warmup_requests, len(reqs)), f"closed loop at {point.concurrency} in flight"
