@@ -150,12 +150,12 @@ SLOW_FIXTURES = {
     "mlflow_server": "an MLflow server and a DVC pipeline",
     "team_server": "MLflow on PostgreSQL",
     "fake_stage": "the evaluate stage through lm-eval (10-70 s each)",
-    "knee_run": "the GPU runner's load-test phase against fake servers (7 s setup)",
+    "serving_run": "params-serving-configs.yaml's load test against fake servers, returned and imported (11 s setup)",
     "redis_exe": "a redis-server process",
     "llamacpp_server": "a llama.cpp server on the default GGUF (model work; ~3 s start)",
 }
 SLOW = {
-    "test_gpu_runner.py": "runs pipelines/gpu's scripts (repro.sh, dvc, import) end to end: 66 s",
+    "test_gpu_pipeline.py": "runs pipelines/gpu's scripts (overlay, repro.sh, a load test, import) end to end: 66 s",
     "test_dvc_plan.py": "dvc status / repro --dry / dag on copies of the project: 10 s",
     "test_config.py::test_pipeline_runner_fails_on_typo_before_running_the_notebook": "the DVC runner as a process: 8 s",
     "test_gateway_http.py": "each test starts the gateway as a process (python -m workbench.gateway): 18 s",

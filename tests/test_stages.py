@@ -143,11 +143,10 @@ def test_dvc_runner_executes_the_registry_notebook_with_the_variant_in_its_confi
     assert tracked == [("quantize", "gptq-int4", "reports/quantize/gptq-int4.json")]
 
 
-def test_cli_dvc_runner_and_gpu_runner_share_one_registry(monkeypatch):
+def test_cli_and_dvc_runner_share_one_registry(monkeypatch):
     import argparse
 
     from pipelines import run_stage
-    from pipelines.gpu import gpu_run
 
     offered: dict[str, set] = {}
 
@@ -167,7 +166,7 @@ def test_cli_dvc_runner_and_gpu_runner_share_one_registry(monkeypatch):
         with pytest.raises(Parsed):
             main([])
     assert offered["run_stage"] == set(stages.STAGES) <= offered["cli"]
-    assert run_stage.STAGES is stages.STAGES and gpu_run.STAGES is stages.STAGES and cli.STAGES is stages.STAGES
+    assert run_stage.STAGES is stages.STAGES and cli.STAGES is stages.STAGES
 
 
 def test_every_registered_stage_has_its_notebook_and_module():

@@ -34,7 +34,7 @@ def test_integration_and_gpu_markers_are_slow():
 
 
 def test_a_listed_module_or_test_is_slow_and_its_neighbours_are_not():
-    assert slow_reason(item(module="test_gpu_runner.py")) == SLOW["test_gpu_runner.py"]
+    assert slow_reason(item(module="test_gpu_pipeline.py")) == SLOW["test_gpu_pipeline.py"]
     assert slow_reason(item("test_fuzz_1000_cases_find_no_5xx", "test_gateway_fuzz.py"))
     assert slow_reason(item("test_fuzz_quick_finds_no_5xx", "test_gateway_fuzz.py")) is None
 

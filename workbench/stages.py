@@ -1,7 +1,7 @@
 """The stage registry: one row per pipeline stage, and one way to run a stage under tracking.
 
-The CLI (``workbench <stage>``), the DVC runner (``python -m pipelines.run_stage <stage>``) and the
-GPU runner (``pipelines/gpu/gpu_run.py``) all read their wiring here::
+The CLI (``workbench <stage>``) and the DVC runner (``python -m pipelines.run_stage <stage>``, also
+on a GPU host through pipelines/gpu/repro.sh) both read their wiring here::
 
     python -c "from workbench.stages import STAGES; print(list(STAGES))"
 

@@ -1,16 +1,18 @@
 """Log a GPU run's returned reports into this project's MLflow store, and keep them under results/.
 
-    python -m pipelines.gpu.import_results /path/to/gpu-results.tar.gz [--results results/gpu]
+    python -m pipelines.gpu.import_results runs/gpu-repro/results.tar.gz [--results results/gpu-N]
 
-The device machine keeps nothing, so its MLflow store would be lost with it: the runner returns
-the reports themselves (versioned JSON with git SHA, GPU, package versions, config), and this logs
-each one as its stage would have on this machine - a ``<stage>:<variant>`` run under the variant's
-parent, with a ``gpu-`` prefix on the variant. The load test comes back as one report per compared
-configuration (``loadtest:gpu-<name>``: metrics with their ``_ci_lo``/``_ci_hi``, one nested run per
-step, the per-rate table and plots as artifacts) and the comparison's own report ``all.json``
-(``loadtest:gpu-all``: the interleaved order, the drift check and its metrics, and the rebuilt
-summary.md). The report JSONs, the report stage's plots and the summary are copied to
-``results/gpu/`` (committed: the README cites them); the store is not.
+The device machine keeps nothing, so its MLflow store would be lost with it: pipelines/gpu/repro.sh
+returns the reports themselves in ``results.tar.gz`` (versioned JSON with git SHA, GPU, package
+versions, config), and this logs each one as its stage would have on this machine - a
+``<stage>:<variant>`` run under the variant's parent, with a ``gpu-`` prefix on the variant. The
+load test comes back as one report per compared arm (a variant, or a serving configuration of
+params-serving-configs.yaml: ``loadtest:gpu-<name>``, metrics with their ``_ci_lo``/``_ci_hi``, one
+nested run per step, the per-rate table and plots as artifacts) and the comparison's own report
+``all.json`` (``loadtest:gpu-all``: the interleaved order, the drift check and its metrics, and
+summary.md rebuilt from the reports by pipelines/gpu/summary.py). The report JSONs, the report
+stage's plots and the summary are copied to ``--results`` (committed: the README cites them); the
+store is not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipelines.gpu import summary as gpu_summary
 from workbench import loadtest, logconfig, tracking
 from workbench.cli import log_saved_report
 from workbench.reports import read_report, report_path
@@ -42,22 +45,17 @@ def scrub(path: Path) -> None:
 
 
 def write_summary(root: Path, dest: Path) -> None:
-    """summary.md / summary.json rebuilt from the reports themselves (not the runner's running copy)."""
+    """summary.md / summary.json rebuilt from the reports themselves (pipelines/gpu/summary.py); the
+    GPU and vLLM version from the load test's provenance."""
     import json
 
-    from pipelines.gpu.gpu_run import comparison_reports, loadtest_summary, markdown
-
-    old = json.loads((root / "runs/gpu/summary.json").read_text()) if (root / "runs/gpu/summary.json").exists() else {}
-    summary = {k: old[k] for k in ("gpu", "gpus", "vllm", "torch", "cpus", "phase_s", "host", "errors") if k in old}
+    summary: dict = {}
     comparison = root / report_path("loadtest", loadtest.VARIANT)
     if comparison.exists():
         rep = read_report(comparison)
-        summary["loadtest"] = loadtest_summary(rep, comparison_reports(rep, root))
-        # A pipeline run (repro.sh) has no runner summary: the machine from the report's provenance.
-        summary.setdefault("gpu", ", ".join(rep.provenance.gpu or []) or "?")
-        summary.setdefault("vllm", (rep.provenance.packages or {}).get("vllm", "?"))
-    if (root / "reports/gpu/crosscheck.json").exists():
-        summary["crosscheck"] = json.loads((root / "reports/gpu/crosscheck.json").read_text())
+        summary["loadtest"] = gpu_summary.loadtest_summary(rep, gpu_summary.comparison_reports(rep, root))
+        summary["gpu"] = ", ".join(rep.provenance.gpu or []) or "?"
+        summary["vllm"] = (rep.provenance.packages or {}).get("vllm", "?")
     if (root / "reports/shard/base.json").exists():
         rep = read_report(root / "reports/shard/base.json")
         summary["shard"] = {**rep.metrics, "answer": rep.details["reload"].get("answer")}
@@ -66,7 +64,7 @@ def write_summary(root: Path, dest: Path) -> None:
         summary["evaluate"] = {r.variant: {k: r.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "eval_s")}
                                | {"timings": r.details.get("timings")} for r in evaluated}
     (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (dest / "summary.md").write_text(markdown(summary))
+    (dest / "summary.md").write_text(gpu_summary.markdown(summary))
 
 
 def log_comparison(report, summary_md: Path, experiment: str) -> bool:
@@ -82,7 +80,7 @@ def log_comparison(report, summary_md: Path, experiment: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("archive", help="gpu-results.tar.gz from the device run")
+    p.add_argument("archive", help="results.tar.gz from pipelines/gpu/repro.sh")
     p.add_argument("--results", default="results/gpu")
     p.add_argument("--experiment", default="llm-workbench")
     a = p.parse_args(argv)

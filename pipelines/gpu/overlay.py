@@ -7,7 +7,9 @@
         these of quantize.variants (a shorter run: fewer quantize, evaluate and load-test stages)
 
 DVC reads params.yaml, so a profile (a GPU host's memory share, load and batch sizes) is merged into
-it: mappings key by key, anything else (lists, scalars) replaced whole. The merged file is validated
+it: mappings key by key, anything else (lists, scalars) replaced whole. A profile removes a variant
+with ``quantize.variants.<name>: null`` (params-gpu2.yaml: gptq-int3), so the variants a run
+compares are written in its profile, not in a command line. The merged file is validated
 like every stage does (a misspelled key stops it, named) before it is written. `dvc repro` then
 re-runs the stages whose params changed; `git diff params.yaml` shows what the profile set.
 """
@@ -31,6 +33,23 @@ def leaves(overlay: dict, prefix: str = ""):
             yield from leaves(value, f"{path}.")
         else:
             yield path, value
+
+
+def removed_variants(overlay: dict) -> list[str]:
+    """The variants a profile removes, ``quantize.variants.<name>: null`` (a variant is never null),
+    taken out of ``overlay`` in place so that the rest merges as usual."""
+    quantize = overlay.get("quantize")
+    variants = quantize.get("variants") if isinstance(quantize, dict) else None
+    if not isinstance(variants, dict):
+        return []
+    removed = [name for name, value in variants.items() if value is None]
+    for name in removed:
+        del variants[name]
+    if not variants:  # an empty mapping would replace the whole list of variants
+        del quantize["variants"]
+        if not quantize:
+            del overlay["quantize"]
+    return removed
 
 
 def merge(base, overlay: dict, flow=None) -> None:
@@ -57,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     overlay = yaml.safe_load(Path(args.overlay).read_text()) or {}
     if not isinstance(overlay, dict):
         raise SystemExit(f"{args.overlay} must hold a mapping of sections")
+    removed = removed_variants(overlay)
     if args.set_args:
+        if removed:
+            raise SystemExit(f"{args.overlay} removes quantize.variants {', '.join(removed)}: `dvc exp run -S` "
+                             "cannot remove a key; merge the profile instead")
         print(" ".join(f"-S '{k}={json.dumps(v)}'" for k, v in leaves(overlay)))
         return 0
 
@@ -80,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = rt.load(params_path.read_text())
     plain = yaml.safe_load(params_path.read_text())
     merge(plain, overlay)
-    drop = []
+    have = list(plain["quantize"]["variants"])
+    for name in removed:  # absent: merged before (a second merge changes nothing), or misspelled
+        if name not in have:
+            print(f"quantize.variants.{name}: null, and {params_path} has no such variant "
+                  f"({', '.join(have)})", file=sys.stderr)
+    drop = [v for v in removed if v in have]
+    for name in drop:
+        del plain["quantize"]["variants"][name]
     if args.variants is not None:
         keep = [v for v in args.variants.split(",") if v]
         have = list(plain["quantize"]["variants"])
@@ -88,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--variants: {', '.join(unknown)} not in quantize.variants of {params_path} "
                              f"({', '.join(have)})")
-        drop = [v for v in have if v not in keep]
-        for name in drop:
+        for name in [v for v in have if v not in keep]:
             del plain["quantize"]["variants"][name]
+            drop.append(name)
     try:
         Params.model_validate(plain)
     except Exception as err:  # pydantic's ValidationError, named by the config module's wording

@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# The whole pipeline on a GPU host, detached from the shell that starts it (a remote session may
-# drop; `dvc repro` takes longer than one SSH command should). From the repo root:
+# The pipeline on a GPU host (the one GPU orchestration path: a profile merged into params.yaml,
+# then `dvc repro`), detached from the shell that starts it (a remote session may drop; `dvc repro`
+# takes longer than one SSH command should). From the repo root:
 #
 #   bash pipelines/gpu/repro.sh start [SETUP OPTIONS...]   ./setup.sh --cuda SETUP OPTIONS (e.g.
-#       --wheelhouse DIR --system-site-packages), the GPU profile merged into params.yaml
-#       (pipelines/gpu/params-gpu.yaml; PROFILE=none skips it), then `dvc repro`, all under setsid;
-#       follows the log for up to WAIT_S (540) seconds; VARIANTS=a,b keeps only those of
-#       quantize.variants (a shorter run); PROFILE="a.yaml b.yaml" merges several profiles in order;
-#       TARGETS=report runs `dvc repro report` (only what the report needs: no shard stage);
-#       CARRIED="prepare quantize": those stages' outputs and dvc.lock were made on another machine and
-#       carried here: `dvc commit` puts them in this cache, and the run stops if that would change the
-#       lock (outputs not made by this code and params); REDIS=DIR (pipelines/gpu/redis-bundle.sh's
-#       redis folder, unpacked there): a Redis on 127.0.0.1:6379 for the run, and the gateway arms as
-#       workers sharing their limits in it (params-gateway-redis.yaml); one worker if it does not answer;
-#       CARRIED_READY=FILE: the carried outputs are still arriving while setup runs (a leased machine's
-#       transfers overlap its install): after setup, wait for FILE (up to CARRIED_WAIT_S, 900) before
-#       using them; whoever unpacks them creates FILE last
+#       --wheelhouse DIR --system-site-packages --no-quant), the profiles merged into params.yaml
+#       (pipelines/gpu/overlay.py: a misspelled key stops the run, named), `dvc repro [TARGETS]`,
+#       all under setsid; follows the log for up to WAIT_S seconds
 #   bash pipelines/gpu/repro.sh wait                         follow it for WAIT_S more seconds
 #
-# Each call ends by copying the results to $RESULTS (default runs/gpu-repro), as few files as can
-# come back from a leased machine (there: at most 8 files of 16 MiB): repro.log, results.tar.gz
-# (every stage report, metrics.json, dvc.lock, params.yaml, the MLflow run list, the setup log, the
-# notebooks, the evaluation records, the load test's logs) and the load test's raw records in parts
-# of 15 MiB (loadtest-records.tar.gz.part0, part1, ...: cat them, then tar xzf). A folder that is not a
-# git repository gets one (DVC needs it), with one commit.
+# What a run does is written in its profile (the variants, the servers, the load, the SLO); the
+# environment says only what the host and the lease need. Every knob, and its default:
+#   PROFILE="a.yaml b.yaml"  the profiles, merged in this order (default pipelines/gpu/params-gpu.yaml;
+#                            none: params.yaml as it is)
+#   TARGETS=speed            `dvc repro TARGETS` (default: every stage), e.g. report (no shard stage),
+#                            loadtest, speed
+#   WAIT_S=540               seconds this call follows the run before it returns (the run goes on)
+#   RESULTS=DIR              where each call copies what came out (default runs/gpu-repro)
+#   CARRIED="prepare quantize"  those stages' outputs and dvc.lock were made on another machine and
+#                            carried here: `dvc commit` puts them in this cache, and the run stops if
+#                            that would change the lock (outputs not made by this code and params)
+#   CARRIED_READY=FILE       the carried outputs are still arriving while setup runs (a leased
+#                            machine's transfers overlap its install): after setup, wait for FILE
+#                            before using them; whoever unpacks them creates FILE last
+#   CARRIED_WAIT_S=900       ... for at most this many seconds, then stop with the reason
+#   REDIS=DIR                pipelines/gpu/redis-bundle.sh's redis folder, unpacked here: a Redis on
+#                            127.0.0.1:6379 for the run, and params-gateway-redis.yaml merged (the
+#                            gateway arms as workers sharing their limits); one worker, said in the
+#                            log, if it does not answer
+#
+# Each call ends by copying the results to $RESULTS, as few files as can come back from a leased
+# machine (there: at most 8 files of 16 MiB): repro.log, results.tar.gz (every stage report,
+# metrics.json, dvc.lock, params.yaml, the MLflow run list, the setup log, the notebooks, the
+# evaluation records, the load test's logs; `python -m pipelines.gpu.import_results` takes it) and
+# the load test's raw records in parts of 15 MiB (loadtest-records.tar.gz.part0, part1, ...: cat
+# them, then tar xzf). A folder that is not a git repository gets one (DVC needs it), with one commit.
 set -u
 cmd=${1:?start|wait}; shift
+[ -z "${VARIANTS:-}" ] || { echo "repro.sh: VARIANTS is no longer read: the profile names the variants" \
+  "(quantize.variants.<name>: null removes one; pipelines/gpu/params-gpu2.yaml)" >&2; exit 2; }
 WAIT_S=${WAIT_S:-540}
 RESULTS=${RESULTS:-runs/gpu-repro}
 PROFILE=${PROFILE:-pipelines/gpu/params-gpu.yaml}
@@ -55,8 +68,6 @@ if ! git rev-parse --git-dir >/dev/null 2>&1; then
 fi
 if [ "$PROFILE" != none ]; then
   for profile in $PROFILE; do python -m pipelines.gpu.overlay "$profile" || exit 1; done
-  # --variants rides on the last profile (merging it again changes nothing)
-  [ -z "$VARIANTS" ] || python -m pipelines.gpu.overlay "$profile" --variants "$VARIANTS" || exit 1
 fi
 if [ -n "$REDIS" ]; then
   "$REDIS/run.sh" --port 6379 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --dir /tmp \
@@ -84,7 +95,7 @@ echo "dvc_repro_rc=$rc dvc_repro_s=$((SECONDS - t1))"
 dvc status
 exit $rc
 INNER
-  PROFILE=$PROFILE VARIANTS=${VARIANTS:-} TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} REDIS=${REDIS:-} \
+  PROFILE=$PROFILE TARGETS=${TARGETS:-} CARRIED=${CARRIED:-} REDIS=${REDIS:-} \
     CARRIED_READY=${CARRIED_READY:-} CARRIED_WAIT_S=${CARRIED_WAIT_S:-900} \
     setsid nohup bash "$state/run.sh" "$@" > "$state/repro.log" 2>&1 < /dev/null &
   echo $! > "$state/pid"
@@ -113,7 +124,7 @@ tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.y
 # The load test's raw records (every request's timings; ~1 KB a request compressed), apart and in
 # parts that can come back: for a re-analysis of a run that did not finish, not for git.
 rm -f "$RESULTS"/loadtest-records.tar.gz*
-if ls runs/loadtest/*/step-*.jsonl runs/speed/*/*/step-*.jsonl >/dev/null 2>&1; then
+if ls runs/loadtest/*/step-*.jsonl runs/speed/*/*/step-*.jsonl 2>/dev/null | grep -q .; then  # either may be absent
   tar czf - --ignore-failed-read runs/loadtest/*/step-*.jsonl runs/speed/*/*/step-*.jsonl 2>/dev/null \
     | split -b 15m -d -a 1 - "$RESULTS/loadtest-records.tar.gz.part"
   n=$(ls "$RESULTS"/loadtest-records.tar.gz.part* | wc -l)
