@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if not __package__:  # run as a script (python3 pipelines/gpu/gpu_run.py): this checkout's workbench
     sys.path.insert(0, str(ROOT))
 
-from workbench import loadtest, logconfig  # noqa: E402
+from workbench import loadtest, logconfig, variants  # noqa: E402
 from workbench.config import LoadtestConfig, ServerConfig, deep_merge, load_params  # noqa: E402
 from workbench.loadgen.knee import KneeResult  # noqa: E402
 from workbench.reports import Report, read_report  # noqa: E402
@@ -240,8 +240,9 @@ def phase_crosscheck(plan, params) -> dict:
 def phase_shard(plan, params) -> dict:
     tp = plan["shard"]["tensor_parallel_size"]
     srv = server_cfg(plan, params, {"gpu_memory_utilization": 0.3})
-    cfg = params.shard.model_copy(update={"variant": "base", "tensor_parallel_size": tp, "server": srv,
-                                          "source_dir": plan["model_dir"], "out_dir": f"models/base-tp{tp}"})
+    cfg = params.shard.model_copy(update={"variant": variants.BASE, "tensor_parallel_size": tp, "server": srv,
+                                          "source_dir": plan["model_dir"],
+                                          "out_dir": variants.sharded_dir(variants.BASE, tp)})
     report = STAGES["shard"].run(cfg)
     return {"tp": tp, **{k: v for k, v in report.metrics.items()},
             "answer": report.details["reload"].get("answer")}

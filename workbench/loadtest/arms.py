@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench import variants
 from workbench.config import LoadtestConfig, deep_merge
 from workbench.loadgen.client import Target
 
@@ -58,7 +59,7 @@ def server_config(cfg: LoadtestConfig, variant: str):
     """The managed server for ``variant``: its folder models/<variant> (or ``model_dir``), with
     ``server_overrides[variant]`` applied (a configuration compared under its own name)."""
     over = cfg.server_overrides.get(variant, {})
-    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{variant}", **over}
+    merged = {**cfg.server.model_dump(), "model_dir": variants.model_dir(variant, cfg.model_dir), **over}
     return type(cfg.server).model_validate(merged)
 
 
