@@ -100,8 +100,8 @@ def render(params: Params, variant: str, cold: ColdStart) -> dict[str, str]:
         "name": dep.namespace, "labels": {"app.kubernetes.io/part-of": "llm-workbench"}}}])
     if (claim := vllm.model_claim(dep, variant)) is not None:
         files["models.yaml"] = (
-            f"The variant's folder goes in this volume once, at <volume>/{variant}/ ({variants.model_dir(variant)} of\n"
-            f"the project), e.g. through a pod that mounts it: kubectl cp {variants.model_dir(variant)} "
+            f"The variant's folder goes in this volume once, at <volume>/{variant}/ ({variants.model_dir(variant)} of the\n"
+            f"project), e.g. through a pod that mounts it: kubectl cp {variants.model_dir(variant)} "
             f"<pod>:{dep.storage.mount_path}/",
             [claim])
     server_obj = (vllm.leader_worker_set if multi else vllm.deployment)(params, variant, cold)
