@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import evaluate
+from workbench import evaluate, variants
 from workbench.config import EvaluateConfig, PrepareConfig
 from workbench.reports import cpu_info, provenance
 
@@ -115,7 +115,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arms", nargs="+", default=["vllm", "llamacpp"], choices=list(ARMS))
-    ap.add_argument("--model-dir", default="models/base", help="the base variant (prepared here if absent)")
+    ap.add_argument("--model-dir", default=variants.model_dir(variants.BASE), help="the base variant (prepared here if absent)")
     ap.add_argument("--limit", type=int, default=None, help="questions per subject (default: all)")
     ap.add_argument("--num-fewshot", type=int, default=5)
     ap.add_argument("--json", default=str(ROOT / "results" / "benchmarks" / "chat_eval_arms.json"))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import evaluate
+from workbench import evaluate, variants
 from workbench.config import EvaluateConfig
 from workbench.reports import cpu_info, provenance
 
@@ -61,7 +61,7 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default="models/base")
+    p.add_argument("--model-dir", default=variants.model_dir(variants.BASE))
     p.add_argument("--limit", type=int, default=10, help="questions per subject")
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=["vllm-server", "vllm", "hf"])

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loadgen_peers import run as run_cmd  # noqa: E402
 
+from workbench import variants  # noqa: E402
 from workbench.config import ServerConfig  # noqa: E402
 
 VLLM_SNIPPET = """
@@ -63,7 +64,7 @@ def vllm_bench(url, a) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default="models/base", help="managed vLLM on this folder")
+    p.add_argument("--model-dir", default=variants.model_dir(variants.BASE), help="managed vLLM on this folder")
     p.add_argument("--base-url", default=None, help="an already running server (root URL)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokenizer", default=None, help="default: --model-dir")

@@ -18,6 +18,7 @@ import time
 
 import openai
 
+from workbench import variants
 from workbench.config import ServerConfig
 from workbench.serve import VLLMServer
 
@@ -46,7 +47,7 @@ def measure(cfg: ServerConfig, requests: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-dir", default="models/base")
+    p.add_argument("--model-dir", default=variants.model_dir(variants.BASE))
     p.add_argument("--requests", type=int, default=5)
     args = p.parse_args()
     results = {}

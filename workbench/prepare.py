@@ -16,12 +16,12 @@ import shutil
 import time
 from pathlib import Path
 
-from workbench import sources
+from workbench import sources, variants
 from workbench.config import PrepareConfig
 from workbench.reports import Report, atomic_dir, sha256_file, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
-VARIANT = "base"  # prepare writes the reference variant every other stage compares against
+VARIANT = variants.BASE  # prepare writes the unquantized variant the others are made from
 
 
 def _torch_dtype(name: str):

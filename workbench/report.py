@@ -14,7 +14,9 @@ deciding numbers, one screen wide; see ``metrics_file``), plot data under report
 and PNG plots with error bars.
 
 The quantization table: size, compression, decode speed (TPOT p50 at the lowest offered
-rate), perplexity and its paired change to base, accuracy and its paired difference to base.
+rate), perplexity and its paired change to the baseline (``evaluate.baseline``, base by default),
+accuracy and its paired difference to it. all.json's ``details`` are typed
+(``report_details.ReportDetails``; JSON Schema docs/schemas/report.json).
 The load table: per variant and offered rate, achieved rate, TTFT / E2EL percentiles,
 goodput and the SLO verdict, utilization. Intervals are 95 %; see README "Reading the report".
 """
@@ -25,17 +27,19 @@ import contextlib
 import logging
 from pathlib import Path
 
-from workbench import evaluate, loadtest, plots, power, stats
+from workbench import evaluate, loadtest, plots, power, stats, variants
 from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
 from workbench.cost import cost_per_million_output_tokens
+from workbench.evaluate.details import EvaluateDetails
 from workbench.loadgen import summary
-from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary
-from workbench.recommend import Candidate, Document, accuracy_diff, ppl_change, recommend
+from workbench.loadtest.details import ArmDetails, ComparedDetails
+from workbench.recommend import Candidate, Decision, Document, accuracy_diff, ppl_change, recommend
+from workbench.report_details import FinalReport, QuantRow, ReportDetails
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
 
 log = logging.getLogger(__name__)
-VARIANT = "all"  # == tracking.ALL_VARIANTS: its MLflow run is top-level, not under a variant
+VARIANT = variants.ALL  # its MLflow run is top-level, not under a variant (tracking)
 OUT_DIR = Path("reports/report")
 METRICS_FILE = Path("metrics.json")
 SUITES = ("mmlu", "ceval")
@@ -124,10 +128,12 @@ def arm_cost(variant: str, lt: Report, load: RateSummary, cfg: ReportConfig) -> 
 def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tuple[Candidate, dict]:
     """A variant's evidence for the recommender, and what else its table row needs."""
     q, e, lt = _load("quantize", variant), _load("evaluate", variant), _load("loadtest", variant)
-    c = Candidate(variant=variant, bytes=base_bytes if variant == "base" else (q and q.metrics.get("model_bytes")),
+    unquantized = variant == variants.BASE  # prepare's folder: no quantize report, its size from prepare's
+    c = Candidate(variant=variant, bytes=base_bytes if unquantized else (q and q.metrics.get("model_bytes")),
                   broken=bool(q and q.metrics.get("broken")))
-    extra: dict = {"method": "reference" if variant == "base" else (q.details.get("method") if q else None)}
-    if e is not None and "not_evaluated" not in e.details:
+    extra: dict = {"method": "reference" if unquantized else (q.details.get("method") if q else None)}
+    ed = EvaluateDetails.of(e) if e is not None else None
+    if ed is not None and ed.evaluated:
         c.evaluated = True
         samples = Path(e.outputs.get("samples", ""))
         if samples.is_dir():
@@ -145,9 +151,10 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
             c.ppl = stats.perplexity(ll, words, clusters=pages)
         elif e.metrics.get("ppl_word") is not None:
             c.ppl = stats.Estimate(value=e.metrics["ppl_word"], n=0, note="no per-document records")
-        extra["backend"] = e.details.get("backend", {}).get("name")
-    if lt is not None and loadtest.rates_of(lt):
-        rates = loadtest.rates_of(lt)
+        extra["backend"] = ed.backend.name if ed.backend else None
+    ld = ArmDetails.of(lt) if lt is not None else None
+    if ld is not None and ld.rates:
+        rates = ld.rates
         c.load = at_rate(rates, cfg.target_rate_req_per_s)
         c.e2el_ms = latencies_at(lt, c.load.offered_req_per_s)["e2el"]
         c.e2el_blocks = e2el_blocks_at(lt, c.load.offered_req_per_s)
@@ -157,45 +164,27 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
             extra["cost"] = c.cost
         extra["rates"] = rates
         extra["tpot_low_load"] = min(rates, key=lambda r: r.offered_req_per_s).latency["tpot"].at(50)
-        if lt.details.get("knee"):
-            extra["knee"] = lt.details["knee"]
-    elif lt is not None:
-        extra["load_note"] = lt.details.get("not_servable")
+        extra["knee"] = ld.knee
+    elif ld is not None:
+        extra["load_note"] = ld.not_servable
     return c, extra
 
 
-def quant_row(c: Candidate, extra: dict, base: Candidate | None, base_bytes: float | None) -> dict:
-    """One row of the quantization table, typed: Estimates and Comparisons as dicts."""
-    row = {"variant": c.variant, "method": extra.get("method"), "bytes": c.bytes,
-           "compression": base_bytes / c.bytes if base_bytes and c.bytes else None, "broken": c.broken,
-           "tpot_ms_p50_low_load": _dump(extra.get("tpot_low_load")), "ppl_word": _dump(c.ppl),
-           "backend": extra.get("backend")}
-    if base is not None and c is not base:
-        row["ppl_change_vs_base"] = _dump(ppl_change(c, base))
-    for s in SUITES:
-        row[f"{s}_acc"] = _dump(c.accuracy.get(s))
-        if base is not None and c is not base:
-            row[f"{s}_vs_base"] = _dump(accuracy_diff(c, base, s))
-    if extra.get("knee"):
-        row["sustained_req_per_s"] = extra["knee"]
-    if extra.get("cost") is not None:  # report.prices: per 1e6 output tokens at the sustained rate
-        row["cost_per_million_output_tokens"] = _dump(extra["cost"])
-    return row
+def quant_row(c: Candidate, extra: dict, ref: Candidate | None, base_bytes: float | None) -> QuantRow:
+    """One row of the quantization table; ``ref`` is the baseline's evidence (None: no comparisons)."""
+    other = ref is not None and c is not ref
+    return QuantRow(
+        variant=c.variant, method=extra.get("method"), bytes=c.bytes,
+        compression=base_bytes / c.bytes if base_bytes and c.bytes else None, broken=c.broken,
+        tpot_ms_p50_low_load=extra.get("tpot_low_load"), ppl_word=c.ppl, backend=extra.get("backend"),
+        ppl_change_vs_base=ppl_change(c, ref) if other else None,
+        **{f"{s}_acc": c.accuracy.get(s) for s in SUITES},
+        **{f"{s}_vs_base": accuracy_diff(c, ref, s) if other else None for s in SUITES},
+        sustained_req_per_s=extra.get("knee"),
+        cost_per_million_output_tokens=extra.get("cost"))  # report.prices, at the sustained rate
 
 
-def _dump(obj):
-    return obj.model_dump(mode="json") if obj is not None else None
-
-
-def _est(d: dict | None) -> stats.Estimate | None:
-    return stats.Estimate.model_validate(d) if d else None
-
-
-def _cmp(d: dict | None) -> stats.Comparison | None:
-    return stats.Comparison.model_validate(d) if d else None
-
-
-def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
+def headline(row: QuantRow, load: RateSummary | None) -> dict[str, float]:
     """A variant's numbers for ``dvc metrics show`` and MLflow: each with ``_ci_lo``/``_ci_hi``."""
     out: dict[str, float] = {}
 
@@ -207,18 +196,18 @@ def headline(row: dict, load: RateSummary | None) -> dict[str, float]:
             if getattr(est, side) is not None:
                 out[f"{key}_ci_{side}"] = round(getattr(est, side), 6)
 
-    if row["bytes"]:
-        out["mb"] = round(row["bytes"] / 1e6, 1)
-    put("ppl_word", _est(row["ppl_word"]))
-    if (cmp := _cmp(row.get("ppl_change_vs_base"))) is not None:
-        put("ppl_change_pct", cmp.diff)
+    if row.bytes:
+        out["mb"] = round(row.bytes / 1e6, 1)
+    put("ppl_word", row.ppl_word)
+    if row.ppl_change_vs_base is not None:
+        put("ppl_change_pct", row.ppl_change_vs_base.diff)
     for s in SUITES:
-        put(f"{s}_acc", _est(row[f"{s}_acc"]))
+        put(f"{s}_acc", getattr(row, f"{s}_acc"))
     if load is not None:
         put("ttft_ms_p99_at_target", load.latency["ttft"].at(99))
         put("goodput_at_target", load.goodput)
         out["slo_at_target"] = {"pass": 1.0, "fail": 0.0}.get(load.slo.overall.value, 0.5)
-    put("cost_per_million_output_tokens", _est(row.get("cost_per_million_output_tokens")))
+    put("cost_per_million_output_tokens", row.cost_per_million_output_tokens)
     return out
 
 
@@ -237,7 +226,7 @@ def metrics_file(variant: str | None, numbers: dict[str, float], drifted: bool,
                  cfg: ReportConfig) -> dict[str, object]:
     """The content of metrics.json: which variant was recommended and the numbers it was chosen on,
     each value with its interval as ``_lo``/``_hi`` (4 significant digits): size in MB, perplexity
-    change against base in % (absent when base is chosen), ``report.accuracy_metric`` as ``acc``,
+    change against the baseline in % (absent when the baseline is chosen), ``report.accuracy_metric`` as ``acc``,
     TTFT p99 in ms at the target rate; then the SLO verdict there (1 pass, 0 fail, 0.5 undecided)
     and whether the load test's drift control fired."""
     out: dict[str, object] = {"recommended": variant or "none"}
@@ -255,25 +244,26 @@ def metrics_file(variant: str | None, numbers: dict[str, float], drifted: bool,
     return out
 
 
-def run(cfg: ReportConfig) -> Report:
+def run(cfg: ReportConfig) -> FinalReport:
     if cfg.variants is None:
         raise ValueError("report.variants is null: list the variants, or read the config through "
                          "params.yaml (null there = base and every quantize.variants key)")
     out = OUT_DIR
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    prep = _load("prepare", "base")
+    prep = _load("prepare", variants.BASE)
     base_bytes = prep and prep.metrics.get("model_bytes")
     evidence = {v: candidate(v, base_bytes, cfg) for v in cfg.variants}
     cands = [c for c, _ in evidence.values()]
-    base = evidence["base"][0] if "base" in evidence and evidence["base"][0].evaluated else None
+    ref = evidence[cfg.baseline][0] if cfg.baseline in evidence else None
+    ref = ref if ref is not None and ref.evaluated else None
     compared = _load("loadtest", loadtest.VARIANT)
-    drift = compared.details.get("drift") if compared else None
     # all.json's drift: the control's spread over the run's blocks (loadtest/compare.py)
-    drifted = bool(drift and (drift.get("drifted") or (drift.get("spread") or {}).get("drifted")))
+    cd = ComparedDetails.of(compared) if compared else None
+    drifted = bool(cd and cd.drifted)
     decision = recommend(cands, cfg, drifted=drifted)
     decision.power = power.statements([c for c in cands if c.variant not in decision.rejected], cfg)
 
-    rows = [quant_row(c, x, base, base_bytes) for c, x in evidence.values()]
+    rows = [quant_row(c, x, ref, base_bytes) for c, x in evidence.values()]
     load_rates = [r for _, x in evidence.values() for r in x.get("rates", [])]
     per_variant = {c.variant: headline(row, c.load) for c, row in zip(cands, rows)}
     metrics_json = metrics_file(decision.variant, per_variant.get(decision.variant, {}), drifted, cfg)
@@ -289,17 +279,18 @@ def run(cfg: ReportConfig) -> Report:
          "accuracy_ci_lo": c.accuracy[acc_key].lo, "accuracy_ci_hi": c.accuracy[acc_key].hi}
         for c in cands if c.bytes and acc_key in c.accuracy])
 
-    report = Report(
+    report = FinalReport(
         stage="report", variant=VARIANT, config=cfg.model_dump(mode="json"),
         data_fingerprint={s: {v: (r.provenance.git_sha if (r := _load(s, v)) else None) for v in cfg.variants}
                           for s in ("quantize", "evaluate", "loadtest")},
         metrics={f"{v}.{k}": x for v, d in per_variant.items() for k, x in d.items()},
-        details={"quantization_table": rows, "load_table": [r.model_dump(mode="json") for r in load_rates],
-                 "recommendation": decision.model_dump(mode="json"), "drift": drift, "level": stats.LEVEL,
-                 # loadtest.gateway_arms: "<variant>@gateway" arms, shown here, never candidates
-                 "gateway": (compared.details.get("gateway") or None) if compared else None,
-                 "missing": {v: [s for s in ("evaluate", "loadtest") + (() if v == "base" else ("quantize",))
-                                 if _load(s, v) is None] for v in cfg.variants}},
+        details=ReportDetails(
+            quantization_table=rows, load_table=load_rates, recommendation=decision,
+            drift=cd.drift if cd else None, level=stats.LEVEL, baseline=cfg.baseline,
+            # loadtest.gateway_arms: "<variant>@gateway" arms, shown here, never candidates
+            gateway=(cd.gateway or None) if cd else None,
+            missing={v: [s for s in ("evaluate", "loadtest") + (() if v == variants.BASE else ("quantize",))
+                         if _load(s, v) is None] for v in cfg.variants}),
     )
     write_report(report)
     write_json_atomic(METRICS_FILE, metrics_json)
@@ -340,39 +331,37 @@ def track(run, report: Report) -> None:
     html = OUT_DIR / "report.html"
     if html.exists():
         run.log_artifact(html)
-    for row in report.details["quantization_table"]:
-        v = row["variant"]
+    for row in ReportDetails.of(report).quantization_table:
+        v = row.variant
         nums = {k: x for k, x in report.metrics.items() if k.startswith(f"{v}.")}
         tracking.log_variant_summary(v, {k.split(".", 1)[1]: x for k, x in nums.items()})
 
 
-def cell_text(d: dict | None, fmt: str, unit: str = "") -> str:
-    """One table cell: an Estimate or Comparison (as dumped in a report) as text with its interval."""
-    if d is None:
-        return ""
-    if "diff" in d:
-        return _cmp(d).text(fmt, unit=unit)
-    return _est(d).text(fmt, unit=unit)
+def cell_text(x: stats.Estimate | stats.Comparison | None, fmt: str, unit: str = "") -> str:
+    """One table cell: an Estimate or a Comparison as text with its interval ("" for none)."""
+    return "" if x is None else x.text(fmt, unit=unit)
 
 
-def tables(report: Report):
-    """(quantization table, load table, recommendation) as pandas DataFrames of text: each figure
-    with its 95 % interval. Views of the report's typed rows."""
+def tables(report: Report) -> tuple:
+    """(quantization table, load table) as pandas DataFrames of text, each figure with its 95 %
+    interval, and the recommendation (``recommend.Decision``). Views of the report's typed rows;
+    "vs <baseline>" columns compare with the report's baseline."""
     import pandas as pd
 
+    d = ReportDetails.of(report)
+    ref = d.baseline or "baseline"
     q = pd.DataFrame([{
-        "variant": r["variant"], "method": r["method"],
-        "MB": f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "",
-        "compression": f"{r['compression']:.2f}x" if r["compression"] else "",
-        "TPOT p50 ms (low load)": cell_text(r["tpot_ms_p50_low_load"], ".1f"),
-        "perplexity": cell_text(r["ppl_word"], ".2f"),
-        "perplexity vs base": cell_text(r.get("ppl_change_vs_base"), "+.1f", " %"),
-        **{f"{s} acc": cell_text(r[f"{s}_acc"], ".3f") for s in SUITES},
-        **{f"{s} vs base": cell_text(r.get(f"{s}_vs_base"), "+.3f") for s in SUITES},
-        "sustained req/s (SLO)": KneeResult.model_validate(r["sustained_req_per_s"]).text()
-        if r.get("sustained_req_per_s") else "",
-        "broken": "yes" if r["broken"] else "",
-    } for r in report.details["quantization_table"]])
-    rates = [RateSummary.model_validate(r) for r in report.details["load_table"]]
-    return q, pd.DataFrame(loadtest.table_rows(rates)), report.details["recommendation"]
+        "variant": r.variant, "method": r.method,
+        "MB": f"{r.bytes / 1e6:.1f}" if r.bytes else "",
+        "compression": f"{r.compression:.2f}x" if r.compression else "",
+        "TPOT p50 ms (low load)": cell_text(r.tpot_ms_p50_low_load, ".1f"),
+        "perplexity": cell_text(r.ppl_word, ".2f"),
+        f"perplexity vs {ref}": cell_text(r.ppl_change_vs_base, "+.1f", " %"),
+        **{f"{s} acc": cell_text(getattr(r, f"{s}_acc"), ".3f") for s in SUITES},
+        **{f"{s} vs {ref}": cell_text(getattr(r, f"{s}_vs_base"), "+.3f") for s in SUITES},
+        "sustained req/s (SLO)": r.sustained_req_per_s.text() if r.sustained_req_per_s else "",
+        "broken": "yes" if r.broken else "",
+    } for r in d.quantization_table])
+    decision: Decision = d.recommendation
+    return q, pd.DataFrame(loadtest.table_rows(d.load_table)), decision
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,29 @@ class Report(BaseModel):
     @property
     def path(self) -> Path:
         return report_path(self.stage, self.variant)
+
+
+class Details(BaseModel):
+    """Base of a stage's typed ``details`` (workbench/evaluate/details.py, loadtest/details.py,
+    report_details.py): the schema its readers rely on, published as JSON Schema by
+    ``python -m workbench.schemas``. Fields are a public API, as the report's are: add freely,
+    rename nothing, and give a field new since a report was written a default, so that the
+    reports already on disk (results/) still load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def of(cls, report: "Report") -> Self:
+        """``report``'s details as this type (a report read untyped keeps a plain dict)."""
+        d = report.details
+        return d if isinstance(d, cls) else cls.model_validate(d)
+
+    @classmethod
+    def checked(cls, details: dict[str, Any]) -> dict[str, Any]:
+        """``details`` itself, once it has been shown to fit this type: a stage calls it before
+        writing, so that no report leaves it that its published schema does not describe."""
+        cls.model_validate(json.loads(json.dumps(details, default=str)))  # as write_report writes it
+        return details
 
 
 REPORTS_DIR = Path("reports")  # relative to the project root, where DVC runs every stage

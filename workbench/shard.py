@@ -108,7 +108,7 @@ def reload_and_ask(cfg: ShardConfig, folder: Path, log_path: Path) -> dict:
 
 def run(cfg: ShardConfig) -> Report:
     variant = cfg.variant
-    src = Path(cfg.source_dir or f"models/{variant}")
+    src = Path(cfg.source_path)
     out = Path(cfg.out_path)
     with atomic_dir(out) as tmp:
         save_s = save_sharded(cfg, src, tmp)

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from workbench import variants
 from workbench.reports import Report
 
 log = logging.getLogger(__name__)
 DB_FILE = "mlflow.db"
-ALL_VARIANTS = "all"  # the variant name of stages that compare every variant (report)
 ARTIFACT_DIR = "mlartifacts"
 
 
@@ -137,7 +137,7 @@ def stage_run(
         mlflow.set_tracking_uri(tracking_uri(root))
         exp_id = _experiment(mlflow, experiment, root)
         tags = {"workbench.stage": stage, "workbench.variant": variant, "workbench.role": "stage"}
-        if variant != ALL_VARIANTS:  # a cross-variant run (the report) is top-level
+        if variant != variants.ALL:  # a cross-variant run (the report) is top-level
             tags["mlflow.parentRunId"] = _variant_parent(mlflow.MlflowClient(), exp_id, variant)
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(2)

@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench import loadtest, stats
-from workbench.loadgen.knee import KneeResult
+from workbench import loadtest, stats, variants
 from workbench.report import cell_text, tables
+from workbench.report_details import ReportDetails
 from workbench.reports import read_report
 
 
@@ -33,14 +33,15 @@ def variants_table(report) -> str:
     rows = ["| variant | method | size MB (x of base) | TPOT p50 ms at low load | sustained req/s at the SLO "
             "[pass, fail) | perplexity vs base | MMLU vs base | C-Eval vs base |",
             "|---|---|---|---|---|---|---|---|"]
-    base_bytes = next((r["bytes"] for r in report.details["quantization_table"] if r["variant"] == "base"), None)
-    for r in report.details["quantization_table"]:
-        size = f"{r['bytes'] / 1e6:.1f} ({r['bytes'] / base_bytes:.3f})" if r["bytes"] and base_bytes else "n/a"
-        knee = KneeResult.model_validate(r["sustained_req_per_s"]).text() if r.get("sustained_req_per_s") else "n/a"
-        blank = "(reference)" if r["variant"] == "base" else "n/a"
-        rows.append(f"| {r['variant']} | {r['method']} | {size} | {cell_text(r['tpot_ms_p50_low_load'], '.2f') or 'n/a'} "
-                    f"| {knee} | {cell_text(r.get('ppl_change_vs_base'), '+.1f', ' %') or blank} "
-                    f"| {cell_text(r.get('mmlu_vs_base'), '+.3f') or blank} | {cell_text(r.get('ceval_vs_base'), '+.3f') or blank} |")
+    d = ReportDetails.of(report)
+    base_bytes = next((r.bytes for r in d.quantization_table if r.variant == variants.BASE), None)
+    for r in d.quantization_table:
+        size = f"{r.bytes / 1e6:.1f} ({r.bytes / base_bytes:.3f})" if r.bytes and base_bytes else "n/a"
+        knee = r.sustained_req_per_s.text() if r.sustained_req_per_s else "n/a"
+        blank = "(reference)" if r.variant == d.baseline else "n/a"
+        rows.append(f"| {r.variant} | {r.method} | {size} | {cell_text(r.tpot_ms_p50_low_load, '.2f') or 'n/a'} "
+                    f"| {knee} | {cell_text(r.ppl_change_vs_base, '+.1f', ' %') or blank} "
+                    f"| {cell_text(r.mmlu_vs_base, '+.3f') or blank} | {cell_text(r.ceval_vs_base, '+.3f') or blank} |")
     return "\n".join(rows)
 
 
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     root = Path(a.root)
     reports = root / "reports" if (root / "reports").is_dir() else root  # a run's tree, or import_results' copy
-    report = read_report(reports / "report/all.json")
-    rec = report.details["recommendation"]
+    report = read_report(reports / f"report/{variants.ALL}.json")
+    rec = ReportDetails.of(report).recommendation
     out = ["## The variants (seed table 4.2)", "", variants_table(report), ""]
     q, _, _ = tables(report)
     out += ["Every column as the report stage prints it:", "", q.to_markdown(index=False), ""]
-    out += [f"## Recommendation: {rec['variant']}", "", rec["reason"], ""]
-    all_lt = read_report(reports / "loadtest/all.json")
-    shown = rec["variant"] or "base"
+    out += [f"## Recommendation: {rec.variant}", "", rec.reason, ""]
+    all_lt = read_report(reports / f"loadtest/{variants.ALL}.json")
+    shown = rec.variant or variants.BASE
     out += [f"## Offered rate against latency and GPU utilization: {shown} (seed table 6.2)", "",
             rates_table(read_report(reports / f"loadtest/{shown}.json")), ""]
     drift = all_lt.details.get("drift")

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from workbench import variants
 from workbench.config import BASE_VARIANT, Params, _suggest
 from workbench.deploy import gateway, monitoring, vllm
 from workbench.deploy.k8s import DeployError, dump, labels
 from workbench.deploy.vllm import ColdStart
+from workbench.reports import report_path
 
 log = logging.getLogger(__name__)
-REPORT = Path("reports/report/all.json")
+REPORT = report_path("report", variants.ALL)
 LOADTEST_REPORTS = Path("reports/loadtest")
 KUSTOMIZATION = "kustomization.yaml"
 EXAMPLES = "examples"  # deploy/k8s/examples/: rendered examples kept in git (tests/test_deploy.py)
@@ -98,8 +100,9 @@ def render(params: Params, variant: str, cold: ColdStart) -> dict[str, str]:
         "name": dep.namespace, "labels": {"app.kubernetes.io/part-of": "llm-workbench"}}}])
     if (claim := vllm.model_claim(dep, variant)) is not None:
         files["models.yaml"] = (
-            f"The variant's folder goes in this volume once, at <volume>/{variant}/ (models/{variant} of the\n"
-            f"project), e.g. through a pod that mounts it: kubectl cp models/{variant} <pod>:{dep.storage.mount_path}/",
+            f"The variant's folder goes in this volume once, at <volume>/{variant}/ ({variants.model_dir(variant)} of the\n"
+            f"project), e.g. through a pod that mounts it: kubectl cp {variants.model_dir(variant)} "
+            f"<pod>:{dep.storage.mount_path}/",
             [claim])
     server_obj = (vllm.leader_worker_set if multi else vllm.deployment)(params, variant, cold)
     files["vllm.yaml"] = (

@@ -19,6 +19,7 @@ from workbench.config import EvaluateConfig
 from workbench.evaluate import chat as chat_eval
 from workbench.evaluate import sets
 from workbench.evaluate.backends import BACKENDS, Backend
+from workbench.evaluate.details import EvaluateDetails
 from workbench.reports import Report, read_report, report_path, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
@@ -362,8 +363,8 @@ def not_listed(cfg: EvaluateConfig) -> Report:
     log.warning("%s", msg)
     (Path(cfg.work_dir) / cfg.variant).mkdir(parents=True, exist_ok=True)  # the stage's declared output
     report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
-                    metrics={"eval_s": 0.0}, details={"not_evaluated": msg, "backend": {"name": "none"}, "suites": {},
-                                         "timings": {}})
+                    metrics={"eval_s": 0.0}, details=EvaluateDetails.checked({
+                        "not_evaluated": msg, "backend": {"name": "none"}, "suites": {}, "timings": {}}))
     write_report(report)
     return report
 
@@ -403,8 +404,9 @@ def _run(cfg: EvaluateConfig) -> Report:
             report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
                             data_fingerprint=fingerprint,
                             metrics={"eval_s": round(time.perf_counter() - t_start, 3)},
-                            details={"not_evaluated": msg, "backend": {"name": "none"}, "suites": {},
-                                     "timings": {}, "backend_fallback": {**fallback, "error": str(err)[-2000:]}})
+                            details=EvaluateDetails.checked({
+                                "not_evaluated": msg, "backend": {"name": "none"}, "suites": {}, "timings": {},
+                                "backend_fallback": {**fallback, "error": str(err)[-2000:]}}))
             write_report(report)
             return report
         timings["backend_start_s"] = round(time.perf_counter() - t0, 3)
@@ -438,7 +440,7 @@ def _run(cfg: EvaluateConfig) -> Report:
         metrics.update(details["vs_baseline"]["deltas"])  # flat, for MLflow and dvc metrics
     metrics["eval_s"] = round(time.perf_counter() - t_start, 3)
     report = Report(stage=STAGE, variant=cfg.variant, config=cfg.model_dump(mode="json"),
-                    data_fingerprint=fingerprint, metrics=metrics, details=details,
+                    data_fingerprint=fingerprint, metrics=metrics, details=EvaluateDetails.checked(details),
                     outputs={"samples": str(samples_dir)})
     write_report(report)
     log.info("evaluate %s: %s", cfg.variant, {k: v for k, v in metrics.items() if not k.endswith("_s")})

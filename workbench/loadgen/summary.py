@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 from scipy import stats as ss
 
 from workbench import stats
@@ -81,6 +83,13 @@ class SLOVerdict(BaseModel):
         return cls(ttft=ttft, goodput=goodput, overall=overall)
 
 
+# An offered rate in requests/s. JSON has no infinity, so pydantic writes an unbounded one (a
+# closed-loop step, or a rate of .inf: all at once) as null; it is read back as inf.
+OfferedRate = Annotated[float, BeforeValidator(lambda v: float("inf") if v is None else v),
+                        WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "null"}],
+                                        "description": "requests/s; null: unbounded (closed loop, or all at once)"})]
+
+
 class StepSummary(BaseModel):
     """One step: a variant at one offered rate, one repeat. ``position`` is its place in the run
     (interleaved runs alternate variants), ``started_unix`` its wall-clock start."""
@@ -89,7 +98,7 @@ class StepSummary(BaseModel):
 
     variant: str
     label: str
-    offered_req_per_s: float
+    offered_req_per_s: OfferedRate
     repeat: int = 0
     position: int = 0
     role: str = "measure"  # measure | control-start | control-end | knee
@@ -122,7 +131,7 @@ class RateSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     variant: str
-    offered_req_per_s: float
+    offered_req_per_s: OfferedRate
     repeats: int
     requests: int
     achieved_req_per_s: stats.Estimate

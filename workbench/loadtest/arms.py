@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench import variants
 from workbench.config import LlamaCppArm, LoadtestConfig, UrlArm, VllmArm, deep_merge
 from workbench.loadgen.client import Target
 
@@ -66,7 +67,7 @@ def server_config(cfg: LoadtestConfig, variant: str):
     arm = arm_config(cfg, variant)
     folder = arm.variant or arm.name if isinstance(arm, VllmArm) else variant
     over = cfg.server_overrides.get(variant, {})
-    merged = {**cfg.server.model_dump(), "model_dir": cfg.model_dir or f"models/{folder}", **over}
+    merged = {**cfg.server.model_dump(), "model_dir": variants.model_dir(folder, cfg.model_dir), **over}
     return type(cfg.server).model_validate(merged)
 
 

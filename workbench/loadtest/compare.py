@@ -24,6 +24,7 @@ from workbench.config import LoadtestConfig
 from workbench.loadgen import summary, timecompare
 from workbench.loadgen import timestats as ts
 from workbench.loadgen.knee import KneeResult
+from workbench.loadtest.details import ComparedDetails
 from workbench.loadtest.arms import gateway_arm
 from workbench.loadtest.plan import rate_caps
 from workbench.loadtest.report import STAGE, VARIANT, point_label, workload_fingerprint
@@ -195,7 +196,7 @@ def compared_report(cfg: LoadtestConfig, variants: list[str], names: list[str], 
     report = Report(
         stage=stage, variant=VARIANT, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
         metrics=metrics,
-        details={"run": run_id, "variants": variants, "arms": names,
+        details=ComparedDetails.checked({"run": run_id, "variants": variants, "arms": names,
                  "not_servable": sorted(n for n in reports if n not in infos),
                  "design": {"order": cfg.order, "seed": cfg.seed, "control": (drift or {}).get("control"),
                             "blocks": [{"block": b, "arms": arms} for b, arms in sorted(blocks.items())]},
@@ -208,7 +209,7 @@ def compared_report(cfg: LoadtestConfig, variants: list[str], names: list[str], 
                  # a URL arm's offered-rate cap (req/s): above it the arm was not measured
                  "rate_caps": rate_caps(cfg),
                  "time_budget": {"max_duration_s": cfg.max_duration_s, "stopped": stopped},
-                 "reports": {v: str(r.path) for v, r in reports.items()}})
+                 "reports": {v: str(r.path) for v, r in reports.items()}}))
     write_report(report)
     if drift:
         log.info("%s", drift["verdict"])

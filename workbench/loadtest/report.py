@@ -12,17 +12,18 @@ import json
 import logging
 from pathlib import Path
 
-from workbench import stats
+from workbench import stats, variants
 from workbench.config import LoadtestConfig
 from workbench.loadgen import summary
 from workbench.loadgen.client import Record
 from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary, StepSummary
+from workbench.loadtest.details import ArmDetails
 from workbench.reports import Report, sha256_file, write_report
 
 log = logging.getLogger(__name__)
 STAGE = "loadtest"
-VARIANT = "all"  # a compared run's own report (order, drift, comparisons); each arm has its own too
+VARIANT = variants.ALL  # a compared run's own report (order, drift, comparisons); each arm has its own too
 
 
 def point_label(rate: float, concurrency: int | None = None) -> str:
@@ -127,8 +128,9 @@ def not_servable(cfg: LoadtestConfig, variant: str, err: Exception, stage: str =
     msg = f"variant '{variant}' could not be served by vLLM on this machine; not load-tested"
     log.error("%s:\n%s", msg, str(err)[-2000:])
     report = Report(stage=stage, variant=variant, config=cfg.model_dump(mode="json"), metrics={},
-                    details={"not_servable": msg, "server": {"managed": True, "error": str(err)[-4000:]},
-                             "steps": [], "rates": [], "table": []})
+                    details=ArmDetails.checked({"not_servable": msg, "server": {"managed": True,
+                                                                                "error": str(err)[-4000:]},
+                                                "steps": [], "rates": [], "table": []}))
     write_report(report)
     return report
 
@@ -182,12 +184,13 @@ def variant_report(cfg: LoadtestConfig, variant: str, done: list, knee: KneeResu
     report = Report(
         stage=stage, variant=variant, config=cfg.model_dump(mode="json"), data_fingerprint=workload_fingerprint(cfg),
         metrics=flat_metrics(rates, knee),
-        details={"server": server_info, "run": run_id,
-                 "steps": [s.model_dump(mode="json") for s in steps],
-                 "rates": [r.model_dump(mode="json") for r in rates],
-                 "knee": knee.model_dump(mode="json") if knee else None,
-                 "step_metrics": {d.result.label: d.result.metrics for d in mine},
-                 "time_budget_stopped": stopped},
+        details=ArmDetails.checked({
+            "server": server_info, "run": run_id,
+            "steps": [s.model_dump(mode="json") for s in steps],
+            "rates": [r.model_dump(mode="json") for r in rates],
+            "knee": knee.model_dump(mode="json") if knee else None,
+            "step_metrics": {d.result.label: d.result.metrics for d in mine},
+            "time_budget_stopped": stopped}),
         outputs=dict(outputs))
     write_report(report)  # the result; everything below is a view of it
     out_dir = Path(cfg.out_dir) / variant
@@ -211,11 +214,11 @@ def variant_report(cfg: LoadtestConfig, variant: str, done: list, knee: KneeResu
 
 
 def steps_of(report: Report) -> list[StepSummary]:
-    return [StepSummary.model_validate(s) for s in report.details.get("steps", [])]
+    return ArmDetails.of(report).steps
 
 
 def rates_of(report: Report) -> list[RateSummary]:
-    return [RateSummary.model_validate(r) for r in report.details.get("rates", [])]
+    return ArmDetails.of(report).rates
 
 
 def arm_reports(report: Report) -> list[Report]:

@@ -146,7 +146,7 @@ def check(cfg, base: Path, out: Path, fmt: str) -> dict:
 
 
 def run(cfg: QuantizeConfig) -> Report:
-    """Quantize ``cfg.base_dir`` as ``cfg.variants[cfg.variant]`` into ``<out_root>/<variant>``."""
+    """Quantize ``cfg.base_dir`` as ``cfg.variants[cfg.variant]`` into ``models/<variant>`` (``cfg.out_path``)."""
     variant = cfg.variant
     if variant not in cfg.variants:
         raise QuantizeError(f"set quantize.variant (--variant) to one of {sorted(cfg.variants)}; got {variant!r}")
@@ -159,7 +159,7 @@ def run(cfg: QuantizeConfig) -> Report:
         if not Path(path).is_file():  # fail before minutes of work, not after
             raise QuantizeError(f"file not found: {path} (run from the project root, or give a full path)")
     texts = calibration_texts(Path(cfg.calibration.corpus), cfg.calibration.num_samples)
-    out = Path(cfg.out_root) / variant
+    out = Path(cfg.out_path)
     log.info("quantizing %s with %s: %d-bit, group %d, %d calibration texts x %d tokens",
              variant, v.method, v.bits, v.group_size, len(texts), cfg.calibration.seq_len)
     rss_before = peak_rss_bytes()
