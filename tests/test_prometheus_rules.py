@@ -70,7 +70,7 @@ def test_each_proven_alert_has_a_firing_case_and_a_silent_case():
 
 
 def test_p99_alerts_read_the_recording_rules_against_the_loadtest_slo():
-    # One definition of each P99 (the recording rule), and one SLO: the 1.5 s the alerts compare
+    # One definition of each P99 (the recording rule), and one SLO: the 3 s the alerts compare
     # with is params.yaml's loadtest.slo.e2el_ms.
     from workbench.config import load_params
 
