@@ -88,7 +88,7 @@ def swapped(tmp_path_factory) -> Path:
 def test_another_variant_list_and_tp_size_plan_their_own_stages_and_paths(swapped):
     stages = planned(swapped)
     assert set(stages) == {
-        "prepare", "shard", "loadtest", "report", "evaluate-base",
+        "prepare", "shard", "loadtest", "report", "evaluate-base", "speed",
         "quantize@gptq-int4", "quantize@int8", "quantize@int2",
         "evaluate@gptq-int4", "evaluate@int8", "evaluate@int2",  # int2 writes a "not evaluated" report
     }

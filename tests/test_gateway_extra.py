@@ -101,7 +101,7 @@ def test_gateway_imports_nothing_of_the_pipeline(tmp_path):
     heavy = {*PIPELINE_ONLY, "pandas", "matplotlib", "numpy", "openai", "httpx"}
     code = ("import sys, workbench.gateway.server, workbench.gateway.cli, workbench.gateway.__main__\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(heavy)!r}\n"
-            "             or m.startswith('workbench.') and not m.startswith('workbench.gateway') and m != 'workbench.net'))")
+            "             or m.startswith('workbench.') and not m.startswith('workbench.gateway') and m not in ('workbench.net', 'workbench.sse')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
