@@ -132,3 +132,10 @@ def test_an_arm_vllm_did_not_quantize_is_flagged_from_its_log(tmp_path):
     assert speed.server_facts(str(log)) == {"loaded_gib": 5.49,
                                             "kernels": ["MacheteLinearKernel (AutoAWQMarlinLinearMethod)"]}
     assert speed.server_facts(None) == {"loaded_gib": None, "kernels": []}
+
+
+def test_the_roofline_gpu_is_the_one_the_reports_provenance_names(monkeypatch):
+    monkeypatch.setattr(speed, "gpus", lambda: ["NVIDIA H100 80GB HBM3, 81559 MiB"])
+    assert speed.device_name() == "NVIDIA H100 80GB HBM3" and roofline.gpu(speed.device_name()).name == "H100 SXM"
+    monkeypatch.setattr(speed, "gpus", lambda: [])
+    assert speed.device_name() is None

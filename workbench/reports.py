@@ -99,7 +99,8 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def _gpus() -> list[str]:
+def gpus() -> list[str]:
+    """nvidia-smi's 'name, memory' per GPU ([] on a host without one)."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
@@ -141,7 +142,7 @@ def provenance() -> Provenance:
         platform=platform.platform(),
         machine=platform.machine(),
         cpu_count=os.cpu_count(),
-        gpu=_gpus(),
+        gpu=gpus(),
         packages=package_versions(),
     )
 

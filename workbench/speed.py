@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-import subprocess
 from pathlib import Path
 
 from workbench import roofline, shapes
 from workbench.config import LoadtestConfig, SpeedConfig, deep_merge
-from workbench.reports import Report, read_report, write_report
+from workbench.reports import Report, gpus, read_report, write_report
 
 log = logging.getLogger(__name__)
 STAGE = "speed"
@@ -56,13 +55,9 @@ def run_config(cfg: SpeedConfig, arm_keys: dict[str, dict], part: str, **update)
 
 
 def device_name() -> str | None:
-    """The first GPU's name (nvidia-smi), or None on a host without one."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-        return out[0].strip() if out else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The first GPU's name as the report's provenance records it, or None on a host without one."""
+    found = gpus()
+    return found[0].split(",")[0].strip() if found else None
 
 
 LOADED_RE = re.compile(r"Model loading took ([0-9.]+) GiB")
