@@ -30,6 +30,21 @@ def test_each_precision_gets_the_quantization_config_that_picks_its_kernel(tmp_p
         shapes.model_config({}, "int3")
 
 
+def test_the_gptq_shape_names_every_linear_layer_vllm_must_quantize():
+    # A dummy-weight folder has no safetensors to read the quantized layers from; vLLM 0.26 took the
+    # empty list as "none" and loaded 16-bit weights (15.0 GiB on an H100). vLLM's own matcher must
+    # call every linear layer of a decoder block quantized, and the LM head not.
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+    listed = shapes.model_config(shapes.read_shape(LLAMA_8B), "gptq-int4")["quantization_config"]
+    layers = listed["modules_in_block_to_quantize"]
+    assert layers and all(isinstance(x, str) for x in layers)  # 0.26 matches strings, not nested lists
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        assert is_layer_gptq_quantized(f"model.layers.31.{name}", layers, fused), name
+    assert not is_layer_gptq_quantized("lm_head", layers, fused)
+
+
 def test_the_model_folder_holds_the_shape_and_llama3s_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 

@@ -34,12 +34,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp8", "awq-int4", "gptq-int4")
+# The linear layers GPTQ quantizes, named as vLLM matches them (a substring of each layer's prefix).
+# Written out because a dummy-weight folder has no safetensors for vLLM to read them from: vLLM
+# 0.26 then took an empty list as "no layer quantized" and loaded 16-bit weights (15.0 GiB on an
+# H100, results/gpu-3); a flat list, since 0.26 matches strings only (later versions flatten).
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_SIZE = 128  # the published AWQ / GPTQ checkpoints of Llama 3.1 (e.g. hugging-quants) use 128
 QUANT_CONFIG = {
     "awq-int4": {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True,
                  "version": "gemm", "modules_to_not_convert": None},
     "gptq-int4": {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": False,
-                  "sym": True, "damp_percent": 0.01, "checkpoint_format": "gptq"},
+                  "sym": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
+                  "modules_in_block_to_quantize": list(LINEAR_MODULES)},
 }
 SERVER_QUANTIZATION = {"fp8": "fp8"}  # vLLM --quantization; None: read from the config
 
