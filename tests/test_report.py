@@ -278,3 +278,11 @@ def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, m
     # 4 output tokens a request; prompt tokens as the fake server counts them (words)
     per_m = row.cost_per_million_output_tokens.value
     assert 2.0 < per_m < 2.0 + 0.5 * 20 and r.metrics["gptq-int4.cost_per_million_output_tokens"] == pytest.approx(per_m)
+
+
+def test_a_knee_searchs_sustained_rate_is_its_bracket():
+    """sustained_rate read the knee as a dict and named KneeResult without importing it: every
+    arm report with a knee (results/gpu-2) raised NameError. It reads the typed details now."""
+    est = report_stage.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
+    assert (est.value, est.lo, est.method) == (200.0, 200.0, "knee search bracket")
+    assert est.hi == pytest.approx(282.842712474619)
