@@ -34,13 +34,14 @@ class ModelCard(BaseModel):
 
     name: str  # prepare.model.name, the served name
     architecture: str
-    model_type: str | None = None
-    parameters: int
     dtype: str
+    parameters: int
+    has_chat_template: bool
+    model_type: str | None = None
+    # from the config, where it has them
     num_layers: int | None = None
     hidden_size: int | None = None
     vocab_size: int | None = None
-    has_chat_template: bool
     content: TreeFingerprint
 
 
