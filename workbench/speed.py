@@ -24,7 +24,6 @@ import logging
 import math
 import re
 from pathlib import Path
-
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
