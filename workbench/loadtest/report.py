@@ -230,6 +230,11 @@ def arm_reports(report: Report) -> list[Report]:
     return [read_report(Path(p)) for p in ComparedDetails.of(report).reports.values()]
 
 
+def drift_of(report: Report) -> dict | None:
+    """The compared run's drift control (loadtest/compare.py), or None: one arm's report has none."""
+    return ComparedDetails.of(report).drift if report.variant == VARIANT else None
+
+
 def track(parent, report: Report) -> None:
     """Tables and plots as artifacts of the stage's run (``tracking.StageRun``), and one nested
     MLflow run per step (with its intervals as ``_ci_lo``/``_ci_hi`` metrics). A compared run's
