@@ -29,6 +29,7 @@ from pathlib import Path
 
 from workbench import evaluate, variants
 from workbench.config import EvaluateConfig, PrepareConfig
+from workbench.evaluate.details import EvaluateDetails
 from workbench.reports import cpu_info, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +56,10 @@ def measure(arm: str, model_dir: Path, limit: int | None, fewshot: int) -> dict:
     except Exception as err:  # a failed arm is a row, not the end of the comparison
         logging.exception("arm %s failed", arm)
         return {"arm": arm, "error": f"{type(err).__name__}: {err}"[:300]}
-    suites, m = report.details["suites"], report.metrics
-    row = {"arm": arm, "backend": backend, "engine": report.details["backend"].get("engine", "vLLM"),
-           "start_s": report.details["timings"]["backend_start_s"], "wall_s": round(time.perf_counter() - t0, 1),
+    d, m = EvaluateDetails.of(report), report.metrics
+    suites = d.suites
+    row = {"arm": arm, "backend": backend, "engine": (d.backend.model_extra or {}).get("engine", "vLLM"),
+           "start_s": d.timings["backend_start_s"], "wall_s": round(time.perf_counter() - t0, 1),
            "samples": report.outputs["samples"]}
     for s in ("mmlu", "ceval"):
         o = suites[s]["overall"]

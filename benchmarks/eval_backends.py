@@ -25,6 +25,7 @@ from pathlib import Path
 
 from workbench import evaluate, variants
 from workbench.config import EvaluateConfig
+from workbench.evaluate.details import EvaluateDetails
 from workbench.reports import cpu_info, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +48,16 @@ def measure(spec: str, model_dir: Path, limit: int | None, fewshot: int) -> dict
     except Exception as err:  # a failed backend is a row, not the end of the comparison
         logging.exception("backend %s failed", spec)
         return {"backend": spec, "error": f"{type(err).__name__}: {err}"[:300]}
-    t = report.details["timings"]
+    d = EvaluateDetails.of(report)
+    t = d.timings
     scoring = sum(v for k, v in t.items() if k != "backend_start_s")
-    return {"backend": spec, "batch_size": report.details["backend"]["batch_size"],
+    return {"backend": spec, "batch_size": d.backend.batch_size,
             "start_s": t["backend_start_s"], "scoring_s": round(scoring, 2),
             "wall_s": round(time.perf_counter() - t0, 2), "timings": t,
             "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "dtype": report.details["backend"]["model_args"].get("dtype"),
+            "dtype": d.backend.model_args.get("dtype") if isinstance(d.backend.model_args, dict) else None,
             "mmlu_questions": report.metrics.get("mmlu_n"), "ceval_questions": report.metrics.get("ceval_n"),
-            "ppl_documents": report.details["suites"].get("perplexity", {}).get("documents"),
+            "ppl_documents": d.suites.get("perplexity", {}).get("documents"),
             **{k: report.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "bits_per_byte")}}
 
 

@@ -20,6 +20,7 @@ import pytest
 from workbench import evaluate, loadtest, report as report_stage
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
 from workbench.net import free_port, stop, wait_http_ok
+from workbench.quantize.details import QuantizeDetails
 from workbench.reports import Report, read_report, write_report
 from workbench.testing.fakeserver import FakeServer, fake_endpoints
 
@@ -59,12 +60,21 @@ def write_loadtests(monkeypatch, variants: dict, gateway_arms=()) -> None:
                                 gateway_arms=list(gateway_arms), gateway_config=str(ROOT / "deploy/gateway.yaml")))
 
 
+def quantize_details(mb: float, broken: bool) -> dict:
+    """What the quantize stage writes of a GPTQ variant (its details are typed: the report reads them)."""
+    return QuantizeDetails.checked({
+        "method": "gptq", "format": "compressed-tensors", "bits": 4, "group_size": 64, "symmetric": True,
+        "vllm_cpu_servable": True, "content": {"sha256": "0" * 64, "files": 1, "bytes": int(mb * 1e6)},
+        "check": {"how": "not checked: a test's report", "tokens": 0, "window": 256, "perplexity": 20.0,
+                  "perplexity_base": 18.0, "perplexity_ratio": 20.0 / 18.0, "broken": broken}})
+
+
 def write_stage_reports(monkeypatch, variants=VARIANTS, broken=(), gateway_arms=()):
     write_report(Report(stage="prepare", variant="base", config={}, metrics={"model_bytes": 270e6}))
     for i, (v, (mb, scale, correct, _, _)) in enumerate(variants.items()):
         write_eval(v, scale, correct, i)
         if v != "base":
-            write_report(Report(stage="quantize", variant=v, config={}, details={"method": "gptq"},
+            write_report(Report(stage="quantize", variant=v, config={}, details=quantize_details(mb, v in broken),
                                 metrics={"model_bytes": mb * 1e6, "broken": float(v in broken)}))
     write_loadtests(monkeypatch, variants, gateway_arms)
 
@@ -278,3 +288,11 @@ def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, m
     # 4 output tokens a request; prompt tokens as the fake server counts them (words)
     per_m = row.cost_per_million_output_tokens.value
     assert 2.0 < per_m < 2.0 + 0.5 * 20 and r.metrics["gptq-int4.cost_per_million_output_tokens"] == pytest.approx(per_m)
+
+
+def test_a_knee_searchs_sustained_rate_is_its_bracket():
+    """sustained_rate read the knee as a dict and named KneeResult without importing it: every
+    arm report with a knee (results/gpu-2) raised NameError. It reads the typed details now."""
+    est = report_stage.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
+    assert (est.value, est.lo, est.method) == (200.0, 200.0, "knee search bracket")
+    assert est.hi == pytest.approx(282.842712474619)

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from workbench import schemas, variants
+from workbench import prepare, quantize, schemas, shard, speed, variants
 from workbench.evaluate.details import EvaluateDetails
 from workbench.loadgen.summary import RateSummary, StepSummary
 from workbench.loadtest.details import ArmDetails, ComparedDetails
+from workbench.quantize.details import QuantizeDetails
 from workbench.report import cell_text, tables
 from workbench.report_details import ReportDetails
 from workbench.reports import Report, read_report
@@ -36,6 +37,10 @@ def test_schemas_describe_the_typed_details():
     assert report["$defs"]["ReportDetails"]["additionalProperties"] is False  # extra="forbid"
     assert "VsBaseline" in schemas.schema("evaluate")["$defs"]
     assert "StepSummary" in schemas.schema("loadtest")["$defs"]
+    for name, part in (("prepare", "ModelCard"), ("quantize", "QuantCheck"), ("shard", "Reload"),
+                       ("speed", "RooflineRow")):
+        defs = schemas.schema(name)["$defs"]
+        assert part in defs and defs[f"{name.capitalize()}Details"]["additionalProperties"] is False, name
 
 
 def _untyped_readers_accept(d: dict) -> bool:
@@ -57,14 +62,16 @@ def test_every_committed_report_still_loads_typed():
         d = json.loads(path.read_text())
         if not (isinstance(d, dict) and "stage" in d and "details" in d):
             continue
-        name = {"evaluate": "evaluate", "report": "report", "loadtest": "loadtest"}.get(d["stage"], "common")
+        Report.model_validate(d)  # the envelope every report shares
+        name = d["stage"]
         name = "loadtest" if d["stage"].startswith("speed/") else name  # the speed stage's load tests
         name = "loadtest-all" if name == "loadtest" and d["variant"] == variants.ALL else name
         if not _untyped_readers_accept(d):
             continue
         schemas.REPORTS[name][0].model_validate(d)  # raises, naming the field, if one no longer loads
         loaded[name] = loaded.get(name, 0) + 1
-    assert loaded.keys() == schemas.REPORTS.keys() and min(loaded.values()) >= 3, loaded
+    assert loaded.keys() == schemas.REPORTS.keys() - {"common"}, loaded  # every stage has one committed
+    assert min(loaded[n] for n in ("prepare", "quantize", "evaluate", "loadtest", "report")) >= 3, loaded
 
 
 def test_a_committed_report_reads_back_as_typed_objects():
@@ -114,3 +121,50 @@ def test_an_untyped_report_and_a_typed_one_give_the_same_details():
     assert ReportDetails.of(typed) is typed.details
     assert ReportDetails.of(r) == typed.details
     assert isinstance(Report.model_validate(typed.model_dump(mode="json")).details, dict)
+
+
+# A committed report of each stage typed here, and a field of its details to misspell (a path of keys).
+MISSPELT = {
+    "prepare": ("results/gpu-2/prepare/base.json", prepare.PrepareDetails, ["model"], "parameters", "paramaters"),
+    "quantize": ("results/gpu-2/quantize/gptq-int4.json", QuantizeDetails, ["check"], "perplexity_ratio",
+                 "perplexity_ration"),
+    "shard": ("results/gpu/shard/base.json", shard.ShardDetails, ["reload"], "success", "sucess"),
+    "speed": ("results/gpu-3/summary.json", speed.SpeedDetails, ["roofline", 0], "tpot_ms_p50", "tpot_p50_ms"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(MISSPELT))
+def test_a_misspelled_or_missing_details_field_is_refused_naming_it(stage):
+    """Writer (``checked``, before writing) and readers (``of``) alike: a renamed field fails
+    loudly, where it is, instead of reading as absent."""
+    path, model, where, field, typo = MISSPELT[stage]
+    report = read_report(ROOT / path)
+    assert model.checked(report.details) is report.details  # as committed, it fits
+    bad = json.loads(json.dumps(report.details))
+    inner = bad
+    for key in where:
+        inner = inner[key]
+    inner[typo] = inner.pop(field)
+    for refuse in (lambda: model.checked(bad), lambda: model.of(report.model_copy(update={"details": bad}))):
+        with pytest.raises(ValidationError) as err:
+            refuse()
+        assert typo in str(err.value) and field in str(err.value)  # the stray name and the missing one
+    del inner[typo]
+    with pytest.raises(ValidationError, match=field):
+        model.checked(bad)
+
+
+def test_the_notebook_tables_of_prepare_and_quantize_read_typed_details():
+    prep = prepare.summary(read_report(ROOT / "results/gpu-2/prepare/base.json"))
+    assert prep.loc[0, "parameters"] > 0 and len(prep.loc[0, "sha256"]) == 12
+    quant = quantize.summary([read_report(ROOT / "results/gpu-2/quantize/gptq-int4.json")])
+    assert quant.loc[0, "bits"] == 4 and quant.loc[0, "answer"]
+
+
+def test_reports_written_before_a_field_existed_read_it_as_its_default():
+    """results/gpu-3 (2026-12-05) has no loaded_gib / precision_as_asked in its roofline rows."""
+    d = speed.SpeedDetails.of(read_report(ROOT / "results/gpu-3/summary.json"))
+    row = d.roofline[0]
+    assert row.loaded_gib is None and row.precision_as_asked and row.tpot_ms_p50.value > 0
+    assert d.concurrency.report.endswith("all.json") and d.knee is None
+    assert shard.ShardDetails.of(read_report(ROOT / "results/gpu/shard/base.json")).bytes_per_rank[0] > 0

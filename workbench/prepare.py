@@ -16,12 +16,59 @@ import shutil
 import time
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from workbench import sources, variants
 from workbench.config import PrepareConfig
-from workbench.reports import Report, atomic_dir, sha256_file, tree_fingerprint, write_report
+from workbench.reports import (Details, GreedyAnswer, Report, TreeFingerprint, atomic_dir, sha256_file,
+                               tree_fingerprint, write_report)
 
 log = logging.getLogger(__name__)
 VARIANT = variants.BASE  # prepare writes the unquantized variant the others are made from
+
+
+class ModelCard(BaseModel):
+    """The base model as written to ``out_dir``: what transformers' config says of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # prepare.model.name, the served name
+    architecture: str
+    dtype: str
+    parameters: int
+    has_chat_template: bool
+    model_type: str | None = None
+    # from the config, where it has them
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    content: TreeFingerprint
+
+
+class EmbeddingCard(BaseModel):
+    """The embedding model copied to ``embedding_out_dir``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    architecture: str | None = None
+    model_type: str | None = None
+    embedding_dim: int | None = None  # its config's hidden_size
+    content: TreeFingerprint
+
+
+class PrepareDetails(Details):
+    """``details`` of reports/prepare/base.json. JSON Schema: docs/schemas/prepare.json."""
+
+    model: ModelCard
+    smoke: GreedyAnswer | None = None  # None: prepare.smoke_max_new_tokens is 0
+    embedding: EmbeddingCard | None = None  # None: no prepare.embedding
+
+
+class PrepareReport(Report):
+    """reports/prepare/base.json, typed."""
+
+    details: PrepareDetails
 
 
 def _torch_dtype(name: str):
@@ -157,8 +204,9 @@ def run(cfg: PrepareConfig) -> Report:
         config=cfg.model_dump(mode="json"),
         data_fingerprint=fingerprints,
         metrics=metrics,
-        details={"model": {"name": cfg.model.name, **card}, "smoke": smoke,
-                 "embedding": {"name": cfg.embedding.name, **embed_card} if embed_card else None},
+        details=PrepareDetails.checked({
+            "model": {"name": cfg.model.name, **card}, "smoke": smoke,
+            "embedding": {"name": cfg.embedding.name, **embed_card} if embed_card else None}),
         outputs=outputs,
     )
     write_report(report)
@@ -171,11 +219,9 @@ def summary(report: Report):
     """One-row-per-model table for notebooks."""
     import pandas as pd
 
-    rows = []
-    for key in ("model", "embedding"):
-        d = report.details.get(key)
-        if d:
-            rows.append({"model": d["name"], "architecture": d["architecture"],
-                         "parameters": d.get("parameters"), "dtype": d.get("dtype"),
-                         "bytes": d["content"]["bytes"], "sha256": d["content"]["sha256"][:12]})
+    d = PrepareDetails.of(report)
+    rows = [{"model": card.name, "architecture": card.architecture,
+             "parameters": getattr(card, "parameters", None), "dtype": getattr(card, "dtype", None),
+             "bytes": card.content.bytes, "sha256": card.content.sha256[:12]}
+            for card in (d.model, d.embedding) if card is not None]
     return pd.DataFrame(rows)

@@ -34,6 +34,7 @@ from workbench.evaluate.details import EvaluateDetails
 from workbench.loadgen import summary
 from workbench.loadgen.summary import RateSummary
 from workbench.loadtest.details import ArmDetails, ComparedDetails
+from workbench.quantize.details import QuantizeDetails
 from workbench.recommend import Candidate, Decision, Document, accuracy_diff, ppl_change, recommend
 from workbench.report_details import FinalReport, QuantRow, ReportDetails
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
@@ -93,9 +94,8 @@ def e2el_blocks_at(lt: Report, rate: float) -> dict[int, float]:
 def sustained_rate(lt: Report) -> stats.Estimate:
     """The arm's sustained rate at the SLO (req/s): the knee search's bracket [lo, hi] (knee mode),
     else the highest swept rate shown to meet the SLO (a point: the sweep brackets nothing)."""
-    knee = lt.details.get("knee")
-    if knee:
-        k = KneeResult.model_validate(knee)
+    k = ArmDetails.of(lt).knee
+    if k:
         return stats.Estimate(value=k.lo, lo=k.lo, hi=k.hi, method="knee search bracket",
                               note="highest rate shown to pass the SLO; hi the lowest that did not")
     rate = lt.metrics.get("slo_rate_req_per_s")
@@ -131,7 +131,7 @@ def candidate(variant: str, base_bytes: float | None, cfg: ReportConfig) -> tupl
     unquantized = variant == variants.BASE  # prepare's folder: no quantize report, its size from prepare's
     c = Candidate(variant=variant, bytes=base_bytes if unquantized else (q and q.metrics.get("model_bytes")),
                   broken=bool(q and q.metrics.get("broken")))
-    extra: dict = {"method": "reference" if unquantized else (q.details.get("method") if q else None)}
+    extra: dict = {"method": "reference" if unquantized else (QuantizeDetails.of(q).method if q else None)}
     ed = EvaluateDetails.of(e) if e is not None else None
     if ed is not None and ed.evaluated:
         c.evaluated = True

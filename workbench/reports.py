@@ -61,9 +61,10 @@ class Report(BaseModel):
 
 
 class Details(BaseModel):
-    """Base of a stage's typed ``details`` (workbench/evaluate/details.py, loadtest/details.py,
-    report_details.py): the schema its readers rely on, published as JSON Schema by
-    ``python -m workbench.schemas``. Fields are a public API, as the report's are: add freely,
+    """Base of a stage's typed ``details`` (``PrepareDetails`` in workbench/prepare.py,
+    quantize/details.py, ``ShardDetails`` in shard.py, evaluate/details.py, loadtest/details.py,
+    ``SpeedDetails`` in speed.py, report_details.py): the schema its readers rely on, published
+    as JSON Schema by ``python -m workbench.schemas``. Fields are a public API, as the report's are: add freely,
     rename nothing, and give a field new since a report was written a default, so that the
     reports already on disk (results/) still load."""
 
@@ -81,6 +82,29 @@ class Details(BaseModel):
         writing, so that no report leaves it that its published schema does not describe."""
         cls.model_validate(json.loads(json.dumps(details, default=str)))  # as write_report writes it
         return details
+
+
+class TreeFingerprint(BaseModel):
+    """A folder's content hash as ``tree_fingerprint`` writes it (a model's ``content`` in the
+    prepare, quantize and shard details)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    files: int
+    bytes: int
+
+
+class GreedyAnswer(BaseModel):
+    """A model's greedy answer to one prompt, read from the folder a stage wrote: the proof that
+    the files load (prepare's ``smoke``, quantize's ``check.smoke``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    answer: str
+    new_tokens: int
+    seconds: float  # wall time of generate()
 
 
 REPORTS_DIR = Path("reports")  # relative to the project root, where DVC runs every stage

@@ -5,8 +5,8 @@ read reports/<stage>/<variant>.json without this package:
     python -m workbench.schemas --check docs/schemas    # exit 1 when a committed schema is stale
 
 tests/test_schemas.py fails when docs/schemas/ differs from the models: regenerate and commit.
-``common`` is the envelope every report shares (provenance, config, metrics, outputs); the stages
-whose ``details`` are not typed yet (prepare, quantize, shard) are described by it alone.
+``common`` is the envelope every report shares (provenance, config, metrics, outputs); each stage's
+file adds its typed ``details``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,25 @@ from pathlib import Path
 
 from workbench.evaluate.details import EvaluateReport
 from workbench.loadtest.details import LoadtestComparedReport, LoadtestReport
+from workbench.prepare import PrepareReport
+from workbench.quantize.details import QuantizeReport
 from workbench.report_details import FinalReport
 from workbench.reports import SCHEMA_VERSION, Report
+from workbench.shard import ShardReport
+from workbench.speed import SpeedReport
 
 log = logging.getLogger(__name__)
 
 # file name -> (model, which reports it describes)
 REPORTS: dict[str, tuple[type[Report], str]] = {
-    "common": (Report, "every stage report (prepare, quantize and shard: details untyped)"),
+    "common": (Report, "every stage report, details untyped (each stage's file types them)"),
+    "prepare": (PrepareReport, "reports/prepare/base.json"),
+    "quantize": (QuantizeReport, "reports/quantize/<variant>.json"),
+    "shard": (ShardReport, "reports/shard/<variant>.json"),
     "evaluate": (EvaluateReport, "reports/evaluate/<variant>.json"),
     "loadtest": (LoadtestReport, "reports/loadtest/<arm>.json"),
     "loadtest-all": (LoadtestComparedReport, "reports/loadtest/all.json"),
+    "speed": (SpeedReport, "reports/speed/summary.json"),
     "report": (FinalReport, "reports/report/all.json"),
 }
 

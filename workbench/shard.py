@@ -19,13 +19,44 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from workbench import compat
 from workbench.config import ShardConfig
-from workbench.reports import Report, atomic_dir, tree_fingerprint, write_report
+from workbench.reports import Details, Report, TreeFingerprint, atomic_dir, tree_fingerprint, write_report
 
 log = logging.getLogger(__name__)
 RANK_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors$")
 PROMPT = "Which city is the capital of France?"
+
+
+class Reload(BaseModel):
+    """The shards served back by the real vLLM server and asked ``PROMPT``. A failed reload is a
+    result (``success`` false, ``error`` says why), not an exception."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    success: bool
+    startup_s: float | None = None  # until the server answered /v1/models
+    prompt: str
+    answer: str | None = None
+    error: str | None = None  # the last 4000 characters of what went wrong
+
+
+class ShardDetails(Details):
+    """``details`` of reports/shard/<variant>.json. JSON Schema: docs/schemas/shard.json."""
+
+    bytes_per_rank: dict[int, int]  # rank -> bytes of its model-rank-<r>-part-*.safetensors
+    files: list[str]
+    reload: Reload
+    cpu_env: dict[str, str] = {}  # what the engine was started with on a CPU (shard.cpu_env)
+    content: TreeFingerprint
+
+
+class ShardReport(Report):
+    """reports/shard/<variant>.json, typed."""
+
+    details: ShardDetails
 
 
 def cpu_env(cfg: ShardConfig) -> dict[str, str]:
@@ -134,8 +165,8 @@ def run(cfg: ShardConfig) -> Report:
                  "reload_startup_s": reload["startup_s"] or float("nan"),
                  "reload_success": float(reload["success"]),
                  **{f"rank{r}_bytes": float(b) for r, b in ranks.items()}},
-        details={"bytes_per_rank": ranks, "files": sorted(f.name for f in out.iterdir()),
-                 "reload": reload, "cpu_env": cpu_env(cfg), "content": content},
+        details=ShardDetails.checked({"bytes_per_rank": ranks, "files": sorted(f.name for f in out.iterdir()),
+                                      "reload": reload, "cpu_env": cpu_env(cfg), "content": content}),
         outputs={"model": str(out)},
     )
     write_report(report)

@@ -24,14 +24,88 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
-from workbench import roofline, shapes
+from pydantic import BaseModel, ConfigDict
+
+from workbench import roofline, shapes, stats
 from workbench.config import LoadtestConfig, SpeedConfig, deep_merge
-from workbench.reports import Report, gpus, read_report, write_report
+from workbench.loadtest.details import ArmDetails, ComparedDetails
+from workbench.reports import Details, Report, gpus, read_report, write_report
 
 log = logging.getLogger(__name__)
 STAGE = "speed"
 VARIANT = "summary"
+
+
+class RooflineRow(BaseModel):
+    """One arm's step: TPOT and TTFT p50 and output tokens/s with their intervals (``value``,
+    ``lo``, ``hi`` only, pooled over repeats) beside their floors at the batch vLLM ran. The
+    floors are absent without a GPU known to workbench/roofline.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arm: str
+    shape: str
+    precision: str
+    step: str
+    batch_mean: float  # vLLM's mean running requests over the step (server_running_mean)
+    prompt_tokens: float  # means over the step's answered requests, as vLLM counted them
+    output_tokens: float
+    tpot_ms_p50: stats.Estimate
+    ttft_ms_p50: stats.Estimate
+    output_tokens_per_s: stats.Estimate
+    gpu_util_pct_mean: float | None = None
+    limited_by: str | None = None
+    weight_bytes_per_step: float
+    # what vLLM's log says it loaded (absent before 2026-12-06: results/gpu-3)
+    loaded_gib: float | None = None
+    expected_gib: float | None = None
+    kernels: list[str] = []
+    precision_as_asked: bool = True
+    tpot_floor_ms: float | None = None
+    tpot_roofline_fraction: float | None = None
+    prefill_floor_ms: float | None = None
+    ttft_roofline_fraction: float | None = None
+
+
+class ConcurrencyRun(BaseModel):
+    """The concurrency run: its compared report and what it says of the arms against each other."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report: str  # its all.json
+    comparisons: dict[str, Any] | None = None  # that report's ``paired`` (ratios to the control)
+    drift: dict[str, Any] | None = None
+
+
+class KneeRun(BaseModel):
+    """The knee run: its compared report, the gateway's share of the direct knee, its metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report: str
+    gateway: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+
+
+class SpeedDetails(Details):
+    """``details`` of reports/speed/summary.json. JSON Schema: docs/schemas/speed.json."""
+
+    arms: list[str]
+    device: str | None = None  # the GPU's name (speed.gpu, else the provenance's first GPU)
+    gpu: str | None = None  # its entry in workbench/roofline.py, None when unknown
+    gpu_source: str | None = None
+    speed_only: bool = True  # random weights: no quality figure comes from these arms
+    concurrency: ConcurrencyRun | None = None
+    knee: KneeRun | None = None
+    roofline: list[RooflineRow] = []
+
+
+class SpeedReport(Report):
+    """reports/speed/summary.json, typed."""
+
+    details: SpeedDetails
 
 
 def arms(cfg: SpeedConfig) -> dict[str, dict]:
@@ -87,23 +161,23 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
     from workbench.loadtest.report import read_records
 
     rows = []
-    for path in report.details.get("reports", {}).values():
+    for path in ComparedDetails.of(report).reports.values():
         if not Path(path).exists():
             continue
         arm_report = read_report(path)
-        arm = arm_report.variant
+        arm, arm_details = arm_report.variant, ArmDetails.of(arm_report)
         shape_name = next((s for s in cfg.shapes if arm.startswith(f"{s}-")), None)
         if shape_name is None:
             continue
         precision = arm[len(shape_name) + 1:]
         shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config))
         flat = arm_report.metrics
-        facts = server_facts((arm_report.details.get("server") or {}).get("log"))
+        facts = server_facts(arm_details.server.get("log"))
         expected = roofline.weight_bytes_per_step(shape, precision) / 2**30
         # more than 1.5 x the weights the precision should hold: vLLM did not quantize as asked
         as_asked = facts["loaded_gib"] is None or facts["loaded_gib"] <= 1.5 * expected + 1.0
-        limits = {st.get("label"): st.get("limited_by") for st in arm_report.details.get("steps", [])}
-        for label, m in arm_report.details.get("step_metrics", {}).items():
+        limits = {st.label: st.limited_by for st in arm_details.steps}
+        for label, m in arm_details.step_metrics.items():
             if f"{label}.requests" not in flat:  # a repeat ("-r1"): pooled into its point's figures
                 continue
             def est(key: str) -> dict:
@@ -172,8 +246,9 @@ def run(cfg: SpeedConfig) -> Report:
     if cfg.concurrencies:
         conc = loadtest.run(run_config(cfg, arm_keys, "concurrency", mode="concurrency",
                                        concurrencies=cfg.concurrencies), stage=f"{STAGE}/concurrency")
-        details["concurrency"] = {"report": str(conc.path), "comparisons": conc.details.get("paired"),
-                                  "drift": conc.details.get("drift")}
+        compared = ComparedDetails.of(conc)
+        details["concurrency"] = {"report": str(conc.path), "comparisons": compared.paired,
+                                  "drift": compared.drift}
         rows = roofline_rows(cfg, conc, gpu)
     knee = None
     if cfg.knee is not None:
@@ -182,7 +257,7 @@ def run(cfg: SpeedConfig) -> Report:
             run_config(cfg, {first: arm_keys[first]}, "knee", mode="knee", gateway_arms=[first]).model_dump(),
             cfg.knee))
         kr = loadtest.run(knee_cfg, stage=f"{STAGE}/knee")
-        knee = {"report": str(kr.path), "gateway": kr.details.get("gateway"), "metrics": kr.metrics}
+        knee = {"report": str(kr.path), "gateway": ComparedDetails.of(kr).gateway, "metrics": kr.metrics}
         details["knee"] = knee
     details["roofline"] = rows
     tables = Path(cfg.out_dir) / "tables.md"
@@ -192,7 +267,7 @@ def run(cfg: SpeedConfig) -> Report:
     metrics = {f"{r['arm']}.{r['step']}.tpot_roofline_fraction": r["tpot_roofline_fraction"]
                for r in rows if r.get("tpot_roofline_fraction") is not None}
     report = Report(stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), metrics=metrics,
-                    details=details, outputs=outputs)
+                    details=SpeedDetails.checked(details), outputs=outputs)
     write_report(report)
     log.info("speed: %d arms, %d roofline rows -> %s", len(arm_keys), len(rows), report.path)
     return report

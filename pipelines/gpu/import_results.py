@@ -28,7 +28,9 @@ from pathlib import Path
 from pipelines.gpu import summary as gpu_summary
 from workbench import loadtest, logconfig, tracking
 from workbench.cli import log_saved_report
+from workbench.evaluate.details import EvaluateDetails
 from workbench.reports import read_report, report_path
+from workbench.shard import ShardDetails
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,11 @@ def write_summary(root: Path, dest: Path) -> None:
         summary["vllm"] = (rep.provenance.packages or {}).get("vllm", "?")
     if (root / "reports/shard/base.json").exists():
         rep = read_report(root / "reports/shard/base.json")
-        summary["shard"] = {**rep.metrics, "answer": rep.details["reload"].get("answer")}
+        summary["shard"] = {**rep.metrics, "answer": ShardDetails.of(rep).reload.answer}
     evaluated = [read_report(p) for p in sorted((root / "reports/evaluate").glob("*.json"))]
     if evaluated:
         summary["evaluate"] = {r.variant: {k: r.metrics.get(k) for k in ("mmlu_acc", "ceval_acc", "ppl_word", "eval_s")}
-                               | {"timings": r.details.get("timings")} for r in evaluated}
+                               | {"timings": EvaluateDetails.of(r).timings} for r in evaluated}
     (dest / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (dest / "summary.md").write_text(gpu_summary.markdown(summary))
 

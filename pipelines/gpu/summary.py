@@ -15,13 +15,14 @@ from pathlib import Path
 
 from workbench import loadtest
 from workbench.loadgen.knee import KneeResult
+from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.reports import Report, read_report
 from workbench.stats import Verdict
 
 
 def comparison_reports(comparison: Report, root: Path = Path(".")) -> dict[str, Report]:
     """Each compared arm's own report, read from a run's tree (``root``: an unpacked archive)."""
-    return {name: read_report(root / path) for name, path in comparison.details["reports"].items()
+    return {name: read_report(root / path) for name, path in ComparedDetails.of(comparison).reports.items()
             if (root / path).is_file()}
 
 
@@ -68,15 +69,16 @@ def loadtest_summary(comparison: Report, reports: dict[str, Report]) -> dict:
     """The load-test part of summary.json, from the compared run's reports (``all`` and one per
     arm): the sustained rate of each with its bracket, the table of every rate it was measured at,
     the drift verdict and what it means."""
-    cfg, names = comparison.config, comparison.details["variants"]
-    knees = {n: KneeResult.model_validate(r.details["knee"]) for n, r in reports.items() if r.details.get("knee")}
+    cfg, compared = comparison.config, ComparedDetails.of(comparison)
+    names, arms = compared.variants, {n: ArmDetails.of(r) for n, r in reports.items()}
+    knees = {n: d.knee for n, d in arms.items() if d.knee}
     control = names[0] if names else None
     configs = []
     for name in names:
         entry = {"name": name, "server": cfg.get("server_overrides", {}).get(name, {})}
         rep = reports.get(name)
-        if rep is None or rep.details.get("not_servable"):
-            entry["not_servable"] = rep.details["not_servable"] if rep else "no report came back"
+        if rep is None or arms[name].not_servable:
+            entry["not_servable"] = arms[name].not_servable if rep else "no report came back"
             configs.append(entry)
             continue
         knee = knees.get(name)
@@ -88,11 +90,11 @@ def loadtest_summary(comparison: Report, reports: dict[str, Report]) -> dict:
             against_control="control" if name == control else against_control(knee, knees.get(control)),
             rows=loadtest.table_rows(loadtest.rates_of(rep)))
         configs.append(entry)
-    drift = comparison.details.get("drift")
-    return {"run": comparison.details.get("run"), "finished_at": comparison.created_at, "mode": cfg["mode"],
+    drift = compared.drift
+    return {"run": compared.run, "finished_at": comparison.created_at, "mode": cfg["mode"],
             "control": control, "client_processes": cfg.get("client_processes", 1), "slo": slo_text(cfg["slo"]),
-            "steps": len(comparison.details.get("order", [])),
-            "first_round": [o["variant"] for o in comparison.details.get("order", [])][:max(len(names), 1)],
+            "steps": len(compared.order),
+            "first_round": [o["variant"] for o in compared.order][:max(len(names), 1)],
             "drift": drift["verdict"] if drift else None, "drifted": drift.get("drifted") if drift else None,
             "comparison": comparison_verdict(drift), "configurations": configs}
 

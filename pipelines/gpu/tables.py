@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from workbench import loadtest, stats, variants
+from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.report import cell_text, tables
 from workbench.report_details import ReportDetails
 from workbench.reports import read_report
@@ -50,7 +51,7 @@ def rates_table(lt_report) -> str:
     rows = ["| offered req/s | step | achieved req/s | TTFT p50 ms | TTFT p99 ms | mean E2E latency ms "
             "| GPU util % (mean of samples) | goodput | SLO |",
             "|---|---|---|---|---|---|---|---|---|"]
-    per_step = lt_report.details.get("step_metrics", {})
+    per_step = ArmDetails.of(lt_report).step_metrics
     for s in sorted(loadtest.steps_of(lt_report), key=lambda s: (s.offered_req_per_s, s.position)):
         m = per_step.get(s.label, {})
         util_key = f"{s.utilization_of or 'gpu'}_util_pct_mean"
@@ -63,7 +64,7 @@ def rates_table(lt_report) -> str:
 
 def gateway_block(all_lt) -> str:
     lines = []
-    for arm, g in (all_lt.details.get("gateway") or {}).items():
+    for arm, g in ComparedDetails.of(all_lt).gateway.items():
         ratio = g.get("sustained_ratio")
         text = stats.Estimate.model_validate(ratio).text(".2f") if ratio else "n/a"
         rates = g.get("sustained_req_per_s") or {}
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = rec.variant or variants.BASE
     out += [f"## Offered rate against latency and GPU utilization: {shown} (seed table 6.2)", "",
             rates_table(read_report(reports / f"loadtest/{shown}.json")), ""]
-    drift = all_lt.details.get("drift")
+    drift = ComparedDetails.of(all_lt).drift
     out += ["## Drift control", "", drift["verdict"] if drift else "(none in this run)", ""]
     out += ["## The gateway in the path", "", gateway_block(all_lt), ""]
     sys.stdout.write("\n".join(out))

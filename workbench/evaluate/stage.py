@@ -459,7 +459,7 @@ def subject_table(report: Report):
 
     columns = ["suite", "subject", "category", "acc", "acc_lo", "acc_hi", "acc_stderr", "n"]
     rows = []
-    for suite, res in report.details["suites"].items():
+    for suite, res in EvaluateDetails.of(report).suites.items():
         for subj, d in res.get("subjects", {}).items():
             rows.append({"suite": suite, "subject": subj, "category": d.get("category"),
                          "acc": d["acc"], **_bounds(d.get("acc_ci"), "acc"),
@@ -472,9 +472,10 @@ def summary(report: Report):
     with the baseline (deltas; paired interval and its p, perplexity % change). For notebooks."""
     import pandas as pd
 
-    deltas = report.details.get("vs_baseline", {}).get("deltas", {})
+    details = EvaluateDetails.of(report)
+    deltas = details.vs_baseline.deltas if details.vs_baseline else {}
     rows = []
-    for suite, res in report.details["suites"].items():
+    for suite, res in details.suites.items():
         if "not_available" in res:  # e.g. perplexity from a chat API without prompt log-probs
             rows.append({"suite": suite, "note": res["not_available"], "data": res["data"]["name"]})
             continue

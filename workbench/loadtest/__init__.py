@@ -24,6 +24,6 @@ imports no vLLM, torch or lm-eval (tests/test_loadtest.py checks).
 from workbench.loadtest.arms import (GATEWAY_SUFFIX, Arm, endpoint, gateway_arm, server_config,  # noqa: F401
                                      start_endpoints)
 from workbench.loadtest.executor import Done, execute, run  # noqa: F401
-from workbench.loadtest.report import (STAGE, VARIANT, markdown, rates_of, read_records, steps_of,  # noqa: F401
-                                       table, table_rows, track)
+from workbench.loadtest.report import (STAGE, VARIANT, arm_reports, drift_of, markdown,  # noqa: F401
+                                       rates_of, read_records, steps_of, table, table_rows, track)
 from workbench.reports import Report  # noqa: F401

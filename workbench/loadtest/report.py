@@ -18,7 +18,7 @@ from workbench.loadgen import summary
 from workbench.loadgen.client import Record
 from workbench.loadgen.knee import KneeResult
 from workbench.loadgen.summary import RateSummary, StepSummary
-from workbench.loadtest.details import ArmDetails
+from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.reports import Report, sha256_file, write_report
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,12 @@ def arm_reports(report: Report) -> list[Report]:
 
     if report.variant != VARIANT:
         return [report]
-    return [read_report(Path(p)) for p in report.details.get("reports", {}).values()]
+    return [read_report(Path(p)) for p in ComparedDetails.of(report).reports.values()]
+
+
+def drift_of(report: Report) -> dict | None:
+    """The compared run's drift control (loadtest/compare.py), or None: one arm's report has none."""
+    return ComparedDetails.of(report).drift if report.variant == VARIANT else None
 
 
 def track(parent, report: Report) -> None:
@@ -245,7 +250,7 @@ def track(parent, report: Report) -> None:
                                    {"offered_req_per_s": step.offered_req_per_s, "variant": vr.variant,
                                     "repeat": step.repeat, "role": step.role, "position": step.position,
                                     "block": step.block},
-                                   vr.details.get("step_metrics", {}).get(step.label, {}))
+                                   ArmDetails.of(vr).step_metrics.get(step.label, {}))
 
 
 def table(report: Report):

@@ -12,9 +12,9 @@ Calibration texts come from a local corpus (never a hub download); the group siz
 against every linear layer's input width before any work.
 
 The package: ``stage`` (``run(cfg)``, the group-size check, calibration texts, the perplexity
-check, the notebook table, ``main``), ``methods`` (the registry of quantization methods) and
-``awq_format`` (reads AutoAWQ GEMM checkpoints without AutoAWQ). ``python -m workbench.quantize``
-runs ``stage.main``.
+check, the notebook table, ``main``), ``methods`` (the registry of quantization methods),
+``details`` (the report's typed details) and ``awq_format`` (reads AutoAWQ GEMM checkpoints
+without AutoAWQ). ``python -m workbench.quantize`` runs ``stage.main``.
 """
 
 from workbench.quantize.methods import METHODS, Method, register, store_floats_in

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from workbench.config import QuantizeConfig
+from workbench.quantize.details import QuantizeDetails
 from workbench.quantize.methods import METHODS, store_floats_in
 from workbench.reports import Report, atomic_dir, sha256_file, tree_fingerprint, write_report
 
@@ -196,11 +197,10 @@ def run(cfg: QuantizeConfig) -> Report:
                  "perplexity_base": verdict["perplexity_base"],
                  "perplexity_ratio": verdict["perplexity_ratio"],
                  "broken": float(verdict["broken"])},
-        details={"method": method.name, "format": method.fmt, "bits": v.bits,
-                 "group_size": v.group_size, "symmetric": v.symmetric,
-                 "quant_method": qcfg.get("quant_method"), "quantization_config": qcfg,
-                 "vllm_cpu_servable": vllm_cpu_servable(method.fmt, v.bits),
-                 "check": verdict, "content": content},
+        details=QuantizeDetails.checked({
+            "method": method.name, "format": method.fmt, "bits": v.bits, "group_size": v.group_size,
+            "symmetric": v.symmetric, "quant_method": qcfg.get("quant_method"), "quantization_config": qcfg,
+            "vllm_cpu_servable": vllm_cpu_servable(method.fmt, v.bits), "check": verdict, "content": content}),
         outputs={"model": str(out)},
     )
     write_report(report)
@@ -218,15 +218,15 @@ def summary(reports: list[Report]):
 
     rows = []
     for r in reports:
-        m, d = r.metrics, r.details
-        rows.append({"variant": r.variant, "method": d["method"], "format": d["format"],
-                     "bits": d["bits"], "group": d["group_size"],
+        m, d = r.metrics, QuantizeDetails.of(r)
+        rows.append({"variant": r.variant, "method": d.method, "format": d.format,
+                     "bits": d.bits, "group": d.group_size,
                      "MB": round(m["model_bytes"] / 1e6, 1),
                      "ratio_to_base": round(m["size_ratio_to_base"], 3),
                      "quantize_s": m["quantize_s"], "peak_rss_GiB": round(m["peak_rss_bytes"] / 2**30, 2),
                      "ppl": round(m["perplexity"], 2), "ppl_base": round(m["perplexity_base"], 2),
                      "broken": bool(m["broken"]),
-                     "answer": (d["check"].get("smoke") or {}).get("answer")})
+                     "answer": d.check.smoke.answer if d.check.smoke else None})
     return pd.DataFrame(rows)
 
 
