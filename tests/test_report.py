@@ -309,16 +309,19 @@ def test_the_picture_has_one_point_per_arm_and_marks_an_arm_without_quality_or_c
               arm("speed-only", None, (4, 4, None), (0.1, 0.0, 0.1)),  # no quality; rate bounded below only
               arm("unpriced", (0.3, 0.2, 0.5), (1, 1, 2), None, engine="llama.cpp"),
               arm("nan-cost", (0.35, 0.2, 0.5), (1, 1, 2), (nan, nan, nan), engine="url"),
-              arm("no-rate", (0.3, 0.2, 0.5), None, None, engine="url")]
+              arm("no-rate", (0.3, 0.2, 0.5), None, None, engine="url"),
+              arm("too-slow", (0.3, 0.2, 0.5), (None, None, 1.0), None, engine="llama.cpp")]  # failed at 1
     fig = plots.quality_rate_cost_figure(points, "mmlu_acc")
     rate_ax, cost_ax = fig.axes
     labels = lambda ax: [c.get_label() for c in ax.containers]  # noqa: E731  one errorbar per arm
     assert labels(rate_ax) == ["base (vllm)", "speed-only (vllm): no quality, bounded below only",
-                               "unpriced (llama.cpp)", "nan-cost (url)"]
+                               "unpriced (llama.cpp)", "nan-cost (url)", "too-slow (llama.cpp): no rate passed (< 1 req/s)"]
     assert labels(cost_ax) == ["base (vllm)", "speed-only (vllm): no quality"]
     texts = lambda ax: " ".join(t.get_text() for t in ax.texts)  # noqa: E731
     assert texts(rate_ax) == "no sustained rate: no-rate"
-    assert texts(cost_ax) == "no cost: unpriced, nan-cost, no-rate"
+    assert texts(cost_ax) == "no cost: unpriced, nan-cost, no-rate, too-slow"
+    slow = rate_ax.containers[4]
+    assert list(slow.lines[0].get_xdata()) == [0.0] and rate_ax.get_xlim()[0] == 0  # its bar spans [0, 1)
     assert "no quality" in [t.get_text() for t in rate_ax.get_yticklabels()]
     speed_only = rate_ax.containers[1].lines[0].get_ydata()
     assert list(speed_only) == [plots.NO_QUALITY_Y]  # on the labelled line, not at a made-up accuracy

@@ -125,7 +125,8 @@ def quality_rate_cost_figure(points: list, metric: str):
     """One point per arm (``report_details.ArmPoint``): quality against the sustained SLO rate
     (left) and against the cost per million output tokens (right), each with its 95 % interval as
     error bars on both axes. An arm without a quality figure is drawn on a "no quality" line
-    below the axis; one without a rate or a cost is left out of that panel and named in it. NaN
+    below the axis; one whose lowest rate failed, hollow at 0 with its bar to that rate; one
+    without a rate or a cost is left out of that panel and named in it. NaN
     counts as missing: it is marked, never drawn as a number, never an error."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
@@ -136,19 +137,22 @@ def quality_rate_cost_figure(points: list, metric: str):
     for ax, (field, xlabel) in zip(axes, panels):
         missing = []
         for i, p in enumerate(points):
-            x, q = _point(getattr(p, field)), _point(p.quality)
+            est = getattr(p, field)
+            x, q = _point(est), _point(p.quality)
+            label = p.variant + (f" ({p.engine})" if p.engine else "")
+            below = field == "sustained_req_per_s" and x is None and est is not None and _finite(est.hi)
+            if below:  # no rate passed, the lowest tried failed: the rate lies in [0, hi)
+                x, label = (0.0, 0.0, est.hi), label + f": no rate passed (< {est.hi:g} req/s)"
             if x is None:
                 missing.append(p.variant)
                 continue
-            label = p.variant + (f" ({p.engine})" if p.engine else "")
             if q is None:
                 any_missing_quality = True
                 q, label = (NO_QUALITY_Y, 0.0, 0.0), label + ": no quality"
-            est = getattr(p, field)
             if _finite(est.hi) is None:
                 label += ", bounded below only" if field == "sustained_req_per_s" else ", no upper bound"
             ax.errorbar([x[0]], [q[0]], xerr=[[x[1]], [x[2]]], yerr=[[q[1]], [q[2]]], fmt="o" if q[0] != NO_QUALITY_Y
-                        else "x", color=f"C{i}", capsize=4, ms=7, label=label)
+                        else "x", color=f"C{i}", capsize=4, ms=7, label=label, mfc="white" if below else None)
         if missing:
             what = "sustained rate" if field == "sustained_req_per_s" else "cost"
             ax.text(0.02, 0.02, f"no {what}: {', '.join(missing)}", transform=ax.transAxes, fontsize=8,
@@ -158,6 +162,7 @@ def quality_rate_cost_figure(points: list, metric: str):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
+    axes[0].set_xlim(left=0)  # a rate in perspective; arms with no passing rate sit at 0
     axes[0].set_ylabel(f"{metric} (95 % interval)")
     axes[0].set_ylim(NO_QUALITY_Y - 0.08 if any_missing_quality else -0.02, 1.02)
     if any_missing_quality:

@@ -62,7 +62,7 @@ def ceiling(d: ArmDetails, rate: stats.Estimate, cap: float | None) -> str:
     stop = [r for r in d.rates if r.concurrency is None and (r.offered_req_per_s == rate.hi if rate.hi is not None
                                                              else r.offered_req_per_s == max(x.offered_req_per_s for x in d.rates))]
     if stop and stop[0].limited_by:
-        parts.append(f"at {stop[0].offered_req_per_s:g} req/s limited by {'; '.join(stop[0].limited_by)}")
+        parts.append(f"at {stop[0].offered_req_per_s:g} req/s limited by {'; '.join(dict.fromkeys(stop[0].limited_by))}")
     if cap is not None:
         parts.append(f"capped at {cap:g} req/s (max_rate_req_per_s): higher rates were not sent")
     return "; ".join(parts)
@@ -96,7 +96,9 @@ def arm_point(c: Candidate, lt: Report | None, ev: Report | None, cfg: ReportCon
             point.ceiling = ceiling(d, point.sustained_req_per_s, cap)
     if c.cost is not None:
         point.cost_per_million_output_tokens, point.cost_currency = c.cost, c.cost_currency
-        point.cost_note = None if _finite(c.cost) else c.cost.note
+        rate = point.sustained_req_per_s
+        point.cost_note = (None if _finite(c.cost) else "no cost: no rate shown to meet the SLO to price it at"
+                           if rate is not None and rate.value is None else c.cost.note)
     else:
         point.cost_note = "no price in report.prices" if c.variant not in cfg.prices else "no load test at the target rate"
     return point
@@ -121,13 +123,19 @@ def _cell(est: stats.Estimate | None, fmt: str, missing: str = "n/a") -> str:
     return est.text(fmt) if _finite(est) else missing
 
 
+def _no_rate(rate: stats.Estimate | None) -> str:
+    if rate is not None and rate.hi is not None and math.isfinite(rate.hi):
+        return f"< {rate.hi:g} (no rate passed)"
+    return "none shown"
+
+
 def arms_table(points: list[ArmPoint]) -> list[dict]:
     """The arms table as text (a view, never read back): each figure with its 95 % interval."""
     return [{
         "arm": p.variant, "engine": p.engine or "",
         p.quality_metric: _cell(p.quality, ".3f", "no quality"),
         "perplexity": _cell(p.perplexity, ".2f", p.perplexity_note or "n/a"),
-        "sustained req/s at the SLO": _cell(p.sustained_req_per_s, ".3g", "none shown"),
+        "sustained req/s at the SLO": _cell(p.sustained_req_per_s, ".3g", _no_rate(p.sustained_req_per_s)),
         "measured ceiling": p.ceiling,
         "cost per 1e6 output tokens": (f"{p.cost_per_million_output_tokens.text('.3g')} {p.cost_currency}"
                                        if _finite(p.cost_per_million_output_tokens) else p.cost_note or "n/a"),
