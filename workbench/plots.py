@@ -152,7 +152,8 @@ def quality_rate_cost_figure(points: list, metric: str):
             if _finite(est.hi) is None:
                 label += ", bounded below only" if field == "sustained_req_per_s" else ", no upper bound"
             ax.errorbar([x[0]], [q[0]], xerr=[[x[1]], [x[2]]], yerr=[[q[1]], [q[2]]], fmt="o" if q[0] != NO_QUALITY_Y
-                        else "x", color=f"C{i}", capsize=4, ms=7, label=label, mfc="white" if below else None)
+                        else "x", color=f"C{i}", capsize=4, ms=max(4, 10 - 2 * i), label=label,
+                        mfc="white" if below else None)  # shrinking sizes: coinciding arms stay visible
         if missing:
             what = "sustained rate" if field == "sustained_req_per_s" else "cost"
             ax.text(0.02, 0.02, f"no {what}: {', '.join(missing)}", transform=ax.transAxes, fontsize=8,
@@ -162,7 +163,8 @@ def quality_rate_cost_figure(points: list, metric: str):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
-    axes[0].set_xlim(left=0)  # a rate in perspective; arms with no passing rate sit at 0
+    # a rate in perspective from 0, where arms with no passing rate sit (a margin keeps them visible)
+    axes[0].set_xlim(left=-0.04 * max(axes[0].get_xlim()[1], 1e-9))
     axes[0].set_ylabel(f"{metric} (95 % interval)")
     axes[0].set_ylim(NO_QUALITY_Y - 0.08 if any_missing_quality else -0.02, 1.02)
     if any_missing_quality:
