@@ -174,6 +174,34 @@ def test_evaluate_variant_outside_quantize_variants_is_an_error_naming_the_list(
         load_params(p, ["evaluate.variants=[q4]"])
 
 
+ARMS = ("loadtest:\n  arms:\n    - {kind: llamacpp, name: gguf, server: {threads: 1}}\n"
+        "    - {kind: url, name: hosted, base_url: 'http://h:1/v1', model: m, api_key_env: K}\n"
+        "    - {kind: vllm, name: tuned, variant: q8}\n"
+        "quantize:\n  variants:\n    q8: {method: gptq, bits: 8}\n")
+
+
+def test_a_loadtest_arm_is_evaluated_as_the_load_test_reaches_it(tmp_path):
+    p = write(tmp_path, ARMS)
+    assert load_params(p).evaluate.variants == ["q8", "gguf", "hosted", "tuned"]  # arms evaluated by default
+    gguf = load_params(p, ["evaluate.variant=gguf"]).evaluate
+    assert (gguf.backend, gguf.fallback_backend, gguf.chat.server, gguf.chat.endpoint) == ("chat", None, "llamacpp", None)
+    assert gguf.chat.llamacpp.threads == 1  # the arm's own server settings, not evaluate's defaults
+    hosted = load_params(p, ["evaluate.variant=hosted"]).evaluate
+    assert (hosted.backend, hosted.chat.endpoint, hosted.chat.model, hosted.chat.api_key_env) == (
+        "chat", "http://h:1/v1", "m", "K")
+    tuned = load_params(p, ["evaluate.variant=tuned"]).evaluate
+    assert tuned.backend == "vllm" and tuned.model_path == "models/q8"  # its variant's folder
+    base = load_params(p, ["evaluate.variant=base"]).evaluate
+    assert base.backend == "vllm" and base.chat.endpoint is None  # a variant is left as configured
+
+
+def test_evaluate_variants_may_name_loadtest_arms_but_nothing_else(tmp_path):
+    p = write(tmp_path, ARMS)
+    assert load_params(p, ["evaluate.variants=[hosted]"]).evaluate.variants == ["hosted"]
+    with pytest.raises(ConfigError, match=r"evaluate.variants \['other'\].*loadtest.arms \['gguf', 'hosted', 'tuned'\]"):
+        load_params(p, ["evaluate.variants=[other]"])
+
+
 def test_a_server_built_outside_params_yaml_serves_under_its_folder_name():
     from workbench.config import ServerConfig
     from workbench.serve import VLLMServer, build_command

@@ -296,3 +296,111 @@ def test_a_knee_searchs_sustained_rate_is_its_bracket():
     est = report_stage.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
     assert (est.value, est.lo, est.method) == (200.0, 200.0, "knee search bracket")
     assert est.hi == pytest.approx(282.842712474619)
+
+
+# ---- the arms side by side: quality, sustained rate, cost (report_arms, plots.quality_rate_cost) ----
+
+def set_verdicts(variant: str, verdicts: dict[float, str]) -> None:
+    """The SLO verdict of ``variant``'s load test at each offered rate, set in its report on disk."""
+    path = Path(f"reports/loadtest/{variant}.json")
+    data = json.loads(path.read_text())
+    for r in data["details"]["rates"]:
+        r["slo"]["overall"] = verdicts.get(r["offered_req_per_s"], r["slo"]["overall"])
+    path.write_text(json.dumps(data))
+
+
+def arm(variant, quality=None, rate=None, cost=None, engine="vllm"):
+    from workbench.report_details import ArmPoint
+    from workbench.stats import Estimate
+
+    est = lambda v: None if v is None else Estimate(value=v[0], lo=v[1], hi=v[2])  # noqa: E731
+    return ArmPoint(variant=variant, engine=engine, quality_metric="mmlu_acc", quality=est(quality),
+                    sustained_req_per_s=est(rate), cost_per_million_output_tokens=est(cost),
+                    cost_currency="USD" if cost else None)
+
+
+def test_the_picture_has_one_point_per_arm_and_marks_an_arm_without_quality_or_cost(tmp_path):
+    from workbench import plots
+
+    nan = float("nan")
+    points = [arm("base", (0.4, 0.25, 0.6), (2, 2, 4), (0.2, 0.1, 0.2)),
+              arm("speed-only", None, (4, 4, None), (0.1, 0.0, 0.1)),  # no quality; rate bounded below only
+              arm("unpriced", (0.3, 0.2, 0.5), (1, 1, 2), None, engine="llama.cpp"),
+              arm("nan-cost", (0.35, 0.2, 0.5), (1, 1, 2), (nan, nan, nan), engine="url"),
+              arm("no-rate", (0.3, 0.2, 0.5), None, None, engine="url"),
+              arm("too-slow", (0.3, 0.2, 0.5), (None, None, 1.0), None, engine="llama.cpp")]  # failed at 1
+    fig = plots.quality_rate_cost_figure(points, "mmlu_acc")
+    rate_ax, cost_ax = fig.axes
+    labels = lambda ax: [c.get_label() for c in ax.containers]  # noqa: E731  one errorbar per arm
+    assert labels(rate_ax) == ["base (vllm)", "speed-only (vllm): no quality, bounded below only",
+                               "unpriced (llama.cpp)", "nan-cost (url)", "too-slow (llama.cpp): no rate passed (< 1 req/s)"]
+    assert labels(cost_ax) == ["base (vllm)", "speed-only (vllm): no quality"]
+    texts = lambda ax: " ".join(t.get_text() for t in ax.texts)  # noqa: E731
+    assert texts(rate_ax) == "no sustained rate: no-rate"
+    assert texts(cost_ax) == "no cost: unpriced, nan-cost, no-rate, too-slow"
+    slow = rate_ax.containers[4]
+    assert list(slow.lines[0].get_xdata()) == [0.0] and rate_ax.get_xlim()[0] < 0  # its bar spans [0, 1)
+    assert "no quality" in [t.get_text() for t in rate_ax.get_yticklabels()]
+    speed_only = rate_ax.containers[1].lines[0].get_ydata()
+    assert list(speed_only) == [plots.NO_QUALITY_Y]  # on the labelled line, not at a made-up accuracy
+    path = plots.quality_rate_cost(points, tmp_path / "q.png", "mmlu_acc")
+    assert Path(path).stat().st_size > 0
+    plots.quality_rate_cost([], tmp_path / "empty.png", "mmlu_acc")  # no arm at all: a figure, no crash
+
+
+def test_the_report_puts_every_arm_in_the_picture_the_summary_and_mlflow(in_tmp, monkeypatch):
+    from mlflow import MlflowClient
+
+    from workbench import tracking
+    from workbench.stages import log_to
+
+    write_stage_reports(monkeypatch)
+    set_verdicts("base", {20: "pass", 40: "fail"})  # a bracket (the fake's 10-request steps decide nothing)
+    cfg = ReportConfig(variants=list(VARIANTS), target_rate_req_per_s=20.0, prices={
+        "base": {"per_gpu_hour": 2.0}, "gptq-int4": {"per_million_input_tokens": 0.5, "per_million_output_tokens": 2.0}})
+    r = report_stage.run(cfg)
+    arms = {p.variant: p for p in r.details.arms}
+    assert list(arms) == list(VARIANTS)
+    base = arms["base"]
+    assert base.quality.lo < base.quality.value < base.quality.hi
+    assert (base.sustained_req_per_s.lo, base.sustained_req_per_s.hi) == (20, 40)
+    assert base.ceiling.startswith("SLO met up to 20 req/s, shown to fail at 40; at 40 req/s limited by ")
+    cost = base.cost_per_million_output_tokens  # 2 USD/h over [20, 40) req/s: both ends bounded
+    assert cost.lo == pytest.approx(2 / (40 * 4 * 3600) * 1e6) and cost.value == cost.hi == pytest.approx(2 / (20 * 4 * 3600) * 1e6)
+    assert arms["gptq-int4"].sustained_req_per_s.value is None  # undecided steps: no rate shown
+    assert arms["gptq-int4"].cost_per_million_output_tokens.value is not None  # per token: any rate
+    assert arms["awq-int4"].cost_per_million_output_tokens is None and arms["awq-int4"].cost_note == "no price in report.prices"
+    rows = json.loads(Path("reports/report/plots/quality_rate_cost.json").read_text())
+    assert [row["variant"] for row in rows] == list(VARIANTS) and rows[1]["cost_per_million_output_tokens"] is None
+    summary = Path("reports/report/summary.md").read_text()
+    assert summary.count("\n| ") >= 3 + 6 and "![quality vs sustained rate and cost](quality_rate_cost.png)" in summary
+    assert "no price in report.prices" in summary and f"**{r.details.recommendation.variant}**" in summary
+    assert Path(r.outputs["quality_rate_cost"]).stat().st_size > 0
+    with tracking.stage_run("report", "all", system_metrics=False) as run:
+        log_to(run, r)
+    client = MlflowClient(tracking.tracking_uri())
+    logged = {a.path for a in client.list_artifacts(run.run_id, "plots")}
+    assert {"plots/quality_rate_cost.png", "plots/quality_rate_cost.json"} <= logged
+    assert "summary.md" in {a.path for a in client.list_artifacts(run.run_id)}
+
+
+def test_a_sweep_brackets_the_sustained_rate_and_a_knee_report_is_read(in_tmp, monkeypatch):
+    """The sustained rate is [highest passed, lowest failed above it); knee mode's bracket comes
+    from the typed knee (report.py read it through a name it never imported: knee reports with a
+    price raised NameError)."""
+    from workbench.report_arms import sustained_rate
+
+    write_loadtests(monkeypatch, {"base": VARIANTS["base"]})
+    set_verdicts("base", {20: "pass", 40: "pass"})
+    lt = read_report("reports/loadtest/base.json")
+    assert sustained_rate(lt).value == 40 and sustained_rate(lt).hi is None  # none failed: bounded below
+    rates = lt.details["rates"]
+    rates[1]["slo"]["overall"] = "fail"  # 40 req/s shown to fail
+    est = sustained_rate(lt)
+    assert (est.value, est.lo, est.hi) == (20, 20, 40)
+    rates[0]["slo"]["overall"] = "fail"
+    assert sustained_rate(lt).value is None and sustained_rate(lt).hi == 20  # nothing passed: no rate
+    lt.details["knee"] = {"sustained_req_per_s": 3.0, "lo": 3.0, "hi": 3.5, "converged": True,
+                          "hi_undecided": False, "tolerance": 0.1, "probes": [], "note": "converged"}
+    est = sustained_rate(lt)
+    assert (est.value, est.lo, est.hi, est.method) == (3.0, 3.0, 3.5, "knee search bracket")

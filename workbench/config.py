@@ -561,7 +561,7 @@ class EvaluateConfig(Section):
     seed: int = 0  # lm-eval's python / numpy / torch / fewshot seeds
     baseline: str | None = BASE_VARIANT  # variant whose report the deltas are taken against
     # The variants evaluated against ``baseline``. None: every quantize.variants entry with
-    # serve: true (filled by Params). dvc.yaml has an evaluate stage per quantize.variants key; one
+    # serve: true and every loadtest.arms name (filled by Params; an arm is evaluated as ``for_arm``). dvc.yaml has an evaluate stage per quantize.variants key; one
     # not listed here writes a short "not evaluated" report instead of loading the model.
     variants: list[str] | None = None
     work_dir: str = "runs/evaluate"  # per-sample lm-eval outputs: <work_dir>/<variant>/
@@ -569,6 +569,19 @@ class EvaluateConfig(Section):
     @property
     def model_path(self) -> str:
         return variant_dir(self.variant, self.model_dir)
+
+    def for_arm(self, arm: "VllmArm | LlamaCppArm | UrlArm") -> "EvaluateConfig":
+        """This config for the ``loadtest.arms`` entry its variant names, reached as the load test
+        reaches it (one home for an arm: its load-test entry), so that every arm answers the same
+        questions: a llama.cpp or URL arm through chat completions (the only scoring they offer;
+        perplexity where the endpoint returns prompt log-probabilities), a vLLM arm as its variant's
+        folder with this config's backend."""
+        if isinstance(arm, VllmArm):
+            return self.model_copy(update={"model_dir": self.model_dir or variant_dir(arm.variant or arm.name)})
+        chat = ({"endpoint": arm.base_url, "model": arm.model, "api_key_env": arm.api_key_env}
+                if isinstance(arm, UrlArm) else {"endpoint": None, "server": "llamacpp", "llamacpp": arm.server})
+        return self.model_copy(update={"backend": "chat", "fallback_backend": None,
+                                       "chat": self.chat.model_copy(update=chat)})
 
 
 class CalibrationConfig(Section):
@@ -908,12 +921,16 @@ class Params(Section):
             embedding = named(embedding, self.prepare.embedding.name)
         elif embedding is not None:
             embedding = named(embedding, Path(embedding.model_dir).name)
+        arms = {a.name: a for a in self.loadtest.arms}  # evaluated under their names, as load-tested
+        evaluate = self.evaluate.model_copy(update={
+            "server": named(self.evaluate.server, name),
+            "variants": self.evaluate.variants if self.evaluate.variants is not None
+            else [v for v in served if v != self.evaluate.baseline] + list(arms)})
+        if self.evaluate.variant in arms:
+            evaluate = evaluate.for_arm(arms[self.evaluate.variant])
         derived = {
             "serve": self.serve.model_copy(update={"chat": named(self.serve.chat, name), "embedding": embedding}),
-            "evaluate": self.evaluate.model_copy(update={
-                "server": named(self.evaluate.server, name),
-                "variants": self.evaluate.variants if self.evaluate.variants is not None
-                else [v for v in served if v != self.evaluate.baseline]}),
+            "evaluate": evaluate,
             "shard": self.shard.model_copy(update={"server": named(self.shard.server, name)}),
             "loadtest": self.loadtest.model_copy(update={
                 "server": named(self.loadtest.server, name),
@@ -933,10 +950,10 @@ class Params(Section):
         if unknown:
             raise ValueError(f"loadtest.gateway_arms {unknown} are not among the compared loadtest.variants "
                              f"{lt_variants}: a gateway arm shares its variant's server")
-        unknown = [v for v in derived["evaluate"].variants if v not in {*quantized, BASE_VARIANT}]
+        unknown = [v for v in derived["evaluate"].variants if v not in {*quantized, BASE_VARIANT, *arms}]
         if unknown:
             raise ValueError(f"evaluate.variants {unknown} are not keys of quantize.variants {quantized} "
-                             "(dvc.yaml has an evaluate stage per key)")
+                             f"(dvc.yaml has an evaluate stage per key) nor names of loadtest.arms {list(arms)}")
         try:  # the speed stage's load tests: this load test with speed.loadtest's keys over it
             resolved = LoadtestConfig.model_validate(deep_merge(derived["loadtest"].model_dump(), self.speed.loadtest))
         except ValidationError as err:

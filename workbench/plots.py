@@ -4,6 +4,7 @@ load-test and report stages; each function writes one PNG and returns its path.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from workbench.loadgen.summary import RateSummary
@@ -96,3 +97,78 @@ def latency(rates: list[RateSummary], ttft_ms: dict[str, list[float]], out_dir: 
     as ``loadgen.summary.columns`` extracts them)."""
     return {"latency_vs_rate": latency_vs_rate(rates, out_dir / "latency_vs_rate.png"),
             "ttft_cdf": ttft_cdf(ttft_ms, out_dir / "ttft_cdf.png", cdf_title)}
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _point(est: Estimate | None) -> tuple[float, float, float] | None:
+    """(value, below, above) for an error bar, None when there is no finite value; a side that is
+    unbounded or not finite is drawn to the value (the label says so)."""
+    v = _finite(est.value) if est is not None else None
+    if v is None:
+        return None
+    lo, hi = _finite(est.lo), _finite(est.hi)
+    return v, v - lo if lo is not None else 0.0, hi - v if hi is not None else 0.0
+
+
+NO_QUALITY_Y = -0.1  # where an arm without a quality figure (speed only) is drawn, labelled
+
+
+def quality_rate_cost(points: list, path: Path, metric: str) -> str:
+    """``quality_rate_cost_figure`` written to ``path``."""
+    return _save(quality_rate_cost_figure(points, metric), path)
+
+
+def quality_rate_cost_figure(points: list, metric: str):
+    """One point per arm (``report_details.ArmPoint``): quality against the sustained SLO rate
+    (left) and against the cost per million output tokens (right), each with its 95 % interval as
+    error bars on both axes. An arm without a quality figure is drawn on a "no quality" line
+    below the axis; one whose lowest rate failed, hollow at 0 with its bar to that rate; one
+    without a rate or a cost is left out of that panel and named in it. NaN
+    counts as missing: it is marked, never drawn as a number, never an error."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    panels = (("sustained_req_per_s", "sustained rate at the SLO (req/s)"),
+              ("cost_per_million_output_tokens", "cost per 1e6 output tokens"))
+    currencies = sorted({p.cost_currency for p in points if p.cost_currency})
+    any_missing_quality = False
+    for ax, (field, xlabel) in zip(axes, panels):
+        missing = []
+        for i, p in enumerate(points):
+            est = getattr(p, field)
+            x, q = _point(est), _point(p.quality)
+            label = p.variant + (f" ({p.engine})" if p.engine else "")
+            below = field == "sustained_req_per_s" and x is None and est is not None and _finite(est.hi)
+            if below:  # no rate passed, the lowest tried failed: the rate lies in [0, hi)
+                x, label = (0.0, 0.0, est.hi), label + f": no rate passed (< {est.hi:g} req/s)"
+            if x is None:
+                missing.append(p.variant)
+                continue
+            if q is None:
+                any_missing_quality = True
+                q, label = (NO_QUALITY_Y, 0.0, 0.0), label + ": no quality"
+            if _finite(est.hi) is None:
+                label += ", bounded below only" if field == "sustained_req_per_s" else ", no upper bound"
+            ax.errorbar([x[0]], [q[0]], xerr=[[x[1]], [x[2]]], yerr=[[q[1]], [q[2]]], fmt="o" if q[0] != NO_QUALITY_Y
+                        else "x", color=f"C{i}", capsize=4, ms=max(4, 10 - 2 * i), label=label,
+                        mfc="white" if below else None)  # shrinking sizes: coinciding arms stay visible
+        if missing:
+            what = "sustained rate" if field == "sustained_req_per_s" else "cost"
+            ax.text(0.02, 0.02, f"no {what}: {', '.join(missing)}", transform=ax.transAxes, fontsize=8,
+                    color="0.3", va="bottom")
+        unit = f" ({'/'.join(currencies)})" if field != "sustained_req_per_s" and currencies else ""
+        ax.set(xlabel=xlabel + unit)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    # a rate in perspective from 0, where arms with no passing rate sit (a margin keeps them visible)
+    axes[0].set_xlim(left=-0.04 * max(axes[0].get_xlim()[1], 1e-9))
+    axes[0].set_ylabel(f"{metric} (95 % interval)")
+    axes[0].set_ylim(NO_QUALITY_Y - 0.08 if any_missing_quality else -0.02, 1.02)
+    if any_missing_quality:
+        ticks = [t for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        axes[0].set_yticks([NO_QUALITY_Y, *ticks], ["no quality", *[f"{t:g}" for t in ticks]])
+    fig.suptitle("Quality vs sustained rate and cost, one point per arm", fontsize=10)
+    return fig

@@ -27,7 +27,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from workbench import evaluate, loadtest, plots, power, stats, variants
+from workbench import evaluate, loadtest, plots, power, report_arms, stats, variants
 from workbench.config import LoadtestConfig, ReportConfig, SLOConfig
 from workbench.cost import cost_per_million_output_tokens
 from workbench.evaluate.details import EvaluateDetails
@@ -36,13 +36,15 @@ from workbench.loadgen.summary import RateSummary
 from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.quantize.details import QuantizeDetails
 from workbench.recommend import Candidate, Decision, Document, accuracy_diff, ppl_change, recommend
-from workbench.report_details import FinalReport, QuantRow, ReportDetails
+from workbench.report_arms import sustained_rate
+from workbench.report_details import ArmPoint, FinalReport, QuantRow, ReportDetails
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
 
 log = logging.getLogger(__name__)
 VARIANT = variants.ALL  # its MLflow run is top-level, not under a variant (tracking)
 OUT_DIR = Path("reports/report")
 METRICS_FILE = Path("metrics.json")
+SUMMARY_FILE = "summary.md"  # reports/report/summary.md: recommendation, arms, picture, load table
 SUITES = ("mmlu", "ceval")
 
 
@@ -89,18 +91,6 @@ def e2el_blocks_at(lt: Report, rate: float) -> dict[int, float]:
         if p50 is not None:
             out[s.block if s.block is not None else s.repeat] = p50
     return out
-
-
-def sustained_rate(lt: Report) -> stats.Estimate:
-    """The arm's sustained rate at the SLO (req/s): the knee search's bracket [lo, hi] (knee mode),
-    else the highest swept rate shown to meet the SLO (a point: the sweep brackets nothing)."""
-    k = ArmDetails.of(lt).knee
-    if k:
-        return stats.Estimate(value=k.lo, lo=k.lo, hi=k.hi, method="knee search bracket",
-                              note="highest rate shown to pass the SLO; hi the lowest that did not")
-    rate = lt.metrics.get("slo_rate_req_per_s")
-    return stats.Estimate(value=rate or None, lo=rate or None, method="sweep",
-                          note="highest swept rate shown to meet the SLO (a lower bound)")
 
 
 def tokens_per_request(lt: Report, rate: float) -> tuple[float | None, float | None]:
@@ -264,6 +254,7 @@ def run(cfg: ReportConfig) -> FinalReport:
     decision.power = power.statements([c for c in cands if c.variant not in decision.rejected], cfg)
 
     rows = [quant_row(c, x, ref, base_bytes) for c, x in evidence.values()]
+    arms = [report_arms.arm_point(c, _load("loadtest", c.variant), _load("evaluate", c.variant), cfg) for c in cands]
     load_rates = [r for _, x in evidence.values() for r in x.get("rates", [])]
     per_variant = {c.variant: headline(row, c.load) for c, row in zip(cands, rows)}
     metrics_json = metrics_file(decision.variant, per_variant.get(decision.variant, {}), drifted, cfg)
@@ -273,6 +264,7 @@ def run(cfg: ReportConfig) -> FinalReport:
          "ttft_ms_p99": r.latency["ttft"].at(99).value, "ttft_ms_p99_ci_lo": r.latency["ttft"].at(99).lo,
          "ttft_ms_p99_ci_hi": r.latency["ttft"].at(99).hi, "e2el_ms_p99": r.latency["e2el"].at(99).value}
         for r in load_rates])
+    write_json_atomic(out / "plots" / "quality_rate_cost.json", report_arms.plot_rows(arms))
     acc_key = cfg.accuracy_metric.removesuffix("_acc")
     write_json_atomic(out / "plots" / "accuracy_vs_size.json", [
         {"variant": c.variant, "mb": c.bytes / 1e6, "accuracy": c.accuracy[acc_key].value,
@@ -290,26 +282,35 @@ def run(cfg: ReportConfig) -> FinalReport:
             # loadtest.gateway_arms: "<variant>@gateway" arms, shown here, never candidates
             gateway=(cd.gateway or None) if cd else None,
             missing={v: [s for s in ("evaluate", "loadtest") + (() if v == variants.BASE else ("quantize",))
-                         if _load(s, v) is None] for v in cfg.variants}),
+                         if _load(s, v) is None] for v in cfg.variants},
+            arms=arms),
     )
     write_report(report)
     write_json_atomic(METRICS_FILE, metrics_json)
     try:
-        report.outputs = draw(cands, load_rates, cfg, out)
+        report.outputs = draw(cands, load_rates, arms, cfg, out)
         write_report(report)
     except Exception as err:  # plots are a view; the report stands without them
         log.warning("report plots failed (%s: %s)", type(err).__name__, err)
+    summary = out / SUMMARY_FILE  # a view of the report just written, with the picture beside it
+    picture = report.outputs.get("quality_rate_cost")
+    summary.write_text(report_arms.summary_markdown(decision, arms, loadtest.markdown(loadtest.table_rows(load_rates)),
+                                                    picture and Path(picture).name), encoding="utf-8")
+    report.outputs["summary_md"] = str(summary)
+    write_report(report)
     log.info("recommendation: %s", decision.reason)
     for line in decision.power:
         log.info("%s", line)
     return report
 
 
-def draw(cands: list[Candidate], rates: list[RateSummary], cfg: ReportConfig, out: Path) -> dict[str, str]:
+def draw(cands: list[Candidate], rates: list[RateSummary], arms: list[ArmPoint], cfg: ReportConfig,
+         out: Path) -> dict[str, str]:
     acc_key = cfg.accuracy_metric.removesuffix("_acc")
     paths = {"accuracy_vs_size": plots.accuracy_vs_size(
         [(c.variant, c.bytes / 1e6, c.accuracy[acc_key]) for c in cands if c.bytes and acc_key in c.accuracy],
-        out / "accuracy_vs_size.png", cfg.accuracy_metric)}
+        out / "accuracy_vs_size.png", cfg.accuracy_metric),
+        "quality_rate_cost": plots.quality_rate_cost(arms, out / "quality_rate_cost.png", cfg.accuracy_metric)}
     if rates:
         ttft = {}
         for c in cands:
@@ -324,9 +325,9 @@ def track(run, report: Report) -> None:
     """The parent run gets plots and tables; each variant's parent run its headline numbers."""
     from workbench import tracking
 
-    for path in report.outputs.values():
-        run.log_artifact(Path(path), "plots")
-    for name in ("latency_vs_rate.json", "accuracy_vs_size.json"):
+    for key, path in report.outputs.items():  # the PNGs under plots/, summary.md beside report.json
+        run.log_artifact(Path(path), None if key == "summary_md" else "plots")
+    for name in ("latency_vs_rate.json", "accuracy_vs_size.json", "quality_rate_cost.json"):
         run.log_artifact(OUT_DIR / "plots" / name, "plots")
     html = OUT_DIR / "report.html"
     if html.exists():

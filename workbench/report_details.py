@@ -39,6 +39,27 @@ class QuantRow(BaseModel):
     cost_per_million_output_tokens: stats.Estimate | None = None  # report.prices at the sustained rate
 
 
+class ArmPoint(BaseModel):
+    """One arm (a variant, a llama.cpp or URL arm) as the quality / rate / cost picture shows it
+    (``report_arms``): each figure with its interval, and in words what is missing and why.
+    None: not measured for this arm (a speed-only arm has no quality; an arm without a price no cost)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    engine: str | None = None  # how the load test reached it: vllm | llama.cpp | url (None: not load-tested)
+    quality_metric: str  # report.accuracy_metric
+    quality: stats.Estimate | None = None  # share correct, Wilson interval over the questions
+    perplexity: stats.Estimate | None = None
+    perplexity_note: str | None = None  # e.g. "not available from this API: ..." (evaluate's reason)
+    sustained_req_per_s: stats.Estimate | None = None  # at the SLO: [highest rate passed, lowest failed)
+    ceiling: str = ""  # the measured ceiling in words: bracket, what limited it, the cap
+    rate_cap_req_per_s: float | None = None  # a URL arm's max_rate_req_per_s: rates above it not sent
+    cost_per_million_output_tokens: stats.Estimate | None = None  # interval carried from the rate's
+    cost_currency: str | None = None
+    cost_note: str | None = None  # why there is no cost figure
+
+
 class ReportDetails(Details):
     quantization_table: list[QuantRow]
     load_table: list[RateSummary]
@@ -47,6 +68,9 @@ class ReportDetails(Details):
     level: float = stats.LEVEL  # every interval's confidence level
     gateway: dict[str, Any] | None = None  # "<variant>@gateway" arms, shown, never candidates
     missing: dict[str, list[str]] = {}  # variant -> stages without a report for it
+    # Every compared arm's quality, sustained rate and cost (the picture quality_rate_cost.png);
+    # absent in reports written before 2026-12-06.
+    arms: list[ArmPoint] = []
     # The variant the table compares with. Reports written before it was recorded compared with base.
     baseline: str | None = variants.BASE
 
