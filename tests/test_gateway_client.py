@@ -216,6 +216,29 @@ def test_data_keeps_a_slow_stream_alive_past_read_timeout():
     assert run(main()) == b"x" * 8
 
 
+def test_a_reply_nobody_reads_pauses_reading_from_the_upstream():
+    big = b"y" * (4 * 1024 * 1024)
+
+    async def main():
+        async def handler(reader, writer, n):
+            writer.write(reply(big))
+            await writer.drain()  # waits while the client holds off
+        server, port, _ = await serve(handler)
+        client = native.Client(8, 5, 5)
+        resp = await client.request("127.0.0.1", port, False, *request_bytes())
+        await asyncio.sleep(0.3)  # the upstream writes as fast as it may; nobody reads
+        held, paused = resp._size, resp._conn.paused
+        body = await resp.read()
+        resp.release()
+        client.close()
+        server.close()
+        return held, paused, body
+
+    held, paused, body = run(main())
+    assert paused and held < native.HIGH_WATER + 1024 * 1024  # not the 4 MB sent
+    assert body == big  # and all of it once read
+
+
 def test_a_refused_connection_raises_connect_failed():
     async def main():
         client = native.Client(8, 5, 5)
