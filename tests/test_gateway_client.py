@@ -95,6 +95,45 @@ def test_a_reply_not_read_to_its_end_closes_its_connection():
     assert run(main()) == 2
 
 
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
+    async def main():
+        async def handler(reader, writer, n):
+            writer.write(reply(b"{}"))  # keep-alive by HTTP/1.1's default, then closed anyway
+            await writer.drain()
+            return False
+        server, port, conns = await serve(handler)
+        client = native.Client(8, 5, 5)
+        bodies = []
+        for _ in range(3):
+            resp = await client.request("127.0.0.1", port, False, *request_bytes())
+            bodies.append(await resp.read())
+            resp.release()
+            await asyncio.sleep(0.05)  # the close reaches the idle connection
+        client.close()
+        server.close()
+        return bodies, client.opened, sum(len(q) for q in client.idle.values())
+
+    bodies, opened, idle = run(main())
+    assert bodies == [b"{}"] * 3 and opened == 3 and idle == 0
+
+
+def test_a_body_without_length_ends_with_the_connection():
+    async def main():
+        async def handler(reader, writer, n):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"a\": 1}")
+            await writer.drain()
+            return False
+        server, port, _ = await serve(handler)
+        client = native.Client(8, 5, 5)
+        resp = await client.request("127.0.0.1", port, False, *request_bytes())
+        body = await resp.read()
+        resp.release()
+        server.close()
+        return body, client.busy
+
+    assert run(main()) == (b'{"a": 1}', 0)
+
+
 def test_chunked_replies_are_decoded_however_the_bytes_are_split():
     events = [chunk_event({"content": f"tok{i} "}) for i in range(20)]
     wire = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
