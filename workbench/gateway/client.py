@@ -206,12 +206,6 @@ class Connection(asyncio.Protocol):
                 resp._fail(Disconnected("the upstream closed the connection"
                                         + (" mid-reply" if resp.status else "")))
 
-    def pause_writing(self) -> None:  # requests are small; the transport buffers the rest
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # ---- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.decode("latin-1").lower()
