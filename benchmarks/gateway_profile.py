@@ -5,6 +5,7 @@ read the shares as an upper bound on our code's part, not as timings.
 
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind plain    # ~30 s
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream --top 40
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream --tokens 64 --itl-ms 1 --requests 1000
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --code DIR  # DIR: another workbench/'s parent
 
 Config as in gateway_cpu.py (filter on prompt and output, keyword moderation, audit on); the
@@ -38,12 +39,14 @@ log = logging.getLogger("gateway_profile")
 KEY = "wb-bench-key"
 GROUPS = (("/uvicorn/", "uvicorn (server protocol)"), ("/aiohttp/", "aiohttp (upstream client)"),
           ("/multidict", "aiohttp (upstream client)"), ("/yarl/", "aiohttp (upstream client)"),
+          ("/workbench/gateway/client.py", "native upstream client (client.py)"),
+          ("/httptools/", "native upstream client (client.py)"),
           ("/workbench/", "workbench.gateway (our Python)"), ("prometheus", "prometheus_client"),
           ("/asyncio/", "asyncio (Python)"))
 
 
-async def load(url: str, n: int, conc: int, stream: bool) -> None:
-    body = {"model": "fake-model", "max_tokens": 16, "stream": stream,
+async def load(url: str, n: int, conc: int, stream: bool, tokens: int = 16) -> None:
+    body = {"model": "fake-model", "max_tokens": tokens, "stream": stream,
             "messages": [{"role": "user", "content": "Write a short poem about the sea, please. " * 4}]}
     sem = asyncio.Semaphore(conc)
     async with aiohttp.ClientSession() as s:
@@ -75,9 +78,13 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON of the grouped shares (default: print only)")
     p.add_argument("--top", type=int, default=0, help="also log the N functions with the most own time")
     p.add_argument("--code", default=str(ROOT), help="the checkout whose gateway runs (its workbench/ first)")
+    p.add_argument("--tokens", type=int, default=16, help="output tokens (stream: events) per request")
+    p.add_argument("--itl-ms", type=float, default=0.0,
+                   help="fake upstream delay between events (0: a reply arrives in one read; 1: one event per read)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(output_tokens=16) as fake:
+    with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(
+            output_tokens=max(16, a.tokens), itl_ms=a.itl_ms) as fake:
         tmp, port = Path(tmp), free_port()
         cfg = {"host": "127.0.0.1", "port": port, "upstreams": {"fake-model": {"base_url": fake.base_url}},
                "keys": [{"id": "bench", "sha256": hash_key(KEY)}],
@@ -93,7 +100,7 @@ def main() -> None:
         wait_http_ok(f"http://127.0.0.1:{port}/health", 60, proc)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(url, 300, 8, False))  # warm-up
-        asyncio.run(load(url, a.requests, 16, a.kind == "stream"))
+        asyncio.run(load(url, a.requests, 16, a.kind == "stream", a.tokens))
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
         stats = pstats.Stats(str(prof))
@@ -104,8 +111,8 @@ def main() -> None:
     for name, sec in sorted(shares.items(), key=lambda kv: -kv[1]):
         log.info("%-55s %6.2f s  %5.1f %%", name, sec, 100 * sec / total)
     if a.out:
-        Path(a.out).write_text(json.dumps({"kind": a.kind, "requests": a.requests, "seconds_by_component": shares},
-                                          indent=1))
+        Path(a.out).write_text(json.dumps({"kind": a.kind, "requests": a.requests, "tokens": a.tokens,
+                                           "itl_ms": a.itl_ms, "seconds_by_component": shares}, indent=1))
 
 
 if __name__ == "__main__":

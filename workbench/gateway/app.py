@@ -4,8 +4,8 @@
     workbench gateway --config deploy/gateway.yaml     # the same, with uvloop + httptools
 
 Per request: header size -> API key -> rate limits -> body size / JSON / schema -> model route ->
-sensitive-word filter and moderation on the prompt -> upstream (one shared aiohttp session,
-keep-alive pool; one retry on connect errors) -> reply relayed (SSE passes through event by
+sensitive-word filter and moderation on the prompt -> upstream (one keep-alive pool, client.py,
+asyncio + httptools; one retry on connect errors) -> reply relayed (SSE passes through event by
 event, optionally gzip) -> metrics + one audit row. Raw ASGI rather than a framework because the
 goal is <= 1 ms added at p50: no routing tables, no middleware stack, no per-request models.
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.

@@ -81,6 +81,10 @@ class LimitsConfig(Section):
     # Generous: a long prefill on a CPU server can take a minute before the first byte.
     read_timeout_s: float = Field(default=300, gt=0)
     max_connections: int = Field(default=1024, ge=1)  # upstream pool size, all upstreams together
+    # The client that carries requests to the upstreams: "native" (workbench/gateway/client.py,
+    # asyncio protocols + httptools) or "aiohttp" (the one before it; same errors, same pool).
+    # results/benchmarks/gateway_cpu_round3.md compares them.
+    upstream_client: Literal["native", "aiohttp"] = "native"
     # Where request and token buckets (and revoked keys) live. memory: this process only (one
     # worker, no Redis). redis: shared by every worker and gateway instance on redis_url, each
     # admission one atomic Lua script (workbench/gateway/store.py).

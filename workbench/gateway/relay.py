@@ -21,6 +21,7 @@ import aiohttp
 
 from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
                                    message_slots)
+from workbench.gateway.client import ClientError
 from workbench.gateway.logprobs import filter_choice_logprobs
 from workbench.gateway.upstream import GatewayError, UpstreamBroke
 
@@ -125,7 +126,7 @@ async def respond(send, status: int, body: bytes, content_type: bytes = _JSON, h
 
 
 class Replies:
-    async def _relay_error(self, ctx: Ctx, name: str, resp: aiohttp.ClientResponse, send) -> None:
+    async def _relay_error(self, ctx: Ctx, name: str, resp, send) -> None:
         """An upstream 4xx/5xx keeps its status; a body not in OpenAI's shape is wrapped in it."""
         body = await self.upstreams.read(name, resp)
         if resp.status >= 500:
@@ -142,7 +143,7 @@ class Replies:
                                 f"upstream_{resp.status}").body()
         await respond(send, resp.status, body, headers=((b"x-request-id", ctx.request_id.encode()),))
 
-    async def _relay_body(self, ctx: Ctx, route: str, resp: aiohttp.ClientResponse, send) -> None:
+    async def _relay_body(self, ctx: Ctx, route: str, resp, send) -> None:
         name = self.routes[ctx.model]
         body = await self.upstreams.read(name, resp)
         try:
@@ -164,7 +165,7 @@ class Replies:
         if route != "embeddings" and ((f and f.size and self.cfg.filter.output) or after):
             body = await self._check_output(ctx, route, obj, body)
         ctx.status, ctx.started = resp.status, True
-        await respond(send, resp.status, body, resp.headers.get("Content-Type", "application/json").encode(),
+        await respond(send, resp.status, body, resp.headers.get("content-type", "application/json").encode(),
                       ((b"x-request-id", ctx.request_id.encode()),))
 
     async def _check_output(self, ctx: Ctx, route: str, obj: dict, body: bytes) -> bytes:
@@ -203,7 +204,7 @@ class Replies:
                                    code="content_moderation")
         return body
 
-    async def _relay_stream(self, ctx: Ctx, route: str, resp: aiohttp.ClientResponse, send,
+    async def _relay_stream(self, ctx: Ctx, route: str, resp, send,
                             gzip: bool, strip_usage: bool) -> None:
         name = self.routes[ctx.model]
         after = bool(self.policy and self.cfg.moderation.after)
@@ -254,7 +255,7 @@ class Replies:
             self.metrics.upstream_errors.labels(name, "timeout").inc()
             ctx.error = "upstream timed out mid-stream"
             tail += error_event(f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout")
-        except aiohttp.ClientError as err:
+        except (aiohttp.ClientError, ClientError) as err:
             self.metrics.upstream_errors.labels(name, "protocol").inc()
             if not ctx.started:  # nothing relayed yet: another replica may answer it (app.py)
                 raise UpstreamBroke(502, f"Upstream '{name}' broke off the stream", "upstream_error",

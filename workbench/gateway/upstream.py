@@ -1,13 +1,18 @@
-"""The gateway's client side: one aiohttp session (keep-alive pool) for every upstream, with
-the error mapping the API promises: connect error -> one retry -> 503; connection dropped
-(also a stale keep-alive: retried once) -> 502; silence past read_timeout_s -> 504."""
+"""The gateway's client side: one keep-alive pool for every upstream (``limits.upstream_client``:
+the native client of client.py, or an aiohttp session), with the error mapping the API
+promises: connect error -> one retry -> 503; connection dropped (also a stale keep-alive:
+retried once) -> 502; silence past read_timeout_s -> 504. Health checks, ``/v1/models`` and the
+``llm`` moderation policy use the aiohttp session either way (off the request path)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 import aiohttp
+
+from workbench.gateway import client as native
 
 from workbench.gateway.config import GatewayConfig
 from workbench.gateway.metrics import Metrics
@@ -70,8 +75,11 @@ class Upstreams:
                    **({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})}
             for name, u in cfg.upstreams.items()}
         self._session: aiohttp.ClientSession | None = None
+        self._client: native.Client | None = None
+        self._heads: dict[tuple[str, str], tuple[str, int, bool, bytes]] = {}
         pm = PoolMetrics(metrics.registry)
         self.pools = {name: Pool(name, u, pm) for name, u in cfg.upstreams.items()}
+        self.native = lim.upstream_client == "native"
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -85,6 +93,8 @@ class Upstreams:
 
     async def start(self) -> None:
         """On the server's loop: open the connection pool, start the replicas' health checks."""
+        if self.native:
+            self.client()
         for name, pool in self.pools.items():
             pool.start(self.session, self.headers[name])
 
@@ -93,6 +103,8 @@ class Upstreams:
             await pool.stop()
         if self._session is not None:
             await self._session.close()
+        if self._client is not None:
+            self._client.close()
 
     async def post(self, name: str, path: str, body: bytes, avoid: Replica | None = None) -> PooledResponse:
         """POST to a replica of ``name`` (not ``avoid``, one that just failed, if another is there)."""
@@ -108,27 +120,62 @@ class Upstreams:
                 self.metrics.upstream_errors.labels(name, "timeout").inc()
                 raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error",
                                    "upstream_timeout") from None
-            except aiohttp.ClientConnectorError as err:
+            except (aiohttp.ClientConnectorError, native.ConnectFailed) as err:
                 self.metrics.upstream_errors.labels(name, "connect").inc()
                 if last:  # clients get no address: it goes to the log
                     log.warning("upstream %s unavailable: %s", name, err)
                     raise GatewayError(503, "The model server is unavailable; retry later.",
                                        "upstream_error", "upstream_unavailable") from None
-            except aiohttp.ServerDisconnectedError as err:  # also a stale keep-alive: retry once
+            except (aiohttp.ServerDisconnectedError, native.Disconnected) as err:  # also a stale keep-alive: retry once
                 self.metrics.upstream_errors.labels(name, "disconnect").inc()
                 if last:
                     log.warning("upstream %s closed the connection: %s", name, err)
                     raise GatewayError(502, "The model server closed the connection.",
                                        "upstream_error", "upstream_disconnected") from None
-            except aiohttp.ClientError as err:
+            except (aiohttp.ClientError, native.ClientError) as err:
                 self.metrics.upstream_errors.labels(name, "protocol").inc()
                 log.warning("upstream %s: bad response: %s", name, err)
                 raise GatewayError(502, "Bad response from the model server.", "upstream_error",
                                    "bad_gateway") from None
         raise AssertionError("unreachable")
 
-    async def _send(self, name: str, pool: Pool, replica: Replica, path: str, body: bytes) -> PooledResponse:
+    def client(self) -> native.Client:
+        """The native client, made on the loop that runs the requests (on first use, where the
+        app is served without a lifespan)."""
+        if self._client is None:
+            lim = self.cfg.limits
+            self._client = native.Client(lim.max_connections, lim.connect_timeout_s, lim.read_timeout_s)
+        return self._client
+
+    def _head(self, name: str, replica: Replica, path: str) -> tuple[str, int, bool, bytes]:
+        """Where a POST to ``path`` on ``replica`` goes, and its request head up to Content-Length
+        (built once per replica and path: the headers are those of the aiohttp path)."""
+        u = urlsplit(replica.url + path[3:])  # base_url ends in /v1
+        tls = u.scheme == "https"
+        port = u.port or (443 if tls else 80)
+        lines = [f"POST {u.path}{'?' + u.query if u.query else ''} HTTP/1.1", f"Host: {u.netloc}",
+                 *(f"{k}: {v}" for k, v in self.headers[name].items())]
+        head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._heads[(replica.url, path)] = found = (u.hostname or "", port, tls, head)
+        return found
+
+    async def _send(self, name: str, pool: Pool, replica: Replica, path: str, body: bytes):
         """One POST to one replica, counted as outstanding until its reply is released."""
+        if self.native:
+            host, port, tls, head = self._heads.get((replica.url, path)) or self._head(name, replica, path)
+            client = self._client or self.client()
+            pool.begin(replica)
+            try:
+                resp = await client.request(host, port, tls,
+                                                  head + b"%d\r\n\r\n" % len(body), body)
+            except BaseException as err:
+                pool.done(replica)
+                if isinstance(err, native.ConnectFailed):
+                    pool.connect_failed(replica)
+                    log.warning("upstream %s: %s refused the connection: %s", name, replica.url, err)
+                raise
+            resp._pool, resp._replica = pool, replica
+            return resp
         pool.begin(replica)
         try:
             resp = await self.session.post(replica.url + path[3:], data=body,  # base_url ends in /v1
@@ -142,13 +189,13 @@ class Upstreams:
         resp._pool, resp._replica = pool, replica
         return resp
 
-    async def read(self, name: str, resp: aiohttp.ClientResponse) -> bytes:
+    async def read(self, name: str, resp) -> bytes:
         try:
             return await resp.read()
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels(name, "timeout").inc()
             raise GatewayError(504, f"Upstream '{name}' timed out", "upstream_error", "upstream_timeout") from None
-        except aiohttp.ClientError as err:
+        except (aiohttp.ClientError, native.ClientError) as err:
             self.metrics.upstream_errors.labels(name, "protocol").inc()
             raise UpstreamBroke(502, f"Upstream '{name}' broke off its reply: {err}", "upstream_error",
                                 "bad_gateway") from None
