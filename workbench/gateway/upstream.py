@@ -164,25 +164,18 @@ class Upstreams:
         if self.native:
             host, port, tls, head = self._heads.get((replica.url, path)) or self._head(name, replica, path)
             client = self._client or self.client()
-            pool.begin(replica)
-            try:
-                resp = await client.request(host, port, tls,
-                                                  head + b"%d\r\n\r\n" % len(body), body)
-            except BaseException as err:
-                pool.done(replica)
-                if isinstance(err, native.ConnectFailed):
-                    pool.connect_failed(replica)
-                    log.warning("upstream %s: %s refused the connection: %s", name, replica.url, err)
-                raise
-            resp._pool, resp._replica = pool, replica
-            return resp
+            call = client.request(host, port, tls, head + b"%d\r\n\r\n" % len(body), body)
+            refused: type[BaseException] = native.ConnectFailed
+        else:
+            call = self.session.post(replica.url + path[3:], data=body,  # base_url ends in /v1
+                                     headers=self.headers[name], timeout=self.timeout)
+            refused = aiohttp.ClientConnectorError
         pool.begin(replica)
         try:
-            resp = await self.session.post(replica.url + path[3:], data=body,  # base_url ends in /v1
-                                           headers=self.headers[name], timeout=self.timeout)
+            resp = await call
         except BaseException as err:
             pool.done(replica)
-            if isinstance(err, aiohttp.ClientConnectorError):
+            if isinstance(err, refused):
                 pool.connect_failed(replica)
                 log.warning("upstream %s: %s refused the connection: %s", name, replica.url, err)
             raise
