@@ -811,8 +811,8 @@ class LayoutConfig(Section):
 
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
-    # MoE shapes only: each GPU holds whole experts (an all-to-all per MoE layer) instead of a
-    # TP slice of every expert (an all-reduce). vLLM's expert-parallel size is TP x DP.
+    # MoE shapes only: each GPU holds whole experts (tokens dispatched to the GPUs holding theirs)
+    # instead of a TP slice of every expert (an all-reduce). vLLM's expert-parallel size is TP x DP.
     enable_expert_parallel: bool = False
     # CUDA_VISIBLE_DEVICES of the arm's server, e.g. "2,3": arms on GPUs of their own (a 4-GPU
     # host: TP=2 on 0,1 and PP=2 on 2,3). None: GPUs from 0 up, shared with the other arms.

@@ -33,8 +33,8 @@ Several GPUs (issue 33), a ``Split`` of TP x PP:
   batch of B touches E x (1 - (1 - k/E)^B) of E experts per layer; trained routers are skewed and
   touch fewer, so the floor is for this (random) routing, not a trained model's. Compute counts
   k experts per token. Expert parallelism does not change the floor (the same bytes over the same
-  GPUs); what it changes - an all-to-all instead of an all-reduce, and the busiest GPU's share of
-  the experts - is what the measured fraction shows.
+  GPUs); what it changes - token dispatch instead of an all-reduce, and the busiest GPU's share
+  of the experts - is what the measured fraction shows.
 """
 
 from __future__ import annotations
