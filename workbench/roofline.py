@@ -15,6 +15,26 @@ below a few thousand tokens) / peak. The fraction of TTFT at low load it explain
 What the floor leaves out, on purpose: activations, the embedding lookup (a row per token), the
 sampler, the scheduler and the API's host work. A fraction far below 1 says where the time goes
 is not the kernels' bandwidth.
+
+Several GPUs (issue 33), a ``Split`` of TP x PP:
+
+- **TP = t**: every weight and the KV cache are split over t GPUs that read at once, so the memory
+  term is divided by t (the KV cache by min(t, KV heads): vLLM replicates a KV head that TP cuts
+  finer than the heads), and the compute term by t. Left out: TP's two all-reduces per layer, which
+  at small batch are latency-bound (tens of microseconds each over NVLink, 64 a token for 32
+  layers): a TP arm's fraction below TP=1's is largely that time.
+- **PP = p**: a token passes the p stages in turn, each reading its 1/p of the weights, so the
+  weight term is *not* divided by p: one sequence gains nothing. With at least p sequences in
+  flight the stages work at once on different micro-batches, which divides the KV-cache and
+  compute terms by min(p, batch) - PP buys throughput and memory, never TPOT. Left out: the
+  stage-to-stage send (batch x hidden x 2 bytes) and the bubbles when batches are uneven.
+- **MoE**: a step reads the attention, the shared expert and only the experts its tokens were
+  routed to. With random routers (dummy weights) each token's top-k is spread about evenly, so a
+  batch of B touches E x (1 - (1 - k/E)^B) of E experts per layer; trained routers are skewed and
+  touch fewer, so the floor is for this (random) routing, not a trained model's. Compute counts
+  k experts per token. Expert parallelism does not change the floor (the same bytes over the same
+  GPUs); what it changes - token dispatch instead of an all-reduce, and the busiest GPU's share
+  of the experts - is what the measured fraction shows.
 """
 
 from __future__ import annotations
@@ -82,21 +102,68 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    # MoE (0 experts: dense): routed experts per layer, experts per token, one expert's width, and
+    # the always-on shared expert's width (Qwen-MoE; 0 for Mixtral)
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     @classmethod
     def from_config(cls, c: dict) -> "Shape":
+        """A Hugging Face config: Llama-like, Mixtral (``num_local_experts``, experts as wide as
+        ``intermediate_size``) or Qwen-MoE (``num_experts``, ``moe_intermediate_size``,
+        ``shared_expert_intermediate_size``; every layer sparse, as Qwen1.5-MoE's decoder_sparse_step 1)."""
         heads = c["num_attention_heads"]
+        experts = c.get("num_experts") or c.get("num_local_experts") or 0
         return cls(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
                    heads=heads, kv_heads=c.get("num_key_value_heads", heads),
                    head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-                   tied=bool(c.get("tie_word_embeddings", False)))
+                   tied=bool(c.get("tie_word_embeddings", False)), experts=experts,
+                   top_k=c.get("num_experts_per_tok", 0) if experts else 0,
+                   expert_intermediate=(c.get("moe_intermediate_size") or c["intermediate_size"]) if experts else 0,
+                   shared_intermediate=(c.get("shared_expert_intermediate_size") or 0) if experts else 0)
+
+    @property
+    def attention_params(self) -> int:  # one layer's q, k, v, o projections
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h
+
+    @property
+    def always_on_mlp_params(self) -> int:
+        """One layer's MLP weights every token uses: the dense MLP, or the router and shared expert."""
+        if not self.experts:
+            return 3 * self.hidden * self.intermediate
+        shared = 3 * self.hidden * self.shared_intermediate + (self.hidden if self.shared_intermediate else 0)
+        return self.hidden * self.experts + shared
+
+    @property
+    def expert_params(self) -> int:  # one routed expert (gate, up, down)
+        return 3 * self.hidden * self.expert_intermediate
 
     @property
     def linear_params(self) -> int:
-        """The transformer blocks' projections (what AWQ / GPTQ / FP8 quantize)."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
-        return self.layers * per_layer
+        """The transformer blocks' projections (what AWQ / GPTQ / FP8 quantize), every expert included."""
+        return self.layers * (self.attention_params + self.always_on_mlp_params + self.experts * self.expert_params)
+
+    def experts_touched(self, batch: float) -> float:
+        """Expected routed experts a layer reads for ``batch`` tokens routed evenly at random."""
+        if not self.experts:
+            return 0.0
+        return self.experts * (1.0 - (1.0 - self.top_k / self.experts) ** max(float(batch), 1.0))
+
+    def linear_params_read(self, batch: float = 1.0) -> float:
+        """Block weights a decode step of ``batch`` tokens reads (all of a dense model's)."""
+        if not self.experts:
+            return float(self.linear_params)
+        return self.layers * (self.attention_params + self.always_on_mlp_params
+                              + self.experts_touched(batch) * self.expert_params)
+
+    @property
+    def linear_params_per_token(self) -> int:
+        """Block weights one token multiplies by (k experts of a MoE): 2 FLOPs each."""
+        return self.layers * (self.attention_params + self.always_on_mlp_params + self.top_k * self.expert_params) \
+            if self.experts else self.linear_params
 
     @property
     def lm_head_params(self) -> int:
@@ -112,33 +179,61 @@ class Shape:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
 
 
+@dataclass(frozen=True)
+class Split:
+    """How a server spreads over GPUs: tensor- and pipeline-parallel sizes (config.LayoutConfig)."""
+
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp
+
+
+ONE_GPU = Split()
+
 # Bytes per quantized weight: the value plus its group's scale (and zero point), groups of 128.
 BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "awq-int4": 0.5 + (2 + 0.5) / 128, "gptq-int4": 0.5 + 2 / 128}
 
 
-def weight_bytes_per_step(s: Shape, precision: str) -> float:
-    """Weight bytes a decode step reads: the quantized blocks plus the 16-bit LM head."""
+def weight_bytes_held(s: Shape, precision: str) -> float:
+    """Weight bytes the server holds over all its GPUs: every block weight (every expert) in the
+    precision, plus the 16-bit LM head (what vLLM's "Model loading took" sums, embedding aside)."""
     return s.linear_params * BYTES_PER_WEIGHT[precision] + s.lm_head_params * 2.0
+
+
+def weight_bytes_per_step(s: Shape, precision: str, batch: float = 1.0) -> float:
+    """Weight bytes a decode step of ``batch`` sequences reads: the quantized blocks (a MoE's
+    touched experts only) plus the 16-bit LM head."""
+    return s.linear_params_read(batch) * BYTES_PER_WEIGHT[precision] + s.lm_head_params * 2.0
 
 
 def peak_flops(g: GPU, precision: str) -> float:
     return g.fp8_flops if precision == "fp8" and g.fp8_flops else g.bf16_flops  # W4A16 computes in bf16
 
 
-def decode_floor_ms(s: Shape, precision: str, g: GPU, batch: float, context: float) -> float:
-    """The lowest time per output token at ``batch`` sequences of mean ``context`` tokens."""
+def decode_floor_ms(s: Shape, precision: str, g: GPU, batch: float, context: float,
+                    split: Split = ONE_GPU) -> float:
+    """The lowest time per output token at ``batch`` sequences of mean ``context`` tokens, on
+    ``split``'s GPUs (the module's docstring says what TP and PP divide)."""
     batch = max(float(batch), 1.0)
-    mem = (weight_bytes_per_step(s, precision) + batch * context * s.kv_bytes_per_token) / g.bandwidth_bytes_per_s
-    compute = 2.0 * (s.linear_params + s.lm_head_params) * batch / peak_flops(g, precision)
+    stages_at_once = min(float(split.pp), batch)  # PP's stages overlap only on separate sequences
+    kv_split = min(split.tp, s.kv_heads)  # TP past the KV heads replicates them
+    mem = (weight_bytes_per_step(s, precision, batch) / split.tp
+           + batch * context * s.kv_bytes_per_token / (kv_split * stages_at_once)) / g.bandwidth_bytes_per_s
+    compute = 2.0 * (s.linear_params_per_token + s.lm_head_params) * batch \
+        / (peak_flops(g, precision) * split.tp * stages_at_once)
     return 1000.0 * max(mem, compute)
 
 
-def prefill_floor_ms(s: Shape, precision: str, g: GPU, prompt_tokens: float) -> float:
-    """The lowest time to prefill one prompt (compute-bound) - or to read the weights once, if longer."""
-    flops = 2.0 * (s.linear_params + s.lm_head_params) * prompt_tokens \
+def prefill_floor_ms(s: Shape, precision: str, g: GPU, prompt_tokens: float, split: Split = ONE_GPU) -> float:
+    """The lowest time to prefill one prompt (compute-bound) - or to read the weights once, if
+    longer - on ``split``'s GPUs: TP divides both; one prompt goes through PP's stages in turn."""
+    flops = 2.0 * (s.linear_params_per_token + s.lm_head_params) * prompt_tokens \
         + 2.0 * s.layers * prompt_tokens ** 2 * s.heads * s.head_dim
-    read = weight_bytes_per_step(s, precision) / g.bandwidth_bytes_per_s
-    return 1000.0 * max(flops / peak_flops(g, precision), read)
+    read = weight_bytes_per_step(s, precision, prompt_tokens) / g.bandwidth_bytes_per_s
+    return 1000.0 * max(flops / peak_flops(g, precision), read) / split.tp
 
 
 def fraction(floor_ms: float, measured_ms: float | None) -> float | None:

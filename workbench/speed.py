@@ -10,9 +10,13 @@ Two runs, each one call of ``loadtest.run`` (the one executor), reports under re
    steps at each concurrency in counterbalanced blocks, on the same requests. Per arm and step:
    TPOT and output tokens/s with their intervals, ratios to bf16 paired by block (all.json), and
    the decode roofline at the batch vLLM ran (``server_running_mean``) and the mean context.
-2. **knee** (``speed.knee``): the first arm searched for its highest rate within the SLO, direct
-   and through the gateway: rate against TTFT, mean latency and GPU utilization from
-   steady-state probes, and the gateway's share of the direct knee.
+2. **knee** (``speed.knee``): the first arm (or ``speed.knee_arms``, each) searched for its highest
+   rate within the SLO, direct and through the gateway: rate against TTFT, mean latency and GPU
+   utilization from steady-state probes, and the gateway's share of the direct knee.
+
+Arms are shape x precision x layout (``speed.layouts``: TP, PP, EP; workbench/layouts.py checks
+each against its shape). With ``speed.shard_arm``, that arm's random weights are then saved as vLLM
+sharded_state and reloaded, timed (workbench/speed_shard.py).
 
 ``reports/speed/summary.json`` (this stage's report) holds the tables; ``runs/speed/tables.md``
 shows them. Rows are speed-only: the weights are random, so no quality column comes from them.
@@ -28,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from workbench import roofline, shapes, stats
+from workbench import layouts, roofline, shapes, stats
 from workbench.config import LoadtestConfig, SpeedConfig, deep_merge
 from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.reports import Details, Report, gpus, read_report, write_report
@@ -48,6 +52,8 @@ class RooflineRow(BaseModel):
     arm: str
     shape: str
     precision: str
+    layout: str = "tp1"  # its speed.layouts entry (absent before layouts: one GPU)
+    gpus: int = 1  # TP x PP: the floors divide by them
     step: str
     batch_mean: float  # vLLM's mean running requests over the step (server_running_mean)
     prompt_tokens: float  # means over the step's answered requests, as vLLM counted them
@@ -63,6 +69,9 @@ class RooflineRow(BaseModel):
     expected_gib: float | None = None
     kernels: list[str] = []
     precision_as_asked: bool = True
+    # the layout vLLM's log says it started with, and whether it is the asked one (None: not logged)
+    layout_seen: dict[str, Any] = {}
+    layout_as_asked: bool | None = None
     tpot_floor_ms: float | None = None
     tpot_roofline_fraction: float | None = None
     prefill_floor_ms: float | None = None
@@ -97,9 +106,11 @@ class SpeedDetails(Details):
     gpu: str | None = None  # its entry in workbench/roofline.py, None when unknown
     gpu_source: str | None = None
     speed_only: bool = True  # random weights: no quality figure comes from these arms
+    layouts: dict[str, dict[str, Any]] = {}  # arm -> its layout's serving keys (TP, PP, EP, devices)
     concurrency: ConcurrencyRun | None = None
     knee: KneeRun | None = None
     roofline: list[RooflineRow] = []
+    shard: dict[str, Any] | None = None  # speed.shard_arm's sharded save and reload, timed (speed_shard.py)
 
 
 class SpeedReport(Report):
@@ -108,15 +119,34 @@ class SpeedReport(Report):
     details: SpeedDetails
 
 
+def arm_specs(cfg: SpeedConfig) -> dict[str, tuple[str, str, str]]:
+    """{arm name: (shape, precision, layout)}: shape x precision x the shape's layouts. One layout
+    in speed.layouts: ``<shape>-<precision>`` (the names before layouts); several: ``...-<layout>``."""
+    suffix = len(cfg.layouts) > 1
+    return {f"{name}-{precision}" + (f"-{lname}" if suffix else ""): (name, precision, lname)
+            for name, shape in cfg.shapes.items() for precision in cfg.precisions
+            for lname in (shape.layouts or cfg.layouts)}
+
+
 def arms(cfg: SpeedConfig) -> dict[str, dict]:
-    """{arm name: serve.chat keys}: each shape's model folder per precision, built here."""
-    out = {}
-    for name, shape in cfg.shapes.items():
-        for precision in cfg.precisions:
-            arm = f"{name}-{precision}"
-            folder = shapes.build(shape.config, precision, Path(cfg.out_dir) / "models" / arm, shape.tokenizer,
-                                  Path(cfg.out_dir) / "cache")
-            out[arm] = {**shapes.server_overrides(folder, precision), "served_name": arm}
+    """{arm name: serve.chat keys}: each shape's model folder per precision, built here (one per
+    shape and precision, shared by its layouts), served in the arm's layout."""
+    from workbench.serve import detect_device
+
+    server = (cfg.resolved or LoadtestConfig()).server
+    device = detect_device() if server.device == "auto" else server.device
+    layouts.check_speed(cfg)  # every layout against its shape before any folder is built
+    for lname, layout in cfg.layouts.items():
+        layouts.refuse_on_cpu(lname, layout, device)
+    out, built = {}, {}
+    for arm, (name, precision, lname) in arm_specs(cfg).items():
+        shape, layout = cfg.shapes[name], cfg.layouts[lname]
+        if (name, precision) not in built:
+            built[name, precision] = shapes.build(shape.config, precision, Path(cfg.out_dir) / "models" / f"{name}-{precision}",
+                                                  shape.tokenizer, Path(cfg.out_dir) / "cache")
+        folder = built[name, precision]
+        out[arm] = {**shapes.server_overrides(folder, precision), "served_name": arm,
+                    **layouts.server_keys(layout, device, server.env)}
     return out
 
 
@@ -147,6 +177,27 @@ def server_facts(log_path: str | None) -> dict:
             "kernels": sorted({f"{k} ({m})" for k, m in KERNEL_RE.findall(text)})}
 
 
+PARALLEL_RE = re.compile(r"\b(tensor|pipeline)_parallel_size=(\d+)")  # vLLM's "Initializing a V1 LLM engine" line
+EP_RE = re.compile(r"'enable_expert_parallel': True")  # its "non-default args" line
+
+
+def server_layout(log_path: str | None) -> dict:
+    """The layout vLLM's log says the engine started with: {tensor_parallel_size, pipeline_parallel_size,
+    enable_expert_parallel}, None where the log says nothing (no log, or a server that never started)."""
+    text = Path(log_path).read_text(errors="replace") if log_path and Path(log_path).exists() else ""
+    sizes = {f"{kind}_parallel_size": int(n) for kind, n in PARALLEL_RE.findall(text)}
+    return {"tensor_parallel_size": sizes.get("tensor_parallel_size"),
+            "pipeline_parallel_size": sizes.get("pipeline_parallel_size"),
+            "enable_expert_parallel": bool(EP_RE.search(text)) if sizes else None}
+
+
+def layout_as_asked(seen: dict, asked: dict) -> bool | None:
+    """Whether the logged layout is the asked one; None where the log does not say."""
+    if seen["tensor_parallel_size"] is None:
+        return None
+    return all(seen[k] == asked[k] for k in seen)
+
+
 def mean_tokens(records) -> tuple[float, float]:
     """Mean prompt and completion tokens of a step's measured, answered requests (as vLLM counted)."""
     ok = [r for r in records if r.success and not r.warmup]
@@ -161,19 +212,21 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
     from workbench.loadtest.report import read_records
 
     rows = []
+    specs = arm_specs(cfg)
     for path in ComparedDetails.of(report).reports.values():
         if not Path(path).exists():
             continue
         arm_report = read_report(path)
         arm, arm_details = arm_report.variant, ArmDetails.of(arm_report)
-        shape_name = next((s for s in cfg.shapes if arm.startswith(f"{s}-")), None)
-        if shape_name is None:
+        if arm not in specs:
             continue
-        precision = arm[len(shape_name) + 1:]
+        shape_name, precision, lname = specs[arm]
+        split = roofline.Split(cfg.layouts[lname].tensor_parallel_size, cfg.layouts[lname].pipeline_parallel_size)
         shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config))
         flat = arm_report.metrics
         facts = server_facts(arm_details.server.get("log"))
-        expected = roofline.weight_bytes_per_step(shape, precision) / 2**30
+        seen = server_layout(arm_details.server.get("log"))
+        expected = roofline.weight_bytes_held(shape, precision) / split.gpus / 2**30  # vLLM logs one rank's
         # more than 1.5 x the weights the precision should hold: vLLM did not quantize as asked
         as_asked = facts["loaded_gib"] is None or facts["loaded_gib"] <= 1.5 * expected + 1.0
         limits = {st.label: st.limited_by for st in arm_details.steps}
@@ -187,16 +240,18 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
             prompt, out_tokens = mean_tokens(read_records(records)) if records and Path(records).exists() else (0, 0)
             batch = m.get("server_running_mean") or 1.0
             tpot, ttft = est("tpot_ms_p50"), est("ttft_ms_p50")
-            row = {"arm": arm, "shape": shape_name, "precision": precision, "step": label, "batch_mean": batch,
+            row = {"arm": arm, "shape": shape_name, "precision": precision, "layout": lname, "gpus": split.gpus,
+                   "step": label, "batch_mean": batch,
                    "prompt_tokens": prompt, "output_tokens": out_tokens, "tpot_ms_p50": tpot, "ttft_ms_p50": ttft,
                    "output_tokens_per_s": est("output_tokens_per_s"),
                    "gpu_util_pct_mean": m.get("gpu_util_pct_mean"), "limited_by": limits.get(label),
-                   "weight_bytes_per_step": roofline.weight_bytes_per_step(shape, precision),
+                   "weight_bytes_per_step": roofline.weight_bytes_per_step(shape, precision, batch),
                    "loaded_gib": facts["loaded_gib"], "expected_gib": expected, "kernels": facts["kernels"],
-                   "precision_as_asked": as_asked}
+                   "precision_as_asked": as_asked, "layout_seen": seen,
+                   "layout_as_asked": layout_as_asked(seen, cfg.layouts[lname].model_dump())}
             if gpu is not None:
-                floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out_tokens / 2)
-                pre = roofline.prefill_floor_ms(shape, precision, gpu, prompt)
+                floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out_tokens / 2, split)
+                pre = roofline.prefill_floor_ms(shape, precision, gpu, prompt, split)
                 row.update(tpot_floor_ms=floor, tpot_roofline_fraction=roofline.fraction(floor, tpot["value"]),
                            prefill_floor_ms=pre, ttft_roofline_fraction=roofline.fraction(pre, ttft["value"]))
             rows.append(row)
@@ -218,9 +273,12 @@ def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | Non
                  "(no roofline: a CPU run, or a GPU outside its table)")
     for arm in dict.fromkeys(r["arm"] for r in rows):
         r = next(x for x in rows if x["arm"] == arm)
-        lines.append(f"- {arm}: vLLM loaded {_fmt(r['loaded_gib'])} GiB (the precision holds {r['expected_gib']:.1f}); "
+        lines.append(f"- {arm}: layout {r.get('layout')} on {r.get('gpus', 1)} GPU(s); "
+                     f"vLLM loaded {_fmt(r['loaded_gib'])} GiB a GPU (the precision holds {r['expected_gib']:.1f}); "
                      f"linear kernel {', '.join(r['kernels']) or 'cuBLAS / not logged'}"
-                     + ("" if r["precision_as_asked"] else " -- NOT QUANTIZED AS ASKED: its rows are not this precision"))
+                     + ("" if r["precision_as_asked"] else " -- NOT QUANTIZED AS ASKED: its rows are not this precision")
+                     + (" -- NOT IN ITS LAYOUT: vLLM logged " + str(r["layout_seen"])
+                        if r.get("layout_as_asked") is False else ""))
     lines += ["", "| arm | step | batch (mean) | TPOT p50 ms | floor ms | of roofline | out tok/s | TTFT p50 ms "
               "| prefill floor ms | GPU % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -233,13 +291,37 @@ def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | Non
     return "\n".join(lines) + "\n"
 
 
+def knee_arms(cfg: SpeedConfig, names: list[str]) -> list[str]:
+    """The arms the knee search runs on: ``speed.knee_arms`` (each named arm must exist), else the first."""
+    if cfg.knee_arms is None:
+        return names[:1]
+    unknown = [a for a in cfg.knee_arms if a not in names]
+    if unknown or not cfg.knee_arms:
+        raise ValueError(f"speed.knee_arms {cfg.knee_arms}: {unknown or 'empty'}; the arms are {names}")
+    return list(cfg.knee_arms)
+
+
+def shard_markdown(shard: dict | None) -> str:
+    if not shard:
+        return ""
+    ranks = ", ".join(f"{b / 2**30:.2f}" for b in shard["bytes_per_rank"].values())
+    reload = (f"reloaded (sharded_state) and answered, server up in {_fmt(shard['reload_startup_s'])} s"
+              if shard["reload_success"] else f"reload FAILED: {(shard['reload_error'] or '')[-300:]}")
+    return (f"\nSharded checkpoint of {shard['arm']} (TP={shard['tensor_parallel_size']}): saved in "
+            f"{_fmt(shard['save_s'])} s (engine start with random weights + write; GiB per rank: {ranks}); {reload}.\n")
+
+
 def run(cfg: SpeedConfig) -> Report:
     from workbench import loadtest
 
     arm_keys = arms(cfg)
+    searched = knee_arms(cfg, list(arm_keys)) if cfg.knee is not None else []  # a misnamed arm fails now
+    if cfg.shard_arm is not None and cfg.shard_arm not in arm_keys:
+        raise ValueError(f"speed.shard_arm {cfg.shard_arm!r} is not an arm; the arms are {list(arm_keys)}")
     name = cfg.gpu or device_name()
     gpu = roofline.gpu(name) if name else None
     details: dict = {"arms": list(arm_keys), "device": name, "gpu": gpu.name if gpu else None,
+                     "layouts": {arm: cfg.layouts[lname].model_dump() for arm, (_, _, lname) in arm_specs(cfg).items()},
                      "gpu_source": gpu.source if gpu else None, "speed_only": True}
     outputs: dict[str, str] = {}
     rows: list[dict] = []
@@ -252,20 +334,28 @@ def run(cfg: SpeedConfig) -> Report:
         rows = roofline_rows(cfg, conc, gpu)
     knee = None
     if cfg.knee is not None:
-        first = next(iter(arm_keys))
         knee_cfg = LoadtestConfig.model_validate(deep_merge(
-            run_config(cfg, {first: arm_keys[first]}, "knee", mode="knee", gateway_arms=[first]).model_dump(),
+            run_config(cfg, {a: arm_keys[a] for a in searched}, "knee", mode="knee",
+                       gateway_arms=searched[:1]).model_dump(),
             cfg.knee))
         kr = loadtest.run(knee_cfg, stage=f"{STAGE}/knee")
         knee = {"report": str(kr.path), "gateway": ComparedDetails.of(kr).gateway, "metrics": kr.metrics}
         details["knee"] = knee
+    if cfg.shard_arm is not None:
+        from workbench import speed_shard
+
+        details["shard"] = speed_shard.save_and_reload(cfg, cfg.shard_arm, arm_keys[cfg.shard_arm])
     details["roofline"] = rows
     tables = Path(cfg.out_dir) / "tables.md"
     tables.parent.mkdir(parents=True, exist_ok=True)
-    tables.write_text(tables_markdown(rows, gpu, {"report": knee["report"]} if knee else None))
+    tables.write_text(tables_markdown(rows, gpu, {"report": knee["report"]} if knee else None)
+                      + shard_markdown(details.get("shard")))
     outputs["tables"] = str(tables)
     metrics = {f"{r['arm']}.{r['step']}.tpot_roofline_fraction": r["tpot_roofline_fraction"]
                for r in rows if r.get("tpot_roofline_fraction") is not None}
+    for key in ("save_s", "reload_startup_s"):
+        if (details.get("shard") or {}).get(key) is not None:
+            metrics[f"shard.{key}"] = details["shard"][key]
     report = Report(stage=STAGE, variant=VARIANT, config=cfg.model_dump(mode="json"), metrics=metrics,
                     details=SpeedDetails.checked(details), outputs=outputs)
     write_report(report)

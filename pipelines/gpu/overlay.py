@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in [v for v in have if v not in keep]:
             del plain["quantize"]["variants"][name]
             drop.append(name)
+    from workbench import layouts
+
     try:
-        Params.model_validate(plain)
+        layouts.check_speed(Params.model_validate(plain).speed)  # a layout its shape cannot take, named
     except Exception as err:  # pydantic's ValidationError, named by the config module's wording
         raise SystemExit(f"{args.overlay} over {params_path}: {err}") from None
     for key, value in leaves(overlay):

@@ -15,6 +15,13 @@
 #                            none: params.yaml as it is)
 #   TARGETS=speed            `dvc repro TARGETS` (default: every stage), e.g. report (no shard stage),
 #                            loadtest, speed
+#
+# Several GPUs (issue 33; pipelines/gpu/README.md): 2 GPUs
+#   PROFILE=pipelines/gpu/params-gpu-multi.yaml TARGETS=speed bash pipelines/gpu/repro.sh start --no-quant ...
+# 4 GPUs (adds PP=2 against TP=2)
+#   PROFILE="pipelines/gpu/params-gpu-multi.yaml pipelines/gpu/params-gpu-multi4.yaml" TARGETS=speed \
+#     bash pipelines/gpu/repro.sh start --no-quant ...
+# NVLink multicast stays off below (NCCL_NVLS_ENABLE=0 ...); every vLLM server inherits it.
 #   WAIT_S=540               seconds this call follows the run before it returns (the run goes on)
 #   RESULTS=DIR              where each call copies what came out (default runs/gpu-repro)
 #   CARRIED="prepare quantize"  those stages' outputs and dvc.lock were made on another machine and
@@ -120,7 +127,7 @@ fi
 tar czf "$RESULTS/results.tar.gz" --ignore-failed-read reports dvc.lock params.yaml metrics.json \
   "$state/mlflow-runs.json" "$state/setup.log" "$state/redis.log" runs/failed runs/notebooks runs/evaluate \
   runs/loadtest/*/*.md runs/loadtest/*/*.png runs/loadtest/*/*.log \
-  runs/speed/tables.md runs/speed/*/*/*.md runs/speed/*/*/*.png runs/speed/*/*/*.log 2>/dev/null
+  runs/speed/tables.md runs/speed/*/*/*.md runs/speed/*/*/*.png runs/speed/*/*/*.log runs/speed/shard/*.log 2>/dev/null
 # The load test's raw records (every request's timings; ~1 KB a request compressed), apart and in
 # parts that can come back: for a re-analysis of a run that did not finish, not for git.
 rm -f "$RESULTS"/loadtest-records.tar.gz*
