@@ -7,7 +7,7 @@ layout, then served from those files, with the shard stage's own functions (work
 Why here and not the shard stage: that stage shards a variant's real weights (``models/<variant>``,
 which dvc.yaml declares as its input and ``models/<variant>-tp<N>`` as its output); a shape has no
 weights to carry, and 16 GB of random shards are nothing to keep. So the engine loads the shape
-with the dummy loader, each rank writes its tensors (the same ``save_sharded_state`` call), the
+with the dummy loader, each rank writes its tensors (the shard stage's own save call, workbench/shard.py), the
 server reloads them (``--load-format sharded_state``) and answers once, and the files are deleted:
 the record is the seconds and the bytes per rank.
 """
@@ -30,7 +30,7 @@ def shard_config(cfg: SpeedConfig, arm: str, keys: dict) -> ShardConfig:
     serve.chat keys from speed.arms), written under the speed stage's out_dir."""
     if keys.get("pipeline_parallel_size", 1) != 1:
         raise ValueError(f"speed.shard_arm {arm!r} uses pipeline_parallel_size {keys['pipeline_parallel_size']}: "
-                         "vLLM's save_sharded_state writes tensor-parallel ranks only; name a TP arm")
+                         "vLLM's sharded save writes tensor-parallel ranks only; name a TP arm")
     base = cfg.resolved.server if cfg.resolved else ServerConfig()
     env = dict(keys.get("env", base.env))
     server = ServerConfig.model_validate({**base.model_dump(), **keys, "env": env})
