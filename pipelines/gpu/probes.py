@@ -15,8 +15,6 @@ utilization lives in the load test's report, not in the records, so it is not he
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,14 +23,9 @@ from workbench.config import SLOConfig
 from workbench.loadgen import summary as S
 from workbench.loadgen import timestats as ts
 from workbench.loadgen.client import Record
+from workbench.loadtest.report import read_records
 
 STEP = re.compile(r"step-(?P<rate>[0-9.]+)\.jsonl(\.gz)?$")
-
-
-def read(path: Path) -> list[Record]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [Record(**json.loads(line)) for line in f if line.strip()]
 
 
 def probe_row(arm: str, rate: float, records: list[Record], slo: SLOConfig) -> dict:
@@ -59,7 +52,7 @@ def rows(folder: Path, slo: SLOConfig) -> list[dict]:
         for f in arm_dir.iterdir():
             m = STEP.search(f.name)
             if m:
-                out.append(probe_row(arm_dir.name, float(m["rate"]), read(f), slo))
+                out.append(probe_row(arm_dir.name, float(m["rate"]), read_records(f), slo))
     if not out:
         raise SystemExit(f"no probe records (<arm>/step-<rate>.jsonl) under {folder}")
     return sorted(out, key=lambda r: (r["offered_req_per_s"], r["arm"]))

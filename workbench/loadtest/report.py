@@ -8,6 +8,7 @@ key is a view of a report; nothing reads a view back.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -43,8 +44,11 @@ def write_records(result, out_dir: Path) -> Path:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """A step's raw records back from its JSONL file (the report stage compares variants on them)."""
-    return [Record(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    """A step's raw records back from its JSONL file, or its gzip (``.jsonl.gz``, as results/ keep
+    them); the report stage compares variants on them."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return [Record(**json.loads(line)) for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
 def workload_fingerprint(cfg: LoadtestConfig) -> dict:
