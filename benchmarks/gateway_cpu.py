@@ -5,6 +5,7 @@ process's own CPU time, so the figure holds on a busy machine (latency would not
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main    # before/after in one run: ~10 min
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref A --baseline-ref B  # several, interleaved
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-dir DIR --baseline-ref main  # DIR: its workbench/
+    .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main --floor   # + the floor: bare relays
 
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
 httptools) with everything on: key check, word filter on prompt and output (the shipped lists),
@@ -24,7 +25,12 @@ Each figure is the mean over ``--repeats`` repeats with a 95 % t interval (scipy
 gateway CPU / fake-upstream CPU for the same requests. With ``--baseline-ref REF`` the gateway at
 git REF (extracted with ``git archive``) is measured too, interleaved repeat by repeat (A B A B),
 against the same upstream, so before and after share the machine's state; ``--baseline-ref`` may
-be given several times (A B C A B C), each compared with the current code. JSON goes to --out.
+be given several times (A B C A B C), each compared with the current code. With ``--floor`` two
+bare byte relays (benchmarks/bare_relay.py: uvloop protocols, one upstream connection per client
+connection, no policy; ``floor:bare`` relays bytes only, ``floor:httptools`` also parses both
+directions) run in the same rotation between the same clients and upstream, their CPU read the
+same way: the floor of any Python/uvloop gateway with two sockets, and ``current - floor:*`` is
+what the gateway's HTTP and policy layers cost above it. JSON goes to --out.
 Goal (issue 14): <= 0.1 ms per non-streamed request, <= 5 us per relayed event.
 """
 
@@ -52,7 +58,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workbench.gateway.process import GatewayProcess  # noqa: E402
-from workbench.net import free_port as _free_port  # noqa: E402
+from workbench.net import ServerProcess, free_port as _free_port  # noqa: E402
 from workbench.testing.fakeserver import FakeServerProcess  # noqa: E402
 from workbench.gateway.keys import hash_key  # noqa: E402
 
@@ -89,6 +95,24 @@ class GatewayProc(GatewayProcess):
         super().__enter__()
         self.ps = psutil.Process(self.proc.pid)
         return self
+
+
+class RelayProc(ServerProcess):
+    """benchmarks/bare_relay.py in front of the upstream (ready when its /health is relayed)."""
+
+    def __init__(self, port: int, upstream: str, parse: bool):
+        host_port = upstream.split("//", 1)[1].split("/", 1)[0]
+        super().__init__([sys.executable, str(ROOT / "benchmarks/bare_relay.py"), "--port", str(port),
+                          "--upstream", host_port, *(["--parse"] if parse else [])], port,
+                         name="bare relay", timeout_s=15, interval_s=0.05)
+
+    def __enter__(self) -> "RelayProc":
+        super().__enter__()
+        self.ps = psutil.Process(self.proc.pid)
+        return self
+
+
+FLOORS = {"floor:bare": False, "floor:httptools": True}  # name -> parse with httptools
 
 
 def cpu_s(p: psutil.Process) -> float:
@@ -207,13 +231,19 @@ async def main_async(a) -> dict:
         elif a.baseline_ref:
             variants = {**{f"baseline:{ref}": extract(ref, tmp / f"baseline{i}") for i, ref in enumerate(a.baseline_ref)},
                         **variants}
+        if a.floor:
+            variants.update({name: None for name in FLOORS})
         fake_ps = psutil.Process(fake.proc.pid)
         reps: dict[str, list] = {v: [] for v in variants}
         for i in range(a.repeats):
             for name, code in variants.items():  # interleaved: A B A B
                 port = _free_port("127.0.0.1")
-                cfg = gateway_config(fake.base_url, tmp, port, f"{len(reps[name])}-{name.split(':')[0]}")
-                with GatewayProc(cfg, port, code) as gw:
+                if code is None:  # a floor
+                    proc = RelayProc(port, fake.base_url, FLOORS[name])
+                else:
+                    cfg = gateway_config(fake.base_url, tmp, port, f"{len(reps[name])}-{name.split(':')[0]}")
+                    proc = GatewayProc(cfg, port, code)
+                with proc as gw:
                     rep = {"plain": await phase(gw, fake_ps, False, 16, a),
                            "stream_short": await phase(gw, fake_ps, True, a.short, a),
                            "stream_long": await phase(gw, fake_ps, True, a.long, a)}
@@ -227,6 +257,9 @@ async def main_async(a) -> dict:
         if bases:  # the first baseline here, every one under "comparisons"
             results["current_minus_baseline"] = compare(reps[bases[0]], reps["current"], a)
             results["comparisons"] = {f"current - {b}": compare(reps[b], reps["current"], a) for b in bases}
+        for name in FLOORS if a.floor else ():  # what the gateways cost above the floor
+            results.setdefault("comparisons", {}).update(
+                {f"{v} - {name}": compare(reps[name], reps[v], a) for v in reps if v not in FLOORS})
     return results
 
 
@@ -242,6 +275,8 @@ def main() -> None:
                    help="also measure the gateway at this git ref (repeatable)")
     p.add_argument("--baseline-dir", default=None,
                    help="the baseline's code: a folder with its workbench/ (e.g. `git archive main workbench`)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the bare relays of benchmarks/bare_relay.py (the floor), interleaved")
     p.add_argument("--out", default=str(ROOT / "results/benchmarks/gateway_cpu.json"))
     a = p.parse_args()
     results = asyncio.run(main_async(a))
