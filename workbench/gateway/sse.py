@@ -132,6 +132,9 @@ class StreamRelay:
         self.streamed = 0  # events passed on that carried generated text (~ completion tokens)
         self._template: dict | None = None
         self._fast: dict[tuple[bytes, bytes], StreamFilter] = {}  # _passes: (index, key) as bytes -> filter
+        # _passes: (bytes before the text value, bytes after it, its filter) of the last event
+        # that passed the full check; vLLM's events of one stream differ only in that value
+        self._skeleton: tuple[bytes, bytes, StreamFilter] | None = None
 
     @property
     def hits(self) -> int:
@@ -165,7 +168,20 @@ class StreamRelay:
         """The common event, relayed as its bytes without a JSON round trip: one choice, one
         plain text value (ASCII, no escapes), nothing else to filter or count (no finish_reason,
         logprobs, tool calls or usage), and text the filter lets through whole right now
-        (``StreamFilter.passes``). Anything else takes ``_event``. ~2 us instead of ~15."""
+        (``StreamFilter.passes``). Anything else takes ``_event``. ~5 us instead of ~15; ~1.5 us
+        for an event that is the last passed one with another value (no quote or backslash
+        in it, so every check above reads the same: they all hinge on quoted keys)."""
+        sk = self._skeleton
+        if sk is not None:
+            pre, post, sf = sk
+            end = len(ev) - len(post)
+            if end >= len(pre) and ev.startswith(pre) and ev.endswith(post):
+                value = ev[len(pre):end]
+                if b'"' not in value and b"\\" not in value:
+                    if not value.isascii() or not sf.passes(value.decode()):
+                        return False
+                    self.streamed += bool(value)
+                    return True
         if not ev.startswith(b"data: {") or b'"finish_reason":null' not in ev or b'"usage"' in ev \
                 or b'"logprobs":{' in ev or b'"tool_calls"' in ev or b'"function_call"' in ev \
                 or ev.count(b'"index"') != 1 or b"\\" in ev:
@@ -189,6 +205,8 @@ class StreamRelay:
             self._fast[fkey] = sf
         if not value.isascii() or not sf.passes(value.decode()):
             return False
+        start = ev.find(b'"' + key + b'":"') + len(key) + 4  # the one match (no backslash in ev)
+        self._skeleton = (ev[:start], ev[start + len(value):], sf)
         self.streamed += bool(value)  # the role-only first delta ("content":"") is no token
         return True
 
