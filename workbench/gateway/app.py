@@ -372,7 +372,7 @@ class Gateway(Replies, Checks):
                     if resp.status >= 400:
                         await self._relay_error(ctx, upstream, resp, send)
                     elif stream and resp.content_type == "text/event-stream":
-                        await self._relay_stream(ctx, route, resp, send, gzip, strip_usage)
+                        await self._relay_stream(ctx, route, resp, send, gzip, strip_usage, scope)
                     else:
                         await self._relay_body(ctx, route, resp, send)
                     if ctx.upstream_broke:  # a stream broken off after bytes reached the client

@@ -18,6 +18,10 @@ httptools), with:
   ``ConnectFailed`` (refused, unreachable: the replica is ejected, 503 after a retry),
   ``Disconnected`` (the connection closed before the reply was complete: a stale keep-alive
   before the head, retried once; mid-stream, a broken stream) and ``BadReply`` (not HTTP);
+- push mode (``Response.push(sink)``): the body goes to ``sink(bytes)`` from the read callback
+  itself, so a relayed SSE event costs no future, task wake-up or coroutine (relay.py);
+  ``hold()`` / ``resume()`` pause and restart reading for the sink's own back-pressure, and
+  ``wait()`` returns when the sink or the reply's end wakes it, raising the reply's failure;
 - back-pressure: past ``HIGH_WATER`` bytes of unread body, reading from the upstream pauses, so a
   slow client holds at most that much of a reply here (the socket buffers hold the rest, and
   the upstream's writes wait).
@@ -58,7 +62,7 @@ class Response:
     (the upstream sees the client leave: vLLM aborts the request)."""
 
     __slots__ = ("status", "headers", "complete", "content", "_conn", "_chunks", "_size", "_exc",
-                 "_waiter", "_framed", "_replica", "_pool")
+                 "_waiter", "_framed", "_replica", "_pool", "sink")
 
     def __init__(self, conn: "Connection"):
         self.status = 0
@@ -72,6 +76,7 @@ class Response:
         self._waiter: asyncio.Future | None = None
         self._framed = False  # Content-Length or chunked: else the body ends when the connection does
         self._replica = self._pool = None  # set by upstream.py
+        self.sink = None  # push mode: called with each piece of body as it is read
 
     @property
     def content_type(self) -> str:
@@ -121,6 +126,42 @@ class Response:
             if self._exc is not None:
                 raise self._exc
             await self._wait()
+
+    def push(self, sink) -> None:
+        """From now on hand each piece of the body to ``sink(bytes)`` as it is read (what has
+        been read and not taken yet first). ``wait()`` then waits for the end."""
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        self.sink = sink
+        if chunks:
+            sink(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+
+    async def wait(self) -> None:
+        """Push mode: return when the reply is complete or the sink called ``wake()``; raise the
+        reply's failure (a timeout, a broken connection)."""
+        if self._exc is not None:
+            raise self._exc
+        if not self.complete:
+            await self._wait()
+            if self._exc is not None:
+                raise self._exc
+
+    def wake(self) -> None:
+        self._wake()
+
+    def hold(self) -> None:
+        """Stop reading from the upstream (the sink's consumer is full); ``resume()`` restarts."""
+        conn = self._conn
+        if conn is not None and not conn.paused and not conn.closed:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
 
     async def read(self) -> bytes:
         parts = []
@@ -220,6 +261,12 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         resp = self.resp
+        if resp.sink is not None:
+            try:
+                resp.sink(body)
+            except Exception as err:  # a bug in the sink: the waiting task raises it
+                resp._fail(err)
+            return
         resp._chunks.append(body)
         resp._size += len(body)
         if resp._size > HIGH_WATER and not self.paused:

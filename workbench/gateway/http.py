@@ -19,6 +19,11 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
 - **disconnect hook**: when a connection is lost with its reply unfinished, the callable the app
   put on the request's scope under ``ON_GONE`` is called (the app cancels the request, and vLLM
   aborts it), so the app needs no task per request waiting on ``receive()`` for a disconnect;
+- **chunk writer**: ``scope[CHUNKS]`` is a ``ChunkWriter`` that writes one chunk of a started
+  chunked reply straight to the client's transport, synchronously, so the app can relay SSE
+  events from the upstream's read callback without a task wake-up and an ASGI ``send`` per
+  event (relay.py); flow control stays the transport's (``ChunkWriter.full``, ``drain``), and
+  the reply's end still goes through ``send``;
 - the server's own refusals (bad framing such as Content-Length with Transfer-Encoding or a
   duplicated Content-Length, and the above) in OpenAI's error shape, with an ``x-request-id``.
 
@@ -52,6 +57,38 @@ REFUSED = "gateway.refused"
 # while no callable was set (the app then ends the request itself).
 ON_GONE = "gateway.on_gone"
 GONE = True
+# Set on every request's scope by this layer: the request's ChunkWriter.
+CHUNKS = "gateway.chunks"
+
+
+class ChunkWriter:
+    """Body chunks of a started chunked reply, written to the client's transport at once (what
+    uvicorn's ``send`` does for one, without its coroutine and message dict: ~3 us an event)."""
+
+    __slots__ = ("cycle",)
+
+    def __init__(self, cycle):
+        self.cycle = cycle
+
+    def ready(self) -> bool:
+        """The reply's head is sent, it is chunked and not complete: write() may be used."""
+        c = self.cycle
+        return c.response_started and c.chunked_encoding is True and not c.response_complete \
+            and c.scope["method"] != "HEAD"
+
+    def write(self, data: bytes) -> None:
+        c = self.cycle
+        if data and not c.disconnected:  # a client gone: dropped silently, as send() does
+            c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    @property
+    def full(self) -> bool:
+        """The client's send buffer is over its high-water mark: stop producing, ``drain()``."""
+        return self.cycle.flow.write_paused and not self.cycle.disconnected
+
+    async def drain(self) -> None:
+        if self.full:
+            await self.cycle.flow.drain()
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -205,6 +242,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # uvicorn parses the URL here: a bad one (``GET http://``) raises before a cycle exists
         super().on_headers_complete()
         self.scope[ON_GONE] = None  # (the app's task starts on a later loop turn, after this)
+        self.scope[CHUNKS] = ChunkWriter(self.cycle)
         self._in_head, self._in_body = False, True
         self._arm(self.body_timeout_s, self._body_timeout)
 

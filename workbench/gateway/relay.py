@@ -22,6 +22,7 @@ import aiohttp
 from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay, dumps, error_event, loads,
                                    message_slots)
 from workbench.gateway.client import ClientError
+from workbench.gateway.http import CHUNKS
 from workbench.gateway.logprobs import filter_choice_logprobs
 from workbench.gateway.upstream import GatewayError, UpstreamBroke
 
@@ -204,8 +205,41 @@ class Replies:
                                    code="content_moderation")
         return body
 
+    async def _push_stream(self, resp, writer, step, gz) -> bool:
+        """The rest of a started stream relayed from the upstream's read callback: each read
+        goes through ``step`` and straight to the client's transport (http.ChunkWriter), with no
+        task wake-up per event. The client's full send buffer holds reading from the upstream
+        until it drains (its send timeout still applies: http.py). True if ``step`` stopped it."""
+        state = {"stop": False, "full": False}
+
+        def sink(chunk: bytes) -> None:
+            if state["stop"]:
+                return
+            out = step(chunk)
+            if out is None:
+                state["stop"] = True
+                resp.hold()
+                resp.wake()
+                return
+            if out:
+                writer.write(gz.chunk(out) if gz else out)
+                if writer.full and not state["full"]:
+                    state["full"] = True
+                    resp.hold()
+                    resp.wake()
+
+        resp.push(sink)
+        while not state["stop"] and not resp.complete:
+            if state["full"]:
+                await writer.drain()
+                state["full"] = False
+                resp.resume()
+            else:
+                await resp.wait()
+        return state["stop"]
+
     async def _relay_stream(self, ctx: Ctx, route: str, resp, send,
-                            gzip: bool, strip_usage: bool) -> None:
+                            gzip: bool, strip_usage: bool, scope=None) -> None:
         name = self.routes[ctx.model]
         after = bool(self.policy and self.cfg.moderation.after)
         relay = StreamRelay(route, self.filter if self.cfg.filter.output else None,
@@ -222,20 +256,33 @@ class Replies:
         ctx.relay = relay  # its token count outlives a cancelled stream (stream_tokens)
         keys_seen = self.keys.version  # a reload (revoke-key) is checked between events
         revoked = False
+
+        def step(chunk: bytes) -> bytes | None:
+            """The bytes to send for what was read (b"": nothing yet), or None: stop (the key
+            was revoked, or the filter blocked the stream: ``tail`` holds what is left to send)."""
+            nonlocal keys_seen, revoked, tail
+            if self.keys.version != keys_seen:
+                keys_seen = self.keys.version
+                if not self.keys.has_id(ctx.key_id):
+                    revoked = True
+                    return None
+            data = frames.feed(chunk)
+            if not data:
+                return b""
+            out = relay.process(data)
+            if relay.blocked:
+                tail = out
+                return None
+            return out
+
+        writer = scope.get(CHUNKS) if scope else None  # our HTTP layer's (http.py); None under another server
         read = resp.content.readany  # what iter_any() awaits, without its extra coroutine per chunk
         try:
+            stopped = False
             while chunk := await read():
-                if self.keys.version != keys_seen:
-                    keys_seen = self.keys.version
-                    if not self.keys.has_id(ctx.key_id):
-                        revoked = True
-                        break
-                data = frames.feed(chunk)
-                if not data:
-                    continue
-                out = relay.process(data)
-                if relay.blocked:
-                    tail = out
+                out = step(chunk)
+                if out is None:
+                    stopped = True
                     break
                 if out:
                     if ctx.ttft_s is None:
@@ -245,7 +292,10 @@ class Replies:
                         await send(start)
                     await send({"type": "http.response.body", "body": gz.chunk(out) if gz else out,
                                 "more_body": True})
-            else:
+                    if writer is not None and writer.ready() and hasattr(resp, "push"):
+                        stopped = await self._push_stream(resp, writer, step, gz)
+                        break
+            if not stopped:
                 rest = frames.rest()
                 if rest:
                     tail = relay.process(rest)
