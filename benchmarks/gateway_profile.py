@@ -1,7 +1,10 @@
 """Where the gateway's CPU goes: cProfile of a gateway process under a closed-loop load, grouped by
 component (event loop, uvicorn, aiohttp, our code, C calls), the "which part is the floor" view
 that benchmarks/gateway_cpu.py's totals do not give. cProfile slows Python code more than C, so
-read the shares as an upper bound on our code's part, not as timings.
+read the shares as an upper bound on our code's part, not as timings. The profiler's clock is the
+process's CPU time (``--timer cpu``, the default): with ``--timer wall`` (``python -m cProfile``'s
+clock) the event loop's own time also holds the time the process sat idle in epoll, which for
+a stream of events 1 ms apart is most of it (rounds 1-3 read their "event loop" share that way).
 
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind plain    # ~30 s
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_profile.py --kind stream --top 40
@@ -45,6 +48,19 @@ GROUPS = (("/uvicorn/", "uvicorn (server protocol)"), ("/aiohttp/", "aiohttp (up
           ("/asyncio/", "asyncio (Python)"))
 
 
+# The gateway under cProfile with the chosen clock: argv is TIMER PROF_PATH GATEWAY_ARGS...
+LAUNCH = """
+import cProfile, runpy, sys, time
+timer, out = sys.argv[1], sys.argv[2]
+sys.argv = ["workbench.gateway", *sys.argv[3:]]
+prof = cProfile.Profile(time.process_time) if timer == "cpu" else cProfile.Profile()
+try:
+    prof.runcall(runpy.run_module, "workbench.gateway", run_name="__main__", alter_sys=True)
+finally:
+    prof.dump_stats(out)
+"""
+
+
 async def load(url: str, n: int, conc: int, stream: bool, tokens: int = 16) -> None:
     body = {"model": "fake-model", "max_tokens": tokens, "stream": stream,
             "messages": [{"role": "user", "content": "Write a short poem about the sea, please. " * 4}]}
@@ -81,6 +97,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16, help="output tokens (stream: events) per request")
     p.add_argument("--itl-ms", type=float, default=0.0,
                    help="fake upstream delay between events (0: a reply arrives in one read; 1: one event per read)")
+    p.add_argument("--timer", choices=["cpu", "wall"], default="cpu",
+                   help="the profiler's clock: process CPU time, or wall time (idle waits counted)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp, FakeServerProcess(
@@ -94,7 +112,7 @@ def main() -> None:
                "audit": {"path": str(tmp / "audit.sqlite")}}
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(cfg))
         prof = tmp / "gateway.prof"
-        proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "workbench.gateway",
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCH, a.timer, str(prof),
                                  "--config", str(tmp / "gateway.yaml")], env={**os.environ, "PYTHONPATH": a.code},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http_ok(f"http://127.0.0.1:{port}/health", 60, proc)
@@ -112,7 +130,7 @@ def main() -> None:
         log.info("%-55s %6.2f s  %5.1f %%", name, sec, 100 * sec / total)
     if a.out:
         Path(a.out).write_text(json.dumps({"kind": a.kind, "requests": a.requests, "tokens": a.tokens,
-                                           "itl_ms": a.itl_ms, "seconds_by_component": shares}, indent=1))
+                                           "itl_ms": a.itl_ms, "timer": a.timer, "seconds_by_component": shares}, indent=1))
 
 
 if __name__ == "__main__":
