@@ -79,7 +79,7 @@ class HeadHeld:
         if head is not None:
             self.head = None
             self.transport.write(head + data)
-        elif not self.seen and self.cycle.response_started:
+        elif not self.seen and self.cycle is not None and self.cycle.response_started:
             self.seen, self.head = True, data  # the head: held for the body's first bytes
         else:
             self.transport.write(data)
@@ -109,22 +109,37 @@ class ChunkWriter:
     def ready(self) -> bool:
         """The reply's head is sent, it is chunked and not complete: write() may be used."""
         c = self.cycle
-        return c.response_started and c.chunked_encoding is True and not c.response_complete \
+        return c is not None and c.response_started and c.chunked_encoding is True and not c.response_complete \
             and c.scope["method"] != "HEAD"
 
     def write(self, data: bytes) -> None:
         c = self.cycle
-        if data and not c.disconnected:  # a client gone: dropped silently, as send() does
+        if data and c is not None and not c.disconnected:  # a client gone: dropped silently, as send() does
             c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     @property
     def full(self) -> bool:
         """The client's send buffer is over its high-water mark: stop producing, ``drain()``."""
-        return self.cycle.flow.write_paused and not self.cycle.disconnected
+        c = self.cycle
+        return c is not None and c.flow.write_paused and not c.disconnected
 
     async def drain(self) -> None:
         if self.full:
             await self.cycle.flow.drain()
+
+
+def _unlink(cycle) -> None:
+    """A request's reply is over: its ChunkWriter and HeadHeld let go of the cycle, so the cycle,
+    its scope and the writer are freed by reference counting, not left to the cyclic GC."""
+    if cycle is None:
+        return
+    held = cycle.transport
+    if isinstance(held, HeadHeld):
+        held.flush()
+        held.cycle, cycle.transport = None, held.transport
+    writer = cycle.scope.get(CHUNKS)
+    if writer is not None:
+        writer.cycle = None
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -175,6 +190,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._send_timer = None
         cycle = self.cycle
         super().connection_lost(exc)
+        _unlink(cycle)
         if cycle is not None and cycle.disconnected and ON_GONE in cycle.scope:
             gone = cycle.scope[ON_GONE]
             cycle.scope[ON_GONE] = GONE
@@ -292,9 +308,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self._idle_since = time.monotonic()
-        held = self.cycle.transport if self.cycle is not None else None
-        if isinstance(held, HeadHeld):  # a reply without body bytes (HEAD, an empty 204)
-            held.flush()
+        _unlink(self.cycle)  # (a held head without body bytes, HEAD or an empty 204, goes out here)
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:

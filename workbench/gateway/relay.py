@@ -229,13 +229,16 @@ class Replies:
                     resp.wake()
 
         resp.push(sink)
-        while not state["stop"] and not resp.complete:
-            if state["full"]:
-                await writer.drain()
-                state["full"] = False
-                resp.resume()
-            else:
-                await resp.wait()
+        try:
+            while not state["stop"] and not resp.complete:
+                if state["full"]:
+                    await writer.drain()
+                    state["full"] = False
+                    resp.resume()
+                else:
+                    await resp.wait()
+        finally:
+            resp.sink = None  # (resp -> sink -> resp: freed by reference counting, not the GC)
         return state["stop"]
 
     async def _relay_stream(self, ctx: Ctx, route: str, resp, send,
