@@ -1,0 +1,60 @@
+"""The Python parts of one relayed SSE event, each timed alone (timeit, warm caches): what the
+gateway's per-event CPU above the bare relay's floor (benchmarks/gateway_cpu.py --floor) is made
+of, without a profiler's overhead. The event is the fake upstream's token chunk; the filter has
+the shipped word lists.
+
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_event_parts.py   # ~10 s
+
+In a running gateway the same code runs with colder caches (16 streams interleaved), so these
+are lower bounds of its share there.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import timeit
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from workbench.gateway.filter import WordFilter  # noqa: E402
+from workbench.gateway.sse import EventSplitter, StreamRelay  # noqa: E402
+from workbench.testing.fakeserver import _stream_parts  # noqa: E402
+
+log = logging.getLogger("gateway_event_parts")
+N = 200_000
+
+
+def us(fn) -> float:
+    """Mean microseconds per call over N calls (best of 3 runs)."""
+    return min(timeit.repeat(fn, number=N, repeat=3)) / N * 1e6
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    f = WordFilter.from_files([str(ROOT / "data/gateway/sensitive_words.en.txt"),
+                               str(ROOT / "data/gateway/sensitive_words.zh.txt")])
+    first, tok, _ = _stream_parts("chat", "fake-model", 64)
+    relay = StreamRelay("chat", f, False, True, False)
+    relay.process(first)
+    relay.process(tok)  # the skeleton of a token event is cached from here on
+    splitter = EventSplitter()
+    splitter.feed(first)
+    parts = {
+        "EventSplitter.feed (cut at the last blank line)": lambda: splitter.feed(tok),
+        "StreamRelay.process (filter check, skeleton cached)": lambda: relay.process(tok),
+        "  of which WordFilter.clean_ascii": lambda: f.clean_ascii("tok "),
+    }
+    for level in (6, 1):
+        z = zlib.compressobj(level, zlib.DEFLATED, 31)
+        parts[f"gzip level {level}: compress + sync flush"] = lambda z=z: z.compress(tok) + z.flush(zlib.Z_SYNC_FLUSH)
+    parts["chunk framing (b'%x\\r\\n%b\\r\\n')"] = lambda: b"%x\r\n%b\r\n" % (len(tok), tok)
+    log.info("one event: %d bytes", len(tok))
+    for name, fn in parts.items():
+        log.info("%-55s %5.2f us", name, us(fn))
+
+
+if __name__ == "__main__":
+    main()
