@@ -43,6 +43,7 @@ KEY = "wb-bench-key"
 GROUPS = (("/uvicorn/", "uvicorn (server protocol)"), ("/aiohttp/", "aiohttp (upstream client)"),
           ("/multidict", "aiohttp (upstream client)"), ("/yarl/", "aiohttp (upstream client)"),
           ("/workbench/gateway/client.py", "native upstream client (client.py)"),
+          ("/workbench/gateway/reply.py", "native upstream client (client.py)"),
           ("/httptools/", "native upstream client (client.py)"),
           ("/workbench/", "workbench.gateway (our Python)"), ("prometheus", "prometheus_client"),
           ("/asyncio/", "asyncio (Python)"))
