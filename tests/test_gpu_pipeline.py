@@ -423,6 +423,7 @@ def test_the_knee_profile_over_the_8b_profile_searches_bf16_alone_with_the_whole
     merged_params(GPU / "params-gpu3.yaml", tmp_path)
     assert overlay.main([str(GPU / "params-gpu3-knee.yaml"), "--params", str(tmp_path / "params.yaml")]) == 0
     cfg = load_params(tmp_path / "params.yaml").speed
+    cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "speed")})  # the arms' folders are built there
     arms = speed.arms(cfg)
     assert list(arms) == ["llama-3.1-8b-bf16"] and cfg.concurrencies == []
     knee = LoadtestConfig.model_validate(deep_merge(
