@@ -59,6 +59,14 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+async def fetch(client: native.Client, port: int) -> bytes:
+    """One request to 127.0.0.1:port, its whole body read and its connection released."""
+    resp = await client.request("127.0.0.1", port, False, *request_bytes())
+    body = await resp.read()
+    resp.release()
+    return body
+
+
 def test_keep_alive_reuses_one_connection_for_sequential_requests():
     async def main():
         async def handler(reader, writer, n):
@@ -67,9 +75,7 @@ def test_keep_alive_reuses_one_connection_for_sequential_requests():
         client = native.Client(8, 5, 5)
         bodies = []
         for _ in range(5):
-            resp = await client.request("127.0.0.1", port, False, *request_bytes())
-            bodies.append(json.loads(await resp.read()))
-            resp.release()
+            bodies.append(json.loads(await fetch(client, port)))
         client.close()
         server.close()
         return bodies, client.opened, len(conns)
@@ -105,9 +111,7 @@ def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
         client = native.Client(8, 5, 5)
         bodies = []
         for _ in range(3):
-            resp = await client.request("127.0.0.1", port, False, *request_bytes())
-            bodies.append(await resp.read())
-            resp.release()
+            bodies.append(await fetch(client, port))
             await asyncio.sleep(0.05)  # the close reaches the idle connection
         client.close()
         server.close()
@@ -125,9 +129,7 @@ def test_a_body_without_length_ends_with_the_connection():
             return False
         server, port, _ = await serve(handler)
         client = native.Client(8, 5, 5)
-        resp = await client.request("127.0.0.1", port, False, *request_bytes())
-        body = await resp.read()
-        resp.release()
+        body = await fetch(client, port)
         server.close()
         return body, client.busy
 
@@ -155,9 +157,7 @@ def test_chunked_replies_are_decoded_however_the_bytes_are_split():
             parts.append(chunk)
         resp.release()
         # the same connection serves the next request: the chunked reply ended cleanly
-        resp2 = await client.request("127.0.0.1", port, False, *request_bytes())
-        await resp2.read()
-        resp2.release()
+        await fetch(client, port)
         client.close()
         server.close()
         return parts, client.opened
@@ -245,9 +245,7 @@ def test_data_keeps_a_slow_stream_alive_past_read_timeout():
             writer.write(b"0\r\n\r\n")
         server, port, _ = await serve(handler)
         client = native.Client(8, 5, 0.3)
-        resp = await client.request("127.0.0.1", port, False, *request_bytes())
-        body = await resp.read()
-        resp.release()
+        body = await fetch(client, port)
         client.close()
         server.close()
         return body
@@ -296,12 +294,7 @@ def test_requests_past_the_cap_wait_for_a_free_connection():
         server, port, conns = await serve(handler)
         client = native.Client(1, 5, 5)
 
-        async def one():
-            resp = await client.request("127.0.0.1", port, False, *request_bytes())
-            body = await resp.read()
-            resp.release()
-            return body
-        bodies = await asyncio.gather(*(one() for _ in range(4)))
+        bodies = await asyncio.gather(*(fetch(client, port) for _ in range(4)))
         client.close()
         server.close()
         return bodies, len(conns), client.busy
