@@ -131,6 +131,15 @@ def test_uvicorn_httptools_protocol_still_has_the_state_the_gateway_uses():
     src = inspect.getsource(RequestResponseCycle.__init__)
     for attr in ("response_started", "response_complete", "disconnected"):
         assert f"self.{attr} = False" in src, attr
+    # push mode and the held head (http.ChunkWriter, HeadHeld): the cycle writes every byte of its
+    # reply through its own ``transport`` attribute (which HeadHeld replaces), knows whether the
+    # reply is chunked, and holds the connection's flow control (write_paused, drain)
+    assert "self.transport = transport" in src and "self.flow = flow" in src
+    send = inspect.getsource(RequestResponseCycle.send)
+    assert "self.chunked_encoding = True" in send and "self.transport.write(" in send
+    from uvicorn.protocols.http.flow_control import FlowControl
+    assert "self.write_paused = False" in inspect.getsource(FlowControl.__init__)
+    assert inspect.iscoroutinefunction(FlowControl.drain)
     overridden = [n for n, v in vars(GatewayHttpProtocol).items()
                   if callable(v) and not n.startswith("_") and n != "configured"]
     assert {"connection_made", "connection_lost", "data_received", "on_message_begin"} <= set(overridden)
