@@ -42,8 +42,8 @@ def write_eval(variant: str, scale: float, correct: int, noise_seed: int) -> Non
     mcq = [{"doc_id": i, "acc": float(i < correct)} for i in range(30)]
     docs = [{"doc_id": i, "word_perplexity": [float(BASE_LL[i] * (scale + jitter[i])), float(WORDS[i])]}
             for i in range(25)]
-    evaluate.stage._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
-    evaluate.stage._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
+    evaluate.results._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
+    evaluate.results._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
     ll, w = zip(*(d["word_perplexity"] for d in docs))
     write_report(Report(stage="evaluate", variant=variant, config={}, outputs={"samples": str(samples)},
                         metrics={"mmlu_acc": correct / 30, "ppl_word": float(np.exp(-sum(ll) / sum(w)))}))
