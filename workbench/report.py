@@ -35,7 +35,8 @@ from workbench.loadgen import summary
 from workbench.loadgen.summary import RateSummary
 from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.quantize.details import QuantizeDetails
-from workbench.recommend import Candidate, Decision, Document, accuracy_diff, ppl_change, recommend
+from workbench.recommend import Candidate, Decision, accuracy_diff, ppl_change, recommend
+from workbench.recommend_evidence import Document
 from workbench.report_arms import sustained_rate
 from workbench.report_details import ArmPoint, FinalReport, QuantRow, ReportDetails
 from workbench.reports import Report, read_report, report_path, write_json_atomic, write_report
