@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from workbench import evaluate, loadtest, report as report_stage
+from workbench import evaluate, loadtest, report as report_stage, report_arms
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
 from workbench.net import free_port, stop, wait_http_ok
 from workbench.quantize.details import QuantizeDetails
@@ -293,7 +293,7 @@ def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, m
 def test_a_knee_searchs_sustained_rate_is_its_bracket():
     """sustained_rate read the knee as a dict and named KneeResult without importing it: every
     arm report with a knee (results/gpu-2) raised NameError. It reads the typed details now."""
-    est = report_stage.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
+    est = report_arms.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
     assert (est.value, est.lo, est.method) == (200.0, 200.0, "knee search bracket")
     assert est.hi == pytest.approx(282.842712474619)
 
