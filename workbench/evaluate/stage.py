@@ -1,6 +1,7 @@
 """The ``evaluate`` stage's ``run(cfg)``: prepare the suites, open a backend (or its fallback),
 run lm-eval per suite, parse its results with intervals and compare with the baseline variant
-(``results``), and write the report; and the notebook's tables. The package docstring (``workbench/evaluate/__init__.py``) shows how to run it.
+(``results``), and write the report; and the notebook's tables. The package docstring
+(``workbench/evaluate/__init__.py``) shows how to run it.
 """
 
 from __future__ import annotations
