@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workbench.gateway.filter import WordFilter  # noqa: E402
 from workbench.gateway.sse import EventSplitter, GzipStream, StreamRelay  # noqa: E402
-from workbench.testing.fakeserver import _stream_parts  # noqa: E402
+from workbench.testing.fakeapp import _stream_parts  # noqa: E402
 
 log = logging.getLogger("gateway_event_parts")
 N = 200_000

@@ -82,7 +82,7 @@ def test_pipeline_runner_fails_on_typo_before_running_the_notebook(tmp_path, pro
 
 # --- params.yaml and the code defaults are one set of values -----------------------------------
 
-# Keys (dotted prefixes) where params.yaml may differ from the defaults in workbench/config.py,
+# Keys (dotted prefixes) where params.yaml may differ from the defaults in workbench/config/,
 # each with the reason. Everything else must match, so a test that builds a config from the code
 # defaults tests what the pipeline runs.
 DEFAULTS_MAY_DIFFER = {
@@ -111,7 +111,7 @@ def _differences(params) -> dict[str, tuple]:
 
 def test_params_file_equals_the_code_defaults():
     diffs = _differences(load_params("params.yaml"))
-    assert not diffs, ("params.yaml and workbench/config.py disagree (params.yaml, code): "
+    assert not diffs, ("params.yaml and workbench/config/ disagree (params.yaml, code): "
                        f"{dict(sorted(diffs.items()))}; change one to match, or add the key to "
                        "DEFAULTS_MAY_DIFFER with the reason")
 

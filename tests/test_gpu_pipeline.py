@@ -417,17 +417,17 @@ def test_the_knee_profile_over_the_8b_profile_searches_bf16_alone_with_the_whole
     """params-gpu3-knee.yaml over params-gpu3.yaml: one arm (bf16), no concurrency sweep, no fixed
     KV budget, and the knee search keeps params-gpu3.yaml's p95 SLO on 640 requests a probe, as the
     load test the speed stage builds from it."""
-    from workbench import speed
+    from workbench import speed_arms
     from workbench.config import LoadtestConfig
 
     merged_params(GPU / "params-gpu3.yaml", tmp_path)
     assert overlay.main([str(GPU / "params-gpu3-knee.yaml"), "--params", str(tmp_path / "params.yaml")]) == 0
     cfg = load_params(tmp_path / "params.yaml").speed
     cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "speed")})  # the arms' folders are built there
-    arms = speed.arms(cfg)
+    arms = speed_arms.arms(cfg)
     assert list(arms) == ["llama-3.1-8b-bf16"] and cfg.concurrencies == []
     knee = LoadtestConfig.model_validate(deep_merge(
-        speed.run_config(cfg, arms, "knee", mode="knee", gateway_arms=list(arms)).model_dump(), cfg.knee))
+        speed_arms.run_config(cfg, arms, "knee", mode="knee", gateway_arms=list(arms)).model_dump(), cfg.knee))
     assert knee.server.extra_args == [] and knee.server.gpu_memory_utilization == 0.9
     assert (knee.slo.ttft_percentile, knee.slo.min_goodput, knee.steady_state.min_requests) == (95, 0.95, 640)
     assert knee.knee.start_req_per_s == 64 and knee.max_duration_s <= 330

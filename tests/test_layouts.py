@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import layouts, roofline, shapes, speed
+from workbench import layouts, roofline, shapes, speed, speed_arms, speed_tables
 from workbench.config import ConfigError, LayoutConfig, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_a_profile_with_a_layout_the_shape_cannot_take_is_refused_naming_the_key
         overlay.main([str(profile), "--check"])
     cfg = load_params(ROOT / "params.yaml", ["speed.layouts.tp3={tensor_parallel_size: 3}"]).speed
     with pytest.raises(layouts.LayoutError, match=r"speed\.layouts\.tp3"):
-        speed.arms(cfg)  # the stage refuses it too, before any folder or server
+        speed_arms.arms(cfg)  # the stage refuses it too, before any folder or server
 
 
 def test_a_shape_naming_a_missing_layout_or_a_misspelled_key_is_named():
@@ -60,13 +60,13 @@ def test_a_shape_naming_a_missing_layout_or_a_misspelled_key_is_named():
 
 def test_arms_are_shape_by_precision_by_layout_and_keep_their_names_with_one_layout():
     one = load_params(ROOT / "params.yaml").speed
-    assert speed.arm_specs(one) == {"toy-llama3-bf16": ("toy-llama3", "bf16", "tp1")}
+    assert speed_arms.arm_specs(one) == {"toy-llama3-bf16": ("toy-llama3", "bf16", "tp1")}
     two = load_params(ROOT / "params.yaml", [
         "speed.layouts.tp2={tensor_parallel_size: 2}", "speed.precisions=[bf16, fp8]",
         "speed.shapes.moe={config: data/shapes/toy-moe.json, layouts: [tp2, tp2-ep]}",
         "speed.layouts.tp2-ep={tensor_parallel_size: 2, enable_expert_parallel: true}",
         "speed.shapes.toy-llama3.layouts=[tp1, tp2]"]).speed
-    specs = speed.arm_specs(two)
+    specs = speed_arms.arm_specs(two)
     assert list(specs) == ["toy-llama3-bf16-tp1", "toy-llama3-bf16-tp2", "toy-llama3-fp8-tp1", "toy-llama3-fp8-tp2",
                            "moe-bf16-tp2", "moe-bf16-tp2-ep", "moe-fp8-tp2", "moe-fp8-tp2-ep"]
     assert specs["moe-fp8-tp2-ep"] == ("moe", "fp8", "tp2-ep")
@@ -78,7 +78,7 @@ def test_each_arm_server_gets_its_layout_and_one_folder_per_shape_and_precision(
         f"speed.out_dir={tmp_path}", f"speed.shapes.toy-llama3.config={SHAPES / 'toy-llama3.json'}",
         "speed.layouts.tp2={tensor_parallel_size: 2}", "serve.chat.device=cpu",
         "serve.chat.env={KEEP: '1'}"]).speed
-    keys = speed.arms(cfg)
+    keys = speed_arms.arms(cfg)
     tp1, tp2 = keys["toy-llama3-bf16-tp1"], keys["toy-llama3-bf16-tp2"]
     assert tp1["tensor_parallel_size"] == 1 and tp2["tensor_parallel_size"] == 2
     assert tp1["model_dir"] == tp2["model_dir"] and tp2["load_format"] == "dummy"
@@ -87,7 +87,7 @@ def test_each_arm_server_gets_its_layout_and_one_folder_per_shape_and_precision(
     from workbench.loadtest.arms import server_config
     from workbench.serve import build_command
 
-    server = server_config(speed.run_config(cfg, keys, "concurrency"), "toy-llama3-bf16-tp2")
+    server = server_config(speed_arms.run_config(cfg, keys, "concurrency"), "toy-llama3-bf16-tp2")
     assert "--tensor-parallel-size 2" in " ".join(build_command(server, 8000, "cpu"))
 
 
@@ -105,7 +105,7 @@ def test_expert_parallel_on_vllm_cpu_is_refused_by_name_before_any_server(tmp_pa
         f"speed.shapes.moe={{config: {SHAPES / 'toy-moe.json'}}}",
         "speed.layouts.tp2-ep={tensor_parallel_size: 2, enable_expert_parallel: true}"]).speed
     with pytest.raises(layouts.LayoutError, match=r"speed\.layouts\.tp2-ep\.enable_expert_parallel: vLLM-CPU"):
-        speed.arms(cfg)
+        speed_arms.arms(cfg)
     assert not list(tmp_path.iterdir())  # nothing built
 
 
@@ -118,8 +118,8 @@ def test_cpu_bind_gives_each_rank_its_own_cpus_or_reuses_them_in_turn():
 def test_knee_arms_that_are_not_arms_are_named():
     cfg = load_params(ROOT / "params.yaml", ["speed.knee_arms=[nope]"]).speed
     with pytest.raises(ValueError, match=r"speed.knee_arms \['nope'\]"):
-        speed.knee_arms(cfg, ["toy-llama3-bf16"])
-    assert speed.knee_arms(cfg.model_copy(update={"knee_arms": None}), ["a", "b"]) == ["a"]
+        speed_arms.knee_arms(cfg, ["toy-llama3-bf16"])
+    assert speed_arms.knee_arms(cfg.model_copy(update={"knee_arms": None}), ["a", "b"]) == ["a"]
 
 
 def test_tp_divides_the_decode_floor_and_pp_does_not_for_one_sequence():
@@ -164,11 +164,11 @@ def test_roofline_rows_read_each_arms_layout_and_mark_one_vllm_did_not_start_in_
             "server": {"log": str(log)}, "step_metrics": {"conc_1": {"server_running_mean": 1.0}}},
             metrics={"conc_1.requests": 8, "conc_1.tpot_ms_p50": 10.0}), paths[arm])
     conc = Report(stage="speed", variant="all", config={}, details={"reports": {a: str(p) for a, p in paths.items()}})
-    rows = {r["arm"]: r for r in speed.roofline_rows(cfg, conc, H100)}
+    rows = {r["arm"]: r for r in speed_tables.roofline_rows(cfg, conc, H100)}
     assert {r["precision"] for r in rows.values()} == {"bf16"} and rows["toy-llama3-bf16-tp2"]["gpus"] == 2
     assert rows["toy-llama3-bf16-tp2"]["tpot_floor_ms"] == pytest.approx(rows["toy-llama3-bf16-tp1"]["tpot_floor_ms"] / 2)
     assert rows["toy-llama3-bf16-tp1"]["layout_as_asked"] is True and rows["toy-llama3-bf16-tp2"]["layout_as_asked"] is False
-    table = speed.tables_markdown(list(rows.values()), H100, None)
+    table = speed_tables.tables_markdown(list(rows.values()), H100, None)
     assert table.count("NOT IN ITS LAYOUT") == 1 and "toy-llama3-bf16-tp2: layout tp2 on 2 GPU(s)" in table
 
 
@@ -182,10 +182,10 @@ def test_the_multi_gpu_profiles_merge_over_params_and_their_layouts_fit(tmp_path
     for name, gpus in (("params-gpu-multi.yaml", 2), ("params-gpu-multi4.yaml", 4)):
         assert overlay.main([f"pipelines/gpu/{name}", "--params", str(params)]) == 0
         cfg = load_params(params).speed
-        specs = speed.arm_specs(cfg)
+        specs = speed_arms.arm_specs(cfg)
         assert max(cfg.layouts[lname].gpus for _, _, lname in specs.values()) == 2
         assert {"llama-3.1-8b-bf16-tp1", "llama-3.1-8b-bf16-tp2", "qwen-moe-bf16-tp2", "qwen-moe-bf16-tp2-ep"} <= set(specs)
-        assert speed.knee_arms(cfg, list(specs)) == ["llama-3.1-8b-bf16-tp1", "llama-3.1-8b-bf16-tp2"]
+        assert speed_arms.knee_arms(cfg, list(specs)) == ["llama-3.1-8b-bf16-tp1", "llama-3.1-8b-bf16-tp2"]
         assert cfg.shard_arm in specs and cfg.layouts[specs[cfg.shard_arm][2]].pipeline_parallel_size == 1
         devices = {d for lay in cfg.layouts.values() if lay.devices for d in lay.devices.split(",")}
         assert max(map(int, devices), default=1) + 1 <= gpus  # every GPU a layout names exists on that host
@@ -202,7 +202,7 @@ def _started_in(arm: str) -> tuple[str, dict]:
     from workbench.reports import read_report
 
     server = read_report(f"reports/speed/concurrency/{arm}.json").details["server"]
-    return server["command"], speed.server_layout(server["log"])
+    return server["command"], speed_tables.server_layout(server["log"])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from workbench import evaluate, loadtest, report as report_stage
+from workbench import evaluate, loadtest, report as report_stage, report_arms
 from workbench.config import LoadtestConfig, ReportConfig, WorkloadConfig
 from workbench.net import free_port, stop, wait_http_ok
 from workbench.quantize.details import QuantizeDetails
@@ -42,8 +42,8 @@ def write_eval(variant: str, scale: float, correct: int, noise_seed: int) -> Non
     mcq = [{"doc_id": i, "acc": float(i < correct)} for i in range(30)]
     docs = [{"doc_id": i, "word_perplexity": [float(BASE_LL[i] * (scale + jitter[i])), float(WORDS[i])]}
             for i in range(25)]
-    evaluate.stage._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
-    evaluate.stage._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
+    evaluate.results._save_samples({"samples": {"wb_mmlu_astronomy": mcq}}, samples / "mmlu.jsonl")
+    evaluate.results._save_samples({"samples": {"wb_perplexity": docs}}, samples / "perplexity.jsonl")
     ll, w = zip(*(d["word_perplexity"] for d in docs))
     write_report(Report(stage="evaluate", variant=variant, config={}, outputs={"samples": str(samples)},
                         metrics={"mmlu_acc": correct / 30, "ppl_word": float(np.exp(-sum(ll) / sum(w)))}))
@@ -293,7 +293,7 @@ def test_report_prices_each_arm_and_cost_breaks_the_tie_the_tests_left(in_tmp, m
 def test_a_knee_searchs_sustained_rate_is_its_bracket():
     """sustained_rate read the knee as a dict and named KneeResult without importing it: every
     arm report with a knee (results/gpu-2) raised NameError. It reads the typed details now."""
-    est = report_stage.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
+    est = report_arms.sustained_rate(read_report(ROOT / "results/gpu-2/loadtest/base.json"))
     assert (est.value, est.lo, est.method) == (200.0, 200.0, "knee search bracket")
     assert est.hi == pytest.approx(282.842712474619)
 

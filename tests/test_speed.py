@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import roofline, shapes, speed
+from workbench import roofline, shapes, speed, speed_arms, speed_tables
 from workbench.config import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_unknown_precision_and_speed_loadtest_keys_are_named():
 def test_speed_runs_inherit_the_load_test_with_their_own_keys_over_it():
     p = load_params(ROOT / "params.yaml", ["speed.loadtest.repeats=5", "loadtest.seed=7"])
     assert p.speed.resolved.repeats == 5 and p.speed.resolved.seed == 7
-    cfg = speed.run_config(p.speed, {"a-bf16": {"model_dir": "x", "served_name": "a-bf16"}}, "concurrency",
+    cfg = speed_arms.run_config(p.speed, {"a-bf16": {"model_dir": "x", "served_name": "a-bf16"}}, "concurrency",
                            mode="concurrency")
     assert cfg.variants == ["a-bf16"] and cfg.out_dir.endswith("/concurrency") and not cfg.gateway_arms
 
@@ -142,11 +142,11 @@ def test_an_arm_vllm_did_not_quantize_is_flagged_from_its_log(tmp_path):
     # seen on an H100 with vLLM 0.26: a GPTQ config read as auto_gptq, 15.0 GiB of 16-bit weights loaded
     log = tmp_path / "vllm.log"
     log.write_text("INFO [gpu_model_runner.py] Model loading took 15.0 GiB memory and 3.1 seconds\n")
-    assert speed.server_facts(str(log)) == {"loaded_gib": 15.0, "kernels": []}
+    assert speed_tables.server_facts(str(log)) == {"loaded_gib": 15.0, "kernels": []}
     log.write_text("INFO Using MacheteLinearKernel for AutoAWQMarlinLinearMethod\nModel loading took 5.49 GiB\n")
-    assert speed.server_facts(str(log)) == {"loaded_gib": 5.49,
+    assert speed_tables.server_facts(str(log)) == {"loaded_gib": 5.49,
                                             "kernels": ["MacheteLinearKernel (AutoAWQMarlinLinearMethod)"]}
-    assert speed.server_facts(None) == {"loaded_gib": None, "kernels": []}
+    assert speed_tables.server_facts(None) == {"loaded_gib": None, "kernels": []}
 
 
 def test_the_roofline_gpu_is_the_one_the_reports_provenance_names(monkeypatch):

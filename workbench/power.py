@@ -19,7 +19,8 @@ import numpy as np
 
 from workbench import stats
 from workbench.config import ReportConfig
-from workbench.recommend import Candidate, _page, quality_alpha
+from workbench.recommend import Candidate, quality_alpha
+from workbench.recommend_evidence import _page
 
 # The effect sizes the report speaks of: a 5-point accuracy difference (issue 28's example; the
 # size of a clearly worse quantization on MMLU) and perplexity changes of 2 % and 5 % (4-bit

@@ -21,16 +21,18 @@ a paired bootstrap over source pages of the word perplexity change) read from bo
 Those records go to runs/evaluate/<variant>/<suite>.jsonl; ``question_records`` and
 ``document_records`` read them back for other stages.
 
-The package: ``stage`` (``run(cfg)``, parsing, comparison, notebook tables), ``sets`` (suites as
+The package: ``stage`` (``run(cfg)``, notebook tables), ``results`` (lm-eval's output parsed, the
+per-sample records, intervals, the comparison with the baseline), ``sets`` (suites as
 lm-eval tasks over local files), ``backends`` (the registry of how lm-eval reaches the model) and
 ``lmeval_vllm`` (lm-eval's in-process vLLM model, one forward pass per question).
 """
 
 from workbench.evaluate.backends import BACKENDS, Backend
-from workbench.evaluate.stage import (
-    PPL_METRICS, SAME_DATA_KEYS, STAGE, FallbackFailed, accuracy_intervals, compare, document_records,
-    lm_eval_env, paired, parse_mcq, parse_perplexity, question_records, run, subject_table, summary,
+from workbench.evaluate.results import (
+    PPL_METRICS, SAME_DATA_KEYS, accuracy_intervals, compare, document_records, paired, parse_mcq, parse_perplexity,
+    question_records,
 )
+from workbench.evaluate.stage import STAGE, FallbackFailed, lm_eval_env, run, subject_table, summary
 
 __all__ = ["BACKENDS", "Backend", "FallbackFailed", "PPL_METRICS", "SAME_DATA_KEYS", "STAGE",
            "accuracy_intervals", "compare", "document_records", "lm_eval_env", "paired", "parse_mcq",

@@ -11,7 +11,7 @@ examples as earlier turns, ``evaluate.chat.system_instruction`` first); the task
 generative variants (``workbench.evaluate.sets.generative_task``), the answer letter read from the
 reply by a regex, and a reply without one recorded as ``[invalid]``: wrong, and counted
 (``extraction_failures``). Question ids equal the log-likelihood tasks', so per-question records
-pair with any other arm's (``stage.paired``: exact McNemar).
+pair with any other arm's (``results.paired``: exact McNemar).
 
 Perplexity needs prompt log-probabilities (``/v1/completions`` with ``echo``) and the model's
 tokenizer (a local ``model_dir``): ``prompt_logprobs_unavailable`` asks the endpoint once, and
