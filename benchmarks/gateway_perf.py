@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,6 +71,8 @@ def samples(data: Path, pid: int) -> tuple[Counter, Counter, Counter]:
         by_layer[layer(dso)] += 1
         by_sym[f"{sym.split('+')[0][:60]} [{Path(dso).name}]"] += 1
         by_thread[thread] += 1
+        if not thread.startswith("main"):
+            by_thread[f"  {thread[:13]}: {layer(dso)}"] += 1
     return by_layer, by_sym, by_thread
 
 
@@ -110,6 +113,8 @@ def main() -> None:
     p.add_argument("--code", default=str(ROOT))
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                   help="override a gateway config key, e.g. audit.batch_wait_s=0.05")
     p.add_argument("--py-spy", default=None, help="sample with this py-spy binary instead of perf (Python frames)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -118,6 +123,13 @@ def main() -> None:
             output_tokens=max(16, a.tokens), itl_ms=a.itl_ms) as fake:
         tmp, port = Path(tmp), free_port()
         cfg = gateway_config(fake.base_url, tmp, port, "perf")
+        if a.set:
+            doc = yaml.safe_load(cfg.read_text())
+            for item in a.set:
+                key, _, value = item.partition("=")
+                section, _, name = key.partition(".")
+                doc.setdefault(section, {})[name] = yaml.safe_load(value)
+            cfg.write_text(yaml.safe_dump(doc))
         with GatewayProc(cfg, port, Path(a.code)) as gw:
             pid = gw.proc.pid
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
