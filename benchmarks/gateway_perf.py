@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--itl-ms", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--freq", type=int, default=2000, help="samples per second per CPU")
+    p.add_argument("--freq", type=int, default=2000, help="samples per second per CPU (0: no sampler, CPU time only)")
     p.add_argument("--code", default=str(ROOT))
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default=None)
@@ -139,7 +139,7 @@ def main() -> None:
             cmd = ([a.py_spy, "record", "-r", str(a.freq), "-f", "raw", "--nonblocking", "--threads", "-p",
                     str(pid), "-o", str(data)] if a.py_spy else
                    ["perf", "record", "-q", "-F", str(a.freq), "-e", "cpu-clock", "-g", "-p", str(pid), "-o", str(data)])
-            rec = subprocess.Popen(cmd,
+            rec = subprocess.Popen(cmd if a.freq else ["sleep", "600"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
             c0 = cpu_s(gw.ps)
@@ -147,7 +147,8 @@ def main() -> None:
             cpu = cpu_s(gw.ps) - c0
             rec.send_signal(2)
             rec.wait(60)
-        by_layer, by_sym, by_thread = pyspy_stacks(data) if a.py_spy else samples(data, pid)
+        by_layer, by_sym, by_thread = (Counter(), Counter(), Counter()) if not a.freq else \
+            pyspy_stacks(data) if a.py_spy else samples(data, pid)
     n = sum(by_layer.values()) or 1
     unit, per = ("event", a.requests * a.tokens) if stream else ("request", a.requests)
     us = cpu / per * 1e6
