@@ -8,6 +8,8 @@ does neither, but sees Python only as libpython (3.11 has no perf trampolines).
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_perf.py --kind plain --requests 4000
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_perf.py --kind stream --tokens 64 --requests 600
     flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_perf.py --code DIR   # another checkout
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_perf.py --py-spy PATH/py-spy  # Python frames
+    flock /tmp/wb-heavy.lock .venv/bin/python benchmarks/gateway_perf.py --freq 0 --set audit.batch_wait_s=0.05
 
 Needs ``perf`` on PATH and permission to sample the process (root or perf_event_paranoid <= 1).
 """
