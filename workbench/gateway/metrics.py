@@ -1,10 +1,14 @@
 """The gateway's Prometheus metrics, in a registry of its own (one per app, so tests can run
-several gateways in one process). Names carry units, as Prometheus' naming guide asks."""
+several gateways in one process). Names carry units, as Prometheus' naming guide asks. The
+per-request ones are loopmetrics' lock-free counters and histograms (updated on the event
+loop's thread only), exposed through this registry like prometheus_client's own."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from workbench.gateway.loopmetrics import LoopCounter as Counter, LoopHistogram as Histogram
 
 # Sub-millisecond buckets too: the gateway's own overhead is measured in them.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0,

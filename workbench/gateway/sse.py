@@ -1,12 +1,12 @@
 """Relaying an upstream SSE stream: usage capture, output filtering, optional gzip.
 
-The app reads whatever bytes arrive, cuts them at the last blank line
-(``workbench.sse.EventSplitter``, the splitter the load generator uses too: SSE lines end in LF,
-CRLF or CR; vLLM uses LF, and CR / CRLF are turned into LF so every event is cut out, filtered and
-sent as soon as it is complete), and hands the complete events to ``StreamRelay.process`` at once, so an event never waits for the next one. Without output
-filtering or moderation the bytes pass unchanged and only events mentioning ``"usage"`` are
-parsed. Either way the relay counts the events that carry generated text (``streamed``), so a
-stream the client drops still has a token count to charge and audit.
+The app reads whatever bytes arrive, cuts them at the last blank line (``workbench.sse.EventSplitter``,
+the load generator's too: SSE lines end in LF, CRLF or CR; vLLM uses LF; CR / CRLF become LF so
+each event is cut out, filtered and sent once complete) and hands the complete events to
+``StreamRelay.process`` at once: an event never waits for the next. Without output filtering or
+moderation the bytes pass unchanged and only events mentioning ``"usage"`` are parsed. Either way
+the relay counts the events that carry generated text (``streamed``), so a stream the client
+drops still has a token count to charge and audit.
 
 Every text field of a choice is filtered: ``content``, ``reasoning_content`` / ``reasoning``,
 ``refusal`` and ``tool_calls[].function.arguments`` (one ``StreamFilter`` each), and ``text``
@@ -28,11 +28,9 @@ from workbench.sse import EventSplitter, event_data  # the one SSE parser; Event
 
 try:
     import orjson
-
     loads, dumps = orjson.loads, orjson.dumps
 except ImportError:  # pragma: no cover
     import json
-
     loads = json.loads
 
     def dumps(obj) -> bytes:
@@ -87,9 +85,7 @@ def _inject(holder: dict, name: tuple, text: str) -> None:
 
 def _with_logprobs(lp: dict, released: dict[str, list], chat: bool) -> dict:
     """A choice's logprobs holding only the released (filtered) entries of each field."""
-    if chat:
-        return {**lp, **released}
-    return {**lp, **completion_logprobs(released.get("text", []))}
+    return {**lp, **released} if chat else {**lp, **completion_logprobs(released.get("text", []))}
 
 
 def error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -102,7 +98,9 @@ class GzipStream:
     __slots__ = ("z",)
 
     def __init__(self):
-        self.z = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip header + trailer
+        # gzip, 4 KiB window (events repeat a ~200-byte skeleton), memLevel 4, level 1: 16 streams'
+        # states fit the cache; a 220-byte event -> ~15 B in 1.95 us, not 3.38 with (6, 31, 8)
+        self.z = zlib.compressobj(1, zlib.DEFLATED, 16 + 12, 4)
 
     def chunk(self, data: bytes) -> bytes:
         return self.z.compress(data) + self.z.flush(zlib.Z_SYNC_FLUSH)
@@ -121,8 +119,8 @@ class StreamRelay:
         self.filter = word_filter if word_filter and word_filter.size else None
         self.block = block
         self.strip_usage = strip_usage  # the client did not ask for usage; we did, to count tokens
-        self.collect = collect
         self.parse_all = bool(self.filter) or collect
+        self.collect = collect
         self.streams: dict[tuple, StreamFilter] = {}  # (choice index, field name...) -> filter
         self.guards: dict[tuple, LogprobGuard] = {}  # the same keys: logprobs of that field
         self.texts: list[str] = []
@@ -132,8 +130,7 @@ class StreamRelay:
         self.streamed = 0  # events passed on that carried generated text (~ completion tokens)
         self._template: dict | None = None
         self._fast: dict[tuple[bytes, bytes], StreamFilter] = {}  # _passes: (index, key) as bytes -> filter
-        # _passes: (bytes before the text value, bytes after it, its filter) of the last event
-        # that passed the full check; vLLM's events of one stream differ only in that value
+        # _passes: (bytes before the text, after it, its filter) of the last fully checked event
         self._skeleton: tuple[bytes, bytes, StreamFilter] | None = None
 
     @property
@@ -165,12 +162,11 @@ class StreamRelay:
         return b"".join(out)
 
     def _passes(self, ev: bytes) -> bool:
-        """The common event, relayed as its bytes without a JSON round trip: one choice, one
-        plain text value (ASCII, no escapes), nothing else to filter or count (no finish_reason,
-        logprobs, tool calls or usage), and text the filter lets through whole right now
-        (``StreamFilter.passes``). Anything else takes ``_event``. ~5 us instead of ~15; ~1.5 us
-        for an event that is the last passed one with another value (no quote or backslash
-        in it, so every check above reads the same: they all hinge on quoted keys)."""
+        """The common event, relayed as its bytes without a JSON round trip: one choice, one plain
+        text value (ASCII, no escapes), nothing else to filter or count (no finish_reason, logprobs,
+        tool calls or usage), text the filter lets through whole now (``StreamFilter.passes``);
+        else ``_event``. ~5 us, not ~15; ~1.5 us for the last passed event with another value (no
+        quote or backslash in it: every check reads the same, as they all hinge on quoted keys)."""
         sk = self._skeleton
         if sk is not None:
             pre, post, sf = sk
