@@ -319,7 +319,7 @@ def test_gzip_stream_decodes_to_the_same_events_and_arrives_incrementally(tmp_pa
     (b"gzip;q=0", False), (b"gzip; q=0.000, identity", False), (b"gzip;q=nope", False),
     (b"gzipped", False), (b"identity", False), (b"", False)])
 def test_accept_encoding_q_values_decide_gzip(value, want):
-    from workbench.gateway.app import accepts_gzip
+    from workbench.gateway.intake import accepts_gzip
 
     assert accepts_gzip(value) is want
 

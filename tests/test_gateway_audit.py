@@ -26,7 +26,8 @@ from gateway_helpers import AUTH, KEY, METRICS_AUTH, METRICS_KEY, ROOT, WORD_LIS
 from workbench.cli import main as workbench
 from workbench.net import free_port as _free_port
 from workbench.gateway.app import Gateway
-from workbench.gateway.audit import COLUMNS, SCHEMA, AuditLog, export_jsonl, prune
+from workbench.gateway.audit import AuditLog
+from workbench.gateway.auditdb import COLUMNS, SCHEMA, export_jsonl, prune
 from workbench.gateway.config import load_config
 from workbench.gateway.keys import KeyStore, hash_key
 from workbench.gateway.process import GatewayProcess

@@ -167,7 +167,7 @@ def _audit_db(cfg) -> bool:
 
 
 def _prune(args) -> int:
-    from workbench.gateway.audit import prune
+    from workbench.gateway.auditdb import prune
 
     cfg = _cfg(args)
     if not _audit_db(cfg):
@@ -191,7 +191,7 @@ def _since(text: str) -> float:
 
 
 def _export(args) -> int:
-    from workbench.gateway.audit import export_jsonl
+    from workbench.gateway.auditdb import export_jsonl
 
     cfg = _cfg(args)
     if not _audit_db(cfg):

@@ -50,7 +50,7 @@ def serve_workers(cfg: GatewayConfig, config_factory) -> None:
     except redis.exceptions.RedisError as err:
         raise GatewayConfigError(f"limits.backend redis: cannot reach {cfg.limits.redis_url}: {err}") from None
     if cfg.audit.enabled:  # the database made (and put in WAL mode) once, before the workers open it
-        from workbench.gateway.audit import check
+        from workbench.gateway.auditdb import check
 
         check(cfg.audit)  # N first opens at once: one can find it locked while another sets it up
     os.environ[ENV] = cfg.model_dump_json()
