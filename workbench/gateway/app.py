@@ -57,7 +57,6 @@ class Gateway(Intake, Replies, Checks):
             log.warning("gateway has no API keys: every request but /health gets 401 "
                         "(add one: workbench gateway add-key ID)")
         self.metrics = metrics or Metrics()
-        self._children: dict[tuple, object] = {}  # see _child
         self.validators = compile_validators()
         f = cfg.filter
         self.filter = WordFilter.from_files(f.word_lists, f.mask, f.cjk_ignore_spaces) if f.enabled else None
@@ -68,9 +67,9 @@ class Gateway(Intake, Replies, Checks):
         # its buckets unevenly, which skews a recorded quantile toward the next bucket up.
         for route, kind in ROUTES.items():
             for model in self.routes:
-                self._child(self.metrics.latency, route, model)
+                self.metrics.latency.labels(route, model)
                 if kind != "embeddings":  # no first token there
-                    self._child(self.metrics.ttft, route, model)
+                    self.metrics.ttft.labels(route, model)
         self.upstreams = Upstreams(cfg, self.metrics, self.routes)
         self.counters = {name: self._counter(name, u.tokenizer) for name, u in cfg.upstreams.items()}
         self.policy = build_policy(cfg.moderation, self.upstreams.chat)
@@ -224,7 +223,7 @@ class Gateway(Intake, Replies, Checks):
                 strip_usage = changed = True
         if changed:
             body = dumps(req)
-        self._child(self.metrics.overhead, route).observe(time.perf_counter() - ctx.t0)
+        self.metrics.overhead.labels(route).observe(time.perf_counter() - ctx.t0)
 
         # A client that goes away cancels the request (and so its upstream call: vLLM aborts it).
         # Our HTTP layer calls a hook on the scope (http.ON_GONE); under another server a task
@@ -300,15 +299,6 @@ class Gateway(Intake, Replies, Checks):
                 return
 
     # ---- after every request -------------------------------------------------------------
-    def _child(self, metric, *labels):
-        """``metric.labels(*labels)``, cached: prometheus_client's labels() costs ~5 us a call,
-        and a request makes six (benchmarks/gateway_cpu.py). Bounded: routes x models x statuses."""
-        try:
-            return self._children[metric, labels]
-        except KeyError:
-            child = self._children[metric, labels] = metric.labels(*labels)
-            return child
-
     def _finish(self, ctx: Ctx) -> None:
         latency = time.perf_counter() - ctx.t0
         if ctx.relay is not None:
@@ -324,15 +314,15 @@ class Gateway(Intake, Replies, Checks):
             self._settle(ctx.charged, settle(ctx))
         route = ctx.path if ctx.path in ROUTES or ctx.path in OTHER else "other"
         model = ctx.model if ctx.model in self.routes else ""  # no label per unknown model name
-        m, c = self.metrics, self._child
-        c(m.requests, route, model, str(ctx.status)).inc()
-        c(m.latency, route, model).observe(latency)
+        m = self.metrics
+        m.requests.labels(route, model, str(ctx.status)).inc()
+        m.latency.labels(route, model).observe(latency)
         if ctx.ttft_s is not None:
-            c(m.ttft, route, model).observe(ctx.ttft_s)
+            m.ttft.labels(route, model).observe(ctx.ttft_s)
         if ctx.prompt_tokens:
-            c(m.tokens, model, "prompt").inc(ctx.prompt_tokens)
+            m.tokens.labels(model, "prompt").inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
-            c(m.tokens, model, "completion").inc(ctx.completion_tokens)
+            m.tokens.labels(model, "completion").inc(ctx.completion_tokens)
 
 
 def create_app(cfg: GatewayConfig) -> Gateway:

@@ -134,7 +134,7 @@ class Checks:
             verdict = await self.policy.check(text, stage)
         except Exception as err:  # the classifier is down or slow: on_error decides
             verdict = Verdict(self.cfg.moderation.on_error == "block", error=f"{type(err).__name__}: {err}")
-        self._child(self.metrics.moderation_latency, name, stage).observe(time.perf_counter() - t0)
+        self.metrics.moderation_latency.labels(name, stage).observe(time.perf_counter() - t0)
         ctx.moderation.append(f"{stage}:{verdict.label()}")
         if verdict.flagged:
             self.metrics.moderation_blocks.labels(name, stage).inc()
