@@ -96,6 +96,7 @@ def test_gpu_names_map_to_the_table_and_unknown_ones_to_none():
     assert roofline.gpu("NVIDIA H100 80GB HBM3").bandwidth_bytes_per_s == 3.35e12
     assert roofline.gpu("Tesla T4") is None
     assert roofline.fraction(4.5, 9.0) == 0.5 and roofline.fraction(4.5, None) is None
+    assert roofline.fraction(4.5, 0.0) is None  # tokens seen coalesced: TPOT 0 is no measurement
 
 
 def test_unknown_precision_and_speed_loadtest_keys_are_named():
