@@ -211,3 +211,15 @@ def test_utilization_mean_comes_with_its_interval_and_sample_count():
     out = probe.stop()
     assert out["gpu_util_samples"] == 4 and out["gpu_util_pct_mean"] == pytest.approx(50.0)
     assert out["gpu_util_pct_mean_ci_lo"] < 50.0 < out["gpu_util_pct_mean_ci_hi"]
+
+
+def test_tpot_of_a_reply_coalesced_into_its_first_chunk_is_unobserved_not_zero():
+    # 8 tokens, all in the first token's chunk: no decode was seen, so no TPOT (not 0 ms).
+    coalesced = rec(send=0.0, chunks=(0.2,), tokens=8, content=1)
+    assert m.tpot_s(coalesced) is None
+    assert m.is_good(coalesced, SLOConfig(ttft_ms=300, e2el_ms=None, tpot_ms=1))  # as vLLM: no TPOT to fail
+    seen = rec(1, send=0.0, chunks=(0.1, 0.5), tokens=5)
+    out = m.step_metrics([coalesced, seen], 1.0, SLOConfig())
+    assert out["tpot_ms_p50"] == pytest.approx(100.0)  # the seen one alone
+    from workbench.loadgen.summary import columns
+    assert columns([coalesced, seen], SLOConfig()).tpot_ms.tolist() == pytest.approx([100.0])

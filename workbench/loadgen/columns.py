@@ -84,7 +84,7 @@ def columns(records: list[Record], slo: SLOConfig) -> Columns:
     gaps = np.delete(gaps, bounds[(bounds >= 0) & (bounds < gaps.size)])
     ttft, e2el = first - send, last - send
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(ntok > 1, (e2el - ttft) / (ntok - 1), nan)
+        tpot = np.where((ntok > 1) & (last != first), (e2el - ttft) / (ntok - 1), nan)  # see metrics.tpot_s
     # goodput: every set SLO holds; a non-streamed reply shows its first token at its end
     slo_ttft = np.where(streamed, ttft, e2el)
     good = np.ones(k, bool)

@@ -53,9 +53,11 @@ def output_tokens(r: Record) -> int:
 
 
 def tpot_s(r: Record) -> float | None:
-    """(E2EL - TTFT) / (output_tokens - 1); None for one-token replies and non-streamed ones."""
+    """(E2EL - TTFT) / (output_tokens - 1); None for one-token replies and non-streamed ones, and
+    for a streamed reply whose tokens all came in the first token's chunk (coalesced by a proxy or
+    a loaded host): its decode was not seen, and 0 would pull every TPOT figure down."""
     n, ttft, e2el = output_tokens(r), ttft_s(r), e2el_s(r)
-    if n <= 1 or ttft is None or e2el is None:
+    if n <= 1 or ttft is None or e2el is None or (r.chunk_s and r.chunk_s[-1] == r.first_token_s):
         return None
     return (e2el - ttft) / (n - 1)
 
