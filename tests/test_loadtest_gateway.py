@@ -150,3 +150,54 @@ def test_a_misspelled_gateway_override_is_named_before_any_step(in_tmp, monkeypa
                          repeats=1, scrape_metrics=False, gateway_overrides={"worker": 2})
     with pytest.raises(ServerError, match=r"gateway_overrides \{'worker': 2\}.*worker"):
         loadtest.run(cfg)
+
+
+def test_the_gateway_arm_sends_the_direct_arms_prompts_without_hitting_its_prefix_cache(in_tmp, monkeypatch):
+    # Both arms send the same prompts to one server; each salts its prefix cache with its own name
+    # (vLLM's cache_salt, relayed by the gateway), so the second arm's prefills are not free.
+    fakes = {"a": FakeServer(ttft_ms=5, itl_ms=1, output_tokens=4, model="fake")}
+    fake_endpoints(monkeypatch, fakes)
+    cfg = LoadtestConfig(window="schedule", model="fake", variants=["a"], gateway_arms=["a"], rates=[20],
+                         requests_per_step=6, warmup_requests=1, repeats=1, scrape_metrics=False)
+    loadtest.run(cfg)
+    fake = fakes["a"].fake
+    assert fake.requests == 2 * 7 and fake.prefix_queries > 0
+    assert fake.prefix_hits == 0
+
+
+def test_an_arms_cache_salt_is_one_vllm_accepts_and_an_unsalted_payload_has_none():
+    from workbench.loadgen.client import Target, build_payload
+    from workbench.loadgen.workloads import RequestSpec
+    from workbench.loadtest.arms import cache_salt
+
+    salt = cache_salt("a@gateway")  # vLLM refuses '@' and '/' in a salt: a digest of the name
+    assert salt != cache_salt("a") and not set(salt) & set("@/\\\0") and 0 < len(salt) <= 128
+    spec = RequestSpec(prompt="hi", max_tokens=2, prompt_tokens_est=1)
+    assert "cache_salt" not in json.loads(build_payload(Target("http://x/v1", "m"), spec))
+    assert json.loads(build_payload(Target("http://x/v1", "m", cache_salt=salt), spec))["cache_salt"] == salt
+
+
+def test_table_6_2_lists_every_probe_of_both_arms_beside_its_decode_floor_and_the_gateways_share(in_tmp):
+    from workbench import roofline
+    from workbench.speed_tables import knee_markdown
+
+    shutil.copytree(ROOT / "data/shapes", in_tmp / "data/shapes")
+    arm = "toy-llama3-bf16"  # the speed stage's name for params.yaml's shape in bf16
+    with FakeServer(ttft_ms=10, itl_ms=1, output_tokens=4, model="fake", max_running=1) as fake:
+        cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
+                             warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=[arm],
+                             slo=SLOConfig(ttft_ms=60, e2el_ms=None, ttft_percentile=50, min_goodput=0.5),
+                             knee=KneeConfig(start_req_per_s=10, tolerance=0.3, max_probes=4),
+                             steady_state=SteadyStateConfig(min_requests=8))
+        loadtest.run(cfg, variant=arm)
+    compared = read_report(in_tmp / "reports/loadtest/all.json")
+    md = knee_markdown(load_params(ROOT / "params.yaml").speed, compared, roofline.gpu("NVIDIA H100 80GB HBM3"))
+    rows = [line for line in md.splitlines() if line.startswith(f"| {arm}")]
+    steps = {a: len(read_report(in_tmp / f"reports/loadtest/{a}.json").details["steps"]) for a in (arm, arm + "@gateway")}
+    assert len(rows) == sum(steps.values()) and all(steps.values())
+    assert sum(r.startswith(f"| {arm}@gateway |") for r in rows) == steps[arm + "@gateway"]
+    for r in rows:  # each probe: its decode floor and fraction, its steady-state and SLO verdicts
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[7] != "n/a (n/a)" and cells[10] in ("steady", "not sustainable", "too short to tell")
+        assert cells[11] in ("pass", "fail", "undecided")
+    assert f"- {arm}: sustained" in md and f"- {arm}@gateway: the gateway's knee over the direct knee" in md

@@ -37,7 +37,7 @@ from workbench.config import LoadtestConfig, SpeedConfig, deep_merge
 from workbench.loadtest.details import ComparedDetails
 from workbench.reports import Details, Report, gpus, write_report
 from workbench.speed_arms import arm_specs, arms, knee_arms, run_config
-from workbench.speed_tables import roofline_rows, shard_markdown, tables_markdown
+from workbench.speed_tables import knee_markdown, roofline_rows, shard_markdown, tables_markdown
 
 log = logging.getLogger(__name__)
 STAGE = "speed"
@@ -165,7 +165,7 @@ def run(cfg: SpeedConfig) -> Report:
     tables = Path(cfg.out_dir) / "tables.md"
     tables.parent.mkdir(parents=True, exist_ok=True)
     tables.write_text(tables_markdown(rows, gpu, {"report": knee["report"]} if knee else None)
-                      + shard_markdown(details.get("shard")))
+                      + (knee_markdown(cfg, kr, gpu) if knee else "") + shard_markdown(details.get("shard")))
     outputs["tables"] = str(tables)
     metrics = {f"{r['arm']}.{r['step']}.tpot_roofline_fraction": r["tpot_roofline_fraction"]
                for r in rows if r.get("tpot_roofline_fraction") is not None}

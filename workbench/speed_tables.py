@@ -141,6 +141,55 @@ def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | Non
         lines += ["", f"Knee run: {knee}"]
     return "\n".join(lines) + "\n"
 
+def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) -> str:
+    """Table 6.2 from the knee run: every probe of every arm (repeats apart, as each was judged
+    steady or not), its TTFT, mean latency, TPOT beside the decode floor at the batch vLLM ran, GPU
+    busy share, steady-state verdict and SLO verdict; then each arm's knee and the gateway's share."""
+    from workbench.loadtest.report import read_records
+
+    compared = ComparedDetails.of(report)
+    specs = arm_specs(cfg)
+    lines = ["", "## Table 6.2: the knee search, probe by probe (steady-state steps)", "",
+             "| arm | offered req/s | achieved req/s | TTFT p50 ms | TTFT p99 ms | mean E2E ms | TPOT p50 ms "
+             "| decode floor ms (of roofline) | running (mean) | GPU % | steady state | SLO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    knees = []
+    for arm, path in compared.reports.items():
+        if not Path(path).exists():
+            continue
+        details = ArmDetails.of(read_report(path))
+        shape_name, precision, _ = specs.get(arm.split("@")[0], (None, None, None))
+        shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config)) if shape_name else None
+        for st in sorted(details.steps, key=lambda x: (x.offered_req_per_s, x.repeat)):
+            m = details.step_metrics.get(st.label, {})
+            batch = m.get("server_running_mean") or 1.0
+            tpot, ttft = st.latency["tpot"].p.get("p50"), st.latency["ttft"].p
+            floor = None
+            if gpu is not None and shape is not None and st.records_file and Path(st.records_file).exists():
+                prompt, out = mean_tokens(read_records(st.records_file))
+                floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out / 2)
+            of = roofline.fraction(floor, tpot.value if tpot else None) if floor else None
+            p99 = ttft.get("p99")
+            lines.append(
+                f"| {arm} | {st.offered_req_per_s:.4g} | {_fmt(st.achieved_req_per_s)} "
+                f"| {_ci(ttft['p50'].model_dump()) if ttft.get('p50') else 'n/a'} "
+                f"| {_fmt(p99.value) if p99 else 'n/a'}{'' if not p99 or p99.hi is not None else ' (no upper bound)'} "
+                f"| {_fmt(st.latency['e2el'].mean_ms, '.0f')} | {_ci(tpot.model_dump(), '.2f') if tpot else 'n/a'} "
+                f"| {_fmt(floor, '.2f')} ({_fmt(of, '.2f')}) | {_fmt(batch)} | {_fmt(st.utilization_pct, '.0f')} "
+                f"| {(st.steady_state or {}).get('verdict', 'not judged')} | {st.slo.overall.value} |")
+        if details.knee is not None:
+            k = details.knee
+            probes = ", ".join(f"{p.rate:.4g} {getattr(p.verdict, 'value', p.verdict)}" for p in k.probes)
+            knees.append(f"- {arm}: sustained {_fmt(k.lo)} req/s, failed at {_fmt(k.hi)} "
+                         f"(knee in [{_fmt(k.lo)}, {_fmt(k.hi)}); probes {probes})")
+    for name, g in (compared.gateway or {}).items():
+        r = g.get("sustained_ratio")
+        if r:
+            knees.append(f"- {name}: the gateway's knee over the direct knee {_fmt(r['value'], '.2f')} "
+                         f"[{_fmt(r['lo'], '.2f')}, {_fmt(r['hi'], '.2f')}] ({r['note']})")
+    return "\n".join(lines + ["", "Knees:"] + knees) + "\n"
+
+
 def shard_markdown(shard: dict | None) -> str:
     if not shard:
         return ""

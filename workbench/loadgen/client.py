@@ -77,6 +77,9 @@ class Target:
     stream: bool = True
     api_key: str | None = None
     ignore_eos: bool = False
+    # vLLM's prefix-cache salt: arms on one server (direct and through the gateway) send the same
+    # prompts, and without it the second arm's prefills would hit the first arm's cache
+    cache_salt: str | None = None
 
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -93,6 +96,8 @@ def build_payload(target: Target, spec: RequestSpec) -> bytes:
         body["max_tokens"] = spec.max_tokens
         if target.ignore_eos:
             body["ignore_eos"] = True
+        if target.cache_salt:
+            body["cache_salt"] = target.cache_salt
         if target.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # usage arrives in the last event

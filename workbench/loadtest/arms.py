@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ class Arm:
 def gateway_arm(variant: str) -> str:
     """The name of ``variant``'s gateway arm (its report: reports/loadtest/<variant>@gateway.json)."""
     return variant + GATEWAY_SUFFIX
+
+
+def cache_salt(arm: str) -> str:
+    """The arm's prefix-cache salt: a digest of its name (vLLM refuses '@', '/', '\\' and NUL in a
+    salt, and more than 128 characters)."""
+    return "arm-" + hashlib.sha256(arm.encode()).hexdigest()[:16]
 
 
 def target(cfg: LoadtestConfig, base_url: str, variant: str | None = None) -> Target:
@@ -256,6 +263,11 @@ def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitSt
         # The server's own /metrics, also behind a gateway; a URL arm's is not ours to scrape.
         root_url = None if isinstance(extra, UrlArm) else base_url.removesuffix("/v1")
         tgt = arm_target(cfg, v, base_url)
+        # One prefix cache per arm on our vLLM: a gateway arm sends the direct arm's prompts to its
+        # server (a URL or llama.cpp arm may refuse the field, and shares no server with another).
+        salted = bool(info.get("managed")) and info.get("engine", "vllm") == "vllm"
+        if salted:
+            tgt = dataclasses.replace(tgt, cache_salt=cache_salt(v))
         if cfg.via_gateway:
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model, Path(cfg.out_dir) / v))
             tgt = dataclasses.replace(tgt, base_url=gw_url, api_key=key)
@@ -270,7 +282,8 @@ def open_arms(cfg: LoadtestConfig, variants: list[str], stack: contextlib.ExitSt
             gw_url, key = stack.enter_context(gateway_in_front(cfg, base_url, tgt.model,
                                                                Path(cfg.out_dir) / name, tgt.api_key))
             infos[name] = {**info, "via_gateway": gw_url, "direct_arm": v}
-            arms.append(Arm(name, dataclasses.replace(tgt, base_url=gw_url, api_key=key), root_url,
+            arms.append(Arm(name, dataclasses.replace(tgt, base_url=gw_url, api_key=key,
+                                                      cache_salt=cache_salt(name) if salted else None), root_url,
                             info.get("pid"), cap))
     check_alive(arms, infos)
     return arms, infos, failed

@@ -87,7 +87,7 @@ class Fake:
         self.waiting = 0
         self.prefix_queries = 0  # prompt tokens looked up, as vllm:prefix_cache_queries counts them
         self.prefix_hits = 0
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str | None, str]] = set()
         self._slots: asyncio.Semaphore | None = None
         self.answered = 0  # chat replies taken from opts.answers
 
@@ -161,6 +161,11 @@ class Fake:
         body = _loads(await request.read())
         if self._failing():
             return web.Response(status=503, text='{"error":"fake overload"}', content_type="application/json")
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 128 or set(salt) & set("@/\\\0")):
+            return web.Response(status=400, content_type="application/json",  # vLLM's own check
+                                text='{"error":"Parameter \'cache_salt\' must be at most 128 characters and '
+                                     'must not contain \'@\', \'/\', \'\\\\\', or NUL."}')
         o = self.opts
         n = max(1, min(int(body.get("max_tokens") or body.get("max_completion_tokens") or o.output_tokens),
                        o.output_tokens))
@@ -168,7 +173,7 @@ class Fake:
             str(m.get("content", "")) for m in body.get("messages", ()))
         usage = _usage(max(1, len(str(prompt).split())), n)
         self.prefix_queries += usage["prompt_tokens"]
-        key = str(prompt)
+        key = (salt, str(prompt))  # vLLM: a salted prompt hits only its own salt's cache
         if key in self._seen:
             self.prefix_hits += usage["prompt_tokens"]
         elif len(self._seen) < 100_000:

@@ -8,8 +8,8 @@ Serves /v1/models, /v1/chat/completions and /v1/completions (SSE with ``stream_o
 include_usage`` like vLLM: a role-only first chat chunk, one chunk per token, a finish chunk, a
 usage chunk with ``choices: []``, then ``[DONE]``; or one JSON body), /v1/embeddings, /health and
 a tiny Prometheus /metrics with vLLM's names for the TTFT histogram, the running / waiting /
-KV-cache gauges and the preemption and prefix-cache counters (a prompt seen before counts as
-all hits: a crude prefix cache, enough to tell repeated prompts from unique ones). Every reply has
+KV-cache gauges and the preemption and prefix-cache counters (a prompt seen before with the same
+``cache_salt`` counts as all hits: a crude prefix cache, enough to tell repeated prompts from unique ones). Every reply has
 ``min(max_tokens, output_tokens)`` tokens, or with ``answers`` the next of those texts (non-streamed
 chat). ``--fail-every N`` answers every Nth request with 503; ``api_key`` makes it ask for a key.
 
