@@ -430,4 +430,26 @@ def test_the_knee_profile_over_the_8b_profile_searches_bf16_alone_with_the_whole
         speed_arms.run_config(cfg, arms, "knee", mode="knee", gateway_arms=list(arms)).model_dump(), cfg.knee))
     assert knee.server.extra_args == [] and knee.server.gpu_memory_utilization == 0.9
     assert (knee.slo.ttft_percentile, knee.slo.min_goodput, knee.steady_state.min_requests) == (95, 0.95, 640)
-    assert knee.knee.start_req_per_s == 64 and knee.max_duration_s <= 330
+    assert knee.knee.start_req_per_s == 64 and knee.max_duration_s <= 420  # ~7 of the lease's 30 minutes
+    # an 8B batch's in-flight count levels ~10 s into a probe (run 3a): the warm-up is 8 s, not ~1
+    assert knee.steady_state.min_warmup_s == 8
+
+
+def test_the_quantized_knee_profile_searches_fp8_and_both_4_bit_arms_without_the_gateway(tmp_path):
+    """params-gpu3-knee-quant.yaml over params-gpu3.yaml: three searches, interleaved, each arm with
+    a fixed 12 GiB KV budget, bf16's SLO, warm-up and probe size, no gateway arm."""
+    from workbench import speed_arms
+    from workbench.config import LoadtestConfig
+
+    merged_params(GPU / "params-gpu3.yaml", tmp_path)
+    assert overlay.main([str(GPU / "params-gpu3-knee-quant.yaml"), "--params", str(tmp_path / "params.yaml")]) == 0
+    cfg = load_params(tmp_path / "params.yaml").speed
+    cfg = cfg.model_copy(update={"out_dir": str(tmp_path / "speed")})
+    arms = speed_arms.arms(cfg)
+    searched = speed_arms.knee_arms(cfg, list(arms))
+    assert searched == ["llama-3.1-8b-fp8", "llama-3.1-8b-awq-int4", "llama-3.1-8b-gptq-int4"] == list(arms)
+    knee = LoadtestConfig.model_validate(deep_merge(
+        speed_arms.run_config(cfg, arms, "knee", mode="knee", gateway_arms=searched[:1]).model_dump(), cfg.knee))
+    assert knee.gateway_arms == [] and knee.server.extra_args == ["--kv-cache-memory-bytes", str(12 * 2**30)]
+    assert (knee.slo.ttft_percentile, knee.slo.min_goodput, knee.steady_state.min_requests) == (95, 0.95, 640)
+    assert knee.steady_state.min_warmup_s == 8 and knee.max_duration_s <= 540
