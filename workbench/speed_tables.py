@@ -10,6 +10,7 @@ from pathlib import Path
 
 from workbench import roofline, shapes
 from workbench.config import SpeedConfig
+from workbench.loadtest.arms import GATEWAY_SUFFIX
 from workbench.loadtest.details import ArmDetails, ComparedDetails
 from workbench.reports import Report, read_report
 from workbench.speed_arms import arm_specs
@@ -141,6 +142,7 @@ def tables_markdown(rows: list[dict], gpu: roofline.GPU | None, knee: dict | Non
         lines += ["", f"Knee run: {knee}"]
     return "\n".join(lines) + "\n"
 
+
 def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) -> str:
     """Table 6.2 from the knee run: every probe of every arm (repeats apart, as each was judged
     steady or not), its TTFT, mean latency, TPOT beside the decode floor at the batch vLLM ran, GPU
@@ -149,7 +151,7 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
 
     compared = ComparedDetails.of(report)
     specs = arm_specs(cfg)
-    lines = ["", "## Table 6.2: the knee search, probe by probe (steady-state steps)", "",
+    lines = ["", "## Table 6.2: the knee search, probe by probe, each with its steady-state verdict", "",
              "| arm | offered req/s | achieved req/s | TTFT p50 ms | TTFT p99 ms | mean E2E ms | TPOT p50 ms "
              "| decode floor ms (of roofline) | running (mean) | GPU % | steady state | SLO |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -158,7 +160,7 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
         if not Path(path).exists():
             continue
         details = ArmDetails.of(read_report(path))
-        shape_name, precision, _ = specs.get(arm.split("@")[0], (None, None, None))
+        shape_name, precision, _ = specs.get(arm.removesuffix(GATEWAY_SUFFIX), (None, None, None))
         shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config)) if shape_name else None
         for st in sorted(details.steps, key=lambda x: (x.offered_req_per_s, x.repeat)):
             m = details.step_metrics.get(st.label, {})
