@@ -182,7 +182,7 @@ def test_table_6_2_lists_every_probe_of_both_arms_beside_its_decode_floor_and_th
     from workbench.speed_tables import knee_markdown
 
     shutil.copytree(ROOT / "data/shapes", in_tmp / "data/shapes")
-    arm = "toy-llama3-bf16"  # the speed stage's name for params.yaml's shape in bf16
+    arm = "llama-3.1-8b-bf16"  # the speed stage's name for the 8B shape in bf16 (served here by a fake)
     with FakeServer(ttft_ms=10, itl_ms=1, output_tokens=4, model="fake", max_running=1) as fake:
         cfg = LoadtestConfig(window="schedule", base_url=fake.base_url, model="fake", mode="knee", requests_per_step=20,
                              warmup_requests=0, arrival="constant", scrape_metrics=False, gateway_arms=[arm],
@@ -191,13 +191,31 @@ def test_table_6_2_lists_every_probe_of_both_arms_beside_its_decode_floor_and_th
                              steady_state=SteadyStateConfig(min_requests=8))
         loadtest.run(cfg, variant=arm)
     compared = read_report(in_tmp / "reports/loadtest/all.json")
-    md = knee_markdown(load_params(ROOT / "params.yaml").speed, compared, roofline.gpu("NVIDIA H100 80GB HBM3"))
+    from workbench.config.speed import ShapeConfig
+
+    speed = load_params(ROOT / "params.yaml").speed.model_copy(update={"shapes": {"llama-3.1-8b": ShapeConfig(
+        config="data/shapes/llama-3.1-8b.json", tokenizer="llama3")}})
+    md = knee_markdown(speed, compared, roofline.gpu("NVIDIA H100 80GB HBM3"))
     rows = [line for line in md.splitlines() if line.startswith(f"| {arm}")]
     steps = {a: len(read_report(in_tmp / f"reports/loadtest/{a}.json").details["steps"]) for a in (arm, arm + "@gateway")}
     assert len(rows) == sum(steps.values()) and all(steps.values())
     assert sum(r.startswith(f"| {arm}@gateway |") for r in rows) == steps[arm + "@gateway"]
-    for r in rows:  # each probe: its decode floor and fraction, its steady-state and SLO verdicts
+    from workbench.loadtest.report import read_records
+    from workbench.speed_tables import mean_tokens
+
+    gpu = roofline.gpu("NVIDIA H100 80GB HBM3")
+    shape = roofline.Shape.from_config(roofline.read_json(in_tmp / "data/shapes/llama-3.1-8b.json"))
+    direct = read_report(in_tmp / f"reports/loadtest/{arm}.json")
+    first = min(direct.details["steps"], key=lambda st: (st["offered_req_per_s"], st["repeat"]))
+    prompt, out = mean_tokens(read_records(first["records_file"]))
+    want = roofline.decode_floor_ms(shape, "bf16", gpu, 1.0, prompt + out / 2)  # no scrape: a batch of 1
+    for i, r in enumerate(rows):  # each probe: its floor and fraction, its verdicts, what bound it
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert cells[7] != "n/a (n/a)" and cells[10] in ("steady", "not sustainable", "too short to tell")
-        assert cells[11] in ("pass", "fail", "undecided")
+        floor, frac = cells[7].split(" (")
+        tpot = float(cells[6].split(" [")[0])
+        assert float(frac.rstrip(")")) == pytest.approx(float(floor) / tpot, rel=0.02)  # of 2-decimal cells
+        if i == 0:
+            assert float(floor) == pytest.approx(want, abs=0.005) and want > 4  # 16 GB over 3.35 TB/s
+        assert cells[10] in ("steady", "not sustainable", "too short to tell")
+        assert cells[11] in ("pass", "fail", "undecided") and cells[12] != "n/a"
     assert f"- {arm}: sustained" in md and f"- {arm}@gateway: the gateway's knee over the direct knee" in md

@@ -58,6 +58,14 @@ def mean_tokens(records) -> tuple[float, float]:
     return (sum(r.prompt_tokens or 0 for r in ok) / len(ok), sum(r.completion_tokens or 0 for r in ok) / len(ok))
 
 
+def arm_shape(cfg: SpeedConfig, spec: tuple[str, str, str]) -> tuple[roofline.Shape, roofline.Split]:
+    """An arm's (shape, precision, layout) spec as the roofline's shape and its split over GPUs."""
+    shape_name, _, lname = spec
+    layout = cfg.layouts[lname]
+    return (roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config)),
+            roofline.Split(layout.tensor_parallel_size, layout.pipeline_parallel_size))
+
+
 def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) -> list[dict]:
     """Per arm and step: TPOT and TTFT p50 with their intervals (pooled over repeats, from the
     arm's report) beside their floors at the batch vLLM ran (None without a known GPU)."""
@@ -73,8 +81,7 @@ def roofline_rows(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
         if arm not in specs:
             continue
         shape_name, precision, lname = specs[arm]
-        split = roofline.Split(cfg.layouts[lname].tensor_parallel_size, cfg.layouts[lname].pipeline_parallel_size)
-        shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config))
+        shape, split = arm_shape(cfg, specs[arm])
         flat = arm_report.metrics
         facts = server_facts(arm_details.server.get("log"))
         seen = server_layout(arm_details.server.get("log"))
@@ -153,15 +160,15 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
     specs = arm_specs(cfg)
     lines = ["", "## Table 6.2: the knee search, probe by probe, each with its steady-state verdict", "",
              "| arm | offered req/s | achieved req/s | TTFT p50 ms | TTFT p99 ms | mean E2E ms | TPOT p50 ms "
-             "| decode floor ms (of roofline) | running (mean) | GPU % | steady state | SLO |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode floor ms (of roofline) | running (mean) | GPU % | steady state | SLO | limited by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     knees = []
     for arm, path in compared.reports.items():
         if not Path(path).exists():
             continue
         details = ArmDetails.of(read_report(path))
-        shape_name, precision, _ = specs.get(arm.removesuffix(GATEWAY_SUFFIX), (None, None, None))
-        shape = roofline.Shape.from_config(shapes.read_shape(cfg.shapes[shape_name].config)) if shape_name else None
+        spec = specs.get(arm.removesuffix(GATEWAY_SUFFIX))  # a gateway arm: its direct arm's shape
+        shape, split = arm_shape(cfg, spec) if spec else (None, None)
         for st in sorted(details.steps, key=lambda x: (x.offered_req_per_s, x.repeat)):
             m = details.step_metrics.get(st.label, {})
             batch = m.get("server_running_mean") or 1.0
@@ -169,7 +176,7 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
             floor = None
             if gpu is not None and shape is not None and st.records_file and Path(st.records_file).exists():
                 prompt, out = mean_tokens(read_records(st.records_file))
-                floor = roofline.decode_floor_ms(shape, precision, gpu, batch, prompt + out / 2)
+                floor = roofline.decode_floor_ms(shape, spec[1], gpu, batch, prompt + out / 2, split)
             of = roofline.fraction(floor, tpot.value if tpot else None) if floor else None
             p99 = ttft.get("p99")
             lines.append(
@@ -178,7 +185,8 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
                 f"| {_fmt(p99.value) if p99 else 'n/a'}{'' if not p99 or p99.hi is not None else ' (no upper bound)'} "
                 f"| {_fmt(st.latency['e2el'].mean_ms, '.0f')} | {_ci(tpot.model_dump(), '.2f') if tpot else 'n/a'} "
                 f"| {_fmt(floor, '.2f')} ({_fmt(of, '.2f')}) | {_fmt(batch)} | {_fmt(st.utilization_pct, '.0f')} "
-                f"| {(st.steady_state or {}).get('verdict', 'not judged')} | {st.slo.overall.value} |")
+                f"| {(st.steady_state or {}).get('verdict', 'not judged')} | {st.slo.overall.value} "
+                f"| {st.limited_by.split(';')[0] or 'n/a'} |")  # its first finding (limits.limiting_factor)
         if details.knee is not None:
             k = details.knee
             probes = ", ".join(f"{p.rate:.4g} {getattr(p.verdict, 'value', p.verdict)}" for p in k.probes)
