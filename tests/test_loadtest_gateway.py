@@ -196,7 +196,7 @@ def test_table_6_2_lists_every_probe_of_both_arms_beside_its_decode_floor_and_th
     speed = load_params(ROOT / "params.yaml").speed.model_copy(update={"shapes": {"llama-3.1-8b": ShapeConfig(
         config="data/shapes/llama-3.1-8b.json", tokenizer="llama3")}})
     md = knee_markdown(speed, compared, roofline.gpu("NVIDIA H100 80GB HBM3"))
-    rows = [line for line in md.splitlines() if line.startswith(f"| {arm}")]
+    rows = [line for line in md.split("probe by probe", 2)[1].splitlines() if line.startswith(f"| {arm}")]
     steps = {a: len(read_report(in_tmp / f"reports/loadtest/{a}.json").details["steps"]) for a in (arm, arm + "@gateway")}
     assert len(rows) == sum(steps.values()) and all(steps.values())
     assert sum(r.startswith(f"| {arm}@gateway |") for r in rows) == steps[arm + "@gateway"]
@@ -219,3 +219,14 @@ def test_table_6_2_lists_every_probe_of_both_arms_beside_its_decode_floor_and_th
         assert cells[10] in ("steady", "not sustainable", "too short to tell")
         assert cells[11] in ("pass", "fail", "undecided") and cells[12] != "n/a"
     assert f"- {arm}: sustained" in md and f"- {arm}@gateway: the gateway's knee over the direct knee" in md
+    # each probe both arms ran (same label: same block): gateway / direct, bounded by both steps' intervals
+    via = read_report(in_tmp / f"reports/loadtest/{arm}@gateway.json").details["steps"]
+    direct_by_label = {st["label"]: st for st in direct.details["steps"]}
+    ratio_rows = [line for line in md.split("probe by probe", 2)[2].splitlines() if line.startswith(f"| {arm}@gateway")]
+    assert len(ratio_rows) == sum(st["label"] in direct_by_label for st in via) > 0
+    for st, r in zip(sorted(via, key=lambda x: (x["offered_req_per_s"], x["repeat"])), ratio_rows):
+        ttft = [c.strip() for c in r.strip("|").split("|")][2]
+        value, lo, hi = (float(x) for x in ttft.replace("[", "").replace("]", "").replace(",", "").split())
+        g, d = st["latency"]["ttft"]["p"]["p50"], direct_by_label[st["label"]]["latency"]["ttft"]["p"]["p50"]
+        assert value == pytest.approx(g["value"] / d["value"], abs=0.006)
+        assert lo == pytest.approx(g["lo"] / d["hi"], abs=0.006) and hi == pytest.approx(g["hi"] / d["lo"], abs=0.006)

@@ -602,6 +602,22 @@ def test_compare_samples_matches_mannwhitneyu_and_median_ratio(x, y):
     assert c.n == len(x) + len(y)
 
 
+def test_ratio_bounds_cover_the_true_ratio_at_least_as_often_as_both_intervals_hold():
+    rng = np.random.default_rng(1)
+    z, hits, both = ss.norm.ppf(0.975), 0, 0
+    for _ in range(4000):  # two independent estimates of 10 and 8 with sd 1 and 0.5, 95 % intervals
+        a, b = rng.normal(10, 1.0), rng.normal(8, 0.5)
+        ea = stats.Estimate(value=a, lo=a - z, hi=a + z, n=30)
+        eb = stats.Estimate(value=b, lo=b - z * 0.5, hi=b + z * 0.5, n=30)
+        r = stats.ratio_bounds(ea, eb)
+        assert r.lo <= r.value <= r.hi and r.n == 30
+        hits += r.lo <= 10 / 8 <= r.hi
+        both += ea.lo <= 10 <= ea.hi and eb.lo <= 8 <= eb.hi
+    assert hits >= both and hits / 4000 >= 0.90  # Bonferroni's floor; here ~0.999 (conservative)
+    open_side = stats.ratio_bounds(stats.Estimate(value=2.0, lo=1.0, hi=None), stats.Estimate(value=1.0, lo=0.0, hi=2.0))
+    assert open_side.value == 2.0 and open_side.lo == 0.5 and open_side.hi is None
+
+
 def test_compare_samples_separates_a_shifted_latency_sample():
     rng = np.random.default_rng(0)
     base = rng.lognormal(0.0, 0.3, size=200)

@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from workbench import roofline, shapes
+from workbench import roofline, shapes, stats
 from workbench.config import SpeedConfig
 from workbench.loadtest.arms import GATEWAY_SUFFIX
 from workbench.loadtest.details import ArmDetails, ComparedDetails
@@ -197,7 +197,41 @@ def knee_markdown(cfg: SpeedConfig, report: Report, gpu: roofline.GPU | None) ->
         if r:
             knees.append(f"- {name}: the gateway's knee over the direct knee {_fmt(r['value'], '.2f')} "
                          f"[{_fmt(r['lo'], '.2f')}, {_fmt(r['hi'], '.2f')}] ({r['note']})")
-    return "\n".join(lines + ["", "Knees:"] + knees) + "\n"
+    return "\n".join(lines + ["", "Knees:"] + knees + gateway_probe_lines(compared)) + "\n"
+
+
+def gateway_probe_lines(compared: ComparedDetails) -> list[str]:
+    """Each probe both a gateway arm and its direct arm ran (the same step label: the same block,
+    requests and server, back to back): gateway / direct for TTFT p50, TPOT p50 and mean E2E, each
+    bounded by the two steps' own block-bootstrap intervals (``stats.ratio_bounds``). One block a
+    probe has no between-block spread to pair over (``all.json``'s ``per_rate`` needs two), so
+    these bounds hold the noise within the steps only, not between runs."""
+    lines = []
+    for name, g in (compared.gateway or {}).items():
+        paths = [compared.reports.get(g.get("direct_arm")), compared.reports.get(name)]
+        if not all(p and Path(p).exists() for p in paths):
+            continue
+        direct, via = (ArmDetails.of(read_report(p)) for p in paths)
+        by_label = {st.label: st for st in direct.steps}
+        if not lines:
+            lines = ["", "## The gateway against the direct arm, probe by probe", "",
+                     "Gateway / direct on the same block; bounds from the two steps' 95 % intervals "
+                     "(both hold with probability >= 90 %; within-step noise only).", "",
+                     "| arm | offered req/s | TTFT p50 | TPOT p50 | mean E2E | steady (direct, gateway) |",
+                     "|---|---|---|---|---|---|"]
+        for st in sorted(via.steps, key=lambda x: (x.offered_req_per_s, x.repeat)):
+            d = by_label.get(st.label)
+            if d is None:
+                continue
+            cells = []
+            for metric, pick in (("ttft", "p50"), ("tpot", "p50"), ("e2el", "mean")):
+                a, b = (x.latency[metric].mean if pick == "mean" else x.latency[metric].p.get(pick)
+                        for x in (st, d))
+                cells.append(_ci(stats.ratio_bounds(a, b).model_dump(), ".2f") if a and b else "n/a")
+            verdicts = ", ".join((x.steady_state or {}).get("verdict", "not judged") for x in (d, st))
+            lines.append(f"| {name} | {st.offered_req_per_s:.4g}{' (repeat)' if st.repeat else ''} "
+                         f"| {' | '.join(cells)} | {verdicts} |")
+    return lines
 
 
 def shard_markdown(shard: dict | None) -> str:

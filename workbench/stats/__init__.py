@@ -33,7 +33,7 @@ means), compare (paired accuracy, two latency samples, Holm, looks), ppl (perple
 """
 
 from workbench.stats.compare import (compare_samples, holm, look_alpha, newcombe_p_value, newcombe_paired,
-                                     paired_accuracy, power_paired_accuracy)
+                                     paired_accuracy, power_paired_accuracy, ratio_bounds)
 from workbench.stats.core import (ALPHA, BOOTSTRAP_RESAMPLES, LEVEL, Comparison, Estimate, Verdict, mean,
                                   min_samples_for_upper_bound, percentile, percentiles, proportion,
                                   quantile_within, share_at_least)
@@ -43,5 +43,6 @@ __all__ = [
     "ALPHA", "BOOTSTRAP_RESAMPLES", "LEVEL", "Comparison", "Estimate", "Verdict", "compare_samples", "holm",
     "log_ratio_se", "look_alpha", "mean", "min_samples_for_upper_bound", "n_to_resolve", "newcombe_p_value",
     "newcombe_paired", "paired_accuracy", "percentile", "percentiles", "perplexity", "perplexity_change",
-    "power_paired_accuracy", "power_perplexity_change", "proportion", "quantile_within", "share_at_least",
+    "power_paired_accuracy", "power_perplexity_change", "proportion", "quantile_within", "ratio_bounds",
+    "share_at_least",
 ]
