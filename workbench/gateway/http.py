@@ -117,6 +117,11 @@ class ChunkWriter:
         if data and c is not None and not c.disconnected:  # a client gone: dropped silently, as send() does
             c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
+    def raw(self):
+        """The client's transport itself, once the reply's head is out (what ``write`` reaches)."""
+        t = self.cycle.transport
+        return t.transport if isinstance(t, HeadHeld) and t.head is None and t.seen else t
+
     @property
     def full(self) -> bool:
         """The client's send buffer is over its high-water mark: stop producing, ``drain()``."""
