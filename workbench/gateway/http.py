@@ -22,7 +22,7 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
 - **chunk writer**: ``scope[CHUNKS]`` is a ``ChunkWriter`` that writes one chunk of a started
   chunked reply straight to the client's transport, synchronously, so the app can relay SSE
   events from the upstream's read callback without a task wake-up and an ASGI ``send`` per
-  event (relay.py); flow control stays the transport's (``ChunkWriter.full``, ``drain``), and
+  event (pump.py); flow control stays the transport's (``ChunkWriter.full``, ``drain``), and
   the reply's end still goes through ``send``;
 - **one write per reply head**: a reply's head is held until its first body bytes (or the
   reply's end) and goes out with them in one ``send`` (``HeadHeld``), not two: a syscall saved
