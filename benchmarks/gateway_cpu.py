@@ -6,6 +6,7 @@ process's own CPU time, so the figure holds on a busy machine (latency would not
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref A --baseline-ref B  # several, interleaved
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-dir DIR --baseline-ref main  # DIR: its workbench/
     .venv/bin/python benchmarks/gateway_cpu.py --baseline-ref main --floor   # + the floor: bare relays
+    .venv/bin/python benchmarks/gateway_cpu.py --pool A.json B.json   # several runs' repeats as one run
 
 The gateway runs as its own process (``python -m workbench.gateway``: uvicorn + uvloop +
 httptools) with everything on: key check, word filter on prompt and output (the shipped lists),
@@ -270,6 +271,17 @@ async def main_async(a) -> dict:
     return results
 
 
+def pool(paths: list[str], a) -> dict:
+    """Several runs' JSON (the same variants, stream lengths and code) as one: their repeats in
+    one list per variant, summarized and compared (paired within each run) as one run's are."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    a.short, a.long = runs[0]["config"]["short"], runs[0]["config"]["long"]
+    reps = {v: [r for run in runs for r in run["variants"][v]["repeats"]] for v in runs[0]["variants"]}
+    out = {"pooled": [str(p) for p in paths], "variants": {v: {"summary": summarize(r, a)} for v, r in reps.items()}}
+    out["comparisons"] = {f"current - {b}": compare(reps[b], reps["current"], a) for b in reps if b.startswith("baseline:")}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000, help="requests per phase")
@@ -285,7 +297,14 @@ def main() -> None:
     p.add_argument("--floor", action="store_true",
                    help="also measure the bare relays of benchmarks/bare_relay.py (the floor), interleaved")
     p.add_argument("--out", default=str(ROOT / "results/benchmarks/gateway_cpu.json"))
+    p.add_argument("--pool", nargs="+", default=None, metavar="JSON",
+                   help="no run: pool these runs' repeats (same variants and code) and print them as one run's")
     a = p.parse_args()
+    if a.pool:
+        res = pool(a.pool, a)
+        for name, c in [*((v, s["summary"]) for v, s in res["variants"].items()), *res["comparisons"].items()]:
+            print(name, json.dumps({k: (v["mean"], v["ci95"], v["n"]) for k, v in c.items() if isinstance(v, dict) and "mean" in v}))
+        return
     results = asyncio.run(main_async(a))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")

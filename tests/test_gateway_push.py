@@ -1,5 +1,5 @@
 """The gateway's fast paths give the client the same bytes as the slow ones: SSE relayed from the
-upstream's read callback (relay.py ``_push_stream``, http.ChunkWriter) against the task loop and
+upstream's read callback (pump.py, http.ChunkWriter) against the task loop and
 ASGI ``send`` that plain uvicorn gets; the per-event filter check's cached skeleton
 (sse.StreamRelay._passes); a reply's head held for its body (http.HeadHeld)."""
 

@@ -19,7 +19,7 @@ httptools), with:
   ``Disconnected`` (the connection closed before the reply was complete: a stale keep-alive
   before the head, retried once; mid-stream, a broken stream) and ``BadReply`` (not HTTP);
 - push mode (``Response.push(sink)``): the body goes to ``sink(bytes)`` from the read callback
-  itself, so a relayed SSE event costs no future, task wake-up or coroutine (relay.py);
+  itself, so a relayed SSE event costs no future, task wake-up or coroutine (pump.py);
   ``hold()`` / ``resume()`` pause and restart reading for the sink's own back-pressure, and
   ``wait()`` returns when the sink or the reply's end wakes it, raising the reply's failure;
 - back-pressure: past ``HIGH_WATER`` bytes of unread body, reading from the upstream pauses, so a

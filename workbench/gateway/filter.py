@@ -68,6 +68,7 @@ class WordFilter:
         self.unspaced = ahocorasick_rs.AhoCorasick(unspaced) if unspaced else None
         self.unspaced_prefixes = frozenset(w[:k] for w in unspaced for k in range(1, len(w)))
         self.unspaced_max_len = max((len(w) for w in unspaced), default=0)
+        self._clean: dict[bytes, bool] = {}  # clean_token's verdicts (the words never change)
 
     @classmethod
     def from_files(cls, paths: list[str], mask: str = "***", cjk_ignore_spaces: bool = True) -> "WordFilter":
@@ -147,6 +148,19 @@ class WordFilter:
                 if tail[-k:] in prefixes:
                     return False
         return True
+
+    def clean_token(self, value: bytes) -> bool:
+        """A JSON string's raw bytes that are plain (ASCII, no quote, backslash, CR or LF) and
+        ``clean_ascii``: remembered for up to 4,096 values (a stream's tokens repeat), the pushed
+        stream's per-event check (pump.py)."""
+        v = self._clean.get(value)
+        if v is None:
+            v = value.isascii() and not any(c in value for c in (b'"', b"\\", b"\r", b"\n")) \
+                and self.clean_ascii(value.decode())
+            if len(self._clean) >= 4096:
+                self._clean.clear()
+            self._clean[value] = v
+        return v
 
     def stream(self) -> "StreamFilter":
         return StreamFilter(self)

@@ -22,7 +22,7 @@ buffered (httptools concatenates a header value until it ends). This subclass ad
 - **chunk writer**: ``scope[CHUNKS]`` is a ``ChunkWriter`` that writes one chunk of a started
   chunked reply straight to the client's transport, synchronously, so the app can relay SSE
   events from the upstream's read callback without a task wake-up and an ASGI ``send`` per
-  event (relay.py); flow control stays the transport's (``ChunkWriter.full``, ``drain``), and
+  event (pump.py); flow control stays the transport's (``ChunkWriter.full``, ``drain``), and
   the reply's end still goes through ``send``;
 - **one write per reply head**: a reply's head is held until its first body bytes (or the
   reply's end) and goes out with them in one ``send`` (``HeadHeld``), not two: a syscall saved
@@ -116,6 +116,11 @@ class ChunkWriter:
         c = self.cycle
         if data and c is not None and not c.disconnected:  # a client gone: dropped silently, as send() does
             c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def raw(self):
+        """The client's transport itself, once the reply's head is out (what ``write`` reaches)."""
+        t = self.cycle.transport
+        return t.transport if isinstance(t, HeadHeld) and t.head is None and t.seen else t
 
     @property
     def full(self) -> bool:

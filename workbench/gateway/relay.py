@@ -24,6 +24,7 @@ from workbench.gateway.sse import (DONE, EventSplitter, GzipStream, StreamRelay,
 from workbench.gateway.client import ClientError
 from workbench.gateway.http import CHUNKS
 from workbench.gateway.logprobs import filter_choice_logprobs
+from workbench.gateway.pump import push_stream
 from workbench.gateway.upstream import GatewayError, UpstreamBroke
 
 log = logging.getLogger(__name__)
@@ -205,42 +206,6 @@ class Replies:
                                    code="content_moderation")
         return body
 
-    async def _push_stream(self, resp, writer, step, gz) -> bool:
-        """The rest of a started stream relayed from the upstream's read callback: each read
-        goes through ``step`` and straight to the client's transport (http.ChunkWriter), with no
-        task wake-up per event. The client's full send buffer holds reading from the upstream
-        until it drains (its send timeout still applies: http.py). True if ``step`` stopped it."""
-        state = {"stop": False, "full": False}
-
-        def sink(chunk: bytes) -> None:
-            if state["stop"]:
-                return
-            out = step(chunk)
-            if out is None:
-                state["stop"] = True
-                resp.hold()
-                resp.wake()
-                return
-            if out:
-                writer.write(gz.chunk(out) if gz else out)
-                if writer.full and not state["full"]:
-                    state["full"] = True
-                    resp.hold()
-                    resp.wake()
-
-        resp.push(sink)
-        try:
-            while not state["stop"] and not resp.complete:
-                if state["full"]:
-                    await writer.drain()
-                    state["full"] = False
-                    resp.resume()
-                else:
-                    await resp.wait()
-        finally:
-            resp.sink = None  # (resp -> sink -> resp: freed by reference counting, not the GC)
-        return state["stop"]
-
     async def _relay_stream(self, ctx: Ctx, route: str, resp, send,
                             gzip: bool, strip_usage: bool, scope=None) -> None:
         name = self.routes[ctx.model]
@@ -296,7 +261,7 @@ class Replies:
                     await send({"type": "http.response.body", "body": gz.chunk(out) if gz else out,
                                 "more_body": True})
                     if writer is not None and writer.ready() and hasattr(resp, "push"):
-                        stopped = await self._push_stream(resp, writer, step, gz)
+                        stopped = await push_stream(resp, writer, step, relay, frames, gz, self.keys)
                         break
             if not stopped:
                 rest = frames.rest()

@@ -3,8 +3,8 @@
 A ``Response`` is what ``Client.request`` returns once the reply's head has arrived: its body
 comes through ``readany()`` / ``read()`` (aiohttp's shape, so upstream.py and relay.py treat both
 clients alike), or, in push mode, from the connection's read callback straight into a sink
-(relay.py's SSE path). The ``Connection`` that reads it (client.py) fills it in; this module
-holds no socket code.
+(pump.py: a stream's path after its first event). The ``Connection`` that reads it (client.py)
+fills it in; this module holds no socket code.
 """
 
 from __future__ import annotations
