@@ -101,10 +101,11 @@ class ChunkWriter:
     """Body chunks of a started chunked reply, written to the client's transport at once (what
     uvicorn's ``send`` does for one, without its coroutine and message dict: ~3 us an event)."""
 
-    __slots__ = ("cycle",)
+    __slots__ = ("cycle", "transport")
 
     def __init__(self, cycle):
         self.cycle = cycle
+        self.transport = None  # where write() writes: the client's own once the head is out
 
     def ready(self) -> bool:
         """The reply's head is sent, it is chunked and not complete: write() may be used."""
@@ -113,14 +114,16 @@ class ChunkWriter:
             and c.scope["method"] != "HEAD"
 
     def write(self, data: bytes) -> None:
+        """One chunk to the client; dropped silently once it is gone, as ``send()`` does. Past
+        the held head (HeadHeld) it goes to the client's transport itself, one call fewer."""
         c = self.cycle
-        if data and c is not None and not c.disconnected:  # a client gone: dropped silently, as send() does
-            c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-
-    def raw(self):
-        """The client's transport itself, once the reply's head is out (what ``write`` reaches)."""
-        t = self.cycle.transport
-        return t.transport if isinstance(t, HeadHeld) and t.head is None and t.seen else t
+        if data and c is not None and not c.disconnected:
+            t = self.transport
+            if t is None:
+                t = c.transport
+                if isinstance(t, HeadHeld) and t.head is None and t.seen:
+                    t = self.transport = t.transport
+            t.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     @property
     def full(self) -> bool:
@@ -144,7 +147,7 @@ def _unlink(cycle) -> None:
         held.cycle, cycle.transport = None, held.transport
     writer = cycle.scope.get(CHUNKS)
     if writer is not None:
-        writer.cycle = None
+        writer.cycle = writer.transport = None
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error") -> bytes:

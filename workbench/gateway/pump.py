@@ -17,8 +17,8 @@ verdict, gzip, the chunk write), with the same bytes out and the same state kept
   ``clean_ascii`` that also wants no quote, backslash, CR or LF) says so, and then the relay's and filter's counters move exactly as
   ``StreamFilter.passes`` moves them; anything else goes through ``StreamRelay.process`` as before;
 - a key revocation is checked on every read (``step`` handles it when the key store changed);
-- the chunk goes to the transport under the head (http.ChunkWriter.raw), dropped once the client
-  is gone, as ``ChunkWriter.write`` does.
+- the chunk goes out through ``ChunkWriter.write`` (to the transport under the held head,
+  dropped once the client is gone).
 
 One read of one token event, read callback to write: 5.7 -> 3.3 us warm
 (benchmarks/gateway_event_parts.py); per relayed event in benchmarks/gateway_cpu.py, -2.3 us
@@ -27,29 +27,23 @@ One read of one token event, read callback to write: 5.7 -> 3.3 us warm
 
 from __future__ import annotations
 
-import zlib
-
-_SYNC = zlib.Z_SYNC_FLUSH
-
 
 class EventPump:
     """``resp.sink`` of a pushed stream (see the module's docstring). ``step(bytes)`` is the
     relay's general path: the bytes to send (b"": nothing yet), or None to stop."""
 
-    __slots__ = ("resp", "writer", "step", "relay", "frames", "keys", "keys_seen", "compress", "flush",
-                 "fast", "sk", "pre", "post", "sf", "clean", "stop", "full", "transport")
+    __slots__ = ("resp", "writer", "step", "relay", "frames", "keys", "keys_seen", "compress",
+                 "fast", "sk", "pre", "post", "sf", "clean", "stop", "full")
 
     def __init__(self, resp, writer, step, relay, frames, gz, keys):
         self.resp, self.writer, self.step, self.relay, self.frames = resp, writer, step, relay, frames
         self.keys, self.keys_seen = keys, keys.version
-        self.compress = gz.z.compress if gz else None
-        self.flush = gz.z.flush if gz else None
+        self.compress = gz.chunk if gz else None  # sse.GzipStream: one flushed gzip piece an event
         # the relay's skeleton path applies: filtering on, no text collected for moderation
         self.fast = relay.filter is not None and relay.parse_all and not relay.collect
         self.clean = relay.filter.clean_token if self.fast else None
         self.sk = self.pre = self.post = self.sf = None
         self.stop = self.full = False
-        self.transport = None  # the client's, under the held head (found on the first write)
 
     def __call__(self, chunk: bytes) -> None:
         if self.stop:
@@ -93,17 +87,9 @@ class EventPump:
         self.resp.wake()
 
     def _send(self, out: bytes) -> None:
-        if self.compress is not None:
-            out = self.compress(out) + self.flush(_SYNC)
         writer = self.writer
-        c = writer.cycle
-        if c is None or c.disconnected:  # a client gone: dropped silently, as send() does
-            return
-        t = self.transport
-        if t is None:
-            t = self.transport = writer.raw()
-        t.write(b"%x\r\n%b\r\n" % (len(out), out))
-        if c.flow.write_paused and not self.full:  # the client's send buffer is full: hold
+        writer.write(self.compress(out) if self.compress is not None else out)
+        if writer.full and not self.full:  # the client's send buffer is full: hold
             self.full = True
             self.resp.hold()
             self.resp.wake()
