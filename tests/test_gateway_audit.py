@@ -359,3 +359,19 @@ def test_1000_concurrent_requests_with_100_dropped_streams_leave_one_row_each_ov
     for status, rid, seen in by_kind["drop"]:
         row_status, tokens, _ = rows[rid]
         assert status == 200 and seen == 3 and row_status == 499 and 3 <= tokens < 200, rows[rid]
+
+
+def test_forwarded_for_is_recorded_as_the_client_only_from_a_trusted_proxy(tmp_path):
+    """By default X-Forwarded-For is ignored: a client cannot write another address into its audit
+    row (uvicorn alone would believe any local peer). With ``http.trusted_proxies`` it is read."""
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    spoof = {**AUTH, "X-Forwarded-For": "203.0.113.9"}
+    clients = {}
+    with FakeServer() as fake:
+        for name, http in (("default", {}), ("proxied", {"trusted_proxies": ["127.0.0.1"]})):
+            cfg = make_cfg(tmp_path / name, {"fake-model": fake.base_url}, http=http)
+            with GatewayServer(cfg) as gw:
+                assert httpx.post(gw.base_url + "/chat/completions", json=body, headers=spoof).status_code == 200
+                gw.app.audit.close()
+            clients[name] = sqlite3.connect(cfg.audit.path).execute("SELECT client FROM audit").fetchone()[0]
+    assert clients == {"default": "127.0.0.1", "proxied": "203.0.113.9"}

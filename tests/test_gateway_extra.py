@@ -7,7 +7,7 @@ request to the fake upstream (started here, from the main venv).
 
 Uses ``uv`` when it is on PATH (22-29 s measured on 2 shared cores: 9-15 s install, 9-12 s start),
 else pip, which makes it a ``slow`` test (146-179 s measured, nearly all of it pip resolving,
-downloading and installing 49 packages). Needs the package index (PyPI, or PIP_INDEX_URL /
+downloading and installing 50 packages). Needs the package index (PyPI, or PIP_INDEX_URL /
 UV_INDEX_URL) and is skipped when that is unreachable.
 """
 

@@ -132,6 +132,11 @@ class HttpConfig(Section):
     # gateway process): past it that key gets 429, so one key's slow bodies cannot fill the cap
     # and starve other keys and /health (requests waiting on the upstream are not counted).
     max_key_share: float = Field(default=0.5, gt=0, le=1)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, e.g.
+    # ["10.0.0.0/8"]; "*" trusts any): the audit's ``client`` is then the address they forward.
+    # Empty (the default): those headers are ignored and ``client`` is the peer's own address, so a
+    # client cannot write another address into the audit log (uvicorn's default trusted 127.0.0.1).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class FilterConfig(Section):

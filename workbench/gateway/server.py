@@ -33,6 +33,8 @@ def uvicorn_config(app: Gateway | str, host: str, port: int,
                           http=GatewayHttpProtocol.configured(cfg), ws="none", lifespan="on",
                           access_log=False, server_header=False, date_header=False, backlog=4096,
                           timeout_keep_alive=h.keep_alive_s, timeout_graceful_shutdown=h.graceful_shutdown_s,
+                          # X-Forwarded-* read only from the configured proxies; none: no middleware
+                          proxy_headers=bool(h.trusted_proxies), forwarded_allow_ips=list(h.trusted_proxies) or None,
                           log_level="warning")
 
 
