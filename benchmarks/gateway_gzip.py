@@ -1,6 +1,5 @@
-"""The gateway's gzip SSE, one event's flushed piece: CPU and bytes with zlib-ng's deflate against
-the standard library's zlib, side by side in one run (sse.GzipStream's settings: gzip, level 1,
-4 KiB window, memLevel 4, a Z_SYNC_FLUSH after every event).
+"""The gateway's gzip SSE, one event's flushed piece (``sse.GzipStream.chunk``, as shipped): CPU and
+bytes with zlib-ng's deflate against the standard library's zlib, side by side in one run.
 
     .venv/bin/python benchmarks/gateway_gzip.py            # ~30 s
     .venv/bin/python benchmarks/gateway_gzip.py --repeats 20 --out results/benchmarks/gateway_gzip.json
@@ -9,7 +8,7 @@ The events are vLLM-shaped chat chunks, one token each, the tokens taken in orde
 project's README (real text: tokens repeat as they do in generated text, the skeleton is always
 the same), a stream of ``--events`` events per reply. One repeat compresses ``--streams`` replies
 with each backend in turn (the order alternates by repeat); the unit is the repeat: mean over
-repeats with a 95 % t interval (scipy), the ratio zlib-ng / zlib paired by repeat. Every piece is
+repeats with a 95 % t interval (``workbench.stats.mean``), the ratio zlib-ng / zlib paired by repeat. Every piece is
 inflated by the standard library to the original event before it counts.
 """
 
@@ -25,11 +24,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from zlib_ng import zlib_ng  # noqa: E402
+
+from workbench.gateway.sse import GzipStream  # noqa: E402
+from workbench.stats import mean  # noqa: E402
 
 BACKENDS = {"zlib": zlib, "zlib-ng": zlib_ng}
 
@@ -48,22 +49,21 @@ def one(module, evs: list[bytes], streams: int) -> tuple[float, float]:
     pieces = 0
     t0 = time.process_time()
     for _ in range(streams):
-        z = module.compressobj(1, module.DEFLATED, 16 + 12, 4)
-        flush = module.Z_SYNC_FLUSH
+        chunk = GzipStream(module).chunk
         for e in evs:
-            pieces += len(z.compress(e) + z.flush(flush))
+            pieces += len(chunk(e))
     cpu = time.process_time() - t0
     return cpu / (streams * len(evs)), pieces / (streams * len(evs))
 
 
 def check(module, evs: list[bytes]) -> None:
-    z, d = module.compressobj(1, module.DEFLATED, 16 + 12, 4), zlib.decompressobj(31)
+    gz, d = GzipStream(module), zlib.decompressobj(31)
     for e in evs:
-        assert d.decompress(z.compress(e) + z.flush(module.Z_SYNC_FLUSH)) == e
+        assert d.decompress(gz.chunk(e)) == e
 
 
-def interval(x: np.ndarray) -> list[float]:
-    return [float(v) for v in stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))]
+def fmt(e) -> str:
+    return f"{e.value:.2f} [{e.lo:.2f}, {e.hi:.2f}]"
 
 
 def main() -> None:
@@ -88,14 +88,14 @@ def main() -> None:
                         "zlib": zlib.ZLIB_RUNTIME_VERSION, "zlib_ng": zlib_ng.ZLIBNG_VERSION},
            "event_bytes_mean": float(np.mean([len(e) for e in evs])), "backends": {}}
     for name in BACKENDS:
-        x = np.array(cpu[name])
-        out["backends"][name] = {"cpu_us_per_event": float(x.mean()), "ci95": interval(x),
-                                 "bytes_per_event": float(np.mean(size[name])), "repeats_us": cpu[name]}
-        print(f"{name}: {x.mean():.2f} us an event [{interval(x)[0]:.2f}, {interval(x)[1]:.2f}], "
-              f"{np.mean(size[name]):.1f} B an event (events of {out['event_bytes_mean']:.0f} B)")
-    ratio = np.array(cpu["zlib-ng"]) / np.array(cpu["zlib"])
-    out["ratio_zlib_ng_to_zlib"] = {"mean": float(ratio.mean()), "ci95": interval(ratio)}
-    print(f"zlib-ng / zlib, paired by repeat: {ratio.mean():.2f} [{interval(ratio)[0]:.2f}, {interval(ratio)[1]:.2f}]")
+        e = mean(cpu[name])
+        out["backends"][name] = {"cpu_us_per_event": e.model_dump(), "bytes_per_event": float(np.mean(size[name])),
+                                 "repeats_us": cpu[name]}
+        print(f"{name}: {fmt(e)} us an event, {np.mean(size[name]):.1f} B an event "
+              f"(events of {out['event_bytes_mean']:.0f} B)")
+    ratio = mean([n / z for n, z in zip(cpu["zlib-ng"], cpu["zlib"])])
+    out["ratio_zlib_ng_to_zlib"] = ratio.model_dump()
+    print(f"zlib-ng / zlib, paired by repeat: {fmt(ratio)}")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
 
